@@ -1,0 +1,40 @@
+"""distfork: ``torch.jit.fork`` / ``torch.jit.wait`` for a cluster of processes.
+
+>>> import distfork
+>>> fut = distfork.fork(pow, 2, 10)   # returns at once; runs in a worker
+>>> distfork.wait(fut)
+1024
+"""
+
+from .api import Options, fork, init, options, shutdown, wait
+from .errors import (
+    BrokerUnavailableError,
+    DistforkError,
+    ProtocolError,
+    RemoteError,
+    RemoteTraceback,
+    SerializationError,
+    WorkerLostError,
+)
+from .future import Future, collect_all, wait_all
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BrokerUnavailableError",
+    "DistforkError",
+    "Future",
+    "Options",
+    "ProtocolError",
+    "RemoteError",
+    "RemoteTraceback",
+    "SerializationError",
+    "WorkerLostError",
+    "collect_all",
+    "fork",
+    "init",
+    "options",
+    "shutdown",
+    "wait",
+    "wait_all",
+]

@@ -1,0 +1,5 @@
+"""``python -m distfork`` is the ``distfork`` command."""
+
+from .cli import main
+
+main()

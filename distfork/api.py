@@ -1,0 +1,200 @@
+"""The public calls: ``fork``, ``wait``, ``init``, ``shutdown``, ``options``.
+
+A process has at most one *runtime*: a driver connected to a broker (the
+embedded local cluster, or one at an address), or the inline mode that runs
+every fork synchronously in the caller. The first ``fork`` with nothing
+configured creates the runtime from ``DISTFORK_ADDRESS`` / ``DISTFORK_MODE``,
+or starts the embedded cluster; it is shut down at interpreter exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import logging
+import os
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from . import config as _config
+from . import protocol, serialize
+from .cluster import LocalCluster
+from .driver import Driver, complete
+from .errors import DistforkError
+from .future import Future
+from .worker import run_task
+
+__all__ = ["Options", "fork", "init", "options", "shutdown", "wait"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MODES = ("cluster", "inline")
+
+
+@dataclasses.dataclass
+class _Runtime:
+    mode: str
+    config: _config.Config
+    pid: int
+    driver: Driver | None = None
+    cluster: LocalCluster | None = None
+
+    @property
+    def address(self) -> str | None:
+        return self.driver.address if self.driver else None
+
+    def close(self) -> None:
+        try:
+            if self.driver is not None:
+                self.driver.close()
+        finally:
+            if self.cluster is not None:
+                self.cluster.stop()
+
+
+_lock = threading.RLock()
+_runtime: _Runtime | None = None
+_atexit_registered = False
+
+
+def init(
+    address: str | None = None,
+    mode: str = "cluster",
+    workers: int | None = None,
+    **config: Any,
+) -> None:
+    """Set up how forks run in this process.
+
+    - ``init()``: start the embedded local cluster (a broker and ``workers``
+      worker processes, default one per core), stopped at exit;
+    - ``init("tcp://host:7340")``: connect to a running cluster (also
+      ``DISTFORK_ADDRESS``); raises ``BrokerUnavailableError`` if nothing answers;
+    - ``init(mode="inline")``: run every fork synchronously in the caller,
+      with the same results (pickled the same way), for debugging.
+
+    Other keyword arguments override fields of :class:`distfork.config.Config`.
+    """
+    global _runtime, _atexit_registered
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: choose one of {', '.join(MODES)}")
+    with _lock:
+        if _runtime is not None and _runtime.pid == os.getpid():
+            raise DistforkError(
+                f"distfork is already initialized ({_describe(_runtime)}); call distfork.shutdown() first"
+            )
+        cfg = _config.load(**config)
+        rt = _Runtime(mode, cfg, os.getpid())
+        if mode == "cluster":
+            if address is None:
+                rt.cluster = LocalCluster(cfg, workers=workers).start()
+                address = rt.cluster.address
+            rt.driver = Driver(address, cfg)
+            try:
+                rt.driver.connect()
+            except BaseException:
+                rt.close()
+                raise
+        _runtime = rt
+        if not _atexit_registered:
+            atexit.register(shutdown)
+            _atexit_registered = True
+        log.info("distfork initialized: %s", _describe(rt))
+
+
+def _describe(rt: _Runtime) -> str:
+    if rt.mode == "inline":
+        return "inline mode"
+    if rt.cluster is not None:
+        return f"embedded cluster of {rt.cluster.n_workers} workers at {rt.address}"
+    return f"cluster at {rt.address}"
+
+
+def _current() -> _Runtime:
+    rt = _runtime
+    if rt is not None and rt.pid == os.getpid():
+        return rt
+    with _lock:
+        if _runtime is None or _runtime.pid != os.getpid():
+            init(os.environ.get("DISTFORK_ADDRESS") or None, mode=os.environ.get("DISTFORK_MODE", "cluster"))
+        assert _runtime is not None
+        return _runtime
+
+
+def shutdown() -> None:
+    """Close the connection and stop the embedded cluster; unfinished futures are cancelled."""
+    global _runtime
+    with _lock:
+        rt, _runtime = _runtime, None
+    if rt is not None and rt.pid == os.getpid():
+        rt.close()
+
+
+def _check_callable(func: Any) -> None:
+    if not callable(func):
+        raise TypeError(
+            f"fork() needs a callable as its first argument, got {serialize.describe(func)}; "
+            "pass the function itself, not its result: fork(f, x), not fork(f(x))"
+        )
+
+
+def _fork(func: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any], max_retries: int, timeout_s: float) -> Future[T]:
+    _check_callable(func)
+    rt = _current()
+    frames = serialize.dumps_call(func, args, kwargs, rt.config.oob_threshold_bytes)
+    if rt.driver is not None:
+        return rt.driver.submit(frames, max_retries, timeout_s)
+    fut: Future[T] = Future()
+    code, out = run_task(frames, f"inline mode (pid {os.getpid()})", rt.config.oob_threshold_bytes)
+    complete(fut, code, out)
+    return fut
+
+
+def fork(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+    """Run ``func(*args, **kwargs)`` in a worker; return its :class:`Future` at once.
+
+    ``func`` may be a function (also a lambda, closure or one defined in
+    ``__main__``), a bound method, a callable object or a ``torch.nn.Module``.
+    Everything is pickled now, so later changes to the arguments do not reach
+    the task. Raises :class:`~distfork.errors.SerializationError` at once if
+    something cannot be pickled.
+    """
+    return _fork(func, args, kwargs, protocol.DEFAULT_RETRIES, 0.0)
+
+
+def wait(fut: Future[T], timeout: float | None = None) -> T:
+    """The value of a forked task; raises what the task raised.
+
+    With ``timeout`` (seconds), raises the builtin ``TimeoutError`` if the
+    task is not done by then; the task goes on.
+    """
+    if not isinstance(fut, Future):
+        raise TypeError(f"wait() takes a distfork Future (what fork returns), got {serialize.describe(fut)}")
+    return fut.result(timeout)
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Per-fork options, apart from the user's own keyword arguments."""
+
+    max_retries: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_retries is not None and not 0 <= self.max_retries < protocol.DEFAULT_RETRIES:
+            raise ValueError(f"max_retries={self.max_retries}: give 0 to {protocol.DEFAULT_RETRIES - 1}")
+
+    def fork(self, func: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        """``distfork.fork`` with these options."""
+        retries = protocol.DEFAULT_RETRIES if self.max_retries is None else self.max_retries
+        return _fork(func, args, kwargs, retries, 0.0)
+
+
+def options(max_retries: int | None = None) -> Options:
+    """Options for forks: ``distfork.options(max_retries=0).fork(f, x)``.
+
+    ``max_retries``: how often the task is re-run when the worker running it
+    is lost (default ``Config.max_retries``).
+    """
+    return Options(max_retries)

@@ -1,0 +1,201 @@
+"""The broker process: one ROUTER socket, one thread, the task table in between.
+
+::
+
+      drivers (DEALER) ──┐                                   ┌── workers (DEALER)
+                         ▼                                   ▼
+                 ┌───────────────────────────────────────────────────┐
+                 │ ROUTER bound at the cluster's one address          │
+                 │   recv ─▶ protocol.decode ─▶ BrokerState method    │
+                 │   BrokerState.dispatch ─▶ TASKS to workers         │
+                 │   BrokerState.take_outbox ─▶ RESULTS to drivers     │
+                 │   every heartbeat_s: HEARTBEAT out, expire the      │
+                 │   silent, check that our parent still lives         │
+                 └───────────────────────────────────────────────────┘
+
+Drivers and workers connect to the same address and tell the broker which
+they are in their HELLO, so a cluster has exactly one address. The broker
+reads only headers: payload frames are forwarded as they came, never
+unpickled, so no user code ever runs here.
+
+SIGTERM or SIGINT stop the loop; peers are told BYE.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import socket
+import time
+from typing import Any
+
+import zmq
+
+from . import protocol
+from .broker_state import BrokerState, PeerInfo
+from .config import Config
+from .errors import ProtocolError
+from .protocol import Entry, Msg
+
+__all__ = ["Broker"]
+
+log = logging.getLogger(__name__)
+
+_BATCH_MAX = 2000  # tasks or results per message we send
+_RECV_BURST = 2000  # messages handled before we dispatch and send
+
+
+class Broker:
+    """A result broker bound to ``address``; :meth:`serve_forever` runs it."""
+
+    def __init__(self, address: str, config: Config, parent_pid: int | None = None) -> None:
+        self.config = config
+        self.parent_pid = parent_pid
+        self.session = secrets.token_hex(4)
+        self._ctx = zmq.Context()
+        self.sock = self._ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        # Outgoing: bounded by the drivers' in-flight windows, never dropped.
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, config.hwm)
+        if config.max_message_bytes:
+            self.sock.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes)
+        self.sock.bind(address)
+        self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.state = BrokerState(config, time.monotonic())
+        self._stopping = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+
+    def stop(self) -> None:
+        """Ask the loop to end (safe from a signal handler or another thread)."""
+        self._stopping = True
+        try:
+            os.write(self._wake_w, b"\0")
+        except OSError:
+            pass
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop())
+
+    def serve_forever(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        heartbeat_s = self.config.heartbeat_s
+        next_tick = time.monotonic() + heartbeat_s
+        log.info("broker serving at %s (session %s)", self.address, self.session)
+        try:
+            while not self._stopping:
+                timeout_ms = max(0.0, next_tick - time.monotonic()) * 1000
+                events = dict(poller.poll(timeout_ms))
+                now = time.monotonic()
+                if self.sock in events:
+                    self._receive(now)
+                self._send_work()
+                if now >= next_tick:
+                    self._tick(now)
+                    next_tick = now + heartbeat_s
+        finally:
+            for peer in list(self.state.peers):
+                self._send(peer, protocol.encode_signal(Msg.BYE))
+            self.sock.close(linger=0)
+            self._ctx.term()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            log.info("broker stopped")
+
+    # -- receiving ----------------------------------------------------------
+
+    def _receive(self, now: float) -> None:
+        recv = self.sock.recv_multipart
+        for _ in range(_RECV_BURST):
+            try:
+                frames = recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                self._handle(frames[0].bytes, frames[1:], now)
+            except ProtocolError as exc:
+                self.state.counters["messages_dropped"] += 1
+                log.debug("dropped a message: %s", exc)
+
+    def _handle(self, peer: bytes, frames: list[Any], now: float) -> None:
+        kind, body = protocol.decode(frames)
+        p = self.state.seen(peer, now)
+        if p is not None:
+            if kind is Msg.SUBMIT and p.role == "driver":
+                self.state.submit(p, protocol.decode_batch(frames, body))
+            elif kind is Msg.RESULTS and p.role == "worker":
+                self.state.results(p, protocol.decode_batch(frames, body))
+            elif kind is Msg.HEARTBEAT:
+                pass
+            elif kind is Msg.CANCEL and p.role == "driver":
+                self.state.cancel(p, protocol.decode_cancel(body))
+            elif kind is Msg.HELLO:
+                self._hello(peer, body, now)
+            elif kind is Msg.BYE:
+                self.state.bye(peer, now)
+            elif kind is Msg.STATUS:
+                self._send(peer, protocol.encode_json(Msg.STATUS_REPLY, self.state.status(now)))
+            else:
+                raise ProtocolError(f"{kind.name} from a {p.role}")
+        elif kind is Msg.HELLO:
+            self._hello(peer, body, now)
+        elif kind is Msg.STATUS:
+            self._send(peer, protocol.encode_json(Msg.STATUS_REPLY, self.state.status(now)))
+        elif kind is not Msg.BYE:
+            # Typically: we restarted and the peer does not know yet.
+            self.state.counters["unknown_peer_messages"] += 1
+            self._send(peer, protocol.encode_json(Msg.REJECT, {"reason": "unknown peer: say hello"}))
+
+    def _hello(self, peer: bytes, body: memoryview, now: float) -> None:
+        info = protocol.decode_json(body)
+        try:
+            p = self.state.hello(peer, info, now)
+        except (ValueError, TypeError) as exc:
+            raise ProtocolError(f"bad hello: {exc}") from None
+        self._send(peer, protocol.encode_json(Msg.WELCOME, self._welcome(p)))
+
+    def _welcome(self, p: PeerInfo) -> dict[str, Any]:
+        return {
+            "session": self.session,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "heartbeat_s": self.config.heartbeat_s,
+        }
+
+    # -- sending ------------------------------------------------------------
+
+    def _send(self, peer: bytes, frames: list[Any]) -> None:
+        try:
+            self.sock.send_multipart([peer, *frames], copy=False)
+        except zmq.ZMQError as exc:
+            log.debug("could not send to %s: %s", peer.hex(), exc)
+
+    def _send_batches(self, peer: bytes, kind: Msg, entries: list[Entry]) -> None:
+        for start in range(0, len(entries), _BATCH_MAX):
+            self._send(peer, protocol.encode_batch(kind, entries[start : start + _BATCH_MAX]))
+
+    def _send_work(self) -> None:
+        state = self.state
+        for worker, tasks in state.dispatch().items():
+            entries = [Entry(t.key, t.max_retries, t.timeout_s, t.frames) for t in tasks]
+            self._send_batches(worker, Msg.TASKS, entries)
+        results, cancels = state.take_outbox()
+        for driver, entries in results.items():
+            self._send_batches(driver, Msg.RESULTS, entries)
+        for worker, keys in cancels.items():
+            self._send(worker, protocol.encode_cancel(keys))
+
+    def _tick(self, now: float) -> None:
+        for peer in self.state.peers:
+            self._send(peer, protocol.encode_signal(Msg.HEARTBEAT))
+        self.state.expire(now)
+        if self.parent_pid is not None and os.getppid() != self.parent_pid:
+            log.warning("parent process %d is gone; stopping", self.parent_pid)
+            self.stop()

@@ -1,0 +1,300 @@
+"""The broker's task table and scheduling, as plain Python without sockets.
+
+Every method takes ``now`` (monotonic seconds) instead of reading a clock, so
+the whole state machine is unit-tested with a fake clock
+(tests/unit/test_broker_state.py). ``broker.py`` wraps it in a socket loop:
+it decodes messages, calls the matching method here, then sends what
+:meth:`BrokerState.dispatch` and :meth:`BrokerState.take_outbox` return.
+
+A task's life::
+
+    submit ──▶ QUEUED ──dispatch──▶ ASSIGNED(worker W) ──result──▶ (gone: result sent to driver)
+                 ▲                        │
+                 └── W lost, retry left ──┘── W lost, no retry left ──▶ LOST result
+    cancel: QUEUED ──▶ gone;  ASSIGNED ──▶ CANCEL sent to W, gone
+
+Payload frames are opaque: they are stored and forwarded, never unpickled.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from .config import Config
+from .protocol import DEFAULT_RETRIES, Entry, Frame, Status
+
+__all__ = ["BrokerState", "PeerInfo", "Task", "TaskState"]
+
+log = logging.getLogger(__name__)
+
+
+class TaskState(enum.Enum):
+    QUEUED = "queued"
+    ASSIGNED = "assigned"
+    CANCELLED = "cancelled"
+    DONE = "done"
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class Task:
+    key: int  # broker-wide id, what workers see
+    driver: bytes
+    task_id: int  # the driver's id
+    max_retries: int
+    timeout_s: float
+    frames: Sequence[Frame]
+    state: TaskState = TaskState.QUEUED
+    worker: bytes | None = None
+    losses: int = 0  # times a worker died while running it
+
+
+@dataclasses.dataclass(eq=False)
+class PeerInfo:
+    """A registered driver or worker."""
+
+    id: bytes
+    role: str  # "driver" or "worker"
+    info: dict[str, Any]
+    last_seen: float
+    slots: int = 0
+    # worker: tasks handed to it, in the order it will start them.
+    assigned: dict[int, Task] = dataclasses.field(default_factory=dict)
+    # driver: its unfinished tasks by the driver's task id.
+    tasks: dict[int, Task] = dataclasses.field(default_factory=dict)
+    done: int = 0
+    failed: int = 0
+
+
+class BrokerState:
+    """Task table, queue, workers and drivers of one broker."""
+
+    def __init__(self, config: Config, now: float) -> None:
+        self.config = config
+        self.started = now
+        self.queue: collections.deque[Task] = collections.deque()
+        self.peers: dict[bytes, PeerInfo] = {}
+        self.workers: dict[bytes, PeerInfo] = {}
+        self._next_key = 1
+        self.counters: collections.Counter[str] = collections.Counter()
+        # What the socket loop must send next.
+        self._results: dict[bytes, list[Entry]] = {}
+        self._cancels: dict[bytes, list[int]] = {}
+
+    # -- peers ---------------------------------------------------------------
+
+    def hello(self, peer: bytes, info: dict[str, Any], now: float) -> PeerInfo:
+        """Register (or re-register) a driver or worker."""
+        role = info.get("role")
+        if role not in ("driver", "worker"):
+            raise ValueError(f"unknown role {role!r}")
+        old = self.peers.get(peer)
+        if old is not None:
+            # A peer that says hello again restarted its session: what we
+            # held for it is stale.
+            self._forget(old, now, reason="re-registered")
+        slots = int(info.get("slots", 1)) if role == "worker" else 0
+        if role == "worker" and slots < 1:
+            raise ValueError(f"worker announced {slots} slots")
+        p = PeerInfo(peer, role, info, now, slots=slots)
+        self.peers[peer] = p
+        if role == "worker":
+            self.workers[peer] = p
+            log.info("worker %s joined: host %s pid %s, %d slots",
+                     p.info.get("name"), info.get("host"), info.get("pid"), slots)
+        return p
+
+    def seen(self, peer: bytes, now: float) -> PeerInfo | None:
+        """Note traffic from ``peer``; None if it never said hello."""
+        p = self.peers.get(peer)
+        if p is not None:
+            p.last_seen = now
+        return p
+
+    def bye(self, peer: bytes, now: float) -> None:
+        p = self.peers.get(peer)
+        if p is not None:
+            self._forget(p, now, reason="said goodbye")
+
+    def expire(self, now: float) -> list[PeerInfo]:
+        """Forget peers silent for longer than the peer timeout; return them."""
+        limit = now - self.config.peer_timeout_s
+        gone = [p for p in self.peers.values() if p.last_seen < limit]
+        for p in gone:
+            self._forget(p, now, reason=f"silent for {now - p.last_seen:.1f} s")
+        return gone
+
+    def _forget(self, p: PeerInfo, now: float, reason: str) -> None:
+        del self.peers[p.id]
+        if p.role == "worker":
+            del self.workers[p.id]
+            self._requeue_from_lost_worker(p, reason)
+        else:
+            for task in p.tasks.values():
+                if task.state is TaskState.ASSIGNED and task.worker is not None:
+                    w = self.workers.get(task.worker)
+                    if w is not None:
+                        w.assigned.pop(task.key, None)
+                        self._cancels.setdefault(w.id, []).append(task.key)
+                task.state = TaskState.CANCELLED
+            dropped = len(p.tasks)
+            p.tasks.clear()
+            self._results.pop(p.id, None)
+            self.counters["driver_tasks_dropped"] += dropped
+            log.info("driver %s left (%s); dropped %d unfinished tasks", p.info.get("name"), reason, dropped)
+
+    def _requeue_from_lost_worker(self, w: PeerInfo, reason: str) -> None:
+        """Tasks of a lost worker: the running ones lose a try, the prefetched ones none."""
+        tasks = list(w.assigned.values())
+        w.assigned.clear()
+        running, waiting = tasks[: w.slots], tasks[w.slots :]
+        requeue: list[Task] = []
+        for task in running:
+            task.losses += 1
+            limit = self.config.max_retries if task.max_retries == DEFAULT_RETRIES else task.max_retries
+            if task.losses > limit:
+                text = (
+                    f"worker {w.info.get('name')} (host {w.info.get('host')}, pid {w.info.get('pid')}) "
+                    f"was lost while running this task ({reason}); it was lost {task.losses} times, "
+                    f"more than max_retries={limit}"
+                )
+                self._finish(task, Status.LOST, 0.0, [text.encode()])
+                self.counters["tasks_lost"] += 1
+            else:
+                requeue.append(task)
+                self.counters["tasks_retried"] += 1
+        requeue += waiting
+        for task in reversed(requeue):
+            task.state = TaskState.QUEUED
+            task.worker = None
+            self.queue.appendleft(task)
+        level = logging.INFO if reason == "said goodbye" and not tasks else logging.WARNING
+        log.log(level, "worker %s left (%s): %d tasks re-queued", w.info.get("name"), reason, len(requeue))
+
+    # -- tasks ---------------------------------------------------------------
+
+    def submit(self, driver: PeerInfo, entries: Sequence[Entry]) -> None:
+        """Queue tasks from a driver."""
+        append = self.queue.append
+        tasks = driver.tasks
+        for e in entries:
+            if e.id in tasks:
+                continue  # re-submitted after a reconnect: we still have it
+            task = Task(self._next_key, driver.id, e.id, e.code, e.extra, e.frames)
+            self._next_key += 1
+            tasks[e.id] = task
+            append(task)
+        self.counters["tasks_submitted"] += len(entries)
+
+    def results(self, worker: PeerInfo, entries: Sequence[Entry]) -> None:
+        """Results from a worker: route each to its driver."""
+        assigned = worker.assigned
+        for e in entries:
+            task = assigned.pop(e.id, None)
+            if task is None:
+                self.counters["results_stale"] += 1  # cancelled, or re-queued after a loss
+                continue
+            if e.code == Status.OK:
+                worker.done += 1
+            else:
+                worker.failed += 1
+            self._finish(task, e.code, e.extra, e.frames)
+
+    def _finish(self, task: Task, status: int, extra: float, frames: Sequence[Frame]) -> None:
+        task.state = TaskState.DONE
+        driver = self.peers.get(task.driver)
+        if driver is None or driver.tasks.pop(task.task_id, None) is None:
+            return
+        driver.done += 1
+        self.counters["tasks_succeeded" if status == Status.OK else "tasks_failed"] += 1
+        out = self._results.get(task.driver)
+        if out is None:
+            out = self._results[task.driver] = []
+        out.append(Entry(task.task_id, status, extra, frames))
+
+    def cancel(self, driver: PeerInfo, ids: Sequence[int]) -> None:
+        """Cancel tasks: queued ones are dropped, assigned ones are recalled."""
+        for task_id in ids:
+            task = driver.tasks.pop(task_id, None)
+            if task is None:
+                continue
+            if task.state is TaskState.ASSIGNED and task.worker is not None:
+                w = self.workers.get(task.worker)
+                if w is not None:
+                    w.assigned.pop(task.key, None)
+                    self._cancels.setdefault(w.id, []).append(task.key)
+            task.state = TaskState.CANCELLED
+            self.counters["tasks_cancelled"] += 1
+
+    def dispatch(self) -> dict[bytes, list[Task]]:
+        """Hand queued tasks to workers: free slots first, then prefetch room."""
+        out: dict[bytes, list[Task]] = {}
+        queue = self.queue
+        if not queue or not self.workers:
+            return out
+        for extra in (0, self.config.prefetch):
+            for w in self.workers.values():
+                room = w.slots + extra - len(w.assigned)
+                while room > 0 and queue:
+                    task = queue.popleft()
+                    if task.state is not TaskState.QUEUED:
+                        continue  # cancelled while queued
+                    task.state = TaskState.ASSIGNED
+                    task.worker = w.id
+                    w.assigned[task.key] = task
+                    out.setdefault(w.id, []).append(task)
+                    room -= 1
+                if not queue:
+                    return out
+        return out
+
+    def take_outbox(self) -> tuple[dict[bytes, list[Entry]], dict[bytes, list[int]]]:
+        """Results per driver and cancels per worker to send now."""
+        results, cancels = self._results, self._cancels
+        self._results, self._cancels = {}, {}
+        return results, cancels
+
+    # -- status --------------------------------------------------------------
+
+    def status(self, now: float) -> dict[str, Any]:
+        """A JSON-able snapshot for ``distfork status``."""
+        queued = sum(1 for t in self.queue if t.state is TaskState.QUEUED)
+        workers = [
+            {
+                "id": w.id.hex(),
+                "name": w.info.get("name"),
+                "host": w.info.get("host"),
+                "pid": w.info.get("pid"),
+                "slots": w.slots,
+                "busy": min(len(w.assigned), w.slots),
+                "assigned": len(w.assigned),
+                "done": w.done,
+                "failed": w.failed,
+                "last_seen_s": round(now - w.last_seen, 3),
+            }
+            for w in self.workers.values()
+        ]
+        drivers = [
+            {
+                "id": d.id.hex(),
+                "name": d.info.get("name"),
+                "host": d.info.get("host"),
+                "pid": d.info.get("pid"),
+                "unfinished": len(d.tasks),
+                "done": d.done,
+            }
+            for d in self.peers.values()
+            if d.role == "driver"
+        ]
+        return {
+            "uptime_s": round(now - self.started, 3),
+            "queued": queued,
+            "running": sum(len(w.assigned) for w in self.workers.values()),
+            "workers": workers,
+            "drivers": drivers,
+            "counters": dict(self.counters),
+        }

@@ -1,0 +1,301 @@
+"""The driver side: futures out, results in, one I/O thread owning the socket.
+
+::
+
+     user threads                       I/O thread "distfork-driver-io"
+     ┌──────────────────────┐  deque   ┌──────────────────────────────┐  DEALER   ┌────────┐
+     │ fork(): pickle call, │ ───────▶ │ batch what is pending into   │ ────────▶ │ broker │
+     │ take a window slot,  │  + pipe  │ one SUBMIT; decode RESULTS,  │ ◀──────── │ ROUTER │
+     │ append, wake once    │  wake-up │ set futures, free the slots  │           └────────┘
+     └──────────────────────┘          └──────────────────────────────┘
+            ▲  Future.result() waits on the future's own condition  │
+            └───────────────────────────────────────────────────────┘
+
+``fork`` never touches the socket: it appends the pickled call to a deque and
+writes one byte to a pipe only if the I/O thread is not already due to wake,
+so a burst of forks costs one wake-up and goes out as one message.
+
+The driver keeps each task's pickled call until its result arrives. If the
+broker restarts, it answers our next message with REJECT; we say hello again
+and re-submit everything unfinished; the broker ignores task ids it already
+holds, so no task is lost and none is completed twice.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import InvalidStateError
+from typing import Any
+
+import zmq
+
+from . import protocol, serialize
+from .config import Config
+from .errors import BrokerUnavailableError, DistforkError, ProtocolError, SerializationError, WorkerLostError
+from .future import Future, callback_runner
+from .protocol import Entry, Msg, Status
+
+__all__ = ["Driver", "complete"]
+
+log = logging.getLogger(__name__)
+
+_BATCH_MAX = 2000  # tasks per SUBMIT message
+
+
+class Driver:
+    """A connection to a broker that turns pickled calls into futures."""
+
+    def __init__(self, address: str, config: Config, name: str | None = None) -> None:
+        self.address = address
+        self.config = config
+        self.name = name or f"driver-{socket.gethostname()}-{os.getpid()}"
+        self.identity = b"D" + os.urandom(8)
+        self.welcome: dict[str, Any] = {}
+        self._ids = itertools.count(1)
+        self._outgoing: collections.deque[Entry] = collections.deque()
+        self._cancels: collections.deque[int] = collections.deque()
+        self._inflight: dict[int, tuple[Future[Any], Entry]] = {}
+        self._window = threading.Semaphore(config.window)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._wake_pending = False
+        self._welcomed = threading.Event()
+        self._closing = False
+        self._closed = threading.Event()
+        self._ctx = zmq.Context()
+        self._thread = threading.Thread(target=self._run, name="distfork-driver-io", daemon=True)
+        callback_runner.io_threads.add(self._thread)
+        self._thread.start()
+
+    # -- called from user threads -------------------------------------------
+
+    def connect(self, timeout_s: float | None = None) -> None:
+        """Wait until the broker has answered our hello."""
+        timeout_s = self.config.connect_timeout_s if timeout_s is None else timeout_s
+        if not self._welcomed.wait(timeout_s):
+            self.close()
+            raise BrokerUnavailableError(
+                f"no distfork broker answered at {self.address} within {timeout_s:g} s; "
+                "start one with `distfork up` (or `distfork broker`), or fix the address given to "
+                "distfork.init / DISTFORK_ADDRESS"
+            )
+
+    def submit(self, frames: Sequence[Any], max_retries: int = protocol.DEFAULT_RETRIES, timeout_s: float = 0.0) -> Future[Any]:
+        """Send a pickled call; its future completes when the result is back."""
+        if self._closing:
+            raise DistforkError("this distfork driver was shut down; call distfork.init() to start again")
+        self._window.acquire()
+        task_id = next(self._ids)
+        fut: Future[Any] = Future(self._cancel)
+        fut.task_id = task_id  # type: ignore[attr-defined]
+        entry = Entry(task_id, max_retries, timeout_s, frames)
+        self._inflight[task_id] = (fut, entry)
+        self._outgoing.append(entry)
+        self._wake()
+        return fut
+
+    @property
+    def unfinished(self) -> int:
+        return len(self._inflight)
+
+    def close(self, cancel: bool = True) -> None:
+        """Stop the I/O thread; unfinished futures are cancelled."""
+        if self._closing:
+            self._closed.wait()
+            return
+        self._closing = True
+        self._wake(force=True)
+        self._thread.join()
+        callback_runner.io_threads.discard(self._thread)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        self._ctx.term()
+        for fut, _ in list(self._inflight.values()):
+            fut.cancel()
+        self._inflight.clear()
+        self._closed.set()
+
+    def _cancel(self, fut: Future[Any]) -> None:
+        self._cancels.append(fut.task_id)  # type: ignore[attr-defined]
+        self._wake()
+
+    def _wake(self, force: bool = False) -> None:
+        if self._wake_pending and not force:
+            return
+        self._wake_pending = True
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass  # pipe full (a wake-up is pending anyway) or closed
+
+    # -- the I/O thread -----------------------------------------------------
+
+    def _hello(self, sock: zmq.Socket[Any]) -> None:
+        info = {
+            "role": "driver",
+            "name": self.name,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+        }
+        sock.send_multipart(protocol.encode_json(Msg.HELLO, info))
+
+    def _run(self) -> None:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.ROUTING_ID, self.identity)
+        sock.setsockopt(zmq.LINGER, 0)
+        # The in-flight window bounds what we queue; the HWM must not drop it.
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.connect(self.address)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        heartbeat_s = self.config.heartbeat_s
+        self._hello(sock)
+        last_sent = last_heard = last_hello = time.monotonic()
+        try:
+            while not self._closing:
+                events = dict(poller.poll(heartbeat_s * 1000))
+                if self._wake_r in events:
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                    self._wake_pending = False
+                now = time.monotonic()
+                if self._outgoing or self._cancels:
+                    self._flush(sock)
+                    last_sent = now
+                if sock in events:
+                    last_heard = now
+                    for _ in range(1000):
+                        try:
+                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        if self._handle(sock, frames, now - last_hello > heartbeat_s):
+                            last_hello = now
+                if now - last_sent >= heartbeat_s:
+                    sock.send_multipart(protocol.encode_signal(Msg.HEARTBEAT))
+                    last_sent = now
+                if self._welcomed.is_set() and now - last_heard > self.config.peer_timeout_s:
+                    log.warning("broker at %s silent for %.1f s; waiting for it", self.address, now - last_heard)
+                    last_heard = now
+        except Exception:  # noqa: BLE001 - the I/O thread must not die silently
+            log.exception("distfork driver I/O thread failed")
+            self._fail_all(DistforkError("the distfork driver's I/O thread failed; see the log"))
+        finally:
+            try:
+                sock.send_multipart(protocol.encode_signal(Msg.BYE), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+            sock.close(linger=100)
+
+    def _flush(self, sock: zmq.Socket[Any]) -> None:
+        out = self._outgoing
+        while out:
+            batch = [out.popleft() for _ in range(min(len(out), _BATCH_MAX))]
+            sock.send_multipart(protocol.encode_batch(Msg.SUBMIT, batch), copy=False)
+        if self._cancels:
+            ids = []
+            while self._cancels:
+                task_id = self._cancels.popleft()
+                if self._inflight.pop(task_id, None) is not None:
+                    self._window.release()
+                    ids.append(task_id)
+            if ids:
+                sock.send_multipart(protocol.encode_cancel(ids))
+
+    def _handle(self, sock: zmq.Socket[Any], frames: list[Any], may_rehello: bool) -> bool:
+        """Act on one message from the broker; True if we said hello again."""
+        try:
+            kind, body = protocol.decode(frames)
+            if kind is Msg.RESULTS:
+                self._results(protocol.decode_batch(frames, body))
+            elif kind is Msg.WELCOME:
+                self.welcome = protocol.decode_json(body)
+                self._welcomed.set()
+            elif kind is Msg.REJECT:
+                if may_rehello:
+                    log.info("broker at %s does not know us (restarted?): saying hello again", self.address)
+                    self._hello(sock)
+                    self._resubmit_all()
+                    return True
+            elif kind in (Msg.HEARTBEAT, Msg.BYE):
+                pass
+            else:
+                raise ProtocolError(f"unexpected {kind.name} from the broker")
+        except ProtocolError as exc:
+            log.warning("dropped a message from the broker: %s", exc)
+        return False
+
+    def _resubmit_all(self) -> None:
+        pending = {e.id for e in self._outgoing}
+        self._outgoing.extend(entry for _, entry in self._inflight.values() if entry.id not in pending)
+
+    def _results(self, entries: Sequence[Entry]) -> None:
+        inflight = self._inflight
+        release = self._window.release
+        for e in entries:
+            item = inflight.pop(e.id, None)
+            if item is None:
+                continue  # cancelled meanwhile, or a duplicate
+            release()
+            complete(item[0], e.code, e.frames)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for task_id in list(self._inflight):
+            item = self._inflight.pop(task_id, None)
+            if item is not None and not item[0].done():
+                try:
+                    item[0].set_exception(exc)
+                except InvalidStateError:
+                    pass
+
+
+
+def complete(fut: Future[Any], code: int, frames: Sequence[Any]) -> None:
+    """Set a future from a result entry (status code and payload frames)."""
+    if fut.cancelled():
+        return
+    try:
+        if code == Status.OK:
+            try:
+                value = serialize.loads(frames)
+            except Exception as err:  # noqa: BLE001
+                fut.set_exception(
+                    SerializationError(f"the task's result cannot be unpickled in the driver: {type(err).__name__}: {err}")
+                )
+            else:
+                fut.set_result(value)
+        else:
+            fut.set_exception(_failure(code, frames))
+    except InvalidStateError:
+        pass  # cancelled by a user thread just now
+
+
+def _failure(code: int, frames: Sequence[Any]) -> BaseException:
+    if code == Status.RAISED:
+        try:
+            exc = serialize.loads(frames)
+        except Exception as err:  # noqa: BLE001
+            return SerializationError(
+                f"the task raised an exception that cannot be unpickled in the driver: {type(err).__name__}: {err}"
+            )
+        if isinstance(exc, BaseException):
+            return exc
+        return DistforkError(f"the task sent back a non-exception as its error: {exc!r}")
+    text = bytes(frames[0]).decode(errors="replace") if frames else ""
+    if code == Status.LOST:
+        return WorkerLostError(text)
+    if code == Status.TIMED_OUT:
+        return TimeoutError(text)
+    return DistforkError(text or f"the task failed with status {code}")

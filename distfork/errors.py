@@ -1,0 +1,84 @@
+"""The errors distfork raises.
+
+::
+
+    Exception
+     ├── DistforkError                 every error of distfork's own
+     │    ├── SerializationError       something could not be pickled or unpickled
+     │    ├── WorkerLostError          the worker running a task died, too often
+     │    ├── BrokerUnavailableError   no broker answers at the address
+     │    ├── ProtocolError            a message on the wire is malformed (dropped)
+     │    └── RemoteError              a task raised something that could not travel back
+     └── TimeoutError (builtin)        ``wait(fut, timeout)`` expired; the task goes on
+
+An exception raised by the user's function is re-raised by ``wait`` as its
+own type; its ``__cause__`` is a :class:`RemoteTraceback` carrying the
+traceback text from the worker (host, pid), as ``concurrent.futures`` does.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BrokerUnavailableError",
+    "DistforkError",
+    "ProtocolError",
+    "RemoteError",
+    "RemoteTraceback",
+    "SerializationError",
+    "WorkerLostError",
+]
+
+
+class DistforkError(Exception):
+    """Base class of every error distfork raises itself."""
+
+
+class SerializationError(DistforkError):
+    """An object could not be pickled (in ``fork``, or a task's result) or unpickled.
+
+    The message names the object. Make it picklable (define the function at
+    module level or make its captured state picklable), or return/pass
+    something else.
+    """
+
+
+class WorkerLostError(DistforkError):
+    """The worker process running the task died (crash, signal, lost host) on every try.
+
+    The message names the worker, its host and its exit code or signal. A
+    task that crashes its process each time it runs ends here after
+    ``max_retries`` retries; raise ``max_retries`` with ``distfork.options``
+    if the losses were not the task's fault.
+    """
+
+
+class BrokerUnavailableError(DistforkError):
+    """No broker answered at the configured address within ``connect_timeout_s``.
+
+    Start one (``distfork broker`` or ``distfork up``), or check the address
+    given to ``distfork.init`` / ``DISTFORK_ADDRESS``.
+    """
+
+
+class ProtocolError(DistforkError):
+    """A message did not follow distfork's wire protocol. It is logged and dropped."""
+
+
+class RemoteError(DistforkError):
+    """A task raised an exception that could not be sent back as itself.
+
+    The message holds the original type name, its text and the remote
+    traceback. Make the exception class importable in the driver and
+    picklable to get it back as its own type.
+    """
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in a worker, attached as ``__cause__``."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb

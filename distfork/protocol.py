@@ -1,0 +1,189 @@
+"""The wire protocol: the only module that knows frame layouts.
+
+Every message is one ZeroMQ multipart message. Its first frame is the header::
+
+    byte 0      protocol version (VERSION)
+    byte 1      message type (Msg)
+    bytes 2..   type-specific body
+
+Bodies:
+
+* control messages (HELLO, WELCOME, STATUS, STATUS_REPLY, REJECT): UTF-8 JSON
+  object;
+* batches (SUBMIT, TASKS, RESULTS): ``u32 count`` then ``count`` entries of
+  ``struct "!QHBf"`` = (id, nframes, code, extra), followed in the message by
+  the entries' payload frames, ``nframes`` each, in order. For a task, ``code``
+  is max_retries (255: the cluster default) and ``extra`` its timeout in
+  seconds (0: none); for a result, ``code`` is a :class:`Status` and
+  ``extra`` the run time in seconds;
+* CANCEL: ``u32 count`` then ``count`` u64 task ids;
+* HEARTBEAT, BYE: empty.
+
+The ROUTER socket of the broker prepends the sender's routing id; the
+broker strips it before calling :func:`decode`. Payload frames are opaque
+here: the broker forwards them without looking inside.
+
+Malformed input raises :class:`~distfork.errors.ProtocolError`, never an
+``AssertionError``: callers log it and drop the message.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Union
+
+from .errors import ProtocolError
+
+__all__ = [
+    "DEFAULT_RETRIES",
+    "VERSION",
+    "Entry",
+    "Frame",
+    "Msg",
+    "Status",
+    "decode",
+    "decode_cancel",
+    "decode_batch",
+    "decode_json",
+    "encode_batch",
+    "encode_cancel",
+    "encode_json",
+    "encode_signal",
+]
+
+VERSION = 1
+#: Task ``code`` meaning "use the cluster's default max_retries".
+DEFAULT_RETRIES = 255
+
+# A frame as it travels: bytes we built, or a zmq.Frame / memoryview received.
+Frame = Union[bytes, memoryview, Any]
+
+
+class Msg(enum.IntEnum):
+    """Message types. Direction: D driver, W worker, B broker."""
+
+    HELLO = 1  # D/W -> B: register (JSON: role, host, pid, slots, ...)
+    WELCOME = 2  # B -> D/W: registered (JSON: session, ...)
+    SUBMIT = 3  # D -> B: batch of tasks
+    TASKS = 4  # B -> W: batch of tasks to run
+    RESULTS = 5  # W -> B, B -> D: batch of results
+    CANCEL = 6  # D -> B, B -> W: task ids to cancel
+    HEARTBEAT = 7  # any direction
+    BYE = 8  # D/W -> B: leaving; B -> D/W: broker stopping
+    STATUS = 9  # anyone -> B: status query
+    STATUS_REPLY = 10  # B -> asker (JSON)
+    REJECT = 11  # B -> peer: unknown or refused peer (JSON: reason)
+
+
+class Status(enum.IntEnum):
+    """Outcome of a task, carried in a RESULTS entry's ``code``."""
+
+    OK = 0  # payload: the pickled value
+    RAISED = 1  # payload: the pickled exception (with its remote traceback)
+    LOST = 2  # payload: UTF-8 text, the worker was lost too often
+    CANCELLED = 3  # payload: none
+    TIMED_OUT = 4  # payload: UTF-8 text, the task ran past its timeout_s
+    FAILED = 5  # payload: UTF-8 text, distfork could not run or return it
+
+
+_HEADER = struct.Struct("!BB")
+_COUNT = struct.Struct("!I")
+_ENTRY = struct.Struct("!QHBf")
+_U64 = struct.Struct("!Q")
+_SIGNALS = {m: _HEADER.pack(VERSION, m) for m in Msg}
+
+
+class Entry(NamedTuple):
+    """One task or result of a batch."""
+
+    id: int
+    code: int
+    extra: float
+    frames: Sequence[Frame]
+
+
+def _header(frames: Sequence[Frame]) -> tuple[Msg, memoryview]:
+    if not frames:
+        raise ProtocolError("empty message")
+    head = memoryview(frames[0])
+    if head.nbytes < 2:
+        raise ProtocolError(f"header of {head.nbytes} bytes, need at least 2")
+    version, kind = head[0], head[1]
+    if version != VERSION:
+        raise ProtocolError(f"protocol version {version}, this side speaks {VERSION}")
+    try:
+        return Msg(kind), head[2:]
+    except ValueError:
+        raise ProtocolError(f"unknown message type {kind}") from None
+
+
+def decode(frames: Sequence[Frame]) -> tuple[Msg, memoryview]:
+    """The type and the body of a message (body still encoded)."""
+    return _header(frames)
+
+
+def encode_signal(kind: Msg) -> list[Frame]:
+    """A message without a body (HEARTBEAT, BYE, ...)."""
+    return [_SIGNALS[kind]]
+
+
+def encode_json(kind: Msg, body: dict[str, Any]) -> list[Frame]:
+    return [_SIGNALS[kind] + json.dumps(body, separators=(",", ":")).encode()]
+
+
+def decode_json(body: memoryview) -> dict[str, Any]:
+    try:
+        value = json.loads(bytes(body))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"bad JSON body: {exc}") from None
+    if not isinstance(value, dict):
+        raise ProtocolError(f"JSON body is a {type(value).__name__}, expected an object")
+    return value
+
+
+def encode_batch(kind: Msg, entries: Sequence[Entry]) -> list[Frame]:
+    """One message carrying many tasks or results (SUBMIT, TASKS, RESULTS)."""
+    parts = [_SIGNALS[kind], _COUNT.pack(len(entries))]
+    frames: list[Frame] = [b""]
+    pack = _ENTRY.pack
+    for entry in entries:
+        parts.append(pack(entry.id, len(entry.frames), entry.code, entry.extra))
+        frames.extend(entry.frames)
+    frames[0] = b"".join(parts)
+    return frames
+
+
+def decode_batch(frames: Sequence[Frame], body: memoryview) -> list[Entry]:
+    """The entries of a batch message whose header was already decoded."""
+    if body.nbytes < _COUNT.size:
+        raise ProtocolError("batch without a count")
+    (count,) = _COUNT.unpack_from(body)
+    if body.nbytes != _COUNT.size + count * _ENTRY.size:
+        raise ProtocolError(f"batch of {count} entries has a {body.nbytes}-byte header")
+    entries = []
+    at = 1
+    for task_id, nframes, code, extra in _ENTRY.iter_unpack(body[_COUNT.size :]):
+        end = at + nframes
+        if end > len(frames):
+            raise ProtocolError(f"batch entries name {end} frames, message has {len(frames)}")
+        entries.append(Entry(task_id, code, extra, frames[at:end]))
+        at = end
+    if at != len(frames):
+        raise ProtocolError(f"batch has {len(frames) - at} frames no entry names")
+    return entries
+
+
+def encode_cancel(ids: Sequence[int]) -> list[Frame]:
+    return [_SIGNALS[Msg.CANCEL] + _COUNT.pack(len(ids)) + b"".join(_U64.pack(i) for i in ids)]
+
+
+def decode_cancel(body: memoryview) -> list[int]:
+    if body.nbytes < _COUNT.size:
+        raise ProtocolError("cancel without a count")
+    (count,) = _COUNT.unpack_from(body)
+    if body.nbytes != _COUNT.size + count * _U64.size:
+        raise ProtocolError(f"cancel of {count} ids has {body.nbytes} bytes")
+    return [i for (i,) in _U64.iter_unpack(body[_COUNT.size :])]
