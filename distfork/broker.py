@@ -148,6 +148,8 @@ class Broker:
             self._hello(peer, body, now)
         elif kind is Msg.STATUS:
             self._send(peer, protocol.encode_json(Msg.STATUS_REPLY, self.state.status(now)))
+        elif kind is Msg.KEEPALIVE:
+            self._keepalive(protocol.decode_json(body), now)
         elif kind is not Msg.BYE:
             # Typically: we restarted and the peer does not know yet.
             self.state.counters["unknown_peer_messages"] += 1
@@ -160,6 +162,21 @@ class Broker:
         except (ValueError, TypeError) as exc:
             raise ProtocolError(f"bad hello: {exc}") from None
         self._send(peer, protocol.encode_json(Msg.WELCOME, self._welcome(p)))
+
+    def _keepalive(self, body: dict[str, Any], now: float) -> None:
+        """A worker process vouches for its slots (busy slots cannot heartbeat)."""
+        peers = body.get("peers")
+        if not isinstance(peers, list):
+            raise ProtocolError("KEEPALIVE without a list of peers")
+        for hexid in peers:
+            try:
+                peer = bytes.fromhex(hexid)
+            except (TypeError, ValueError):
+                raise ProtocolError(f"KEEPALIVE names a bad peer id {hexid!r}") from None
+            if body.get("bye"):
+                self.state.bye(peer, now)
+            else:
+                self.state.seen(peer, now)
 
     def _welcome(self, p: PeerInfo) -> dict[str, Any]:
         return {

@@ -68,6 +68,8 @@ class PeerInfo:
     tasks: dict[int, Task] = dataclasses.field(default_factory=dict)
     done: int = 0
     failed: int = 0
+    # worker: moving average of its tasks' run times (None: no task done yet).
+    avg_run_s: float | None = None
 
 
 class BrokerState:
@@ -193,6 +195,10 @@ class BrokerState:
     def results(self, worker: PeerInfo, entries: Sequence[Entry]) -> None:
         """Results from a worker: route each to its driver."""
         assigned = worker.assigned
+        if entries:
+            batch_avg = sum(e.extra for e in entries) / len(entries)
+            prev = worker.avg_run_s
+            worker.avg_run_s = batch_avg if prev is None else 0.7 * prev + 0.3 * batch_avg
         for e in entries:
             task = assigned.pop(e.id, None)
             if task is None:
@@ -230,15 +236,22 @@ class BrokerState:
             task.state = TaskState.CANCELLED
             self.counters["tasks_cancelled"] += 1
 
+    def prefetch(self, w: PeerInfo) -> int:
+        """Tasks to hand worker ``w`` beyond its slots: ``prefetch_s`` worth of them."""
+        if w.avg_run_s is None:
+            return 0
+        per_slot = int(self.config.prefetch_s / max(w.avg_run_s, 1e-6))
+        return w.slots * min(per_slot, self.config.prefetch_max)
+
     def dispatch(self) -> dict[bytes, list[Task]]:
         """Hand queued tasks to workers: free slots first, then prefetch room."""
         out: dict[bytes, list[Task]] = {}
         queue = self.queue
         if not queue or not self.workers:
             return out
-        for extra in (0, self.config.prefetch):
+        for with_prefetch in (False, True):
             for w in self.workers.values():
-                room = w.slots + extra - len(w.assigned)
+                room = w.slots + (self.prefetch(w) if with_prefetch else 0) - len(w.assigned)
                 while room > 0 and queue:
                     task = queue.popleft()
                     if task.state is not TaskState.QUEUED:

@@ -98,19 +98,19 @@ class LocalCluster:
         return [p.pid for p in procs]
 
     def stop(self) -> None:
-        """SIGTERM every child, wait for it, SIGKILL what did not stop."""
-        procs = self.workers + ([self.broker] if self.broker else [])
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.config.stop_timeout_s
-        for p in procs:
-            try:
-                p.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("process %d did not stop on SIGTERM; killing it", p.pid)
-                p.kill()
-                p.wait()
+        """SIGTERM the workers, then the broker (so their goodbyes arrive); SIGKILL what does not stop."""
+        for group in (self.workers, [self.broker] if self.broker else []):
+            for p in group:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + self.config.stop_timeout_s
+            for p in group:
+                try:
+                    p.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    log.warning("process %d did not stop on SIGTERM; killing it", p.pid)
+                    p.kill()
+                    p.wait()
         self.workers = []
         self.broker = None
         if self._tmpdir is not None:

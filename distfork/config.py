@@ -32,10 +32,13 @@ class Config:
     max_retries: int = 3
     #: Tasks a driver may have unfinished at once; ``fork`` blocks beyond it.
     window: int = 100_000
-    #: Tasks the broker hands a worker beyond its free slots, to hide the
-    #: round trip for short tasks. A task waiting there is re-queued for free
-    #: if the worker is lost.
-    prefetch: int = 1
+    #: Seconds of work the broker hands a worker beyond its free slots, judged
+    #: by the worker's recent task run times, to hide the round trip for short
+    #: tasks; tasks longer than this are never prefetched, so long tasks spread
+    #: evenly. A prefetched task is re-queued for free if the worker is lost.
+    prefetch_s: float = 0.002
+    #: Most tasks prefetched to one worker slot.
+    prefetch_max: int = 128
     #: Buffers of at least this many bytes leave the pickle stream (pickle
     #: protocol 5 out-of-band buffers) and travel as their own frame.
     oob_threshold_bytes: int = 64 * 1024

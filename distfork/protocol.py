@@ -8,7 +8,7 @@ Every message is one ZeroMQ multipart message. Its first frame is the header::
 
 Bodies:
 
-* control messages (HELLO, WELCOME, STATUS, STATUS_REPLY, REJECT): UTF-8 JSON
+* control messages (HELLO, WELCOME, STATUS_REPLY, REJECT, KEEPALIVE): UTF-8 JSON
   object;
 * batches (SUBMIT, TASKS, RESULTS): ``u32 count`` then ``count`` entries of
   ``struct "!QHBf"`` = (id, nframes, code, extra), followed in the message by
@@ -17,7 +17,7 @@ Bodies:
   seconds (0: none); for a result, ``code`` is a :class:`Status` and
   ``extra`` the run time in seconds;
 * CANCEL: ``u32 count`` then ``count`` u64 task ids;
-* HEARTBEAT, BYE: empty.
+* HEARTBEAT, BYE, STATUS: empty.
 
 The ROUTER socket of the broker prepends the sender's routing id; the
 broker strips it before calling :func:`decode`. Payload frames are opaque
@@ -76,6 +76,7 @@ class Msg(enum.IntEnum):
     STATUS = 9  # anyone -> B: status query
     STATUS_REPLY = 10  # B -> asker (JSON)
     REJECT = 11  # B -> peer: unknown or refused peer (JSON: reason)
+    KEEPALIVE = 12  # W process -> B: its slot peers are alive, or leaving (JSON: peers, bye)
 
 
 class Status(enum.IntEnum):

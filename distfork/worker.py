@@ -2,22 +2,26 @@
 
 ::
 
-     broker ROUTER ◀── DEALER ── main thread (I/O)                slot threads (N = slots)
-                                 ┌──────────────────────────┐    ┌───────────────────────────┐
-                                 │ HELLO, HEARTBEAT          │    │ unpickle (func,args,kw)   │
-                       TASKS ──▶ │ queue each task ──────────┼──▶ │ run it                    │
-                     RESULTS ◀── │ batch finished results ◀──┼─── │ pickle value or exception │
-                                 │ (deque + pipe wake-up)    │    └───────────────────────────┘
-                                 └──────────────────────────┘
+     broker ROUTER ◀── DEALER "slot 0" ── slot thread 0: recv TASKS, run each, send RESULTS
+                   ◀── DEALER "slot 1" ── slot thread 1: ...             (N = slots)
+                   ◀── DEALER control ── main thread: KEEPALIVE for all slots every
+                                          heartbeat_s, parent watch, SIGTERM -> BYE
 
-The main thread owns the socket and keeps heartbeating while tasks run.
-If the broker restarts, it answers our next message with REJECT and we say
-hello again. A worker started by a parent (the embedded cluster) stops
-when that parent is gone. SIGTERM and SIGINT stop it: it says BYE so the
-broker re-queues what it held at once.
+Each slot thread owns its socket and registers with the broker as a worker
+of one slot: a task goes from the socket to the function and its result back
+without crossing a thread. A slot that runs a long task cannot heartbeat,
+so the main thread vouches for every slot of the process with KEEPALIVE;
+when the process dies, both stop and the broker notices the silence.
 
-Tasks that call ``distfork.fork`` themselves reach the same broker: the
-worker sets ``DISTFORK_ADDRESS`` for them.
+Several tasks may arrive in one TASKS message (the broker prefetches for
+short tasks); results go back in one RESULTS message per burst, flushed as
+soon as the slot has nothing left to run, so a lone task is never held back.
+
+If the broker restarts, it answers our next message with REJECT and the slot
+says hello again. A worker started by a parent (the embedded cluster) stops
+when that parent is gone. SIGTERM and SIGINT stop it; the broker re-queues
+what it held. Tasks that call ``distfork.fork`` themselves reach the same
+broker: the worker sets ``DISTFORK_ADDRESS`` for them.
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import queue
 import signal
 import socket
 import threading
@@ -43,6 +46,10 @@ from .protocol import Entry, Msg, Status
 __all__ = ["Worker", "run_task"]
 
 log = logging.getLogger(__name__)
+
+_FLUSH_COUNT = 64  # results per RESULTS message at most while more tasks wait
+_FLUSH_S = 0.002  # longest a finished result waits for the rest of its burst
+_LINGER_MS = 300  # how long a stopping worker tries to deliver its last messages
 
 
 def run_task(frames: Sequence[Any], where: str, oob_threshold_bytes: int) -> tuple[int, list[Any]]:
@@ -72,7 +79,7 @@ def run_task(frames: Sequence[Any], where: str, oob_threshold_bytes: int) -> tup
 
 
 class Worker:
-    """A worker connected to the broker at ``address`` with ``slots`` task slots."""
+    """A worker process connected to the broker at ``address`` with ``slots`` task slots."""
 
     def __init__(
         self,
@@ -90,145 +97,159 @@ class Worker:
         self.host = socket.gethostname()
         self.name = name or f"{self.host}-{os.getpid()}"
         self.parent_pid = parent_pid
-        self.identity = b"W" + os.urandom(8)
         self.where = f"worker {self.name} (host {self.host}, pid {os.getpid()})"
-        self._tasks: queue.SimpleQueue[tuple[int, Sequence[Any]] | None] = queue.SimpleQueue()
-        self._done: collections.deque[Entry] = collections.deque()
-        self._cancelled: set[int] = set()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        self._wake_pending = False
+        prefix = b"W" + os.urandom(7)
+        self.slot_ids = [prefix + bytes([i % 256, i // 256]) for i in range(slots)]
         self._stopping = False
+        # Readable once we stop: every thread polls it next to its socket.
+        self._stop_r, self._stop_w = os.pipe()
         self._ctx = zmq.Context()
 
     def stop(self) -> None:
         """Ask the worker to stop (safe from a signal handler)."""
         self._stopping = True
-        self._wake(force=True)
+        try:
+            os.write(self._stop_w, b"\0")
+        except OSError:
+            pass
 
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop())
 
-    def _wake(self, force: bool = False) -> None:
-        if self._wake_pending and not force:
-            return
-        self._wake_pending = True
-        try:
-            os.write(self._wake_w, b"\0")
-        except OSError:
-            pass
-
-    # -- slot threads ---------------------------------------------------------
-
-    def _slot(self) -> None:
-        threshold = self.config.oob_threshold_bytes
-        while True:
-            item = self._tasks.get()
-            if item is None:
-                return
-            key, frames = item
-            if key in self._cancelled:
-                self._cancelled.discard(key)
-                continue
-            started = time.perf_counter()
-            status, out = run_task(frames, self.where, threshold)
-            del frames, item
-            self._done.append(Entry(key, status, time.perf_counter() - started, out))
-            self._wake()
-
-    # -- the I/O loop ---------------------------------------------------------
-
-    def _hello(self, sock: zmq.Socket[Any]) -> None:
-        info = {"role": "worker", "name": self.name, "host": self.host, "pid": os.getpid(), "slots": self.slots}
-        sock.send_multipart(protocol.encode_json(Msg.HELLO, info))
+    def _socket(self, identity: bytes) -> zmq.Socket[Any]:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.ROUTING_ID, identity)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)  # results: bounded by what the broker handed us
+        sock.setsockopt(zmq.RCVHWM, self.config.hwm)
+        sock.connect(self.address)
+        return sock
 
     def serve_forever(self) -> None:
         os.environ["DISTFORK_ADDRESS"] = self.address  # nested forks reach our broker
-        threads = [
-            threading.Thread(target=self._slot, name=f"distfork-slot-{i}", daemon=True) for i in range(self.slots)
-        ]
+        slots = [_Slot(self, i, ident) for i, ident in enumerate(self.slot_ids)]
+        threads = [threading.Thread(target=s.run, name=f"distfork-slot-{s.index}", daemon=True) for s in slots]
         for t in threads:
             t.start()
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.ROUTING_ID, self.identity)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 0)  # results: bounded by slots + prefetch
-        sock.setsockopt(zmq.RCVHWM, self.config.hwm)
-        sock.connect(self.address)
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
-        heartbeat_s = self.config.heartbeat_s
-        self._hello(sock)
-        now = time.monotonic()
-        last_sent = last_heard = now
-        last_hello = 0.0
+        control = self._socket(b"C" + self.slot_ids[0][1:])
+        peers = [i.hex() for i in self.slot_ids]
+        keepalive = protocol.encode_json(Msg.KEEPALIVE, {"peers": peers})
         log.info("%s connecting to %s with %d slots", self.where, self.address, self.slots)
         try:
             while not self._stopping:
-                events = dict(poller.poll(heartbeat_s * 1000))
-                if self._wake_r in events:
-                    try:
-                        os.read(self._wake_r, 4096)
-                    except BlockingIOError:
-                        pass
-                    self._wake_pending = False
-                now = time.monotonic()
-                if self._done:
-                    done = self._done
-                    batch = [done.popleft() for _ in range(len(done))]
-                    sock.send_multipart(protocol.encode_batch(Msg.RESULTS, batch), copy=False)
-                    last_sent = now
-                if sock in events:
-                    last_heard = now
-                    for _ in range(1000):
-                        try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        if self._handle(sock, frames, now - last_hello > heartbeat_s):
-                            last_hello = now
-                if now - last_sent >= heartbeat_s:
-                    sock.send_multipart(protocol.encode_signal(Msg.HEARTBEAT))
-                    last_sent = now
-                if now - last_heard > self.config.peer_timeout_s:
-                    log.warning("broker at %s silent for %.1f s; waiting for it", self.address, now - last_heard)
-                    last_heard = now
+                control.send_multipart(keepalive)
+                if zmq.select([self._stop_r], [], [], self.config.heartbeat_s)[0]:
+                    break
                 if self.parent_pid is not None and os.getppid() != self.parent_pid:
                     log.warning("parent process %d is gone; stopping", self.parent_pid)
-                    break
+                    self.stop()
         finally:
-            try:
-                sock.send_multipart(protocol.encode_signal(Msg.BYE), zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
-            sock.close(linger=200)
+            self._stopping = True
+            control.send_multipart(protocol.encode_json(Msg.KEEPALIVE, {"peers": peers, "bye": True}))
+            control.close(linger=_LINGER_MS)
+            for t in threads:
+                t.join(1.0)
+            busy = [t.name for t in threads if t.is_alive()]
+            if busy:
+                # A slot still inside a task cannot be interrupted; the broker
+                # has re-queued it already. Leave without waiting for it.
+                log.warning("%s stopping with tasks still running in %s", self.where, ", ".join(busy))
+                logging.shutdown()
+                os._exit(0)
             self._ctx.term()
-            for _ in threads:
-                self._tasks.put(None)
             log.info("%s stopped", self.where)
 
-    def _handle(self, sock: zmq.Socket[Any], frames: list[Any], may_rehello: bool) -> bool:
+
+class _Slot:
+    """One task slot: a thread owning one DEALER socket."""
+
+    def __init__(self, worker: Worker, index: int, identity: bytes) -> None:
+        self.worker = worker
+        self.index = index
+        self.identity = identity
+        self.local: collections.deque[Entry] = collections.deque()
+
+    def _hello(self, sock: zmq.Socket[Any]) -> None:
+        w = self.worker
+        info = {
+            "role": "worker",
+            "name": f"{w.name}/{self.index}" if w.slots > 1 else w.name,
+            "host": w.host,
+            "pid": os.getpid(),
+            "slots": 1,
+        }
+        sock.send_multipart(protocol.encode_json(Msg.HELLO, info))
+
+    def run(self) -> None:
+        w = self.worker
+        sock = w._socket(self.identity)
         try:
-            kind, body = protocol.decode(frames)
-            if kind is Msg.TASKS:
-                for e in protocol.decode_batch(frames, body):
-                    self._tasks.put((e.id, e.frames))
-            elif kind is Msg.CANCEL:
-                self._cancelled.update(protocol.decode_cancel(body))
-            elif kind is Msg.REJECT:
-                if may_rehello:
-                    log.info("broker at %s does not know us (restarted?): saying hello again", self.address)
-                    self._hello(sock)
-                    return True
-            elif kind in (Msg.HEARTBEAT, Msg.WELCOME):
-                pass
-            elif kind is Msg.BYE:
-                log.info("broker at %s is stopping", self.address)
-            else:
-                raise ProtocolError(f"unexpected {kind.name} from the broker")
-        except ProtocolError as exc:
-            log.warning("dropped a message from the broker: %s", exc)
-        return False
+            self._serve(sock)
+        except Exception:  # noqa: BLE001 - a slot must not die silently
+            log.exception("%s: slot %d failed", w.where, self.index)
+            w.stop()
+        finally:
+            sock.close(linger=_LINGER_MS)
+
+    def _serve(self, sock: zmq.Socket[Any]) -> None:
+        w = self.worker
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(w._stop_r, zmq.POLLIN)
+        heartbeat_ms = w.config.heartbeat_s * 1000
+        threshold = w.config.oob_threshold_bytes
+        self._hello(sock)
+        self._last_hello = time.monotonic()
+        local = self.local
+        while not w._stopping:
+            if not local:
+                if not poller.poll(heartbeat_ms):
+                    sock.send_multipart(protocol.encode_signal(Msg.HEARTBEAT))
+                    continue
+            self._drain(sock)
+            done: list[Entry] = []
+            first_done = 0.0
+            while local and not w._stopping:
+                e = local.popleft()
+                started = time.perf_counter()
+                status, out = run_task(e.frames, w.where, threshold)
+                finished = time.perf_counter()
+                if not done:
+                    first_done = finished
+                done.append(Entry(e.id, status, finished - started, out))
+                if not local or len(done) >= _FLUSH_COUNT or finished - first_done > _FLUSH_S:
+                    sock.send_multipart(protocol.encode_batch(Msg.RESULTS, done), copy=False)
+                    done = []
+                    self._drain(sock)
+            if done:
+                sock.send_multipart(protocol.encode_batch(Msg.RESULTS, done), copy=False)
+
+    def _drain(self, sock: zmq.Socket[Any]) -> None:
+        """Take every message waiting on the socket."""
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                kind, body = protocol.decode(frames)
+                if kind is Msg.TASKS:
+                    self.local.extend(protocol.decode_batch(frames, body))
+                elif kind is Msg.CANCEL:
+                    gone = set(protocol.decode_cancel(body))
+                    keep = [e for e in self.local if e.id not in gone]
+                    self.local.clear()
+                    self.local.extend(keep)
+                elif kind is Msg.REJECT:
+                    now = time.monotonic()
+                    if now - self._last_hello > self.worker.config.heartbeat_s:
+                        log.info("broker at %s does not know us (restarted?): saying hello again", self.worker.address)
+                        self._hello(sock)
+                        self._last_hello = now
+                elif kind in (Msg.HEARTBEAT, Msg.WELCOME, Msg.BYE):
+                    pass
+                else:
+                    raise ProtocolError(f"unexpected {kind.name} from the broker")
+            except ProtocolError as exc:
+                log.warning("dropped a message from the broker: %s", exc)

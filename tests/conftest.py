@@ -1,0 +1,144 @@
+"""Fixtures shared by every test: leak checks, a CLI-started cluster, the embedded runtime.
+
+Every multi-process test cleans up after itself; ``no_leaks`` (autouse) fails
+a test that leaves a child process or a /dev/shm segment of ours behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+
+import distfork
+from distfork.status import query_status
+
+ROOT = Path(__file__).resolve().parent.parent
+# Task functions live in tests/tasks.py; workers import them by reference.
+TESTS_DIR = str(Path(__file__).resolve().parent)
+if TESTS_DIR not in sys.path:
+    sys.path.insert(0, TESTS_DIR)
+
+
+def _shm_segments() -> set[str]:
+    try:
+        return {n for n in os.listdir("/dev/shm") if "distfork" in n or n.startswith(("df-", "df_"))}
+    except FileNotFoundError:
+        return set()
+
+
+def wait_until(predicate, timeout_s: float = 10.0, interval_s: float = 0.02, what: str = "condition"):  # type: ignore[no-untyped-def]
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    """Fail the test if it leaves child processes or shared-memory segments behind."""
+    me = psutil.Process()
+    children_before = {p.pid for p in me.children(recursive=True)}
+    shm_before = _shm_segments()
+    yield
+    distfork.shutdown()
+
+    def leftover() -> list[psutil.Process]:
+        return [p for p in me.children(recursive=True) if p.pid not in children_before and p.is_running()
+                and p.status() != psutil.STATUS_ZOMBIE]
+
+    deadline = time.monotonic() + 10
+    while leftover() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = leftover()
+    for p in left:  # only processes this test started
+        p.kill()
+    assert not left, f"test left processes running: {[(p.pid, p.cmdline()) for p in left]}"
+    new_shm = _shm_segments() - shm_before
+    assert not new_shm, f"test left shared-memory segments: {sorted(new_shm)}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([TESTS_DIR, str(ROOT), env.get("PYTHONPATH", "")])
+    env.pop("DISTFORK_ADDRESS", None)
+    env.update(extra)
+    return env
+
+
+@dataclass
+class CliCluster:
+    """A broker and workers started as separate ``distfork`` CLI processes."""
+
+    address: str
+    broker: subprocess.Popen[bytes]
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+    def start_worker(self, *args: str) -> subprocess.Popen[bytes]:
+        p = subprocess.Popen([sys.executable, "-m", "distfork", "worker", "--connect", self.address, *args],
+                             env=self.env)
+        self.workers.append(p)
+        return p
+
+    def wait_for_workers(self, n: int, timeout_s: float = 20.0) -> dict:  # type: ignore[type-arg]
+        return wait_until(lambda: (s := query_status(self.address)) if len(s["workers"]) >= n else None,
+                          timeout_s, what=f"{n} workers to register")
+
+    def stop(self) -> None:
+        procs = [*self.workers, self.broker]
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+@pytest.fixture
+def cli_cluster() -> Iterator[CliCluster]:
+    """``distfork broker`` and two ``distfork worker`` processes on a free TCP port."""
+    address = f"tcp://127.0.0.1:{free_port()}"
+    env = cli_env(DISTFORK_HEARTBEAT_S="0.2")
+    broker = subprocess.Popen([sys.executable, "-m", "distfork", "broker", "--bind", address], env=env)
+    cluster = CliCluster(address, broker, env=env)
+    try:
+        cluster.start_worker()
+        cluster.start_worker()
+        cluster.wait_for_workers(2)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def local_cluster() -> Iterator[None]:
+    """The embedded local cluster with two workers, shut down afterwards."""
+    distfork.init(workers=2)
+    try:
+        yield
+    finally:
+        distfork.shutdown()
