@@ -18,10 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import distfork
-
-
-def noop() -> None:
-    return None
+from bench_tasks import noop  # importable: every system pickles it by reference
 
 
 def latency(submit: Callable[[], Any], n: int) -> tuple[float, float]:

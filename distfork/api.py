@@ -147,7 +147,8 @@ def _fork(func: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any],
     if rt.driver is not None:
         return rt.driver.submit(frames, max_retries, timeout_s)
     fut: Future[T] = Future()
-    code, out = run_task(frames, f"inline mode (pid {os.getpid()})", rt.config.oob_threshold_bytes)
+    frames, _ = serialize.route(frames, None)
+    code, out = run_task(frames, f"inline mode (pid {os.getpid()})", rt.config.oob_threshold_bytes, None)
     complete(fut, code, out)
     return fut
 

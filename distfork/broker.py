@@ -33,11 +33,11 @@ from typing import Any
 
 import zmq
 
-from . import protocol
+from . import protocol, shm
 from .broker_state import BrokerState, PeerInfo
 from .config import Config
 from .errors import ProtocolError
-from .protocol import Entry, Msg
+from .protocol import Entry, Flag, Msg
 
 __all__ = ["Broker"]
 
@@ -50,10 +50,11 @@ _RECV_BURST = 2000  # messages handled before we dispatch and send
 class Broker:
     """A result broker bound to ``address``; :meth:`serve_forever` runs it."""
 
-    def __init__(self, address: str, config: Config, parent_pid: int | None = None) -> None:
+    def __init__(self, address: str, config: Config, parent_pid: int | None = None, session: str | None = None) -> None:
         self.config = config
         self.parent_pid = parent_pid
-        self.session = secrets.token_hex(4)
+        self.session = session or secrets.token_hex(4)
+        self._ticks = 0
         self._ctx = zmq.Context()
         self.sock = self._ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -103,6 +104,7 @@ class Broker:
         finally:
             for peer in list(self.state.peers):
                 self._send(peer, protocol.encode_signal(Msg.BYE))
+            shm.sweep(self.session, dead_only=True)
             self.sock.close(linger=0)
             self._ctx.term()
             os.close(self._wake_r)
@@ -184,6 +186,7 @@ class Broker:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "heartbeat_s": self.config.heartbeat_s,
+            "local_workers": self.state.local_workers(p.domain),
         }
 
     # -- sending ------------------------------------------------------------
@@ -201,18 +204,30 @@ class Broker:
     def _send_work(self) -> None:
         state = self.state
         for worker, tasks in state.dispatch().items():
-            entries = [Entry(t.key, t.max_retries, t.timeout_s, t.frames) for t in tasks]
+            domain = state.workers[worker].domain
+            entries = [
+                Entry(t.key, t.max_retries, t.timeout_s, t.frames,
+                      Flag.RESULT_SHM if domain is not None and t.domain == domain else 0)
+                for t in tasks
+            ]
             self._send_batches(worker, Msg.TASKS, entries)
         results, cancels = state.take_outbox()
         for driver, entries in results.items():
             self._send_batches(driver, Msg.RESULTS, entries)
         for worker, keys in cancels.items():
             self._send(worker, protocol.encode_cancel(keys))
+        for worker, entries in state.take_discards().items():
+            self._send_batches(worker, Msg.DISCARD, entries)
+        for driver, facts in state.take_cluster_notices().items():
+            self._send(driver, protocol.encode_json(Msg.CLUSTER, facts))
 
     def _tick(self, now: float) -> None:
         for peer in self.state.peers:
             self._send(peer, protocol.encode_signal(Msg.HEARTBEAT))
         self.state.expire(now)
+        self._ticks += 1
+        if self._ticks % 5 == 0:
+            shm.sweep(self.session, dead_only=True)  # segments of peers that died mid-transfer
         if self.parent_pid is not None and os.getppid() != self.parent_pid:
             log.warning("parent process %d is gone; stopping", self.parent_pid)
             self.stop()

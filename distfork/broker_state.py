@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .config import Config
-from .protocol import DEFAULT_RETRIES, Entry, Frame, Status
+from .protocol import DEFAULT_RETRIES, Entry, Flag, Frame, Status
 
 __all__ = ["BrokerState", "PeerInfo", "Task", "TaskState"]
 
@@ -48,6 +48,10 @@ class Task:
     max_retries: int
     timeout_s: float
     frames: Sequence[Frame]
+    # /dev/shm domain of the driver: where a result may travel by shared memory,
+    # and (if pinned) the only domain whose workers can read the arguments.
+    domain: str | None = None
+    pinned: bool = False
     state: TaskState = TaskState.QUEUED
     worker: bytes | None = None
     losses: int = 0  # times a worker died while running it
@@ -71,6 +75,12 @@ class PeerInfo:
     # worker: moving average of its tasks' run times (None: no task done yet).
     avg_run_s: float | None = None
 
+    @property
+    def domain(self) -> str | None:
+        """Which /dev/shm the peer sees (None: it uses no shared memory)."""
+        d = self.info.get("shm_domain")
+        return d if isinstance(d, str) and d else None
+
 
 class BrokerState:
     """Task table, queue, workers and drivers of one broker."""
@@ -79,6 +89,9 @@ class BrokerState:
         self.config = config
         self.started = now
         self.queue: collections.deque[Task] = collections.deque()
+        # Tasks whose arguments sit in a domain's shared memory wait here for a
+        # worker of that domain.
+        self.pinned: dict[str, collections.deque[Task]] = {}
         self.peers: dict[bytes, PeerInfo] = {}
         self.workers: dict[bytes, PeerInfo] = {}
         self._next_key = 1
@@ -86,6 +99,8 @@ class BrokerState:
         # What the socket loop must send next.
         self._results: dict[bytes, list[Entry]] = {}
         self._cancels: dict[bytes, list[int]] = {}
+        self._discards: dict[bytes, list[Entry]] = {}
+        self._cluster_changed = False
 
     # -- peers ---------------------------------------------------------------
 
@@ -94,18 +109,23 @@ class BrokerState:
         role = info.get("role")
         if role not in ("driver", "worker"):
             raise ValueError(f"unknown role {role!r}")
-        old = self.peers.get(peer)
-        if old is not None:
-            # A peer that says hello again restarted its session: what we
-            # held for it is stale.
-            self._forget(old, now, reason="re-registered")
         slots = int(info.get("slots", 1)) if role == "worker" else 0
         if role == "worker" and slots < 1:
             raise ValueError(f"worker announced {slots} slots")
+        old = self.peers.get(peer)
+        if old is not None and old.role == role:
+            # Routing ids are random per process: this is the same peer saying
+            # hello again (answering a late REJECT). Keep its tasks: the worker
+            # still runs what it was handed, the driver re-submits (ignored).
+            old.info, old.last_seen, old.slots = info, now, slots
+            return old
+        if old is not None:
+            self._forget(old, now, reason="re-registered with another role")
         p = PeerInfo(peer, role, info, now, slots=slots)
         self.peers[peer] = p
         if role == "worker":
             self.workers[peer] = p
+            self._cluster_changed = True
             log.info("worker %s joined: host %s pid %s, %d slots",
                      p.info.get("name"), info.get("host"), info.get("pid"), slots)
         return p
@@ -134,6 +154,7 @@ class BrokerState:
         del self.peers[p.id]
         if p.role == "worker":
             del self.workers[p.id]
+            self._cluster_changed = True
             self._requeue_from_lost_worker(p, reason)
         else:
             for task in p.tasks.values():
@@ -145,6 +166,10 @@ class BrokerState:
                 task.state = TaskState.CANCELLED
             dropped = len(p.tasks)
             p.tasks.clear()
+            if dropped:  # free the dropped tasks' payloads now, not when a worker would reach them
+                self.queue = collections.deque(t for t in self.queue if t.state is TaskState.QUEUED)
+                for domain, q in list(self.pinned.items()):
+                    self.pinned[domain] = collections.deque(t for t in q if t.state is TaskState.QUEUED)
             self._results.pop(p.id, None)
             self.counters["driver_tasks_dropped"] += dropped
             log.info("driver %s left (%s); dropped %d unfinished tasks", p.info.get("name"), reason, dropped)
@@ -173,23 +198,31 @@ class BrokerState:
         for task in reversed(requeue):
             task.state = TaskState.QUEUED
             task.worker = None
-            self.queue.appendleft(task)
+            self._queue_of(task).appendleft(task)
         level = logging.INFO if reason == "said goodbye" and not tasks else logging.WARNING
         log.log(level, "worker %s left (%s): %d tasks re-queued", w.info.get("name"), reason, len(requeue))
 
     # -- tasks ---------------------------------------------------------------
 
+    def _queue_of(self, task: Task) -> collections.deque[Task]:
+        if task.pinned and task.domain is not None:
+            q = self.pinned.get(task.domain)
+            if q is None:
+                q = self.pinned[task.domain] = collections.deque()
+            return q
+        return self.queue
+
     def submit(self, driver: PeerInfo, entries: Sequence[Entry]) -> None:
         """Queue tasks from a driver."""
-        append = self.queue.append
         tasks = driver.tasks
+        domain = driver.domain
         for e in entries:
             if e.id in tasks:
                 continue  # re-submitted after a reconnect: we still have it
-            task = Task(self._next_key, driver.id, e.id, e.code, e.extra, e.frames)
+            task = Task(self._next_key, driver.id, e.id, e.code, e.extra, e.frames, domain, bool(e.flags & Flag.PINNED))
             self._next_key += 1
             tasks[e.id] = task
-            append(task)
+            self._queue_of(task).append(task)
         self.counters["tasks_submitted"] += len(entries)
 
     def results(self, worker: PeerInfo, entries: Sequence[Entry]) -> None:
@@ -203,6 +236,7 @@ class BrokerState:
             task = assigned.pop(e.id, None)
             if task is None:
                 self.counters["results_stale"] += 1  # cancelled, or re-queued after a loss
+                self._discard(worker.id, e)
                 continue
             if e.code == Status.OK:
                 worker.done += 1
@@ -210,10 +244,17 @@ class BrokerState:
                 worker.failed += 1
             self._finish(task, e.code, e.extra, e.frames)
 
+    def _discard(self, worker: bytes, e: Entry) -> None:
+        """A result nobody takes goes back to its worker, to free its shared memory."""
+        if len(e.frames) > 1 and worker in self.workers:
+            self._discards.setdefault(worker, []).append(e)
+
     def _finish(self, task: Task, status: int, extra: float, frames: Sequence[Frame]) -> None:
         task.state = TaskState.DONE
         driver = self.peers.get(task.driver)
         if driver is None or driver.tasks.pop(task.task_id, None) is None:
+            if task.worker is not None:
+                self._discard(task.worker, Entry(task.key, status, extra, frames))
             return
         driver.done += 1
         self.counters["tasks_succeeded" if status == Status.OK else "tasks_failed"] += 1
@@ -243,27 +284,51 @@ class BrokerState:
         per_slot = int(self.config.prefetch_s / max(w.avg_run_s, 1e-6))
         return w.slots * min(per_slot, self.config.prefetch_max)
 
+    def _next_for(self, w: PeerInfo) -> Task | None:
+        """The next queued task worker ``w`` can run: pinned to its domain first."""
+        pq = self.pinned.get(w.domain) if w.domain is not None else None
+        for q in (pq, self.queue):
+            while q:
+                task = q.popleft()
+                if task.state is TaskState.QUEUED:
+                    return task
+        return None
+
     def dispatch(self) -> dict[bytes, list[Task]]:
         """Hand queued tasks to workers: free slots first, then prefetch room."""
         out: dict[bytes, list[Task]] = {}
-        queue = self.queue
-        if not queue or not self.workers:
+        if not self.workers or not (self.queue or any(self.pinned.values())):
             return out
         for with_prefetch in (False, True):
             for w in self.workers.values():
                 room = w.slots + (self.prefetch(w) if with_prefetch else 0) - len(w.assigned)
-                while room > 0 and queue:
-                    task = queue.popleft()
-                    if task.state is not TaskState.QUEUED:
-                        continue  # cancelled while queued
+                while room > 0:
+                    task = self._next_for(w)
+                    if task is None:
+                        break
                     task.state = TaskState.ASSIGNED
                     task.worker = w.id
                     w.assigned[task.key] = task
                     out.setdefault(w.id, []).append(task)
                     room -= 1
-                if not queue:
-                    return out
         return out
+
+    def local_workers(self, domain: str | None) -> int:
+        """Workers that see the shared memory of ``domain``."""
+        if domain is None:
+            return 0
+        return sum(1 for w in self.workers.values() if w.domain == domain)
+
+    def take_cluster_notices(self) -> dict[bytes, dict[str, Any]]:
+        """What to tell each driver after the set of workers changed (else nothing)."""
+        if not self._cluster_changed:
+            return {}
+        self._cluster_changed = False
+        return {
+            d.id: {"local_workers": self.local_workers(d.domain), "workers": len(self.workers)}
+            for d in self.peers.values()
+            if d.role == "driver"
+        }
 
     def take_outbox(self) -> tuple[dict[bytes, list[Entry]], dict[bytes, list[int]]]:
         """Results per driver and cancels per worker to send now."""
@@ -271,17 +336,23 @@ class BrokerState:
         self._results, self._cancels = {}, {}
         return results, cancels
 
+    def take_discards(self) -> dict[bytes, list[Entry]]:
+        """Dropped results per worker, to send back so it frees their shared memory."""
+        discards, self._discards = self._discards, {}
+        return discards
+
     # -- status --------------------------------------------------------------
 
     def status(self, now: float) -> dict[str, Any]:
         """A JSON-able snapshot for ``distfork status``."""
-        queued = sum(1 for t in self.queue if t.state is TaskState.QUEUED)
+        queued = sum(1 for q in (self.queue, *self.pinned.values()) for t in q if t.state is TaskState.QUEUED)
         workers = [
             {
                 "id": w.id.hex(),
                 "name": w.info.get("name"),
                 "host": w.info.get("host"),
                 "pid": w.info.get("pid"),
+                "shm": w.domain is not None,
                 "slots": w.slots,
                 "busy": min(len(w.assigned), w.slots),
                 "assigned": len(w.assigned),

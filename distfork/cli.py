@@ -83,12 +83,13 @@ def cli(log_level: str) -> None:
 @click.option("--bind", default=DEFAULT_ADDRESS, show_default=True, help="Address drivers and workers connect to.")
 @click.option("--insecure", is_flag=True, help="Allow binding a non-loopback address without keys.")
 @click.option("--parent-pid", type=int, default=None, hidden=True, help="Stop when this process is gone.")
-def broker(bind: str, insecure: bool, parent_pid: int | None) -> None:
+@click.option("--session", default=None, hidden=True, help="Session id (shared-memory name prefix); random by default.")
+def broker(bind: str, insecure: bool, parent_pid: int | None, session: str | None) -> None:
     """Run a broker: the task table that drivers and workers connect to."""
     from .broker import Broker
 
     _check_bind(bind, insecure)
-    b = Broker(bind, _config.load(), parent_pid=parent_pid)
+    b = Broker(bind, _config.load(), parent_pid=parent_pid, session=session)
     b.install_signal_handlers()
     b.serve_forever()
 

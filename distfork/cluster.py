@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import time
 
+from . import shm
 from .config import Config
 
 __all__ = ["LocalCluster"]
@@ -47,6 +49,7 @@ class LocalCluster:
             self._tmpdir = tempfile.mkdtemp(prefix="distfork-")
             address = f"ipc://{self._tmpdir}/broker"
         self.address = address
+        self.session = secrets.token_hex(4)
         self.broker: subprocess.Popen[bytes] | None = None
         self.workers: list[subprocess.Popen[bytes]] = []
 
@@ -65,7 +68,7 @@ class LocalCluster:
         return subprocess.Popen(cmd, env=self._env(), stdin=subprocess.DEVNULL)
 
     def start(self) -> LocalCluster:
-        self.broker = self._spawn("broker", "--bind", self.address)
+        self.broker = self._spawn("broker", "--bind", self.address, "--session", self.session)
         if self._tmpdir is None:
             # A TCP port may be taken: see the broker bind before starting workers.
             self._wait_for_broker()
@@ -113,6 +116,7 @@ class LocalCluster:
                     p.wait()
         self.workers = []
         self.broker = None
+        shm.sweep(self.session, dead_only=False)  # the session ends with its cluster
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None

@@ -42,6 +42,15 @@ class Config:
     #: Buffers of at least this many bytes leave the pickle stream (pickle
     #: protocol 5 out-of-band buffers) and travel as their own frame.
     oob_threshold_bytes: int = 64 * 1024
+    #: Move large buffers through POSIX shared memory between processes that
+    #: see the same /dev/shm (``DISTFORK_SHM=0``: always ZeroMQ frames).
+    shm: bool = True
+    #: Bytes of pre-touched shared-memory segments a process keeps ready, so
+    #: a large copy runs at memory bandwidth instead of page-fault speed.
+    shm_spare_bytes: int = 512 * 1024 * 1024
+    #: Bytes of large arguments a driver may have in flight at once; ``fork``
+    #: blocks beyond it (one task is always let through, whatever its size).
+    window_bytes: int = 1024 * 1024 * 1024
     #: Largest message the broker accepts from a peer, in bytes (0: no limit).
     max_message_bytes: int = 0
     #: ZeroMQ high-water mark (messages) on every socket.
@@ -68,7 +77,7 @@ class Config:
                 continue
             kind = hints[field.name]
             try:
-                values[field.name] = kind(raw)
+                values[field.name] = _parse_bool(raw) if kind is bool else kind(raw)
             except ValueError:
                 raise ValueError(
                     f"DISTFORK_{field.name.upper()}={raw!r} is not a valid {kind.__name__}; "
@@ -81,6 +90,15 @@ class Config:
     def peer_timeout_s(self) -> float:
         """Silence after which a peer is considered lost."""
         return self.heartbeat_s * self.liveness
+
+
+def _parse_bool(raw: str) -> bool:
+    text = raw.strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(raw)
 
 
 def load(**overrides: Any) -> Config:

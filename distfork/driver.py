@@ -36,11 +36,11 @@ from typing import Any
 
 import zmq
 
-from . import protocol, serialize
+from . import protocol, serialize, shm
 from .config import Config
 from .errors import BrokerUnavailableError, DistforkError, ProtocolError, SerializationError, WorkerLostError
 from .future import Future, callback_runner
-from .protocol import Entry, Msg, Status
+from .protocol import Entry, Flag, Msg, Status
 
 __all__ = ["Driver", "complete"]
 
@@ -61,8 +61,15 @@ class Driver:
         self._ids = itertools.count(1)
         self._outgoing: collections.deque[Entry] = collections.deque()
         self._cancels: collections.deque[int] = collections.deque()
-        self._inflight: dict[int, tuple[Future[Any], Entry]] = {}
+        # task id -> (future, entry kept for re-submission, shm segment it owns, large bytes)
+        self._inflight: dict[int, tuple[Future[Any], Entry, str | None, int]] = {}
         self._window = threading.Semaphore(config.window)
+        self._bytes_inflight = 0
+        self._bytes_room = threading.Condition()
+        self.shm_domain = shm.domain() if config.shm else None
+        self._session: str | None = None
+        self._segments: shm.SegmentPool | None = None  # created with the broker's session
+        self._pool: shm.SegmentPool | None = None  # the same, while a worker shares our /dev/shm
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -88,19 +95,43 @@ class Driver:
                 "distfork.init / DISTFORK_ADDRESS"
             )
 
-    def submit(self, frames: Sequence[Any], max_retries: int = protocol.DEFAULT_RETRIES, timeout_s: float = 0.0) -> Future[Any]:
-        """Send a pickled call; its future completes when the result is back."""
+    def submit(
+        self, frames: list[Any], max_retries: int = protocol.DEFAULT_RETRIES, timeout_s: float = 0.0
+    ) -> Future[Any]:
+        """Send a pickled call (``serialize.dumps_call`` output); its future completes with the result.
+
+        Blocks while the in-flight window (tasks, or bytes of large arguments)
+        is full. Large buffers go to shared memory when a worker can read it.
+        """
         if self._closing:
             raise DistforkError("this distfork driver was shut down; call distfork.init() to start again")
+        nbytes = serialize.oob_bytes(frames)
+        if nbytes:
+            with self._bytes_room:
+                self._bytes_room.wait_for(
+                    lambda: self._bytes_inflight == 0 or self._bytes_inflight + nbytes <= self.config.window_bytes
+                )
+                self._bytes_inflight += nbytes
         self._window.acquire()
+        frames, segment = serialize.route(frames, self._pool)
         task_id = next(self._ids)
         fut: Future[Any] = Future(self._cancel)
         fut.task_id = task_id  # type: ignore[attr-defined]
-        entry = Entry(task_id, max_retries, timeout_s, frames)
-        self._inflight[task_id] = (fut, entry)
+        entry = Entry(task_id, max_retries, timeout_s, frames, Flag.PINNED if segment else 0)
+        self._inflight[task_id] = (fut, entry, segment, nbytes)
         self._outgoing.append(entry)
         self._wake()
         return fut
+
+    def _release(self, segment: str | None, nbytes: int) -> None:
+        """A task ended: free its window slot, its segment and its bytes."""
+        self._window.release()
+        if segment is not None:
+            shm.unlink(segment)
+        if nbytes:
+            with self._bytes_room:
+                self._bytes_inflight -= nbytes
+                self._bytes_room.notify_all()
 
     @property
     def unfinished(self) -> int:
@@ -118,9 +149,12 @@ class Driver:
         os.close(self._wake_r)
         os.close(self._wake_w)
         self._ctx.term()
-        for fut, _ in list(self._inflight.values()):
+        for fut, _, segment, nbytes in list(self._inflight.values()):
             fut.cancel()
+            self._release(segment, nbytes)
         self._inflight.clear()
+        if self._segments is not None:
+            self._segments.close()
         self._closed.set()
 
     def _cancel(self, fut: Future[Any]) -> None:
@@ -144,6 +178,7 @@ class Driver:
             "name": self.name,
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            "shm_domain": self.shm_domain,
         }
         sock.send_multipart(protocol.encode_json(Msg.HELLO, info))
 
@@ -208,8 +243,9 @@ class Driver:
             ids = []
             while self._cancels:
                 task_id = self._cancels.popleft()
-                if self._inflight.pop(task_id, None) is not None:
-                    self._window.release()
+                item = self._inflight.pop(task_id, None)
+                if item is not None:
+                    self._release(item[2], item[3])
                     ids.append(task_id)
             if ids:
                 sock.send_multipart(protocol.encode_cancel(ids))
@@ -222,7 +258,10 @@ class Driver:
                 self._results(protocol.decode_batch(frames, body))
             elif kind is Msg.WELCOME:
                 self.welcome = protocol.decode_json(body)
+                self._cluster_facts(self.welcome)
                 self._welcomed.set()
+            elif kind is Msg.CLUSTER:
+                self._cluster_facts(protocol.decode_json(body))
             elif kind is Msg.REJECT:
                 if may_rehello:
                     log.info("broker at %s does not know us (restarted?): saying hello again", self.address)
@@ -237,23 +276,37 @@ class Driver:
             log.warning("dropped a message from the broker: %s", exc)
         return False
 
+    def _cluster_facts(self, facts: dict[str, Any]) -> None:
+        """Use shared memory for arguments while some worker shares our /dev/shm."""
+        if isinstance(facts.get("session"), str):
+            self._session = facts["session"]
+        local = facts.get("local_workers", 0)
+        if self.shm_domain is None or self._session is None or not isinstance(local, int) or local <= 0:
+            self._pool = None
+            return
+        if self._segments is None:
+            self._segments = shm.SegmentPool(self._session, self.config.shm_spare_bytes)
+        self._pool = self._segments
+
     def _resubmit_all(self) -> None:
         pending = {e.id for e in self._outgoing}
-        self._outgoing.extend(entry for _, entry in self._inflight.values() if entry.id not in pending)
+        self._outgoing.extend(item[1] for item in self._inflight.values() if item[1].id not in pending)
 
     def _results(self, entries: Sequence[Entry]) -> None:
         inflight = self._inflight
-        release = self._window.release
+        release = self._release
         for e in entries:
             item = inflight.pop(e.id, None)
             if item is None:
                 continue  # cancelled meanwhile, or a duplicate
-            release()
             complete(item[0], e.code, e.frames)
+            release(item[2], item[3])
 
     def _fail_all(self, exc: BaseException) -> None:
         for task_id in list(self._inflight):
             item = self._inflight.pop(task_id, None)
+            if item is not None:
+                self._release(item[2], item[3])
             if item is not None and not item[0].done():
                 try:
                     item[0].set_exception(exc)
@@ -269,7 +322,7 @@ def complete(fut: Future[Any], code: int, frames: Sequence[Any]) -> None:
     try:
         if code == Status.OK:
             try:
-                value = serialize.loads(frames)
+                value = serialize.unpack(frames, private=False)
             except Exception as err:  # noqa: BLE001
                 fut.set_exception(
                     SerializationError(f"the task's result cannot be unpickled in the driver: {type(err).__name__}: {err}")
@@ -285,7 +338,7 @@ def complete(fut: Future[Any], code: int, frames: Sequence[Any]) -> None:
 def _failure(code: int, frames: Sequence[Any]) -> BaseException:
     if code == Status.RAISED:
         try:
-            exc = serialize.loads(frames)
+            exc = serialize.unpack(frames, private=False)
         except Exception as err:  # noqa: BLE001
             return SerializationError(
                 f"the task raised an exception that cannot be unpickled in the driver: {type(err).__name__}: {err}"

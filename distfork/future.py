@@ -73,8 +73,10 @@ class Future(concurrent.futures.Future, Generic[T]):  # type: ignore[type-arg]
         """Cancel the task: queued, it never runs; already done, ``False``."""
         if not super().cancel():
             return False
-        if self._canceller is not None:
-            self._canceller(self)
+        with self._condition:  # a second cancel() also returns True: recall the task once
+            canceller, self._canceller = self._canceller, None
+        if canceller is not None:
+            canceller(self)
         return True
 
     def _invoke_callbacks(self) -> None:
@@ -149,7 +151,12 @@ def collect_all(futures: Iterable[Future[Any]]) -> Future[list[Future[Any]]]:
 def wait_all(futures: Iterable[Future[Any]], timeout: float | None = None) -> list[Any]:
     """Wait for every future; return their values in order, or raise the first failure."""
     futures = list(futures)
-    done, not_done = concurrent.futures.wait(futures, timeout=timeout)
+    done, not_done = concurrent.futures.wait(
+        futures, timeout=timeout, return_when=concurrent.futures.FIRST_EXCEPTION
+    )
     if not_done:
+        for f in futures:
+            if f in done:
+                f.result()  # a failure is raised at once, as torch.futures.wait_all does
         raise TimeoutError(f"{len(not_done)} of {len(futures)} futures not done after {timeout} s")
     return [f.result() for f in futures]

@@ -10,12 +10,13 @@ Bodies:
 
 * control messages (HELLO, WELCOME, STATUS_REPLY, REJECT, KEEPALIVE): UTF-8 JSON
   object;
-* batches (SUBMIT, TASKS, RESULTS): ``u32 count`` then ``count`` entries of
-  ``struct "!QHBf"`` = (id, nframes, code, extra), followed in the message by
-  the entries' payload frames, ``nframes`` each, in order. For a task, ``code``
-  is max_retries (255: the cluster default) and ``extra`` its timeout in
-  seconds (0: none); for a result, ``code`` is a :class:`Status` and
-  ``extra`` the run time in seconds;
+* batches (SUBMIT, TASKS, RESULTS, DISCARD): ``u32 count`` then ``count``
+  entries of ``struct "!QHBBf"`` = (id, nframes, code, flags, extra),
+  followed in the message by the entries' payload frames, ``nframes`` each,
+  in order. For a task, ``code`` is max_retries (255: the cluster default),
+  ``flags`` are :class:`Flag` bits and ``extra`` its timeout in seconds (0:
+  none); for a result, ``code`` is a :class:`Status` and ``extra`` the run
+  time in seconds;
 * CANCEL: ``u32 count`` then ``count`` u64 task ids;
 * HEARTBEAT, BYE, STATUS: empty.
 
@@ -41,6 +42,7 @@ __all__ = [
     "DEFAULT_RETRIES",
     "VERSION",
     "Entry",
+    "Flag",
     "Frame",
     "Msg",
     "Status",
@@ -77,6 +79,15 @@ class Msg(enum.IntEnum):
     STATUS_REPLY = 10  # B -> asker (JSON)
     REJECT = 11  # B -> peer: unknown or refused peer (JSON: reason)
     KEEPALIVE = 12  # W process -> B: its slot peers are alive, or leaving (JSON: peers, bye)
+    CLUSTER = 13  # B -> D: facts that changed (JSON: local_workers)
+    DISCARD = 14  # B -> W: results nobody will take, back to their maker to free (batch)
+
+
+class Flag(enum.IntFlag):
+    """Bits of a task entry's ``flags``."""
+
+    PINNED = 1  # SUBMIT: the payload names a shared-memory segment of the driver's domain
+    RESULT_SHM = 2  # TASKS: the driver shares the worker's /dev/shm; return large buffers there
 
 
 class Status(enum.IntEnum):
@@ -92,7 +103,7 @@ class Status(enum.IntEnum):
 
 _HEADER = struct.Struct("!BB")
 _COUNT = struct.Struct("!I")
-_ENTRY = struct.Struct("!QHBf")
+_ENTRY = struct.Struct("!QHBBf")
 _U64 = struct.Struct("!Q")
 _SIGNALS = {m: _HEADER.pack(VERSION, m) for m in Msg}
 
@@ -104,6 +115,7 @@ class Entry(NamedTuple):
     code: int
     extra: float
     frames: Sequence[Frame]
+    flags: int = 0
 
 
 def _header(frames: Sequence[Frame]) -> tuple[Msg, memoryview]:
@@ -138,7 +150,7 @@ def encode_json(kind: Msg, body: dict[str, Any]) -> list[Frame]:
 def decode_json(body: memoryview) -> dict[str, Any]:
     try:
         value = json.loads(bytes(body))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: hostile nesting
         raise ProtocolError(f"bad JSON body: {exc}") from None
     if not isinstance(value, dict):
         raise ProtocolError(f"JSON body is a {type(value).__name__}, expected an object")
@@ -151,7 +163,7 @@ def encode_batch(kind: Msg, entries: Sequence[Entry]) -> list[Frame]:
     frames: list[Frame] = [b""]
     pack = _ENTRY.pack
     for entry in entries:
-        parts.append(pack(entry.id, len(entry.frames), entry.code, entry.extra))
+        parts.append(pack(entry.id, len(entry.frames), entry.code, entry.flags, entry.extra))
         frames.extend(entry.frames)
     frames[0] = b"".join(parts)
     return frames
@@ -166,11 +178,11 @@ def decode_batch(frames: Sequence[Frame], body: memoryview) -> list[Entry]:
         raise ProtocolError(f"batch of {count} entries has a {body.nbytes}-byte header")
     entries = []
     at = 1
-    for task_id, nframes, code, extra in _ENTRY.iter_unpack(body[_COUNT.size :]):
+    for task_id, nframes, code, flags, extra in _ENTRY.iter_unpack(body[_COUNT.size :]):
         end = at + nframes
         if end > len(frames):
             raise ProtocolError(f"batch entries name {end} frames, message has {len(frames)}")
-        entries.append(Entry(task_id, code, extra, frames[at:end]))
+        entries.append(Entry(task_id, code, extra, frames[at:end], flags))
         at = end
     if at != len(frames):
         raise ProtocolError(f"batch has {len(frames) - at} frames no entry names")

@@ -1,11 +1,24 @@
 """The one serialization path: cloudpickle, pickle protocol 5, out-of-band buffers.
 
-``dumps(obj)`` gives a list of frames ``[stream, *buffers]``: the pickle
-stream, then every buffer of at least ``oob_threshold_bytes`` that the
-pickler handed out of band (numpy arrays, ``bytes``-like objects wrapped in
-``pickle.PickleBuffer``). ``loads(frames)`` is its inverse. Where the
-buffers travel (their own ZeroMQ frame, or a shared-memory segment) is the
-business of the caller; this module only splits and joins.
+``dumps(obj)`` gives ``[stream, *buffers]``: the pickle stream, then every
+buffer of at least ``oob_threshold_bytes`` the pickler handed out of band
+(numpy arrays, torch CPU tensors, ``bytes``-like objects wrapped in
+``pickle.PickleBuffer``). ``pack`` / ``unpack`` put that on the wire::
+
+    [stream]                                  nothing large
+    [stream, manifest, buf0, buf1, ...]       large buffers as frames of their own
+    [stream, manifest]                        large buffers in one shared-memory segment
+
+The manifest is a small JSON object: the segment's name and size and each
+buffer's offset and length, or just the lengths. Arrays built on
+received buffers are writable: a shared-memory mapping is writable (private
+copy-on-write for task arguments, so the task's writes stay its own), a
+received ZeroMQ frame is exposed writable in place, and anything else is
+copied.
+
+torch CPU tensors are pickled as their bytes (a uint8 numpy view, so out of
+band without a copy) plus dtype, shape, strides and ``requires_grad``;
+bfloat16 and other dtypes numpy lacks travel the same way.
 
 Functions and classes defined in ``__main__`` or interactively are pickled by
 value (cloudpickle), everything importable by reference.
@@ -13,37 +26,201 @@ value (cloudpickle), everything importable by reference.
 
 from __future__ import annotations
 
+import ctypes
+import io
+import json
+import logging
 import pickle
+import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import cloudpickle
 
+from . import shm
 from .errors import SerializationError
 
-__all__ = ["describe", "dumps", "dumps_call", "loads"]
+__all__ = ["describe", "dumps", "dumps_call", "loads", "oob_bytes", "pack", "route", "unpack"]
+
+log = logging.getLogger(__name__)
 
 PROTOCOL = 5
 
 
-def dumps(obj: Any, oob_threshold_bytes: int) -> list[Any]:
-    """Pickle ``obj``; large buffers become frames of their own."""
-    buffers: list[Any] = []
+def _rebuild_tensor(data: Any, dtype: str, shape: tuple[int, ...], stride: tuple[int, ...], requires_grad: bool) -> Any:
+    import torch
 
-    def keep_out_of_band(buf: pickle.PickleBuffer) -> bool:
+    raw = torch.from_numpy(data)  # uint8, on the received buffer: no copy
+    t = raw.view(getattr(torch, dtype)).as_strided(shape, stride)
+    if requires_grad:
+        t.requires_grad_(True)
+    return t
+
+
+def _reduce_tensor(t: Any) -> Any:
+    """A CPU strided tensor as (its bytes, dtype, shape, strides, requires_grad)."""
+    import torch
+
+    if t.device.type != "cpu" or t.layout != torch.strided or t.is_quantized or t.is_nested or t.is_conj() or t.is_neg():
+        return NotImplemented
+    shape, stride = tuple(t.shape), tuple(t.stride())
+    item = t.element_size()
+    if t.numel() == 0:
+        first, span = t.storage_offset(), 0
+    else:
+        first = t.storage_offset()
+        span = 1 + sum((n - 1) * st for n, st in zip(shape, stride))
+    raw = torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage(), first * item, (span * item,), (1,))
+    return _rebuild_tensor, (raw.detach().numpy(), str(t.dtype).removeprefix("torch."), shape, stride, t.requires_grad)
+
+
+class _Pickler(cloudpickle.Pickler):
+    def reducer_override(self, obj: Any) -> Any:
+        torch = sys.modules.get("torch")
+        if torch is not None and type(obj) is torch.Tensor:
+            reduced = _reduce_tensor(obj)
+            if reduced is not NotImplemented:
+                return reduced
+        return super().reducer_override(obj)
+
+
+class _ReusablePickler:
+    """A cloudpickle Pickler kept per thread: building one costs more than a small pickle."""
+
+    def __init__(self) -> None:
+        self.file = io.BytesIO()
+        self.buffers: list[Any] = []
+        self.threshold = 0
+        self.in_use = False
+        self.pickler = _Pickler(self.file, protocol=PROTOCOL, buffer_callback=self._buffer)
+
+    def _buffer(self, buf: pickle.PickleBuffer) -> bool:
         raw = buf.raw()
-        if raw.nbytes < oob_threshold_bytes:
+        if raw.nbytes < self.threshold:
             return True  # small: serialize in band
-        buffers.append(raw)
+        self.buffers.append(raw)
         return False
 
-    stream = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=keep_out_of_band)
-    return [stream, *buffers]
+    def dumps(self, obj: Any, oob_threshold_bytes: int) -> list[Any]:
+        self.in_use = True
+        self.threshold = oob_threshold_bytes
+        try:
+            self.pickler.dump(obj)
+            return [self.file.getvalue(), *self.buffers]
+        finally:
+            self.pickler.clear_memo()
+            self.buffers = []
+            if self.file.tell() > 1 << 20:
+                self.file = io.BytesIO()
+                self.pickler = _Pickler(self.file, protocol=PROTOCOL, buffer_callback=self._buffer)
+            else:
+                self.file.seek(0)
+                self.file.truncate()
+            self.in_use = False
+
+
+_local = threading.local()
+
+
+def dumps(obj: Any, oob_threshold_bytes: int) -> list[Any]:
+    """Pickle ``obj``; buffers of at least ``oob_threshold_bytes`` become frames of their own."""
+    p: _ReusablePickler | None = getattr(_local, "pickler", None)
+    if p is None or p.in_use:  # first use in this thread, or pickling re-entered
+        p = _ReusablePickler()
+        if getattr(_local, "pickler", None) is None:
+            _local.pickler = p
+    return p.dumps(obj, oob_threshold_bytes)
 
 
 def loads(frames: Sequence[Any]) -> Any:
     """Unpickle ``[stream, *buffers]`` as made by :func:`dumps`."""
     return pickle.loads(frames[0], buffers=frames[1:])
+
+
+_ALIGN = 64
+_shm_warned = False
+
+
+def pack(obj: Any, oob_threshold_bytes: int, pool: shm.SegmentPool | None) -> tuple[list[Any], str | None]:
+    """Pickle ``obj`` for the wire; large buffers go to a shared-memory segment if ``pool``.
+
+    Returns the frames and the name of the segment written (the caller owns
+    it until it hands it over), or None.
+    """
+    frames = dumps(obj, oob_threshold_bytes)
+    return route(frames, pool)
+
+
+def route(frames: list[Any], pool: shm.SegmentPool | None) -> tuple[list[Any], str | None]:
+    global _shm_warned
+    if len(frames) == 1:
+        return frames, None
+    stream, bufs = frames[0], frames[1:]
+    if pool is not None:
+        extents, total = [], 0
+        for b in bufs:
+            total = -(-total // _ALIGN) * _ALIGN
+            extents.append((total, b.nbytes))
+            total += b.nbytes
+        try:
+            seg = pool.take(total)
+        except shm.ShmUnavailable as exc:
+            if not _shm_warned:
+                _shm_warned = True
+                log.warning("shared memory unavailable (%s); large buffers travel as ZeroMQ frames instead", exc)
+        else:
+            try:
+                for (off, n), b in zip(extents, bufs):
+                    seg.view[off : off + n] = b
+            finally:
+                seg.release()
+            manifest = {"shm": seg.name, "size": seg.size, "bufs": extents}
+            return [stream, json.dumps(manifest).encode()], seg.name
+    manifest = {"bufs": [b.nbytes for b in bufs]}
+    return [stream, json.dumps(manifest).encode(), *bufs], None
+
+
+def oob_bytes(frames: Sequence[Any]) -> int:
+    """Bytes of the out-of-band buffers of ``dumps`` output."""
+    return sum(memoryview(b).nbytes for b in frames[1:])
+
+
+def unpack(frames: Sequence[Any], private: bool) -> Any:
+    """Inverse of :func:`pack`. ``private``: writes to arrays on shared memory stay in this process.
+
+    A segment is unlinked as soon as it is mapped unless ``private`` (task
+    arguments: their owner, the driver, unlinks them when the task ends).
+    """
+    if len(frames) == 1:
+        return pickle.loads(frames[0])
+    manifest = json.loads(bytes(frames[1]))
+    name = manifest.get("shm")
+    if name is not None:
+        view = shm.attach(name, manifest["size"], private)
+        if not private:
+            shm.unlink(name)
+        bufs = [view[off : off + n] for off, n in manifest["bufs"]]
+    else:
+        bufs = [_writable(f) for f in frames[2:]]
+    return pickle.loads(frames[0], buffers=bufs)
+
+
+def _writable(frame: Any) -> Any:
+    """A writable buffer over a received frame, without a copy when it is a ZeroMQ frame."""
+    import zmq
+
+    if isinstance(frame, zmq.Frame):
+        view = frame.buffer
+        if view.nbytes == 0:
+            return bytearray()
+        import numpy as np
+
+        addr = np.frombuffer(view, np.uint8).__array_interface__["data"][0]
+        arr = (ctypes.c_ubyte * view.nbytes).from_address(addr)
+        arr._frame = frame  # type: ignore[attr-defined]  # keep the message alive with the view
+        return memoryview(arr).cast("B")
+    return bytearray(frame)  # in-process (inline mode): never share the sender's memory
 
 
 def describe(obj: Any) -> str:
@@ -78,7 +255,7 @@ def _find_unpicklable(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     candidates += [(f"keyword argument {k}={describe(v)}", v) for k, v in kwargs.items()]
     for label, value in candidates:
         try:
-            cloudpickle.dumps(value, protocol=PROTOCOL, buffer_callback=lambda b: False)
+            _Pickler(io.BytesIO(), protocol=PROTOCOL, buffer_callback=lambda b: False).dump(value)
         except Exception:  # noqa: BLE001
             return label
     return "the call"
@@ -117,10 +294,10 @@ def dumps_exception(exc: BaseException, where: str, oob_threshold_bytes: int) ->
     try:
         frames = dumps(_RemoteException(exc, text), oob_threshold_bytes)
         loads(frames)  # an exception that pickles but cannot be rebuilt fails here, not in the driver
-        return frames
+        return route(frames, None)[0]
     except Exception:  # noqa: BLE001
         substitute = RemoteError(
             f"the task raised {type(exc).__module__}.{type(exc).__qualname__}: {exc}, "
             "which could not be pickled to send it back; the remote traceback is the cause"
         )
-        return dumps(_RemoteException(substitute, text), oob_threshold_bytes)
+        return route(dumps(_RemoteException(substitute, text), oob_threshold_bytes), None)[0]

@@ -27,6 +27,7 @@ broker: the worker sets ``DISTFORK_ADDRESS`` for them.
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import os
 import signal
@@ -38,10 +39,10 @@ from typing import Any
 
 import zmq
 
-from . import protocol, serialize
+from . import protocol, serialize, shm
 from .config import Config
 from .errors import ProtocolError, SerializationError
-from .protocol import Entry, Msg, Status
+from .protocol import Entry, Flag, Msg, Status
 
 __all__ = ["Worker", "run_task"]
 
@@ -52,10 +53,16 @@ _FLUSH_S = 0.002  # longest a finished result waits for the rest of its burst
 _LINGER_MS = 300  # how long a stopping worker tries to deliver its last messages
 
 
-def run_task(frames: Sequence[Any], where: str, oob_threshold_bytes: int) -> tuple[int, list[Any]]:
-    """Unpickle a call, run it, pickle the outcome: ``(Status, frames)``."""
+def run_task(
+    frames: Sequence[Any], where: str, oob_threshold_bytes: int, pool: shm.SegmentPool | None
+) -> tuple[int, list[Any]]:
+    """Unpickle a call, run it, pickle the outcome: ``(Status, frames)``.
+
+    With ``pool``, a large result goes to a new shared-memory segment whose
+    ownership passes to the receiver with the frames.
+    """
     try:
-        func, args, kwargs = serialize.loads(frames)
+        func, args, kwargs = serialize.unpack(frames, private=True)
     except BaseException as exc:  # noqa: BLE001 - reported to the driver
         err = SerializationError(
             f"the worker could not unpickle the task's function or arguments: {type(exc).__name__}: {exc}. "
@@ -69,7 +76,7 @@ def run_task(frames: Sequence[Any], where: str, oob_threshold_bytes: int) -> tup
     except BaseException as exc:  # noqa: BLE001 - reported to the driver
         return Status.RAISED, serialize.dumps_exception(exc, where, oob_threshold_bytes)
     try:
-        return Status.OK, serialize.dumps(value, oob_threshold_bytes)
+        return Status.OK, serialize.pack(value, oob_threshold_bytes, pool)[0]
     except BaseException as exc:  # noqa: BLE001
         err = SerializationError(
             f"the task's result {serialize.describe(value)} cannot be pickled: {type(exc).__name__}: {exc}. "
@@ -104,6 +111,22 @@ class Worker:
         # Readable once we stop: every thread polls it next to its socket.
         self._stop_r, self._stop_w = os.pipe()
         self._ctx = zmq.Context()
+        self.shm_domain = shm.domain() if config.shm else None
+        self.session: str | None = None  # the broker's, from its WELCOME
+        self.pool: shm.SegmentPool | None = None
+        self._pool_lock = threading.Lock()
+
+    def welcomed(self, facts: dict[str, Any]) -> None:
+        """A slot was welcomed: learn the session, make the result segment pool."""
+        session = facts.get("session")
+        if not isinstance(session, str):
+            return
+        with self._pool_lock:
+            if session != self.session:
+                if self.pool is not None:
+                    self.pool.close()
+                self.session = session
+                self.pool = shm.SegmentPool(session, self.config.shm_spare_bytes) if self.shm_domain else None
 
     def stop(self) -> None:
         """Ask the worker to stop (safe from a signal handler)."""
@@ -136,11 +159,15 @@ class Worker:
         peers = [i.hex() for i in self.slot_ids]
         keepalive = protocol.encode_json(Msg.KEEPALIVE, {"peers": peers})
         log.info("%s connecting to %s with %d slots", self.where, self.address, self.slots)
+        ticks = 0
         try:
             while not self._stopping:
                 control.send_multipart(keepalive)
                 if zmq.select([self._stop_r], [], [], self.config.heartbeat_s)[0]:
                     break
+                ticks += 1
+                if ticks % 5 == 0 and self.session is not None:
+                    shm.sweep(self.session, dead_only=True)  # segments of peers that died mid-transfer
                 if self.parent_pid is not None and os.getppid() != self.parent_pid:
                     log.warning("parent process %d is gone; stopping", self.parent_pid)
                     self.stop()
@@ -155,9 +182,13 @@ class Worker:
                 # A slot still inside a task cannot be interrupted; the broker
                 # has re-queued it already. Leave without waiting for it.
                 log.warning("%s stopping with tasks still running in %s", self.where, ", ".join(busy))
+                if self.pool is not None:
+                    self.pool.close()
                 logging.shutdown()
                 os._exit(0)
             self._ctx.term()
+            if self.pool is not None:
+                self.pool.close()
             log.info("%s stopped", self.where)
 
 
@@ -178,6 +209,7 @@ class _Slot:
             "host": w.host,
             "pid": os.getpid(),
             "slots": 1,
+            "shm_domain": w.shm_domain,
         }
         sock.send_multipart(protocol.encode_json(Msg.HELLO, info))
 
@@ -213,7 +245,8 @@ class _Slot:
             while local and not w._stopping:
                 e = local.popleft()
                 started = time.perf_counter()
-                status, out = run_task(e.frames, w.where, threshold)
+                pool = w.pool if e.flags & Flag.RESULT_SHM else None
+                status, out = run_task(e.frames, w.where, threshold, pool)
                 finished = time.perf_counter()
                 if not done:
                     first_done = finished
@@ -247,9 +280,26 @@ class _Slot:
                         log.info("broker at %s does not know us (restarted?): saying hello again", self.worker.address)
                         self._hello(sock)
                         self._last_hello = now
-                elif kind in (Msg.HEARTBEAT, Msg.WELCOME, Msg.BYE):
+                elif kind is Msg.WELCOME:
+                    self.worker.welcomed(protocol.decode_json(body))
+                elif kind is Msg.DISCARD:
+                    for e in protocol.decode_batch(frames, body):
+                        _free(e.frames)
+                elif kind in (Msg.HEARTBEAT, Msg.BYE):
                     pass
                 else:
                     raise ProtocolError(f"unexpected {kind.name} from the broker")
             except ProtocolError as exc:
                 log.warning("dropped a message from the broker: %s", exc)
+
+
+def _free(frames: Sequence[Any]) -> None:
+    """Unlink the shared-memory segment of a result the broker could not deliver."""
+    if len(frames) < 2:
+        return
+    try:
+        name = json.loads(bytes(frames[1])).get("shm")
+    except (ValueError, AttributeError):
+        return
+    if isinstance(name, str) and name.startswith("df-"):
+        shm.unlink(name)

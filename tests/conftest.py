@@ -48,18 +48,32 @@ def wait_until(predicate, timeout_s: float = 10.0, interval_s: float = 0.02, wha
         time.sleep(interval_s)
 
 
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 @pytest.fixture(autouse=True)
 def no_leaks() -> Iterator[None]:
-    """Fail the test if it leaves child processes or shared-memory segments behind."""
+    """Fail the test if it leaves child processes or shared-memory segments behind.
+
+    A runtime that exists before the test started belongs to a fixture of a
+    wider scope (``shared_cluster``): it is left running, but the test must
+    not have replaced it. Any other runtime is shut down after the test.
+    """
     me = psutil.Process()
     children_before = {p.pid for p in me.children(recursive=True)}
     shm_before = _shm_segments()
+    runtime_before = distfork.api._runtime
     yield
-    distfork.shutdown()
+    replaced = runtime_before is not None and distfork.api._runtime is not runtime_before
+    if runtime_before is None or replaced:
+        distfork.shutdown()
 
     def leftover() -> list[psutil.Process]:
-        return [p for p in me.children(recursive=True) if p.pid not in children_before and p.is_running()
-                and p.status() != psutil.STATUS_ZOMBIE]
+        return [p for p in me.children(recursive=True) if p.pid not in children_before and _alive(p)]
 
     deadline = time.monotonic() + 10
     while leftover() and time.monotonic() < deadline:
@@ -69,7 +83,13 @@ def no_leaks() -> Iterator[None]:
         p.kill()
     assert not left, f"test left processes running: {[(p.pid, p.cmdline()) for p in left]}"
     new_shm = _shm_segments() - shm_before
+    if not replaced and runtime_before is not None and runtime_before.driver is not None:
+        # The wider fixture's cluster still runs: its warm spare segments are
+        # its own, checked when that fixture ends.
+        live = f"df-{runtime_before.driver._session}-"
+        new_shm = {n for n in new_shm if not n.startswith(live)}
     assert not new_shm, f"test left shared-memory segments: {sorted(new_shm)}"
+    assert not replaced, "the test shut down or replaced the runtime of a module-scoped fixture"
 
 
 def free_port() -> int:
@@ -102,7 +122,7 @@ class CliCluster:
         return p
 
     def wait_for_workers(self, n: int, timeout_s: float = 20.0) -> dict:  # type: ignore[type-arg]
-        return wait_until(lambda: (s := query_status(self.address)) if len(s["workers"]) >= n else None,
+        return wait_until(lambda: s if len((s := query_status(self.address))["workers"]) >= n else None,
                           timeout_s, what=f"{n} workers to register")
 
     def stop(self) -> None:
@@ -132,6 +152,40 @@ def cli_cluster() -> Iterator[CliCluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_cluster() -> Iterator[list[int]]:
+    """The embedded local cluster with two workers, started once for a module; yields the worker pids.
+
+    ``no_leaks`` leaves it running between the module's tests (each test must
+    leave it as it found it); at the end of the module it is shut down and
+    every one of its processes must be gone. A module that also has tests
+    with a runtime of their own uses ``class_cluster`` in classes instead.
+    """
+    yield from _shared_cluster()
+
+
+@pytest.fixture(scope="class")
+def class_cluster() -> Iterator[list[int]]:
+    """``shared_cluster`` for the tests of one class."""
+    yield from _shared_cluster()
+
+
+def _shared_cluster() -> Iterator[list[int]]:
+    distfork.init(workers=2)
+    rt = distfork.api._runtime
+    assert rt is not None and rt.cluster is not None
+    procs = [psutil.Process(pid) for pid in rt.cluster.pids]
+    try:
+        status = wait_until(lambda: s if len((s := query_status(rt.cluster.address))["workers"]) >= 2 else None,
+                            20.0, what="2 workers to register")
+        yield sorted(w["pid"] for w in status["workers"])
+    finally:
+        distfork.shutdown()
+    left = [p for p in procs if _alive(p)]
+    assert not left, f"the shared cluster left processes running: {[p.pid for p in left]}"
+    assert not _shm_segments(), f"the shared cluster left shared-memory segments: {sorted(_shm_segments())}"
 
 
 @pytest.fixture

@@ -53,3 +53,26 @@ class Adder:
 
     def __call__(self, x: int) -> int:
         return x + self.k
+
+
+def getpid() -> int:
+    return os.getpid()
+
+
+def echo_kwargs(**kwargs: Any) -> dict[str, Any]:
+    """Return the keyword arguments as received (names like ``func`` included)."""
+    return kwargs
+
+
+def wait_for_path(path: str, timeout_s: float = 30.0) -> str:
+    """Block until ``path`` exists (the test's release gate); return "released".
+
+    Raises TimeoutError if the test never releases it, so a broken test cannot
+    keep a worker busy for ever.
+    """
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear within {timeout_s} s")
+        time.sleep(0.005)
+    return "released"

@@ -1,0 +1,477 @@
+"""BrokerState without sockets: a fake clock (``now`` floats) drives every method."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from distfork.broker_state import BrokerState, PeerInfo, Task, TaskState
+from distfork.config import Config
+from distfork.protocol import DEFAULT_RETRIES, Entry, Status
+
+D1, D2 = b"D-one", b"D-two"
+W1, W2, W3 = b"W-one", b"W-two", b"W-three"
+
+# peer_timeout_s = heartbeat_s * liveness = 3.0
+TIMEOUT_S = 3.0
+
+
+def make_state(**overrides: Any) -> BrokerState:
+    config = Config(**{"heartbeat_s": 1.0, "liveness": 3, "max_retries": 2, **overrides})
+    assert config.peer_timeout_s == TIMEOUT_S
+    return BrokerState(config, now=0.0)
+
+
+def driver(state: BrokerState, peer: bytes = D1, now: float = 0.0) -> PeerInfo:
+    return state.hello(peer, {"role": "driver", "name": f"drv-{peer.decode()}", "host": "dhost", "pid": 7}, now)
+
+
+def worker(state: BrokerState, peer: bytes = W1, slots: int = 1, now: float = 0.0, n: int = 1) -> PeerInfo:
+    info = {"role": "worker", "name": f"wrk-{n}", "host": f"host-{n}", "pid": 1000 + n, "slots": slots}
+    return state.hello(peer, info, now)
+
+
+def submit(state: BrokerState, d: PeerInfo, *ids: int, code: int = DEFAULT_RETRIES, timeout_s: float = 0.0) -> None:
+    state.submit(d, [Entry(i, code, timeout_s, [b"call-%d" % i, b"buf-%d" % i]) for i in ids])
+
+
+def done(task: Task, run_s: float = 0.5, status: Status = Status.OK, payload: bytes = b"value") -> Entry:
+    """A worker's result entry for ``task``."""
+    return Entry(task.key, status, run_s, [payload])
+
+
+def warm_up(state: BrokerState, d: PeerInfo, w: PeerInfo, run_s: float, task_id: int = 10_000) -> None:
+    """Run one task on ``w`` that took ``run_s``, so the broker knows its run time."""
+    submit(state, d, task_id)
+    (task,) = state.dispatch()[w.id]
+    state.results(w, [done(task, run_s)])
+    state.take_outbox()
+
+
+# -- the happy path -------------------------------------------------------------
+
+
+def test_tasks_go_to_a_worker_and_results_back_to_their_driver_under_its_task_ids() -> None:
+    state = make_state()
+    d1, d2 = driver(state, D1), driver(state, D2)
+    w = worker(state, W1, slots=2)
+    submit(state, d1, 1, timeout_s=2.5)
+    submit(state, d2, 1)  # the same task id from another driver is another task
+
+    sent = state.dispatch()
+    assert list(sent) == [W1]
+    t_a, t_b = sent[W1]
+    assert t_a.key != t_b.key
+    assert (t_a.driver, t_a.task_id, t_a.timeout_s, t_a.max_retries) == (D1, 1, 2.5, DEFAULT_RETRIES)
+    assert (t_b.driver, t_b.task_id) == (D2, 1)
+    assert list(t_a.frames) == [b"call-1", b"buf-1"]
+    assert t_a.state is TaskState.ASSIGNED and t_a.worker == W1
+
+    state.results(w, [done(t_b, 0.25, payload=b"for d2"), done(t_a, 0.5, Status.RAISED, payload=b"exc d1")])
+    results, cancels = state.take_outbox()
+
+    assert cancels == {}
+    assert results == {
+        D1: [Entry(1, Status.RAISED, 0.5, [b"exc d1"])],
+        D2: [Entry(1, Status.OK, 0.25, [b"for d2"])],
+    }
+    assert state.take_outbox() == ({}, {})  # taken once
+    assert w.assigned == {} and w.done == 1 and w.failed == 1
+    assert d1.tasks == {} and d2.tasks == {}
+
+
+def test_nothing_is_dispatched_without_workers_and_queued_tasks_wait_for_one() -> None:
+    state = make_state()
+    d = driver(state)
+    submit(state, d, 1, 2)
+    assert state.dispatch() == {}
+    worker(state, W1, slots=4)
+    assert [t.task_id for t in state.dispatch()[W1]] == [1, 2]
+    assert state.dispatch() == {}
+
+
+def test_free_slots_are_filled_before_any_prefetch() -> None:
+    state = make_state()
+    d = driver(state)
+    w1 = worker(state, W1, n=1)
+    warm_up(state, d, w1, run_s=1e-5)  # w1 would take many tasks as prefetch
+    assert state.prefetch(w1) > 1
+    w2 = worker(state, W2, n=2)
+
+    submit(state, d, 1, 2)
+    sent = state.dispatch()
+
+    assert {w: [t.task_id for t in ts] for w, ts in sent.items()} == {W1: [1], W2: [2]}
+    assert len(w1.assigned) == len(w2.assigned) == 1
+
+
+def test_a_worker_with_short_tasks_gets_prefetch_beyond_its_slots() -> None:
+    state = make_state(prefetch_s=0.002, prefetch_max=128)
+    d = driver(state)
+    w = worker(state, W1, slots=2)
+    assert state.prefetch(w) == 0  # nothing known about its run times yet
+    warm_up(state, d, w, run_s=1e-4)  # 0.002 s of work per slot = 20 tasks per slot
+
+    submit(state, d, *range(100))
+    sent = state.dispatch()[W1]
+
+    assert state.prefetch(w) == 2 * 20
+    assert len(sent) == 2 + 40
+    assert [t.task_id for t in sent] == list(range(42))
+    assert len(state.queue) == 100 - 42
+
+
+def test_prefetch_is_capped_by_prefetch_max_per_slot() -> None:
+    state = make_state(prefetch_s=0.002, prefetch_max=5)
+    d = driver(state)
+    w = worker(state, W1, slots=1)
+    warm_up(state, d, w, run_s=1e-7)
+    submit(state, d, *range(50))
+    assert len(state.dispatch()[W1]) == 1 + 5
+
+
+def test_a_worker_with_long_tasks_gets_nothing_beyond_its_slots() -> None:
+    state = make_state(prefetch_s=0.002)
+    d = driver(state)
+    w = worker(state, W1, slots=2)
+    warm_up(state, d, w, run_s=0.5)
+
+    submit(state, d, *range(10))
+    assert len(state.dispatch()[W1]) == 2
+    assert state.dispatch() == {}  # full: no room until a result comes back
+    state.results(w, [done(next(iter(w.assigned.values())), run_s=0.5)])
+    assert len(state.dispatch()[W1]) == 1
+
+
+# -- lost workers -----------------------------------------------------------------
+
+
+def test_a_silent_worker_expires_and_its_tasks_are_requeued_with_a_loss_only_for_the_running_one() -> None:
+    state = make_state()
+    d = driver(state)
+    w = worker(state, W1, slots=1)
+    warm_up(state, d, w, run_s=1e-4)
+    submit(state, d, 1, 2, 3, 4)
+    assert [t.task_id for t in state.dispatch()[W1]] == [1, 2, 3, 4]  # 1 runs, 2..4 prefetched
+
+    state.seen(D1, now=2.5)
+    assert state.expire(now=2.9) == []  # not silent for long enough yet
+    state.seen(D1, now=3.5)
+    gone = state.expire(now=TIMEOUT_S + 0.5)
+
+    assert gone == [w]
+    assert W1 not in state.workers and W1 not in state.peers
+    tasks = d.tasks
+    assert [t.task_id for t in state.queue] == [1, 2, 3, 4]  # at the front, in order
+    assert [tasks[i].losses for i in (1, 2, 3, 4)] == [1, 0, 0, 0]
+    assert all(tasks[i].state is TaskState.QUEUED and tasks[i].worker is None for i in (1, 2, 3, 4))
+    assert state.counters["tasks_retried"] == 1
+    assert state.take_outbox() == ({}, {})  # nothing failed, nothing to recall
+
+    w2 = worker(state, W2, slots=4, now=3.5, n=2)
+    assert [t.task_id for t in state.dispatch()[W2]] == [1, 2, 3, 4]
+    assert len(w2.assigned) == 4
+
+
+def test_a_heartbeat_keeps_a_worker_alive() -> None:
+    state = make_state()
+    worker(state, W1)
+    for t in (2.0, 4.0, 6.0):
+        assert state.seen(W1, now=t) is not None
+        assert state.expire(now=t + 1.0) == []
+    assert state.seen(b"never said hello", now=6.0) is None
+    assert [p.id for p in state.expire(now=6.0 + TIMEOUT_S + 0.1)] == [W1]
+
+
+def test_a_task_lost_more_than_max_retries_times_fails_with_lost_naming_the_worker() -> None:
+    state = make_state(max_retries=1)
+    d = driver(state)
+    submit(state, d, 5)
+    now = 0.0
+    for n in (1, 2):
+        w = worker(state, b"W-%d" % n, now=now, n=n)
+        assert [t.task_id for t in state.dispatch()[w.id]] == [5]
+        now += TIMEOUT_S + 1
+        state.seen(D1, now)
+        assert state.expire(now) == [w]
+        results, _ = state.take_outbox()
+        if n == 1:
+            assert results == {}  # 1 loss: retried
+            assert d.tasks[5].losses == 1
+
+    (entry,) = results[D1]
+    assert entry.id == 5
+    assert entry.code == Status.LOST
+    text = bytes(entry.frames[0]).decode()
+    assert "wrk-2" in text and "host host-2" in text and "pid 1002" in text
+    assert "max_retries=1" in text
+    assert 5 not in d.tasks
+    assert list(state.queue) == []
+    assert state.counters["tasks_lost"] == 1
+
+
+@pytest.mark.parametrize(
+    ("config_max_retries", "code", "losses_until_lost"),
+    [
+        (2, DEFAULT_RETRIES, 3),  # the cluster default
+        (0, DEFAULT_RETRIES, 1),
+        (0, 2, 3),  # the task's own max_retries wins over the config
+        (5, 0, 1),
+    ],
+)
+def test_max_retries_comes_from_the_task_entry_or_the_config(
+    config_max_retries: int, code: int, losses_until_lost: int
+) -> None:
+    state = make_state(max_retries=config_max_retries)
+    d = driver(state)
+    submit(state, d, 1, code=code)
+    now = 0.0
+    for n in range(1, 20):
+        w = worker(state, b"W-%d" % n, now=now, n=n)
+        state.dispatch()
+        now += TIMEOUT_S + 1
+        state.seen(D1, now)
+        state.expire(now)
+        results, _ = state.take_outbox()
+        if results:
+            break
+    assert n == losses_until_lost
+    assert [(e.id, e.code) for e in results[D1]] == [(1, Status.LOST)]
+    assert f"max_retries={code if code != DEFAULT_RETRIES else config_max_retries}" in bytes(
+        results[D1][0].frames[0]
+    ).decode()
+
+
+def test_a_worker_saying_bye_requeues_its_tasks_at_once() -> None:
+    state = make_state()
+    d = driver(state)
+    w = worker(state, W1)
+    submit(state, d, 1)
+    state.dispatch()
+    state.bye(W1, now=0.5)
+    assert W1 not in state.workers
+    assert [t.task_id for t in state.queue] == [1]
+    assert d.tasks[1].state is TaskState.QUEUED
+    assert w.assigned == {}
+
+
+# -- cancel ---------------------------------------------------------------------
+
+
+def test_cancelling_a_queued_task_means_it_never_runs() -> None:
+    state = make_state()
+    d = driver(state)
+    submit(state, d, 1, 2)
+    state.cancel(d, [1, 99])  # 99: unknown, ignored
+    assert state.status(0.0)["queued"] == 1
+    assert state.counters["tasks_cancelled"] == 1
+
+    worker(state, W1, slots=4)
+    assert [t.task_id for t in state.dispatch()[W1]] == [2]
+    assert state.take_outbox() == ({}, {})  # no cancel sent: no worker ever had it
+
+
+def test_cancelling_an_assigned_task_recalls_it_and_its_late_result_is_dropped() -> None:
+    state = make_state()
+    d = driver(state)
+    w = worker(state, W1, slots=1)
+    submit(state, d, 1)
+    (task,) = state.dispatch()[W1]
+
+    state.cancel(d, [1])
+    results, cancels = state.take_outbox()
+    assert results == {}
+    assert cancels == {W1: [task.key]}
+    assert task.state is TaskState.CANCELLED
+    assert w.assigned == {}
+
+    state.results(w, [done(task, payload=b"too late")])
+    assert state.take_outbox() == ({}, {})
+    assert state.counters["results_stale"] == 1
+
+    submit(state, d, 2)  # the slot is free again
+    assert [t.task_id for t in state.dispatch()[W1]] == [2]
+
+
+# -- drivers leaving ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["bye", "expiry"])
+def test_a_driver_leaving_drops_its_tasks_and_pending_results(how: str) -> None:
+    state = make_state()
+    d = driver(state, D1)
+    other = driver(state, D2)
+    w = worker(state, W1, slots=2)
+    submit(state, d, 1, 2, 3, 4)
+    submit(state, other, 1)
+    t1, t2 = state.dispatch()[W1]
+    state.results(w, [done(t1, payload=b"pending for D1")])  # in the outbox, not sent yet
+
+    if how == "bye":
+        state.bye(D1, now=1.0)
+    else:
+        later = TIMEOUT_S + 1
+        state.seen(W1, later)
+        state.seen(D2, later)
+        assert state.expire(later) == [d]
+
+    results, cancels = state.take_outbox()
+    assert results == {}  # D1's pending result is gone
+    assert cancels == {W1: [t2.key]}  # its running task is recalled
+    assert D1 not in state.peers
+    assert state.counters["driver_tasks_dropped"] == 3  # tasks 2, 3, 4
+
+    # Its queued tasks never run; the other driver's task does.
+    sent = state.dispatch()
+    assert [(t.driver, t.task_id) for t in sent[W1]] == [(D2, 1)]
+    assert state.status(2.0)["queued"] == 0
+
+
+def test_a_result_for_a_driver_that_left_is_dropped() -> None:
+    state = make_state()
+    d = driver(state)
+    w = worker(state, W1)
+    submit(state, d, 1)
+    (task,) = state.dispatch()[W1]
+    state.bye(D1, now=0.5)
+    state.take_outbox()
+    state.results(w, [done(task)])
+    assert state.take_outbox() == ({}, {})
+
+
+# -- hello ---------------------------------------------------------------------------
+
+
+def test_a_worker_saying_hello_again_keeps_its_tasks_and_counts() -> None:
+    state = make_state()
+    d = driver(state)
+    w = worker(state, W1, slots=1)
+    warm_up(state, d, w, run_s=0.5)
+    submit(state, d, 1, 2)
+    (task,) = state.dispatch()[W1]
+
+    again = worker(state, W1, slots=1, now=1.0)
+
+    assert state.workers[W1] is again
+    assert again.done == 1
+    assert list(again.assigned.values()) == [task]
+    assert again.last_seen == 1.0
+    assert task.state is TaskState.ASSIGNED and task.losses == 0
+    assert [t.task_id for t in state.queue] == [2]  # nothing re-queued
+    assert state.dispatch() == {}  # its slot is still busy
+
+    state.results(again, [done(task, payload=b"ok")])
+    results, _ = state.take_outbox()
+    assert results == {D1: [Entry(1, Status.OK, 0.5, [b"ok"])]}
+
+
+def test_a_driver_saying_hello_again_keeps_its_tasks_and_resubmits_are_ignored() -> None:
+    state = make_state()
+    d = driver(state)
+    submit(state, d, 1, 2)
+    again = driver(state, D1, now=1.0)
+    submit(state, again, 1, 2)
+    assert sorted(again.tasks) == [1, 2]
+    assert [t.task_id for t in state.queue] == [1, 2]
+
+
+def test_a_peer_saying_hello_with_another_role_starts_afresh() -> None:
+    state = make_state()
+    d = driver(state, D1)
+    submit(state, d, 1)
+    w = worker(state, D1, slots=2)  # the same routing id, now a worker
+    assert state.peers[D1] is w and state.workers[D1] is w
+    assert state.counters["driver_tasks_dropped"] == 1
+    assert state.dispatch() == {}  # the old driver's task is gone
+
+
+@pytest.mark.parametrize(
+    "info",
+    [{}, {"role": "client"}, {"role": None}, {"role": "WORKER"}, {"role": "worker", "slots": 0}],
+)
+def test_hello_with_a_bad_role_or_slots_raises_value_error(info: dict[str, Any]) -> None:
+    state = make_state()
+    with pytest.raises(ValueError):
+        state.hello(W1, info, now=0.0)
+    assert state.peers == {} and state.workers == {}
+
+
+def test_a_bad_hello_from_a_known_worker_keeps_it() -> None:
+    state = make_state()
+    d = driver(state)
+    worker(state, W1)
+    submit(state, d, 1)
+    state.dispatch()
+    with pytest.raises(ValueError):
+        state.hello(W1, {"role": "worker", "slots": 0}, now=1.0)
+    assert len(state.workers[W1].assigned) == 1
+    assert list(state.queue) == []
+
+
+# -- status and re-submission ---------------------------------------------------------
+
+
+def test_status_is_a_snapshot_of_workers_drivers_queue_and_counters() -> None:
+    state = make_state()
+    d = driver(state, D1, now=1.0)
+    w = worker(state, W1, slots=2, now=1.0, n=1)
+    submit(state, d, 1, 2, 3, 4)
+    t1, t2 = state.dispatch()[W1]
+    state.results(w, [done(t1), done(t2, status=Status.RAISED)])
+    state.dispatch()  # tasks 3 and 4
+    state.seen(W1, now=4.0)
+
+    status = state.status(now=5.0)
+
+    assert status["uptime_s"] == 5.0
+    assert status["queued"] == 0
+    assert status["running"] == 2
+    (w_status,) = status["workers"]
+    expected_worker = {
+        "id": W1.hex(),
+        "name": "wrk-1",
+        "host": "host-1",
+        "pid": 1001,
+        "slots": 2,
+        "busy": 2,
+        "assigned": 2,
+        "done": 1,
+        "failed": 1,
+        "last_seen_s": 1.0,
+    }
+    assert {k: w_status.get(k) for k in expected_worker} == expected_worker
+    (d_status,) = status["drivers"]
+    expected_driver = {"id": D1.hex(), "name": "drv-D-one", "host": "dhost", "pid": 7, "unfinished": 2, "done": 2}
+    assert {k: d_status.get(k) for k in expected_driver} == expected_driver
+    assert status["counters"]["tasks_submitted"] == 4
+    assert status["counters"]["tasks_succeeded"] == 1
+    assert status["counters"]["tasks_failed"] == 1
+
+
+def test_status_counts_queued_tasks_but_not_cancelled_ones() -> None:
+    state = make_state()
+    d = driver(state)
+    submit(state, d, 1, 2, 3)
+    state.cancel(d, [2])
+    status = state.status(now=0.0)
+    assert status["queued"] == 2
+    assert status["running"] == 0
+    assert status["workers"] == []
+
+
+def test_resubmitting_a_task_id_the_broker_holds_adds_no_duplicate() -> None:
+    state = make_state()
+    d = driver(state)
+    w = worker(state, W1, slots=8)
+    submit(state, d, 1, 2)
+    (first, second) = state.dispatch()[W1]
+
+    submit(state, d, 1, 2, 3)  # 1 and 2 are running; 3 is new
+    submit(state, d, 3)  # 3 is queued
+
+    assert sorted(d.tasks) == [1, 2, 3]
+    assert [t.task_id for t in state.queue] == [3]
+    assert [t.task_id for t in state.dispatch()[W1]] == [3]
+    assert len(w.assigned) == 3
+    assert d.tasks[1] is first and d.tasks[2] is second

@@ -1,0 +1,273 @@
+"""The wire protocol: round trips, and malformed input raising only ProtocolError."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from distfork import protocol
+from distfork.errors import ProtocolError
+from distfork.protocol import DEFAULT_RETRIES, VERSION, Entry, Msg, Status
+
+
+def _bytes(frames: list[object]) -> list[bytes]:
+    return [bytes(f) for f in frames]  # type: ignore[call-overload]
+
+
+# -- round trips ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", [Msg.SUBMIT, Msg.TASKS, Msg.RESULTS])
+def test_batch_round_trip_keeps_ids_codes_extras_and_frames_in_order(kind: Msg) -> None:
+    entries = [
+        Entry(1, DEFAULT_RETRIES, 0.0, [b"stream-1"]),
+        Entry(2**64 - 1, 0, 2.5, [b"stream-2", b"buf-a", b"buf-b"]),
+        Entry(7, Status.LOST, 0.125, []),
+        Entry(8, 3, 1e-3, [b""]),
+    ]
+    frames = protocol.encode_batch(kind, entries)
+    assert len(frames) == 1 + sum(len(e.frames) for e in entries)
+
+    decoded_kind, body = protocol.decode(frames)
+    assert decoded_kind is kind
+    got = protocol.decode_batch(frames, body)
+
+    assert [e.id for e in got] == [e.id for e in entries]
+    assert [e.code for e in got] == [e.code for e in entries]
+    # extra travels as a 32-bit float
+    assert [e.extra for e in got] == pytest.approx([e.extra for e in entries], rel=1e-6)
+    assert [_bytes(list(e.frames)) for e in got] == [list(e.frames) for e in entries]
+
+
+def test_empty_batch_round_trip() -> None:
+    frames = protocol.encode_batch(Msg.RESULTS, [])
+    kind, body = protocol.decode(frames)
+    assert kind is Msg.RESULTS
+    assert protocol.decode_batch(frames, body) == []
+
+
+def test_batch_decodes_from_memoryview_frames() -> None:
+    frames = protocol.encode_batch(Msg.TASKS, [Entry(5, 1, 0.5, [b"abc", b"de"])])
+    views = [memoryview(f) for f in frames]
+    kind, body = protocol.decode(views)
+    (entry,) = protocol.decode_batch(views, body)
+    assert kind is Msg.TASKS
+    assert (entry.id, entry.code, entry.extra) == (5, 1, 0.5)
+    assert _bytes(list(entry.frames)) == [b"abc", b"de"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{}, {"role": "worker", "host": "h", "pid": 12, "slots": 2}, {"nested": {"list": [1, 2.5, None, "é"]}}],
+)
+def test_json_round_trip(body: dict[str, object]) -> None:
+    frames = protocol.encode_json(Msg.HELLO, body)
+    kind, raw = protocol.decode(frames)
+    assert kind is Msg.HELLO
+    assert protocol.decode_json(raw) == body
+
+
+@pytest.mark.parametrize("ids", [[], [1], [0, 2**64 - 1, 42, 42]])
+def test_cancel_round_trip(ids: list[int]) -> None:
+    frames = protocol.encode_cancel(ids)
+    kind, body = protocol.decode(frames)
+    assert kind is Msg.CANCEL
+    assert protocol.decode_cancel(body) == ids
+
+
+@pytest.mark.parametrize("kind", list(Msg))
+def test_signal_is_a_header_without_body(kind: Msg) -> None:
+    frames = protocol.encode_signal(kind)
+    assert _bytes(frames) == [bytes([VERSION, kind])]
+    decoded, body = protocol.decode(frames)
+    assert decoded is kind
+    assert body.nbytes == 0
+
+
+# -- malformed input -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("frames", "match"),
+    [
+        ([], "empty message"),
+        ([b""], "header of 0 bytes"),
+        ([bytes([VERSION])], "header of 1 bytes"),
+        ([bytes([VERSION + 1, Msg.HEARTBEAT])], "protocol version"),
+        ([bytes([0, Msg.HEARTBEAT])], "protocol version"),
+        ([bytes([VERSION, 0])], "unknown message type 0"),
+        ([bytes([VERSION, 200])], "unknown message type 200"),
+    ],
+)
+def test_decode_rejects_bad_headers(frames: list[bytes], match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        protocol.decode(frames)
+
+
+def _results(*frame_counts: int) -> list[bytes]:
+    """A well-formed RESULTS message whose entries carry ``frame_counts`` frames."""
+    entries = [Entry(i, Status.OK, 0.0, [b"f%d" % j for j in range(n)]) for i, n in enumerate(frame_counts)]
+    return _bytes(protocol.encode_batch(Msg.RESULTS, entries))
+
+
+def _with_count(frames: list[bytes], count: int) -> list[bytes]:
+    """``frames`` with the batch's u32 count (right after the 2-byte header) replaced."""
+    head = frames[0]
+    return [head[:2] + struct.pack("!I", count) + head[6:], *frames[1:]]
+
+
+def _with_head(frames: list[bytes], head: bytes) -> list[bytes]:
+    return [head, *frames[1:]]
+
+
+@pytest.mark.parametrize(
+    ("frames", "match"),
+    [
+        ([bytes([VERSION, Msg.RESULTS])], "without a count"),
+        ([bytes([VERSION, Msg.RESULTS]) + b"\0\0\0"], "without a count"),
+        (_with_count(_results(), 1), "batch of 1 entries"),  # count says 1, no entry follows
+        (_with_count(_results(0, 0), 1), "batch of 1 entries"),  # count says 1, 2 entries follow
+        (_with_count(_results(0), 3), "batch of 3 entries"),  # count says 3, 1 entry follows
+        (_with_head(_results(0), _results(0)[0] + b"x"), "batch of 1 entries"),  # a trailing byte
+        (_results(2)[:-1], "name 3 frames, message has 2"),  # entry names 2 frames, 1 is there
+        (_results(1, 1)[:-1], "name 3 frames, message has 2"),
+        ([*_results(1), b"stray"], "1 frames no entry names"),
+        ([*_results(), b"a", b"b"], "2 frames no entry names"),
+    ],
+)
+def test_decode_batch_rejects_count_and_frame_mismatches(frames: list[bytes], match: str) -> None:
+    kind, body = protocol.decode(frames)
+    with pytest.raises(ProtocolError, match=match):
+        protocol.decode_batch(frames, body)
+
+
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        (b"", "without a count"),
+        (b"\0\0", "without a count"),
+        (struct.pack("!I", 2) + struct.pack("!Q", 1), "cancel of 2 ids"),
+        (struct.pack("!I", 1) + struct.pack("!Q", 1) + b"\0", "cancel of 1 ids"),
+        (struct.pack("!I", 0) + b"\0", "cancel of 0 ids"),
+    ],
+)
+def test_decode_cancel_rejects_bad_bodies(body: bytes, match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        protocol.decode_cancel(memoryview(body))
+
+
+@pytest.mark.parametrize(
+    "body", [b"", b"{", b"not json", b'{"a": }', b"\xff\xfe\xfd", b'{"a": 1} trailing', b"\x00\x01"]
+)
+def test_decode_json_rejects_bad_json(body: bytes) -> None:
+    with pytest.raises(ProtocolError, match="bad JSON body"):
+        protocol.decode_json(memoryview(body))
+
+
+@pytest.mark.parametrize(("body", "kind"), [(b"[1, 2]", "list"), (b"3", "int"), (b'"s"', "str"), (b"null", "NoneType")])
+def test_decode_json_rejects_json_that_is_not_an_object(body: bytes, kind: str) -> None:
+    with pytest.raises(ProtocolError, match=f"JSON body is a {kind}, expected an object"):
+        protocol.decode_json(memoryview(body))
+
+
+@pytest.mark.parametrize("opener", [b"[", b'{"a":'])
+def test_decode_json_rejects_deeply_nested_json(opener: bytes) -> None:
+    # Hostile bytes must not blow the stack of whoever decodes them (a
+    # RecursionError would escape the broker's "drop bad messages" handler).
+    with pytest.raises(ProtocolError):
+        protocol.decode_json(memoryview(opener * 200_000))
+
+
+# -- property: only ProtocolError comes out ------------------------------------
+
+# Size of one batch entry header, learned from the encoder (its layout is protocol.py's business):
+# u64 id and u16 frame count first, as the module docstring documents.
+_ENTRY_SIZE = len(protocol.encode_batch(Msg.RESULTS, [Entry(0, 0, 0.0, [])])[0]) - 2 - 4
+
+_header_bytes = st.one_of(
+    st.binary(max_size=64),
+    # Well-formed prefix for a known message type, random body: reaches the body decoders.
+    st.builds(lambda kind, rest: bytes([VERSION, kind]) + rest, st.sampled_from(list(Msg)), st.binary(max_size=64)),
+    # A plausible batch header: a small count and random entry bytes.
+    st.builds(
+        lambda kind, count, rest: bytes([VERSION, kind]) + struct.pack("!I", count) + rest,
+        st.sampled_from([Msg.SUBMIT, Msg.TASKS, Msg.RESULTS, Msg.CANCEL]),
+        st.integers(0, 4),
+        st.binary(max_size=4 * 24),
+    ),
+    # A batch header of the right length for its count, entries of random bytes
+    # but with small frame counts, so the frame bookkeeping is exercised.
+    st.integers(0, 4).flatmap(
+        lambda count: st.builds(
+            lambda kind, entries: b"".join(
+                [bytes([VERSION, kind]), struct.pack("!I", count), *entries]
+            ),
+            st.sampled_from([Msg.SUBMIT, Msg.TASKS, Msg.RESULTS]),
+            st.lists(
+                st.builds(
+                    lambda key, nframes, rest: key + struct.pack("!H", nframes) + rest,
+                    st.binary(min_size=8, max_size=8),
+                    st.integers(0, 3),
+                    st.binary(min_size=_ENTRY_SIZE - 10, max_size=_ENTRY_SIZE - 10),
+                ),
+                min_size=count,
+                max_size=count,
+            ),
+        )
+    ),
+)
+_messages = st.builds(
+    lambda head, rest: [head, *rest], _header_bytes, st.lists(st.binary(max_size=16), max_size=6)
+) | st.just([])
+
+
+@settings(max_examples=400, deadline=None)
+@given(_messages)
+def test_decoding_random_frames_raises_only_protocol_error(frames: list[bytes]) -> None:
+    try:
+        kind, body = protocol.decode(frames)
+    except ProtocolError:
+        return
+    assert isinstance(kind, Msg)
+    for decoder in (
+        lambda: protocol.decode_batch(frames, body),
+        lambda: protocol.decode_cancel(body),
+        lambda: protocol.decode_json(body),
+    ):
+        try:
+            decoder()
+        except ProtocolError:
+            pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=128))
+def test_decode_json_of_random_bytes_raises_only_protocol_error(raw: bytes) -> None:
+    try:
+        value = protocol.decode_json(memoryview(raw))
+    except ProtocolError:
+        return
+    assert isinstance(value, dict)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 2**64 - 1), st.integers(0, 255), st.floats(width=32, allow_nan=False),
+                  st.lists(st.binary(max_size=8), max_size=3)),
+        max_size=5,
+    ),
+    st.sampled_from([Msg.SUBMIT, Msg.TASKS, Msg.RESULTS]),
+)
+def test_batch_round_trip_property(raw: list[tuple[int, int, float, list[bytes]]], kind: Msg) -> None:
+    entries = [Entry(i, c, x, f) for i, c, x, f in raw]
+    frames = protocol.encode_batch(kind, entries)
+    decoded_kind, body = protocol.decode(frames)
+    got = protocol.decode_batch(frames, body)
+    assert decoded_kind is kind
+    assert [(e.id, e.code, e.extra, _bytes(list(e.frames))) for e in got] == [
+        (i, c, x, f) for i, c, x, f in raw
+    ]

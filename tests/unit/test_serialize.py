@@ -1,0 +1,177 @@
+"""The one serialization path: round trips, out-of-band buffers, errors naming the culprit."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+import pytest
+
+import distfork
+from distfork import serialize
+
+THRESHOLD = 64 * 1024
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [None, 42, "text", b"bytes", [1, (2, 3), {"a": {4}}], {"nested": [1.5, None]}, ValueError("x").args],
+)
+def test_plain_objects_round_trip_in_one_frame(obj: Any) -> None:
+    frames = serialize.dumps(obj, THRESHOLD)
+    assert len(frames) == 1
+    assert serialize.loads(frames) == obj
+
+
+def test_a_large_array_goes_out_of_band_as_its_own_frame() -> None:
+    big = np.arange(THRESHOLD, dtype=np.float64)  # 8 x threshold bytes
+    frames = serialize.dumps(big, THRESHOLD)
+
+    assert len(frames) == 2
+    assert memoryview(frames[1]).nbytes == big.nbytes
+    assert len(frames[0]) < 1024  # the stream holds no array data
+    back = serialize.loads(frames)
+    assert back.dtype == big.dtype and back.shape == big.shape
+    np.testing.assert_array_equal(back, big)
+
+
+def test_a_small_array_stays_in_band() -> None:
+    small = np.arange(100, dtype=np.int32)
+    frames = serialize.dumps(small, THRESHOLD)
+    assert len(frames) == 1
+    np.testing.assert_array_equal(serialize.loads(frames), small)
+
+
+def test_the_threshold_decides_in_or_out_of_band() -> None:
+    arr = np.ones(1000, dtype=np.uint8)
+    assert len(serialize.dumps(arr, arr.nbytes + 1)) == 1
+    assert len(serialize.dumps(arr, arr.nbytes)) == 2
+
+
+def test_several_large_and_small_buffers_keep_their_order() -> None:
+    a = np.full(THRESHOLD, 1, dtype=np.uint8)
+    b = np.full(10, 2, dtype=np.uint8)
+    c = np.full((THRESHOLD // 8, 2), 3.0, dtype=np.float32, order="F")
+    frames = serialize.dumps({"a": a, "b": b, "c": c}, THRESHOLD)
+    assert len(frames) == 3  # a and c out of band, b in band
+    back = serialize.loads(frames)
+    np.testing.assert_array_equal(back["a"], a)
+    np.testing.assert_array_equal(back["b"], b)
+    np.testing.assert_array_equal(back["c"], c)
+    assert back["c"].flags.f_contiguous
+
+
+def test_loads_accepts_buffers_as_memoryviews_without_copying() -> None:
+    big = np.arange(THRESHOLD, dtype=np.int64)
+    stream, buf = serialize.dumps(big, THRESHOLD)
+    received = bytearray(memoryview(buf).cast("B"))  # what a receiver would own
+    back = serialize.loads([stream, memoryview(received)])
+    np.testing.assert_array_equal(back, big)
+    received[:8] = b"\xff" * 8
+    assert back[0] == -1  # the array is built on the received buffer, not on a copy
+
+
+def test_a_call_round_trips_with_closures_and_lambdas() -> None:
+    k = 3
+    frames = serialize.dumps_call(lambda x, y=0: x * k + y, (2,), {"y": 1}, THRESHOLD)
+    func, args, kwargs = serialize.loads(frames)
+    assert func(*args, **kwargs) == 7
+
+
+@pytest.mark.parametrize(
+    ("func", "args", "kwargs", "culprit"),
+    [
+        (print, (1, threading.Lock()), {}, "argument 1 "),
+        (print, (), {"x": threading.Lock()}, "keyword argument x="),
+        (print, (1,), {"ok": 2, "bad": threading.Lock()}, "keyword argument bad="),
+    ],
+)
+def test_dumps_call_names_the_unpicklable_argument(
+    func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], culprit: str
+) -> None:
+    with pytest.raises(distfork.SerializationError, match="cannot pickle") as info:
+        serialize.dumps_call(func, args, kwargs, THRESHOLD)
+    message = str(info.value)
+    assert culprit in message
+    assert "_thread.lock" in message
+    assert isinstance(info.value.__cause__, Exception)
+
+
+def _locked_task() -> Any:
+    lock = threading.Lock()
+
+    def task() -> None:
+        with lock:
+            pass
+
+    return task
+
+
+def test_dumps_call_names_the_function_when_it_is_the_culprit() -> None:
+    with pytest.raises(distfork.SerializationError) as info:
+        serialize.dumps_call(_locked_task(), (1, 2), {"k": "v"}, THRESHOLD)
+    message = str(info.value)
+    assert message.startswith("cannot pickle the function <function _locked_task.<locals>.task")
+    assert "_thread.lock" in message
+
+
+def test_describe_survives_a_broken_repr() -> None:
+    class BadRepr:
+        def __repr__(self) -> str:
+            raise RuntimeError("no repr")
+
+    text = serialize.describe(BadRepr())
+    assert "BadRepr" in text
+
+
+class _Custom(Exception):
+    pass
+
+
+def test_an_exception_comes_back_as_its_type_with_the_remote_traceback_as_cause() -> None:
+    try:
+        raise _Custom("boom", 7)
+    except _Custom as exc:
+        frames = serialize.dumps_exception(exc, "worker w-1 (host hh, pid 123)", THRESHOLD)
+
+    back = serialize.loads(frames)
+
+    assert type(back) is _Custom
+    assert back.args == ("boom", 7)
+    assert isinstance(back.__cause__, distfork.RemoteTraceback)
+    text = str(back.__cause__)
+    assert "worker w-1 (host hh, pid 123)" in text
+    assert "_Custom: ('boom', 7)" in text
+    assert "Traceback (most recent call last)" in text
+    assert "test_an_exception_comes_back_as_its_type" in text  # the frame that raised
+
+
+def test_a_builtin_exception_keeps_its_type() -> None:
+    frames = serialize.dumps_exception(KeyError("k"), "here", THRESHOLD)
+    back = serialize.loads(frames)
+    assert type(back) is KeyError and back.args == ("k",)
+    assert "here" in str(back.__cause__)
+
+
+class _HoldsLock(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+class _NeedsTwoArgs(Exception):
+    def __init__(self, a: int, b: int) -> None:
+        super().__init__(f"{a}+{b}")  # args != (a, b): pickles, but cannot be rebuilt
+
+
+@pytest.mark.parametrize("exc", [_HoldsLock("has a lock"), _NeedsTwoArgs(1, 2)], ids=["unpicklable", "unrebuildable"])
+def test_an_exception_that_cannot_travel_comes_back_as_remote_error_naming_its_type(exc: BaseException) -> None:
+    frames = serialize.dumps_exception(exc, "worker w-9 (host x, pid 9)", THRESHOLD)
+    back = serialize.loads(frames)
+
+    assert type(back) is distfork.RemoteError
+    assert type(exc).__qualname__ in str(back)
+    assert str(exc) in str(back)
+    assert isinstance(back.__cause__, distfork.RemoteTraceback)
+    assert "worker w-9 (host x, pid 9)" in str(back.__cause__)
