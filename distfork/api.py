@@ -148,7 +148,7 @@ def _fork(func: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any],
         return rt.driver.submit(frames, max_retries, timeout_s)
     fut: Future[T] = Future()
     frames, _ = serialize.route(frames, None)
-    code, out = run_task(frames, f"inline mode (pid {os.getpid()})", rt.config.oob_threshold_bytes, None)
+    code, out, _ = run_task(frames, f"inline mode (pid {os.getpid()})", rt.config.oob_threshold_bytes, None)
     complete(fut, code, out)
     return fut
 

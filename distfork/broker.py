@@ -109,6 +109,17 @@ class Broker:
             self._ctx.term()
             os.close(self._wake_r)
             os.close(self._wake_w)
+            if self.parent_pid is not None and self.address.startswith("ipc://"):
+                # The embedded cluster's socket, in a private directory its
+                # driver made: if that driver died without stopping us, no one
+                # else is left to remove them.
+                path = self.address[len("ipc://"):]
+                for remove in (os.unlink, os.rmdir):
+                    try:
+                        remove(path)
+                    except OSError:
+                        pass
+                    path = os.path.dirname(path)
             log.info("broker stopped")
 
     # -- receiving ----------------------------------------------------------

@@ -242,14 +242,14 @@ class BrokerState:
                 worker.done += 1
             else:
                 worker.failed += 1
-            self._finish(task, e.code, e.extra, e.frames)
+            self._finish(task, e.code, e.extra, e.frames, e.flags)
 
     def _discard(self, worker: bytes, e: Entry) -> None:
         """A result nobody takes goes back to its worker, to free its shared memory."""
         if len(e.frames) > 1 and worker in self.workers:
             self._discards.setdefault(worker, []).append(e)
 
-    def _finish(self, task: Task, status: int, extra: float, frames: Sequence[Frame]) -> None:
+    def _finish(self, task: Task, status: int, extra: float, frames: Sequence[Frame], flags: int = 0) -> None:
         task.state = TaskState.DONE
         driver = self.peers.get(task.driver)
         if driver is None or driver.tasks.pop(task.task_id, None) is None:
@@ -261,7 +261,7 @@ class BrokerState:
         out = self._results.get(task.driver)
         if out is None:
             out = self._results[task.driver] = []
-        out.append(Entry(task.task_id, status, extra, frames))
+        out.append(Entry(task.task_id, status, extra, frames, flags))
 
     def cancel(self, driver: PeerInfo, ids: Sequence[int]) -> None:
         """Cancel tasks: queued ones are dropped, assigned ones are recalled."""

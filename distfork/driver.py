@@ -62,7 +62,7 @@ class Driver:
         self._outgoing: collections.deque[Entry] = collections.deque()
         self._cancels: collections.deque[int] = collections.deque()
         # task id -> (future, entry kept for re-submission, shm segment it owns, large bytes)
-        self._inflight: dict[int, tuple[Future[Any], Entry, str | None, int]] = {}
+        self._inflight: dict[int, tuple[Future[Any], Entry, shm.Segment | None, int]] = {}
         self._window = threading.Semaphore(config.window)
         self._bytes_inflight = 0
         self._bytes_room = threading.Condition()
@@ -117,17 +117,21 @@ class Driver:
         task_id = next(self._ids)
         fut: Future[Any] = Future(self._cancel)
         fut.task_id = task_id  # type: ignore[attr-defined]
-        entry = Entry(task_id, max_retries, timeout_s, frames, Flag.PINNED if segment else 0)
+        entry = Entry(task_id, max_retries, timeout_s, frames, Flag.PINNED if segment is not None else 0)
         self._inflight[task_id] = (fut, entry, segment, nbytes)
         self._outgoing.append(entry)
         self._wake()
         return fut
 
-    def _release(self, segment: str | None, nbytes: int) -> None:
-        """A task ended: free its window slot, its segment and its bytes."""
+    def _release(self, segment: shm.Segment | None, nbytes: int, reusable: bool = False) -> None:
+        """A task ended: free its window slot, its segment (reused if nobody maps it) and its bytes."""
         self._window.release()
         if segment is not None:
-            shm.unlink(segment)
+            if reusable and self._segments is not None:
+                self._segments.recycle(segment)
+            else:
+                segment.release()
+                segment.unlink()
         if nbytes:
             with self._bytes_room:
                 self._bytes_inflight -= nbytes
@@ -300,7 +304,7 @@ class Driver:
             if item is None:
                 continue  # cancelled meanwhile, or a duplicate
             complete(item[0], e.code, e.frames)
-            release(item[2], item[3])
+            release(item[2], item[3], not e.flags & Flag.RETAINED)
 
     def _fail_all(self, exc: BaseException) -> None:
         for task_id in list(self._inflight):

@@ -88,6 +88,7 @@ class Flag(enum.IntFlag):
 
     PINNED = 1  # SUBMIT: the payload names a shared-memory segment of the driver's domain
     RESULT_SHM = 2  # TASKS: the driver shares the worker's /dev/shm; return large buffers there
+    RETAINED = 4  # RESULTS: the task kept something that maps its argument segment: do not reuse it
 
 
 class Status(enum.IntEnum):

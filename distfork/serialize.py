@@ -41,7 +41,7 @@ import cloudpickle
 from . import shm
 from .errors import SerializationError
 
-__all__ = ["describe", "dumps", "dumps_call", "loads", "oob_bytes", "pack", "route", "unpack"]
+__all__ = ["Lease", "describe", "dumps", "dumps_call", "loads", "oob_bytes", "pack", "route", "unpack"]
 
 log = logging.getLogger(__name__)
 
@@ -142,17 +142,17 @@ _ALIGN = 64
 _shm_warned = False
 
 
-def pack(obj: Any, oob_threshold_bytes: int, pool: shm.SegmentPool | None) -> tuple[list[Any], str | None]:
+def pack(obj: Any, oob_threshold_bytes: int, pool: shm.SegmentPool | None) -> tuple[list[Any], shm.Segment | None]:
     """Pickle ``obj`` for the wire; large buffers go to a shared-memory segment if ``pool``.
 
-    Returns the frames and the name of the segment written (the caller owns
+    Returns the frames and the segment written (still mapped; the caller owns
     it until it hands it over), or None.
     """
-    frames = dumps(obj, oob_threshold_bytes)
-    return route(frames, pool)
+    return route(dumps(obj, oob_threshold_bytes), pool)
 
 
-def route(frames: list[Any], pool: shm.SegmentPool | None) -> tuple[list[Any], str | None]:
+def route(frames: list[Any], pool: shm.SegmentPool | None) -> tuple[list[Any], shm.Segment | None]:
+    """Lay ``dumps`` output out for the wire: see the module docstring."""
     global _shm_warned
     if len(frames) == 1:
         return frames, None
@@ -170,15 +170,32 @@ def route(frames: list[Any], pool: shm.SegmentPool | None) -> tuple[list[Any], s
                 _shm_warned = True
                 log.warning("shared memory unavailable (%s); large buffers travel as ZeroMQ frames instead", exc)
         else:
-            try:
-                for (off, n), b in zip(extents, bufs):
-                    seg.view[off : off + n] = b
-            finally:
-                seg.release()
+            for (off, n), b in zip(extents, bufs):
+                seg.view[off : off + n] = b
             manifest = {"shm": seg.name, "size": seg.size, "bufs": extents}
-            return [stream, json.dumps(manifest).encode()], seg.name
+            return [stream, json.dumps(manifest).encode()], seg
     manifest = {"bufs": [b.nbytes for b in bufs]}
     return [stream, json.dumps(manifest).encode(), *bufs], None
+
+
+class Lease:
+    """Our private mapping of someone else's segment, for as long as we use it."""
+
+    def __init__(self, view: memoryview, bufs: list[memoryview]) -> None:
+        self.view = view
+        self.bufs = bufs
+
+    def close(self) -> bool:
+        """Unmap; False if something built on the mapping is still alive (it keeps it)."""
+        try:
+            for b in self.bufs:
+                b.release()
+            mm = self.view.obj
+            self.view.release()
+            mm.close()
+        except BufferError:
+            return False
+        return True
 
 
 def oob_bytes(frames: Sequence[Any]) -> int:
@@ -186,11 +203,13 @@ def oob_bytes(frames: Sequence[Any]) -> int:
     return sum(memoryview(b).nbytes for b in frames[1:])
 
 
-def unpack(frames: Sequence[Any], private: bool) -> Any:
+def unpack(frames: Sequence[Any], private: bool, leases: list[Lease] | None = None) -> Any:
     """Inverse of :func:`pack`. ``private``: writes to arrays on shared memory stay in this process.
 
     A segment is unlinked as soon as it is mapped unless ``private`` (task
-    arguments: their owner, the driver, unlinks them when the task ends).
+    arguments: their owner, the driver, unlinks or reuses them when the task
+    ends); then its mapping is added to ``leases`` so the caller can tell
+    whether anything still uses it when it is done.
     """
     if len(frames) == 1:
         return pickle.loads(frames[0])
@@ -201,6 +220,8 @@ def unpack(frames: Sequence[Any], private: bool) -> Any:
         if not private:
             shm.unlink(name)
         bufs = [view[off : off + n] for off, n in manifest["bufs"]]
+        if leases is not None:
+            leases.append(Lease(view, bufs))
     else:
         bufs = [_writable(f) for f in frames[2:]]
     return pickle.loads(frames[0], buffers=bufs)

@@ -25,7 +25,10 @@ Copying into a segment whose pages were never touched runs at page-fault
 speed (about 1 GB/s here), into a touched one at memory bandwidth. So a
 :class:`SegmentPool` keeps warm spares: segments allocated and touched ahead
 of need by a background thread, sized after the last large transfer. A
-segment is never reused once handed out, so nobody sees its bytes change.
+driver takes an argument segment back (:meth:`SegmentPool.recycle`) when
+the task has ended and the worker reports that nothing it kept still maps it;
+otherwise the segment is unlinked, so nobody ever sees its bytes change
+under them.
 """
 
 from __future__ import annotations
@@ -210,6 +213,15 @@ class SegmentPool:
                     seg.unlink()
                 else:
                     self._spares.append(seg)
+
+    def recycle(self, seg: Segment) -> None:
+        """Take back a segment nobody else maps any more: a warm spare, or unlinked if we hold enough."""
+        with self._lock:
+            if not self._closed and sum(s.size for s in self._spares) + seg.size <= self.spare_bytes:
+                self._spares.append(seg)
+                return
+        seg.release()
+        seg.unlink()
 
     def close(self) -> None:
         """Unlink every spare; segments already handed out are their owners' business."""

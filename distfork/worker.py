@@ -55,14 +55,26 @@ _LINGER_MS = 300  # how long a stopping worker tries to deliver its last message
 
 def run_task(
     frames: Sequence[Any], where: str, oob_threshold_bytes: int, pool: shm.SegmentPool | None
-) -> tuple[int, list[Any]]:
-    """Unpickle a call, run it, pickle the outcome: ``(Status, frames)``.
+) -> tuple[int, list[Any], bool]:
+    """Unpickle a call, run it, pickle the outcome: ``(Status, frames, retained)``.
 
     With ``pool``, a large result goes to a new shared-memory segment whose
-    ownership passes to the receiver with the frames.
+    ownership passes to the receiver with the frames. ``retained``: something
+    the task left alive (a global, a cache) still maps its argument segment,
+    so its owner must not reuse it.
     """
+    leases: list[serialize.Lease] = []
+    status, out = _call(frames, where, oob_threshold_bytes, pool, leases)
+    retained = not all([lease.close() for lease in leases])
+    return status, out, retained
+
+
+def _call(
+    frames: Sequence[Any], where: str, oob_threshold_bytes: int, pool: shm.SegmentPool | None,
+    leases: list[serialize.Lease],
+) -> tuple[int, list[Any]]:
     try:
-        func, args, kwargs = serialize.unpack(frames, private=True)
+        func, args, kwargs = serialize.unpack(frames, private=True, leases=leases)
     except BaseException as exc:  # noqa: BLE001 - reported to the driver
         err = SerializationError(
             f"the worker could not unpickle the task's function or arguments: {type(exc).__name__}: {exc}. "
@@ -70,19 +82,23 @@ def run_task(
         )
         err.__cause__ = exc
         return Status.RAISED, serialize.dumps_exception(err, where, oob_threshold_bytes)
-    del frames
     try:
         value = func(*args, **kwargs)
     except BaseException as exc:  # noqa: BLE001 - reported to the driver
         return Status.RAISED, serialize.dumps_exception(exc, where, oob_threshold_bytes)
+    finally:
+        del func, args, kwargs
     try:
-        return Status.OK, serialize.pack(value, oob_threshold_bytes, pool)[0]
+        out, segment = serialize.pack(value, oob_threshold_bytes, pool)
     except BaseException as exc:  # noqa: BLE001
         err = SerializationError(
             f"the task's result {serialize.describe(value)} cannot be pickled: {type(exc).__name__}: {exc}. "
             "Return plain data (convert the object inside the task)"
         )
         return Status.RAISED, serialize.dumps_exception(err, where, oob_threshold_bytes)
+    if segment is not None:
+        segment.release()  # handed over with the frames: the receiver unlinks it
+    return Status.OK, out
 
 
 class Worker:
@@ -246,11 +262,11 @@ class _Slot:
                 e = local.popleft()
                 started = time.perf_counter()
                 pool = w.pool if e.flags & Flag.RESULT_SHM else None
-                status, out = run_task(e.frames, w.where, threshold, pool)
+                status, out, retained = run_task(e.frames, w.where, threshold, pool)
                 finished = time.perf_counter()
                 if not done:
                     first_done = finished
-                done.append(Entry(e.id, status, finished - started, out))
+                done.append(Entry(e.id, status, finished - started, out, Flag.RETAINED if retained else 0))
                 if not local or len(done) >= _FLUSH_COUNT or finished - first_done > _FLUSH_S:
                     sock.send_multipart(protocol.encode_batch(Msg.RESULTS, done), copy=False)
                     done = []

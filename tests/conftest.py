@@ -7,6 +7,7 @@ a test that leaves a child process or a /dev/shm segment of ours behind.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -34,6 +35,23 @@ def _shm_segments() -> set[str]:
         return {n for n in os.listdir("/dev/shm") if "distfork" in n or n.startswith(("df-", "df_"))}
     except FileNotFoundError:
         return set()
+
+
+_SEGMENT = re.compile(r"^df-(?P<session>[0-9a-f]+)-(?P<pid>\d+)-\d+$")
+
+
+def _made_by(names: set[str], pids: set[int]) -> set[str]:
+    """The segments among ``names`` created by one of ``pids`` (names are df-<session>-<creator pid>-<n>).
+
+    Other projects' sessions may run on this machine at the same time: a
+    segment is ours only if one of our processes made it.
+    """
+    out = set()
+    for name in names:
+        m = _SEGMENT.match(name)
+        if m is None or int(m["pid"]) in pids:
+            out.add(name)
+    return out
 
 
 def wait_until(predicate, timeout_s: float = 10.0, interval_s: float = 0.02, what: str = "condition"):  # type: ignore[no-untyped-def]
@@ -65,9 +83,11 @@ def no_leaks() -> Iterator[None]:
     """
     me = psutil.Process()
     children_before = {p.pid for p in me.children(recursive=True)}
+    ours = {me.pid, *children_before}  # every process that may have made a segment of ours
     shm_before = _shm_segments()
     runtime_before = distfork.api._runtime
     yield
+    ours.update(p.pid for p in me.children(recursive=True))
     replaced = runtime_before is not None and distfork.api._runtime is not runtime_before
     if runtime_before is None or replaced:
         distfork.shutdown()
@@ -82,7 +102,7 @@ def no_leaks() -> Iterator[None]:
     for p in left:  # only processes this test started
         p.kill()
     assert not left, f"test left processes running: {[(p.pid, p.cmdline()) for p in left]}"
-    new_shm = _shm_segments() - shm_before
+    new_shm = _made_by(_shm_segments() - shm_before, ours)
     if not replaced and runtime_before is not None and runtime_before.driver is not None:
         # The wider fixture's cluster still runs: its warm spare segments are
         # its own, checked when that fixture ends.
@@ -177,6 +197,7 @@ def _shared_cluster() -> Iterator[list[int]]:
     rt = distfork.api._runtime
     assert rt is not None and rt.cluster is not None
     procs = [psutil.Process(pid) for pid in rt.cluster.pids]
+    session = f"df-{rt.cluster.session}-"
     try:
         status = wait_until(lambda: s if len((s := query_status(rt.cluster.address))["workers"]) >= 2 else None,
                             20.0, what="2 workers to register")
@@ -185,7 +206,8 @@ def _shared_cluster() -> Iterator[list[int]]:
         distfork.shutdown()
     left = [p for p in procs if _alive(p)]
     assert not left, f"the shared cluster left processes running: {[p.pid for p in left]}"
-    assert not _shm_segments(), f"the shared cluster left shared-memory segments: {sorted(_shm_segments())}"
+    left_shm = sorted(n for n in _shm_segments() if n.startswith(session))
+    assert not left_shm, f"the shared cluster left shared-memory segments: {left_shm}"
 
 
 @pytest.fixture

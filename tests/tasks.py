@@ -76,3 +76,9 @@ def wait_for_path(path: str, timeout_s: float = 30.0) -> str:
             raise TimeoutError(f"{path} did not appear within {timeout_s} s")
         time.sleep(0.005)
     return "released"
+
+
+def wait_for_path_holding(path: str, data: Any, timeout_s: float = 30.0) -> Any:
+    """``wait_for_path`` with an argument (a large one maps a shared-memory segment); returns it."""
+    wait_for_path(path, timeout_s)
+    return data

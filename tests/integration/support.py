@@ -59,8 +59,10 @@ def write_script(tmp_path: Path, body: str, name: str = "driver.py") -> Path:
     return path
 
 
-def start_script(path: Path, env: dict[str, str], **kwargs: Any) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, str(path)], env=env, text=True, **kwargs)
+def start_script(path: Path, *args: str, env: dict[str, str], **kwargs: Any) -> subprocess.Popen[str]:
+    """Run ``python path *args`` with its stdin, stdout and stderr as pipes (text)."""
+    pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    return subprocess.Popen([sys.executable, str(path), *args], env=env, text=True, **{**pipes, **kwargs})
 
 
 class LineReader:
