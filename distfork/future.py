@@ -149,7 +149,12 @@ def collect_all(futures: Iterable[Future[Any]]) -> Future[list[Future[Any]]]:
 
 
 def wait_all(futures: Iterable[Future[Any]], timeout: float | None = None) -> list[Any]:
-    """Wait for every future; return their values in order, or raise the first failure."""
+    """Wait for every future; return their values in order.
+
+    As ``torch.futures.wait_all``: the first failure is raised as soon as it
+    happens, without waiting for the rest; builtin ``TimeoutError`` if not
+    all are done after ``timeout`` seconds.
+    """
     futures = list(futures)
     done, not_done = concurrent.futures.wait(
         futures, timeout=timeout, return_when=concurrent.futures.FIRST_EXCEPTION

@@ -250,8 +250,8 @@ def describe(obj: Any) -> str:
         text = repr(obj)
     except Exception:  # noqa: BLE001 - a broken __repr__ must not hide the real error
         text = object.__repr__(obj)
-    if len(text) > 80:
-        text = text[:77] + "..."
+    if len(text) > 100:
+        text = text[:60] + "..." + text[-37:]  # keep both ends: a nested function's name is at the end
     return f"{text} (type {type(obj).__module__}.{type(obj).__qualname__})"
 
 
