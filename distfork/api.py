@@ -181,21 +181,26 @@ class Options:
     """Per-fork options, apart from the user's own keyword arguments."""
 
     max_retries: int | None = None
+    timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_retries is not None and not 0 <= self.max_retries < protocol.DEFAULT_RETRIES:
             raise ValueError(f"max_retries={self.max_retries}: give 0 to {protocol.DEFAULT_RETRIES - 1}")
+        if self.timeout_s is not None and not self.timeout_s > 0:
+            raise ValueError(f"timeout_s={self.timeout_s}: give a positive number of seconds, or None")
 
     def fork(self, func: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         """``distfork.fork`` with these options."""
         retries = protocol.DEFAULT_RETRIES if self.max_retries is None else self.max_retries
-        return _fork(func, args, kwargs, retries, 0.0)
+        return _fork(func, args, kwargs, retries, self.timeout_s or 0.0)
 
 
-def options(max_retries: int | None = None) -> Options:
-    """Options for forks: ``distfork.options(max_retries=0).fork(f, x)``.
+def options(max_retries: int | None = None, timeout_s: float | None = None) -> Options:
+    """Options for forks: ``distfork.options(max_retries=0, timeout_s=5).fork(f, x)``.
 
     ``max_retries``: how often the task is re-run when the worker running it
-    is lost (default ``Config.max_retries``).
+    is lost (default ``Config.max_retries``). ``timeout_s``: the longest the
+    task may run; then its worker process is ended (and replaced) and the
+    future fails with ``TimeoutError``. Inline mode ignores ``timeout_s``.
     """
-    return Options(max_retries)
+    return Options(max_retries, timeout_s)

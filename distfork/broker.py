@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 _BATCH_MAX = 2000  # tasks or results per message we send
 _RECV_BURST = 2000  # messages handled before we dispatch and send
+_STEAL_CHECK_S = 0.02  # how often to look for stalled workers while another idles
 
 
 class Broker:
@@ -93,11 +94,13 @@ class Broker:
         try:
             while not self._stopping:
                 timeout_ms = max(0.0, next_tick - time.monotonic()) * 1000
+                if self.state.may_steal():
+                    timeout_ms = min(timeout_ms, _STEAL_CHECK_S * 1000)
                 events = dict(poller.poll(timeout_ms))
                 now = time.monotonic()
                 if self.sock in events:
                     self._receive(now)
-                self._send_work()
+                self._send_work(now)
                 if now >= next_tick:
                     self._tick(now)
                     next_tick = now + heartbeat_s
@@ -114,7 +117,8 @@ class Broker:
                 # driver made: if that driver died without stopping us, no one
                 # else is left to remove them.
                 path = self.address[len("ipc://"):]
-                for remove in (os.unlink, os.rmdir):
+                private = os.path.basename(os.path.dirname(path)).startswith("distfork-")
+                for remove in (os.unlink, os.rmdir) if private else ():
                     try:
                         remove(path)
                     except OSError:
@@ -136,6 +140,9 @@ class Broker:
             except ProtocolError as exc:
                 self.state.counters["messages_dropped"] += 1
                 log.debug("dropped a message: %s", exc)
+            except Exception:  # noqa: BLE001 - one bad message must not stop the broker
+                self.state.counters["messages_dropped"] += 1
+                log.exception("dropped a message that broke its handler")
 
     def _handle(self, peer: bytes, frames: list[Any], now: float) -> None:
         kind, body = protocol.decode(frames)
@@ -162,11 +169,24 @@ class Broker:
         elif kind is Msg.STATUS:
             self._send(peer, protocol.encode_json(Msg.STATUS_REPLY, self.state.status(now)))
         elif kind is Msg.KEEPALIVE:
-            self._keepalive(protocol.decode_json(body), now)
+            self._call(self.state.keepalive, peer, protocol.decode_json(body), now)
+        elif kind is Msg.EXITED:
+            self._call(self._exited, protocol.decode_json(body), now)
         elif kind is not Msg.BYE:
             # Typically: we restarted and the peer does not know yet.
             self.state.counters["unknown_peer_messages"] += 1
             self._send(peer, protocol.encode_json(Msg.REJECT, {"reason": "unknown peer: say hello"}))
+
+    def _exited(self, info: dict[str, Any], now: float) -> None:
+        self.state.exited(str(info["host"]), int(info["pid"]), int(info["code"]), now)
+
+    @staticmethod
+    def _call(method: Any, *args: Any) -> None:
+        """Apply a control message; malformed content is a ProtocolError."""
+        try:
+            method(*args)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ProtocolError(f"bad {method.__name__} message: {exc}") from None
 
     def _hello(self, peer: bytes, body: memoryview, now: float) -> None:
         info = protocol.decode_json(body)
@@ -175,21 +195,6 @@ class Broker:
         except (ValueError, TypeError) as exc:
             raise ProtocolError(f"bad hello: {exc}") from None
         self._send(peer, protocol.encode_json(Msg.WELCOME, self._welcome(p)))
-
-    def _keepalive(self, body: dict[str, Any], now: float) -> None:
-        """A worker process vouches for its slots (busy slots cannot heartbeat)."""
-        peers = body.get("peers")
-        if not isinstance(peers, list):
-            raise ProtocolError("KEEPALIVE without a list of peers")
-        for hexid in peers:
-            try:
-                peer = bytes.fromhex(hexid)
-            except (TypeError, ValueError):
-                raise ProtocolError(f"KEEPALIVE names a bad peer id {hexid!r}") from None
-            if body.get("bye"):
-                self.state.bye(peer, now)
-            else:
-                self.state.seen(peer, now)
 
     def _welcome(self, p: PeerInfo) -> dict[str, Any]:
         return {
@@ -212,9 +217,9 @@ class Broker:
         for start in range(0, len(entries), _BATCH_MAX):
             self._send(peer, protocol.encode_batch(kind, entries[start : start + _BATCH_MAX]))
 
-    def _send_work(self) -> None:
+    def _send_work(self, now: float) -> None:
         state = self.state
-        for worker, tasks in state.dispatch().items():
+        for worker, tasks in state.dispatch(now).items():
             domain = state.workers[worker].domain
             entries = [
                 Entry(t.key, t.max_retries, t.timeout_s, t.frames,
@@ -227,6 +232,8 @@ class Broker:
             self._send_batches(driver, Msg.RESULTS, entries)
         for worker, keys in cancels.items():
             self._send(worker, protocol.encode_cancel(keys))
+        for control, keys in state.take_aborts().items():
+            self._send(control, protocol.encode_cancel(keys))
         for worker, entries in state.take_discards().items():
             self._send_batches(worker, Msg.DISCARD, entries)
         for driver, facts in state.take_cluster_notices().items():

@@ -22,6 +22,7 @@ import collections
 import dataclasses
 import enum
 import logging
+import signal
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,6 +32,9 @@ from .protocol import DEFAULT_RETRIES, Entry, Flag, Frame, Status
 __all__ = ["BrokerState", "PeerInfo", "Task", "TaskState"]
 
 log = logging.getLogger(__name__)
+
+#: A worker busy this long without a result (and 4x its usual task time) is stalled.
+_STALL_S = 0.05
 
 
 class TaskState(enum.Enum):
@@ -74,6 +78,10 @@ class PeerInfo:
     failed: int = 0
     # worker: moving average of its tasks' run times (None: no task done yet).
     avg_run_s: float | None = None
+    # worker: the control socket of its process (KEEPALIVE sender), told to end running tasks.
+    control: bytes | None = None
+    # worker: when it last showed progress (a result, or work handed to it while idle).
+    progress_at: float = 0.0
 
     @property
     def domain(self) -> str | None:
@@ -100,6 +108,8 @@ class BrokerState:
         self._results: dict[bytes, list[Entry]] = {}
         self._cancels: dict[bytes, list[int]] = {}
         self._discards: dict[bytes, list[Entry]] = {}
+        self._aborts: dict[bytes, list[int]] = {}
+        self._now = now  # the latest time we were told, for bookkeeping between calls
         self._cluster_changed = False
 
     # -- peers ---------------------------------------------------------------
@@ -142,6 +152,40 @@ class BrokerState:
         if p is not None:
             self._forget(p, now, reason="said goodbye")
 
+    def keepalive(self, control: bytes, body: dict[str, Any], now: float) -> None:
+        """A worker process vouches for its slots, or says they end (and why)."""
+        peers = body.get("peers")
+        if not isinstance(peers, list) or not all(isinstance(h, str) for h in peers):
+            raise ValueError("KEEPALIVE without a list of peer ids")
+        slots = [self.workers.get(bytes.fromhex(h)) for h in peers]
+        if not body.get("bye"):
+            for w in slots:
+                if w is not None:
+                    w.last_seen = now
+                    w.control = control
+            return
+        timed_out = {int(k) for k in body.get("timed_out") or ()}
+        interrupted = bool(timed_out or body.get("cancelled"))
+        for w in slots:
+            if w is None:
+                continue
+            for key in timed_out & set(w.assigned):
+                task = w.assigned.pop(key)
+                text = (
+                    f"the task ran longer than its timeout_s={task.timeout_s:g} on worker {w.info.get('name')} "
+                    f"(host {w.info.get('host')}, pid {w.info.get('pid')}), which was ended to stop it"
+                )
+                self._finish(task, Status.TIMED_OUT, task.timeout_s, [text.encode()])
+                self.counters["tasks_timed_out"] += 1
+            # A process that ended itself to stop one task blames the others for nothing.
+            self._forget(w, now, reason="ended to stop a task" if interrupted else "said goodbye", blame=not interrupted)
+
+    def exited(self, host: str, pid: int, code: int, now: float) -> None:
+        """A supervisor saw a worker process end: forget its slots at once, naming the exit."""
+        reason = f"exited with code {code}" if code >= 0 else f"killed by signal {_signal_name(-code)}"
+        for w in [w for w in self.workers.values() if w.info.get("host") == host and w.info.get("pid") == pid]:
+            self._forget(w, now, reason=f"its process {reason}")
+
     def expire(self, now: float) -> list[PeerInfo]:
         """Forget peers silent for longer than the peer timeout; return them."""
         limit = now - self.config.peer_timeout_s
@@ -150,12 +194,12 @@ class BrokerState:
             self._forget(p, now, reason=f"silent for {now - p.last_seen:.1f} s")
         return gone
 
-    def _forget(self, p: PeerInfo, now: float, reason: str) -> None:
+    def _forget(self, p: PeerInfo, now: float, reason: str, blame: bool = True) -> None:
         del self.peers[p.id]
         if p.role == "worker":
             del self.workers[p.id]
             self._cluster_changed = True
-            self._requeue_from_lost_worker(p, reason)
+            self._requeue_from_lost_worker(p, reason, blame)
         else:
             for task in p.tasks.values():
                 if task.state is TaskState.ASSIGNED and task.worker is not None:
@@ -174,11 +218,11 @@ class BrokerState:
             self.counters["driver_tasks_dropped"] += dropped
             log.info("driver %s left (%s); dropped %d unfinished tasks", p.info.get("name"), reason, dropped)
 
-    def _requeue_from_lost_worker(self, w: PeerInfo, reason: str) -> None:
-        """Tasks of a lost worker: the running ones lose a try, the prefetched ones none."""
+    def _requeue_from_lost_worker(self, w: PeerInfo, reason: str, blame: bool) -> None:
+        """Tasks of a lost worker: the running ones lose a try (if ``blame``), the prefetched ones none."""
         tasks = list(w.assigned.values())
         w.assigned.clear()
-        running, waiting = tasks[: w.slots], tasks[w.slots :]
+        running, waiting = (tasks[: w.slots], tasks[w.slots :]) if blame else ([], tasks)
         requeue: list[Task] = []
         for task in running:
             task.losses += 1
@@ -196,13 +240,21 @@ class BrokerState:
                 self.counters["tasks_retried"] += 1
         requeue += waiting
         for task in reversed(requeue):
-            task.state = TaskState.QUEUED
-            task.worker = None
-            self._queue_of(task).appendleft(task)
+            self._requeue(task)
         level = logging.INFO if reason == "said goodbye" and not tasks else logging.WARNING
         log.log(level, "worker %s left (%s): %d tasks re-queued", w.info.get("name"), reason, len(requeue))
 
     # -- tasks ---------------------------------------------------------------
+
+    def _requeue(self, task: Task) -> None:
+        """Back to the front of its queue, under a new key: a worker that was told to
+        drop the old key (stolen from it, or it was lost and came back) must not
+        drop the task when it is handed to it again."""
+        task.key = self._next_key
+        self._next_key += 1
+        task.state = TaskState.QUEUED
+        task.worker = None
+        self._queue_of(task).appendleft(task)
 
     def _queue_of(self, task: Task) -> collections.deque[Task]:
         if task.pinned and task.domain is not None:
@@ -228,6 +280,7 @@ class BrokerState:
     def results(self, worker: PeerInfo, entries: Sequence[Entry]) -> None:
         """Results from a worker: route each to its driver."""
         assigned = worker.assigned
+        worker.progress_at = max(worker.progress_at, self._now)
         if entries:
             batch_avg = sum(e.extra for e in entries) / len(entries)
             prev = worker.avg_run_s
@@ -272,8 +325,11 @@ class BrokerState:
             if task.state is TaskState.ASSIGNED and task.worker is not None:
                 w = self.workers.get(task.worker)
                 if w is not None:
+                    running = task.key in list(w.assigned)[: w.slots]
                     w.assigned.pop(task.key, None)
                     self._cancels.setdefault(w.id, []).append(task.key)
+                    if running and w.control is not None:
+                        self._aborts.setdefault(w.control, []).append(task.key)
             task.state = TaskState.CANCELLED
             self.counters["tasks_cancelled"] += 1
 
@@ -294,24 +350,68 @@ class BrokerState:
                     return task
         return None
 
-    def dispatch(self) -> dict[bytes, list[Task]]:
-        """Hand queued tasks to workers: free slots first, then prefetch room."""
+    def _stalled(self, w: PeerInfo, now: float) -> bool:
+        """Busy far longer than its tasks usually take: what it holds beyond its slots may wait long."""
+        return len(w.assigned) >= w.slots and now - w.progress_at > max(4 * (w.avg_run_s or 0.0), _STALL_S)
+
+    def dispatch(self, now: float | None = None) -> dict[bytes, list[Task]]:
+        """Hand queued tasks to workers: free slots first, then prefetch room, one task each in turn.
+
+        With ``now``: a stalled worker (its current task runs long) gets no
+        prefetch, and while another worker idles, the tasks prefetched to a
+        stalled one are taken back (CANCEL to it) and handed out again.
+        """
         out: dict[bytes, list[Task]] = {}
-        if not self.workers or not (self.queue or any(self.pinned.values())):
+        if not self.workers:
             return out
-        for with_prefetch in (False, True):
-            for w in self.workers.values():
-                room = w.slots + (self.prefetch(w) if with_prefetch else 0) - len(w.assigned)
-                while room > 0:
-                    task = self._next_for(w)
-                    if task is None:
-                        break
-                    task.state = TaskState.ASSIGNED
-                    task.worker = w.id
-                    w.assigned[task.key] = task
-                    out.setdefault(w.id, []).append(task)
-                    room -= 1
+        if now is not None:
+            self._now = now
+            self._steal(now)
+        if not (self.queue or any(self.pinned.values())):
+            return out
+        for w in self.workers.values():  # free slots
+            while len(w.assigned) < w.slots and self._assign(w, out):
+                pass
+        room = {
+            w: w.slots + self.prefetch(w)
+            for w in self.workers.values()
+            if now is None or not self._stalled(w, now)
+        }
+        while room:  # prefetch, round robin
+            for w, limit in list(room.items()):
+                if len(w.assigned) >= limit or not self._assign(w, out):
+                    del room[w]
         return out
+
+    def _assign(self, w: PeerInfo, out: dict[bytes, list[Task]]) -> bool:
+        task = self._next_for(w)
+        if task is None:
+            return False
+        if not w.assigned:
+            w.progress_at = self._now
+        task.state = TaskState.ASSIGNED
+        task.worker = w.id
+        w.assigned[task.key] = task
+        out.setdefault(w.id, []).append(task)
+        return True
+
+    def _steal(self, now: float) -> None:
+        if not any(len(w.assigned) < w.slots for w in self.workers.values()):
+            return
+        for w in self.workers.values():
+            if len(w.assigned) <= w.slots or not self._stalled(w, now):
+                continue
+            waiting = list(w.assigned.values())[w.slots :]
+            self._cancels.setdefault(w.id, []).extend(t.key for t in waiting)
+            for task in reversed(waiting):
+                del w.assigned[task.key]
+                self._requeue(task)
+            self.counters["tasks_stolen"] += len(waiting)
+
+    def may_steal(self) -> bool:
+        """Whether :meth:`dispatch` should be called again soon even without news."""
+        idle = any(len(w.assigned) < w.slots for w in self.workers.values())
+        return idle and any(len(w.assigned) > w.slots for w in self.workers.values())
 
     def local_workers(self, domain: str | None) -> int:
         """Workers that see the shared memory of ``domain``."""
@@ -335,6 +435,11 @@ class BrokerState:
         results, cancels = self._results, self._cancels
         self._results, self._cancels = {}, {}
         return results, cancels
+
+    def take_aborts(self) -> dict[bytes, list[int]]:
+        """Running tasks to stop, per worker process control socket."""
+        aborts, self._aborts = self._aborts, {}
+        return aborts
 
     def take_discards(self) -> dict[bytes, list[Entry]]:
         """Dropped results per worker, to send back so it frees their shared memory."""
@@ -382,3 +487,10 @@ class BrokerState:
             "drivers": drivers,
             "counters": dict(self.counters),
         }
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return f"{signal.Signals(signum).name} ({signum})"
+    except ValueError:
+        return str(signum)

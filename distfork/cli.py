@@ -20,6 +20,7 @@ import socket
 import sys
 import threading
 import urllib.parse
+from typing import Any
 
 import click
 
@@ -98,16 +99,42 @@ def broker(bind: str, insecure: bool, parent_pid: int | None, session: str | Non
 @click.option("--connect", "address", default=lambda: os.environ.get("DISTFORK_ADDRESS", DEFAULT_ADDRESS),
               show_default=DEFAULT_ADDRESS, help="The broker's address (also DISTFORK_ADDRESS).")
 @click.option("--slots", type=click.IntRange(min=1), default=None, help="Tasks run at once (threads); default 1.")
+@click.option("--processes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker processes to keep running.")
 @click.option("--name", default=None, help="Name shown in status (default host-pid).")
+@click.option("--nanny/--no-nanny", default=True, show_default=True,
+              help="Run the worker as a child that is replaced when it dies (a crash, or a cancelled task).")
 @click.option("--parent-pid", type=int, default=None, hidden=True, help="Stop when this process is gone.")
-def worker(address: str, slots: int | None, name: str | None, parent_pid: int | None) -> None:
+def worker(address: str, slots: int | None, processes: int, name: str | None, nanny: bool,
+           parent_pid: int | None) -> None:
     """Run a worker that takes tasks from the broker at --connect."""
+    cfg = _config.load()
+    if nanny:
+        from .cluster import Supervisor
+
+        _run_until_signal(Supervisor(cfg, address, processes, slots))
+        return
     from .worker import Worker
 
-    cfg = _config.load()
     w = Worker(address, cfg, slots=slots or cfg.slots, name=name, parent_pid=parent_pid)
     w.install_signal_handlers()
     w.serve_forever()
+
+
+def _run_until_signal(sup: Any, banner: str | None = None) -> None:
+    """Start a supervisor, run until SIGTERM/SIGINT, stop it."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        sup.start()
+        if banner:
+            click.echo(banner, err=True)
+            click.echo(sup.address)
+            sys.stdout.flush()
+        stop.wait()
+    finally:
+        sup.stop()
 
 
 @cli.command()
@@ -120,21 +147,11 @@ def up(bind: str, workers: int | None, slots: int | None, insecure: bool) -> Non
     from .cluster import LocalCluster
 
     _check_bind(bind, insecure)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     cluster = LocalCluster(_config.load(), workers=workers, address=bind, slots=slots)
-    try:
-        cluster.start()
-        click.echo(f"distfork cluster up at {bind} with {cluster.n_workers} workers", err=True)
-        click.echo(f"connect with: DISTFORK_ADDRESS={bind}  (or distfork.init({bind!r}))", err=True)
-        click.echo(bind)
-        sys.stdout.flush()
-        while not stop.wait(1.0):
-            if cluster.broker is not None and cluster.broker.poll() is not None:
-                raise click.ClickException(f"the broker exited with code {cluster.broker.returncode}")
-    finally:
-        cluster.stop()
+    _run_until_signal(cluster, banner=(
+        f"distfork cluster up at {bind} with {cluster.n_workers} workers\n"
+        f"connect with: DISTFORK_ADDRESS={bind}  (or distfork.init({bind!r}))"
+    ))
 
 
 @cli.command()

@@ -1,15 +1,22 @@
-"""A local cluster: one broker and N workers as child processes of this one.
+"""Supervised processes: the local cluster, and the nanny of ``distfork worker``.
 
 ::
 
     this process ──Popen──▶ python -m distfork broker --bind ADDRESS --parent-pid PID
-                 ──Popen──▶ python -m distfork worker --connect ADDRESS --parent-pid PID   (× N)
+      │          ──Popen──▶ python -m distfork worker --connect ADDRESS --no-nanny --parent-pid PID  (× N)
+      └─ thread "distfork-supervisor": every 0.1 s, poll the children;
+            a worker that ended (crash, SIGKILL, OOM, or it ended itself to stop
+            a cancelled or timed-out task) ─▶ EXITED(host, pid, code) to the broker
+            (its tasks are re-queued at once, and a failure names the exit),
+            then a new worker takes its place; a broker that died is restarted
+            on the same address (drivers and workers re-register by themselves)
 
 The children are started through the same command line users type, so the
 embedded cluster exercises the real entry points. They watch their parent
-and stop when it is gone, even if it was SIGKILLed. :meth:`LocalCluster.stop`
-sends SIGTERM, waits ``stop_timeout_s``, then SIGKILLs what is left; it only
-ever signals the pids it started.
+and stop when it is gone, even if it was SIGKILLed. :meth:`Supervisor.stop`
+sends SIGTERM (workers first, so their goodbyes reach the broker), waits
+``stop_timeout_s``, then SIGKILLs what is left; it only ever signals the
+pids it started.
 
 The embedded cluster (``fork`` with nothing configured) listens on an
 ``ipc://`` socket in a private temporary directory: its address is known
@@ -19,39 +26,56 @@ TCP port is opened at all. ``distfork up`` passes a ``tcp://`` address.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from typing import Any
 
-from . import shm
+import zmq
+
+from . import protocol, shm
 from .config import Config
+from .protocol import Msg
 
-__all__ = ["LocalCluster"]
+__all__ = ["LocalCluster", "Supervisor"]
 
 log = logging.getLogger(__name__)
 
+_POLL_S = 0.1
+_MAX_BACKOFF_S = 5.0
 
-class LocalCluster:
-    """Start and stop a broker and workers on this machine."""
 
-    def __init__(self, config: Config, workers: int | None = None, address: str | None = None, slots: int | None = None) -> None:
+class Supervisor:
+    """Keeps ``workers`` worker processes (and optionally a broker) running for ``address``."""
+
+    def __init__(
+        self,
+        config: Config,
+        address: str,
+        workers: int,
+        slots: int | None = None,
+        broker_args: list[str] | None = None,
+    ) -> None:
         self.config = config
-        self.n_workers = workers or config.local_workers or os.cpu_count() or 1
-        self.slots = slots or config.slots
-        self._tmpdir: str | None = None
-        if address is None:
-            self._tmpdir = tempfile.mkdtemp(prefix="distfork-")
-            address = f"ipc://{self._tmpdir}/broker"
         self.address = address
-        self.session = secrets.token_hex(4)
+        self.n_workers = workers
+        self.slots = slots or config.slots
+        self.broker_args = broker_args  # None: no broker of ours
         self.broker: subprocess.Popen[bytes] | None = None
         self.workers: list[subprocess.Popen[bytes]] = []
+        self.restarts = 0
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -61,23 +85,33 @@ class LocalCluster:
             paths.append(env["PYTHONPATH"])
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
         env.pop("DISTFORK_ADDRESS", None)
+        # The children run with our configuration, ``init(**overrides)`` included
+        # (a worker's oob threshold decides how its results travel).
+        for f in dataclasses.fields(self.config):
+            env[f"DISTFORK_{f.name.upper()}"] = str(getattr(self.config, f.name))
         return env
 
     def _spawn(self, *args: str) -> subprocess.Popen[bytes]:
         cmd = [sys.executable, "-m", "distfork", *args, "--parent-pid", str(os.getpid())]
         return subprocess.Popen(cmd, env=self._env(), stdin=subprocess.DEVNULL)
 
-    def start(self) -> LocalCluster:
-        self.broker = self._spawn("broker", "--bind", self.address, "--session", self.session)
-        if self._tmpdir is None:
-            # A TCP port may be taken: see the broker bind before starting workers.
-            self._wait_for_broker()
-        self.add_workers(self.n_workers)
-        return self
+    def _spawn_worker(self) -> subprocess.Popen[bytes]:
+        return self._spawn("worker", "--connect", self.address, "--slots", str(self.slots), "--no-nanny")
 
-    def add_workers(self, n: int) -> None:
-        for _ in range(n):
-            self.workers.append(self._spawn("worker", "--connect", self.address, "--slots", str(self.slots)))
+    def _spawn_broker(self) -> subprocess.Popen[bytes]:
+        assert self.broker_args is not None
+        return self._spawn("broker", "--bind", self.address, *self.broker_args)
+
+    def start(self) -> Supervisor:
+        if self.broker_args is not None:
+            self.broker = self._spawn_broker()
+            if not self.address.startswith("ipc://"):
+                self._wait_for_broker()  # a TCP port may be taken: know before starting workers
+        with self._lock:
+            self.workers = [self._spawn_worker() for _ in range(self.n_workers)]
+        self._thread = threading.Thread(target=self._watch, name="distfork-supervisor", daemon=True)
+        self._thread.start()
+        return self
 
     def _wait_for_broker(self) -> None:
         from .status import query_status
@@ -97,11 +131,55 @@ class LocalCluster:
 
     @property
     def pids(self) -> list[int]:
-        procs = ([self.broker] if self.broker else []) + self.workers
-        return [p.pid for p in procs]
+        with self._lock:
+            procs = ([self.broker] if self.broker else []) + self.workers
+            return [p.pid for p in procs]
+
+    # -- the supervisor thread ------------------------------------------------
+
+    def _watch(self) -> None:
+        ctx = zmq.Context()
+        sock: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 1000)
+        sock.connect(self.address)
+        host = socket.gethostname()
+        started = {p.pid: time.monotonic() for p in self.workers}
+        backoff_s = 0.0
+        try:
+            while not self._stopping.wait(_POLL_S):
+                if self.broker is not None and self.broker.poll() is not None:
+                    log.error("the broker (pid %d) exited with code %s; restarting it", self.broker.pid, self.broker.returncode)
+                    with self._lock:
+                        self.broker = self._spawn_broker()
+                for i, p in enumerate(list(self.workers)):
+                    code = p.poll()
+                    if code is None:
+                        continue
+                    sock.send_multipart(protocol.encode_json(Msg.EXITED, {"host": host, "pid": p.pid, "code": code}))
+                    log.warning("worker pid %d exited with %s; starting another", p.pid,
+                                f"code {code}" if code >= 0 else f"signal {-code}")
+                    # A worker that dies soon after it started (a broken install)
+                    # is restarted more and more slowly.
+                    lived_s = time.monotonic() - started.pop(p.pid, 0.0)
+                    backoff_s = min(_MAX_BACKOFF_S, backoff_s * 2 or _POLL_S) if lived_s < 2.0 else 0.0
+                    if self._stopping.wait(backoff_s):
+                        return
+                    with self._lock:
+                        self.workers[i] = self._spawn_worker()
+                    started[self.workers[i].pid] = time.monotonic()
+                    self.restarts += 1
+        finally:
+            sock.close(linger=0)
+            ctx.term()
+
+    # -- stopping ---------------------------------------------------------------
 
     def stop(self) -> None:
-        """SIGTERM the workers, then the broker (so their goodbyes arrive); SIGKILL what does not stop."""
+        """SIGTERM the workers, then the broker; SIGKILL what does not stop in time."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join()
         for group in (self.workers, [self.broker] if self.broker else []):
             for p in group:
                 if p.poll() is None:
@@ -114,8 +192,27 @@ class LocalCluster:
                     log.warning("process %d did not stop on SIGTERM; killing it", p.pid)
                     p.kill()
                     p.wait()
-        self.workers = []
-        self.broker = None
+        with self._lock:
+            self.workers = []
+            self.broker = None
+
+
+class LocalCluster(Supervisor):
+    """A broker and workers on this machine, under one supervisor."""
+
+    def __init__(
+        self, config: Config, workers: int | None = None, address: str | None = None, slots: int | None = None
+    ) -> None:
+        self._tmpdir: str | None = None
+        if address is None:
+            self._tmpdir = tempfile.mkdtemp(prefix="distfork-")
+            address = f"ipc://{self._tmpdir}/broker"
+        self.session = secrets.token_hex(4)
+        n = workers or config.local_workers or os.cpu_count() or 1
+        super().__init__(config, address, n, slots, broker_args=["--session", self.session])
+
+    def stop(self) -> None:
+        super().stop()
         shm.sweep(self.session, dead_only=False)  # the session ends with its cluster
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)

@@ -8,7 +8,8 @@ Every message is one ZeroMQ multipart message. Its first frame is the header::
 
 Bodies:
 
-* control messages (HELLO, WELCOME, STATUS_REPLY, REJECT, KEEPALIVE): UTF-8 JSON
+* control messages (HELLO, WELCOME, STATUS_REPLY, REJECT, KEEPALIVE, CLUSTER,
+  EXITED): UTF-8 JSON
   object;
 * batches (SUBMIT, TASKS, RESULTS, DISCARD): ``u32 count`` then ``count``
   entries of ``struct "!QHBBf"`` = (id, nframes, code, flags, extra),
@@ -81,6 +82,7 @@ class Msg(enum.IntEnum):
     KEEPALIVE = 12  # W process -> B: its slot peers are alive, or leaving (JSON: peers, bye)
     CLUSTER = 13  # B -> D: facts that changed (JSON: local_workers)
     DISCARD = 14  # B -> W: results nobody will take, back to their maker to free (batch)
+    EXITED = 15  # supervisor -> B: a worker process ended (JSON: host, pid, code)
 
 
 class Flag(enum.IntFlag):

@@ -82,6 +82,12 @@ class _Pickler(cloudpickle.Pickler):
             reduced = _reduce_tensor(obj)
             if reduced is not NotImplemented:
                 return reduced
+        np = sys.modules.get("numpy")
+        if np is not None and type(obj) is np.ndarray and not (obj.flags.c_contiguous or obj.flags.f_contiguous) \
+                and not obj.dtype.hasobject:
+            # numpy pickles a strided view in band (a copy into the stream, byte
+            # order lost); the same one copy, made contiguous, goes out of band.
+            return np.ascontiguousarray(obj).__reduce_ex__(PROTOCOL)
         return super().reducer_override(obj)
 
 

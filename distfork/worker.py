@@ -44,13 +44,15 @@ from .config import Config
 from .errors import ProtocolError, SerializationError
 from .protocol import Entry, Flag, Msg, Status
 
-__all__ = ["Worker", "run_task"]
+__all__ = ["ABORT_EXIT_CODE", "Worker", "run_task"]
 
 log = logging.getLogger(__name__)
 
 _FLUSH_COUNT = 64  # results per RESULTS message at most while more tasks wait
 _FLUSH_S = 0.002  # longest a finished result waits for the rest of its burst
 _LINGER_MS = 300  # how long a stopping worker tries to deliver its last messages
+#: Exit code of a worker that ended itself to stop a cancelled or timed-out task.
+ABORT_EXIT_CODE = 75
 
 
 def run_task(
@@ -131,6 +133,15 @@ class Worker:
         self.session: str | None = None  # the broker's, from its WELCOME
         self.pool: shm.SegmentPool | None = None
         self._pool_lock = threading.Lock()
+        self.slots_: list[_Slot] = []
+        # Task keys the broker withdrew: a slot skips them, the control thread
+        # ends the process if one is running.
+        self.cancelled: set[int] = set()
+
+    def remember_cancelled(self, keys: set[int]) -> None:
+        if len(self.cancelled) > 100_000:  # keys of tasks long finished: forget them
+            self.cancelled.clear()
+        self.cancelled.update(keys)
 
     def welcomed(self, facts: dict[str, Any]) -> None:
         """A slot was welcomed: learn the session, make the result segment pool."""
@@ -167,29 +178,17 @@ class Worker:
 
     def serve_forever(self) -> None:
         os.environ["DISTFORK_ADDRESS"] = self.address  # nested forks reach our broker
-        slots = [_Slot(self, i, ident) for i, ident in enumerate(self.slot_ids)]
-        threads = [threading.Thread(target=s.run, name=f"distfork-slot-{s.index}", daemon=True) for s in slots]
+        self.slots_ = [_Slot(self, i, ident) for i, ident in enumerate(self.slot_ids)]
+        threads = [threading.Thread(target=s.run, name=f"distfork-slot-{s.index}", daemon=True) for s in self.slots_]
         for t in threads:
             t.start()
         control = self._socket(b"C" + self.slot_ids[0][1:])
-        peers = [i.hex() for i in self.slot_ids]
-        keepalive = protocol.encode_json(Msg.KEEPALIVE, {"peers": peers})
         log.info("%s connecting to %s with %d slots", self.where, self.address, self.slots)
-        ticks = 0
         try:
-            while not self._stopping:
-                control.send_multipart(keepalive)
-                if zmq.select([self._stop_r], [], [], self.config.heartbeat_s)[0]:
-                    break
-                ticks += 1
-                if ticks % 5 == 0 and self.session is not None:
-                    shm.sweep(self.session, dead_only=True)  # segments of peers that died mid-transfer
-                if self.parent_pid is not None and os.getppid() != self.parent_pid:
-                    log.warning("parent process %d is gone; stopping", self.parent_pid)
-                    self.stop()
+            self._control(control)
         finally:
             self._stopping = True
-            control.send_multipart(protocol.encode_json(Msg.KEEPALIVE, {"peers": peers, "bye": True}))
+            control.send_multipart(self._keepalive(bye=True))
             control.close(linger=_LINGER_MS)
             for t in threads:
                 t.join(1.0)
@@ -198,14 +197,77 @@ class Worker:
                 # A slot still inside a task cannot be interrupted; the broker
                 # has re-queued it already. Leave without waiting for it.
                 log.warning("%s stopping with tasks still running in %s", self.where, ", ".join(busy))
-                if self.pool is not None:
-                    self.pool.close()
-                logging.shutdown()
-                os._exit(0)
+                self._exit(0)
             self._ctx.term()
             if self.pool is not None:
                 self.pool.close()
             log.info("%s stopped", self.where)
+
+    def _keepalive(self, **extra: Any) -> list[Any]:
+        body = {"peers": [i.hex() for i in self.slot_ids], "pid": os.getpid(), "host": self.host, **extra}
+        return protocol.encode_json(Msg.KEEPALIVE, body)
+
+    def _control(self, control: zmq.Socket[Any]) -> None:
+        """The main thread: vouch for the slots, enforce timeouts, abort cancelled tasks."""
+        poller = zmq.Poller()
+        poller.register(control, zmq.POLLIN)
+        poller.register(self._stop_r, zmq.POLLIN)
+        heartbeat_s = self.config.heartbeat_s
+        next_beat = next_sweep = time.monotonic()
+        while not self._stopping:
+            now = time.monotonic()
+            if now >= next_beat:
+                control.send_multipart(self._keepalive())
+                next_beat = now + heartbeat_s
+                if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                    log.warning("parent process %d is gone; stopping", self.parent_pid)
+                    return
+            if now >= next_sweep and self.session is not None:
+                shm.sweep(self.session, dead_only=True)  # segments of peers that died mid-transfer
+                next_sweep = now + 5 * heartbeat_s
+            deadlines = [s.deadline for s in self.slots_ if s.deadline is not None]
+            wait_s = max(0.0, min([next_beat, *deadlines]) - time.monotonic())
+            events = dict(poller.poll(wait_s * 1000))
+            if control in events:
+                self._control_messages(control)
+            now = time.monotonic()
+            late = [s for s in self.slots_ if s.deadline is not None and now >= s.deadline and s.current is not None]
+            if late:
+                self._abort(control, timed_out=[s.current for s in late if s.current is not None])
+
+    def _control_messages(self, control: zmq.Socket[Any]) -> None:
+        while True:
+            try:
+                frames = control.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                kind, body = protocol.decode(frames)
+                if kind is Msg.CANCEL:
+                    keys = set(protocol.decode_cancel(body))
+                    self.remember_cancelled(keys)
+                    running = [s.current for s in self.slots_ if s.current in keys]
+                    if running:
+                        self._abort(control, cancelled=[k for k in running if k is not None])
+                elif kind not in (Msg.HEARTBEAT, Msg.REJECT, Msg.BYE):
+                    raise ProtocolError(f"unexpected {kind.name} on the control socket")
+            except ProtocolError as exc:
+                log.warning("dropped a message from the broker: %s", exc)
+
+    def _abort(self, control: zmq.Socket[Any], timed_out: Sequence[int] = (), cancelled: Sequence[int] = ()) -> None:
+        """A running task must stop: tell the broker, then end this process (our supervisor replaces it)."""
+        log.warning("%s: ending the process to stop %s", self.where,
+                    ", ".join([f"task {k} (timed out)" for k in timed_out] + [f"task {k} (cancelled)" for k in cancelled]))
+        control.send_multipart(self._keepalive(bye=True, timed_out=list(timed_out), cancelled=list(cancelled)))
+        control.close(linger=_LINGER_MS)
+        self._exit(ABORT_EXIT_CODE)
+
+    def _exit(self, code: int) -> None:
+        """Leave at once, although slot threads are inside tasks."""
+        if self.pool is not None:
+            self.pool.close()
+        logging.shutdown()
+        os._exit(code)
 
 
 class _Slot:
@@ -216,6 +278,8 @@ class _Slot:
         self.index = index
         self.identity = identity
         self.local: collections.deque[Entry] = collections.deque()
+        self.current: int | None = None  # key of the task running now
+        self.deadline: float | None = None  # monotonic time its timeout_s ends
 
     def _hello(self, sock: zmq.Socket[Any]) -> None:
         w = self.worker
@@ -260,9 +324,17 @@ class _Slot:
             first_done = 0.0
             while local and not w._stopping:
                 e = local.popleft()
+                if e.id in w.cancelled:
+                    w.cancelled.discard(e.id)
+                    continue
                 started = time.perf_counter()
                 pool = w.pool if e.flags & Flag.RESULT_SHM else None
-                status, out, retained = run_task(e.frames, w.where, threshold, pool)
+                self.deadline = time.monotonic() + e.extra if e.extra > 0 else None
+                self.current = e.id
+                try:
+                    status, out, retained = run_task(e.frames, w.where, threshold, pool)
+                finally:
+                    self.current = self.deadline = None
                 finished = time.perf_counter()
                 if not done:
                     first_done = finished
@@ -287,6 +359,7 @@ class _Slot:
                     self.local.extend(protocol.decode_batch(frames, body))
                 elif kind is Msg.CANCEL:
                     gone = set(protocol.decode_cancel(body))
+                    self.worker.remember_cancelled(gone)
                     keep = [e for e in self.local if e.id not in gone]
                     self.local.clear()
                     self.local.extend(keep)

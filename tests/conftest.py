@@ -136,7 +136,9 @@ class CliCluster:
     env: dict[str, str] = field(default_factory=dict)
 
     def start_worker(self, *args: str) -> subprocess.Popen[bytes]:
-        p = subprocess.Popen([sys.executable, "-m", "distfork", "worker", "--connect", self.address, *args],
+        # --no-nanny: the process we start is the worker itself, so its pid is
+        # the one that runs tasks (the nanny is tested on its own).
+        p = subprocess.Popen([sys.executable, "-m", "distfork", "worker", "--connect", self.address, "--no-nanny", *args],
                              env=self.env)
         self.workers.append(p)
         return p

@@ -82,3 +82,102 @@ def wait_for_path_holding(path: str, data: Any, timeout_s: float = 30.0) -> Any:
     """``wait_for_path`` with an argument (a large one maps a shared-memory segment); returns it."""
     wait_for_path(path, timeout_s)
     return data
+
+
+# -- the data plane (tests/integration/test_dataplane.py, test_shm_lifecycle.py, ...) --
+
+
+def mapping_of(address: int) -> str | None:
+    """What backs ``address`` in this process, from /proc/self/maps.
+
+    The mapped file's path ("/dev/shm/df-... (deleted)" once unlinked), ""
+    for anonymous memory (the heap, a received ZeroMQ frame), None if no
+    mapping holds it.
+    """
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(None, 5)
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if lo <= address < hi:
+                return fields[5].strip() if len(fields) > 5 else ""
+    return None
+
+
+def describe_data(x: Any) -> dict[str, Any]:
+    """Type, layout, exact bits (sha256) and backing memory of an array, tensor or bytes-like object."""
+    import hashlib
+
+    import numpy as np
+
+    out: dict[str, Any] = {"type": type(x).__name__}
+    if isinstance(x, np.ndarray):
+        out.update(dtype=x.dtype.str if not x.dtype.fields else x.dtype.descr, shape=x.shape,
+                   c=x.flags.c_contiguous, f=x.flags.f_contiguous, writeable=x.flags.writeable)
+        if x.dtype.fields:  # field by field: padding between fields is no data, and copies may skip it
+            packed = np.zeros(x.shape, x.dtype)
+            packed[...] = x
+            bits = packed.tobytes()
+        else:
+            bits = x.tobytes() if not x.dtype.hasobject else None
+        address = x.__array_interface__["data"][0] if x.size else None
+    elif type(x).__module__.startswith("torch"):
+        import torch
+
+        out.update(dtype=str(x.dtype), shape=tuple(x.shape), stride=tuple(x.stride()), requires_grad=x.requires_grad)
+        dense = torch.empty(x.shape, dtype=x.dtype).copy_(x.detach())  # fresh, standard strides
+        bits = dense.reshape(-1).view(torch.uint8).numpy().tobytes() if x.numel() else b""
+        address = x.data_ptr() if x.numel() else None
+    else:
+        view = memoryview(x)
+        out.update(nbytes=view.nbytes, writeable=not view.readonly)
+        bits = view.tobytes()
+        address = None
+    out["sha256"] = hashlib.sha256(bits).hexdigest() if bits is not None else None
+    out["backing"] = mapping_of(address) if address is not None else None
+    out["pid"] = os.getpid()
+    return out
+
+
+def fill_and_sum(a: Any, value: float) -> float:
+    """Overwrite the argument array in place (the driver's copy must not change); return its new sum."""
+    a[...] = value
+    return float(a.sum())
+
+
+def ones(n: int, delay_s: float = 0.0) -> Any:
+    """A float64 array of ``n`` ones, made here (a large result), after ``delay_s`` of work."""
+    import numpy as np
+
+    time.sleep(delay_s)
+    return np.ones(n)
+
+
+def sum_slowly(a: Any, delay_s: float) -> float:
+    """The sum of an argument array, after ``delay_s`` of work (keeps large arguments in flight)."""
+    time.sleep(delay_s)
+    return float(a.sum())
+
+
+_KEPT: dict[str, Any] = {}
+
+
+def keep(x: Any, key: str) -> int:
+    """Store the argument in a module global (it stays mapped after the task); return our pid."""
+    _KEPT[key] = x
+    return os.getpid()
+
+
+def kept_on_every_worker(key: str, gate_dir: str, n: int, timeout_s: float = 30.0) -> dict[str, Any] | None:
+    """``describe_data`` of what ``keep`` stored under ``key`` in this worker (then forgotten), or None.
+
+    Each call leaves a file in ``gate_dir`` and waits until ``n`` calls have,
+    so ``n`` concurrent calls run on ``n`` different single-slot workers.
+    """
+    open(os.path.join(gate_dir, str(os.getpid())), "w").close()
+    deadline = time.monotonic() + timeout_s
+    while len(os.listdir(gate_dir)) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(os.listdir(gate_dir))} of {n} workers reached {gate_dir}")
+        time.sleep(0.005)
+    kept = _KEPT.pop(key, None)
+    return describe_data(kept) if kept is not None else None

@@ -12,6 +12,10 @@ import pytest
 
 import distfork
 import tasks
+from conftest import wait_until
+from distfork.status import query_status
+
+from .support import embedded_cluster
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("shared_cluster")]
 
@@ -76,3 +80,19 @@ def test_results_arrive_as_tasks_finish_not_in_submission_order(tmp_path) -> Non
     finally:
         gate.touch()
     assert distfork.wait(slow, timeout=T) == "released"
+
+
+def test_short_tasks_do_not_wait_behind_a_long_one(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    address = embedded_cluster().address
+    # Both workers learn that tasks are short, so the broker prefetches to them.
+    distfork.wait_all([distfork.fork(tasks.getpid) for _ in range(200)], timeout=T)
+    gate = tmp_path / "open"
+    long = distfork.fork(tasks.wait_for_path, str(gate))
+    try:
+        wait_until(lambda: query_status(address)["running"] == 1, 10, what="the long task to be handed out")
+        quick = [distfork.fork(tasks.getpid) for _ in range(20)]
+        # A free worker exists the whole time: every short task can finish while the long one runs.
+        distfork.wait_all(quick, timeout=5)
+    finally:
+        gate.touch()
+        long.exception(T)

@@ -185,3 +185,23 @@ def test_no_broker_at_distfork_address(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DISTFORK_CONNECT_TIMEOUT_S", "1")
     with pytest.raises(distfork.BrokerUnavailableError, match=re.escape(address)):
         distfork.fork(tasks.add, 1, 1)
+
+
+class _Unpicklable(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+def raise_unpicklable(message: str) -> None:
+    raise _Unpicklable(message)
+
+
+@pytest.mark.usefixtures("local_cluster")
+def test_exception_that_cannot_travel_becomes_remote_error() -> None:
+    with pytest.raises(distfork.RemoteError) as excinfo:
+        distfork.wait(distfork.fork(raise_unpicklable, "cannot pickle me"), timeout=T)
+    text = str(excinfo.value)
+    assert "_Unpicklable" in text and "cannot pickle me" in text
+    assert isinstance(excinfo.value.__cause__, distfork.RemoteTraceback)
+    assert "raise_unpicklable" in str(excinfo.value.__cause__)
