@@ -8,6 +8,7 @@
 
 from .api import Options, fork, init, options, shutdown, wait
 from .errors import (
+    AuthenticationError,
     BrokerUnavailableError,
     DistforkError,
     ProtocolError,
@@ -21,6 +22,7 @@ from .future import Future, collect_all, wait_all
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuthenticationError",
     "BrokerUnavailableError",
     "DistforkError",
     "Future",

@@ -18,6 +18,10 @@ they are in their HELLO, so a cluster has exactly one address. The broker
 reads only headers: payload frames are forwarded as they came, never
 unpickled, so no user code ever runs here.
 
+With ``metrics_port``, prometheus_client serves ``/metrics`` from a thread of
+its own that only reads numbers (distfork/metrics.py); the loop adds to
+them once per message.
+
 SIGTERM or SIGINT stop the loop; peers are told BYE.
 """
 
@@ -33,8 +37,9 @@ from typing import Any
 
 import zmq
 
-from . import protocol, shm
+from . import protocol, security, shm
 from .broker_state import BrokerState, PeerInfo
+from .metrics import BrokerMetrics
 from .config import Config
 from .errors import ProtocolError
 from .protocol import Entry, Flag, Msg
@@ -51,14 +56,21 @@ _STEAL_CHECK_S = 0.02  # how often to look for stalled workers while another idl
 class Broker:
     """A result broker bound to ``address``; :meth:`serve_forever` runs it."""
 
-    def __init__(self, address: str, config: Config, parent_pid: int | None = None, session: str | None = None) -> None:
+    def __init__(self, address: str, config: Config, parent_pid: int | None = None, session: str | None = None,
+                 metrics_port: int | None = None, metrics_host: str = "127.0.0.1") -> None:
         self.config = config
         self.parent_pid = parent_pid
         self.session = session or secrets.token_hex(4)
         self._ticks = 0
         self._ctx = zmq.Context()
         self.sock = self._ctx.socket(zmq.ROUTER)
+        keys = security.server_keys(config)
+        self.auth = security.ServerAuth(self._ctx, keys) if keys is not None else None
+        if self.auth is not None:
+            self.auth.secure(self.sock)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.HANDSHAKE_IVL, int(config.handshake_s * 1000))
+        self.sock.setsockopt(zmq.BACKLOG, config.backlog)
         # Outgoing: bounded by the drivers' in-flight windows, never dropped.
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, config.hwm)
@@ -67,7 +79,11 @@ class Broker:
         self.sock.bind(address)
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.state = BrokerState(config, time.monotonic())
+        self.metrics = BrokerMetrics(self.state)
+        # Prometheus /metrics, from prometheus_client's own thread (it reads numbers, never the socket).
+        self.metrics_server = self.metrics.serve(metrics_port, metrics_host) if metrics_port is not None else None
         self._stopping = False
+        self._reload_keys = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -83,6 +99,14 @@ class Broker:
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop())
+        signal.signal(signal.SIGHUP, lambda *_: self._request_reload())
+
+    def _request_reload(self) -> None:
+        self._reload_keys = True
+        try:
+            os.write(self._wake_w, b"\0")
+        except OSError:
+            pass
 
     def serve_forever(self) -> None:
         poller = zmq.Poller()
@@ -98,6 +122,15 @@ class Broker:
                     timeout_ms = min(timeout_ms, _STEAL_CHECK_S * 1000)
                 events = dict(poller.poll(timeout_ms))
                 now = time.monotonic()
+                if self._wake_r in events:
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                if self._reload_keys:
+                    self._reload_keys = False
+                    if self.auth is not None:
+                        self.auth.reload()
                 if self.sock in events:
                     self._receive(now)
                 self._send_work(now)
@@ -109,6 +142,10 @@ class Broker:
                 self._send(peer, protocol.encode_signal(Msg.BYE))
             shm.sweep(self.session, dead_only=True)
             self.sock.close(linger=0)
+            if self.metrics_server is not None:
+                self.metrics_server.close()
+            if self.auth is not None:
+                self.auth.stop()
             self._ctx.term()
             os.close(self._wake_r)
             os.close(self._wake_w)
@@ -149,9 +186,13 @@ class Broker:
         p = self.state.seen(peer, now)
         if p is not None:
             if kind is Msg.SUBMIT and p.role == "driver":
-                self.state.submit(p, protocol.decode_batch(frames, body))
+                entries = protocol.decode_batch(frames, body)
+                self.state.submit(p, entries, now)
+                self.metrics.tasks_in(entries)
             elif kind is Msg.RESULTS and p.role == "worker":
-                self.state.results(p, protocol.decode_batch(frames, body))
+                entries = protocol.decode_batch(frames, body)
+                self.metrics.results_in(p, entries, now)
+                self.state.results(p, entries)
             elif kind is Msg.HEARTBEAT:
                 pass
             elif kind is Msg.CANCEL and p.role == "driver":
@@ -161,13 +202,13 @@ class Broker:
             elif kind is Msg.BYE:
                 self.state.bye(peer, now)
             elif kind is Msg.STATUS:
-                self._send(peer, protocol.encode_json(Msg.STATUS_REPLY, self.state.status(now)))
+                self._send(peer, protocol.encode_json(Msg.STATUS_REPLY, self._status(now)))
             else:
                 raise ProtocolError(f"{kind.name} from a {p.role}")
         elif kind is Msg.HELLO:
             self._hello(peer, body, now)
         elif kind is Msg.STATUS:
-            self._send(peer, protocol.encode_json(Msg.STATUS_REPLY, self.state.status(now)))
+            self._send(peer, protocol.encode_json(Msg.STATUS_REPLY, self._status(now)))
         elif kind is Msg.KEEPALIVE:
             self._call(self.state.keepalive, peer, protocol.decode_json(body), now)
         elif kind is Msg.EXITED:
@@ -176,6 +217,13 @@ class Broker:
             # Typically: we restarted and the peer does not know yet.
             self.state.counters["unknown_peer_messages"] += 1
             self._send(peer, protocol.encode_json(Msg.REJECT, {"reason": "unknown peer: say hello"}))
+
+    def _status(self, now: float) -> dict[str, Any]:
+        snap = self.state.status(now)
+        snap["metrics"] = self.metrics.snapshot()
+        if self.metrics_server is not None:
+            snap["metrics_url"] = self.metrics_server.url
+        return snap
 
     def _exited(self, info: dict[str, Any], now: float) -> None:
         self.state.exited(str(info["host"]), int(info["pid"]), int(info["code"]), now)
@@ -227,6 +275,7 @@ class Broker:
                 for t in tasks
             ]
             self._send_batches(worker, Msg.TASKS, entries)
+            self.metrics.started += len(entries)
         results, cancels = state.take_outbox()
         for driver, entries in results.items():
             self._send_batches(driver, Msg.RESULTS, entries)

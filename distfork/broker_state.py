@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 #: A worker busy this long without a result (and 4x its usual task time) is stalled.
 _STALL_S = 0.05
+#: Counter of failed tasks by their Status (distfork/metrics.py exports them by reason).
+_FAILED_COUNTERS = {s: f"tasks_failed_{s.name.lower()}" for s in Status if s != Status.OK}
 
 
 class TaskState(enum.Enum):
@@ -59,6 +61,7 @@ class Task:
     state: TaskState = TaskState.QUEUED
     worker: bytes | None = None
     losses: int = 0  # times a worker died while running it
+    submitted: float = 0.0  # when it reached the broker (monotonic s), for the latency metric
 
 
 @dataclasses.dataclass(eq=False)
@@ -82,6 +85,8 @@ class PeerInfo:
     control: bytes | None = None
     # worker: when it last showed progress (a result, or work handed to it while idle).
     progress_at: float = 0.0
+    # worker: resident memory of its process in bytes, from its KEEPALIVE (None: not told).
+    rss_bytes: int | None = None
 
     @property
     def domain(self) -> str | None:
@@ -159,10 +164,13 @@ class BrokerState:
             raise ValueError("KEEPALIVE without a list of peer ids")
         slots = [self.workers.get(bytes.fromhex(h)) for h in peers]
         if not body.get("bye"):
+            rss = body.get("rss")
+            rss_bytes = rss if isinstance(rss, int) and not isinstance(rss, bool) and rss >= 0 else None
             for w in slots:
                 if w is not None:
                     w.last_seen = now
                     w.control = control
+                    w.rss_bytes = rss_bytes
             return
         timed_out = {int(k) for k in body.get("timed_out") or ()}
         interrupted = bool(timed_out or body.get("cancelled"))
@@ -264,14 +272,16 @@ class BrokerState:
             return q
         return self.queue
 
-    def submit(self, driver: PeerInfo, entries: Sequence[Entry]) -> None:
-        """Queue tasks from a driver."""
+    def submit(self, driver: PeerInfo, entries: Sequence[Entry], now: float | None = None) -> None:
+        """Queue tasks from a driver (``now``: when they arrived)."""
         tasks = driver.tasks
         domain = driver.domain
+        at = self._now if now is None else now
         for e in entries:
             if e.id in tasks:
                 continue  # re-submitted after a reconnect: we still have it
-            task = Task(self._next_key, driver.id, e.id, e.code, e.extra, e.frames, domain, bool(e.flags & Flag.PINNED))
+            task = Task(self._next_key, driver.id, e.id, e.code, e.extra, e.frames, domain, bool(e.flags & Flag.PINNED),
+                        submitted=at)
             self._next_key += 1
             tasks[e.id] = task
             self._queue_of(task).append(task)
@@ -310,7 +320,12 @@ class BrokerState:
                 self._discard(task.worker, Entry(task.key, status, extra, frames))
             return
         driver.done += 1
-        self.counters["tasks_succeeded" if status == Status.OK else "tasks_failed"] += 1
+        if status == Status.OK:
+            self.counters["tasks_succeeded"] += 1
+        else:
+            driver.failed += 1
+            self.counters["tasks_failed"] += 1
+            self.counters[_FAILED_COUNTERS.get(status, "tasks_failed_other")] += 1  # by reason, for the metrics
         out = self._results.get(task.driver)
         if out is None:
             out = self._results[task.driver] = []
@@ -463,22 +478,27 @@ class BrokerState:
                 "assigned": len(w.assigned),
                 "done": w.done,
                 "failed": w.failed,
+                "rss_bytes": w.rss_bytes,
                 "last_seen_s": round(now - w.last_seen, 3),
             }
             for w in self.workers.values()
         ]
-        drivers = [
-            {
+        drivers = []
+        for d in self.peers.values():
+            if d.role != "driver":
+                continue
+            waiting = sum(1 for t in d.tasks.values() if t.state is TaskState.QUEUED)
+            drivers.append({
                 "id": d.id.hex(),
                 "name": d.info.get("name"),
                 "host": d.info.get("host"),
                 "pid": d.info.get("pid"),
                 "unfinished": len(d.tasks),
-                "done": d.done,
-            }
-            for d in self.peers.values()
-            if d.role == "driver"
-        ]
+                "queued": waiting,
+                "running": len(d.tasks) - waiting,  # held by workers, running or prefetched
+                "done": d.done,  # finished, failures included
+                "failed": d.failed,
+            })
         return {
             "uptime_s": round(now - self.started, 3),
             "queued": queued,

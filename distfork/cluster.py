@@ -38,11 +38,12 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import zmq
 
-from . import protocol, shm
+from . import protocol, security, shm
 from .config import Config
 from .protocol import Msg
 
@@ -130,6 +131,11 @@ class Supervisor:
         raise TimeoutError(f"the broker did not answer at {self.address} within {self.config.connect_timeout_s} s")
 
     @property
+    def refused(self) -> bool:
+        """Every worker was refused by the broker (wrong keys): nothing left to supervise."""
+        return self.n_workers > 0 and not self.workers and self._thread is not None
+
+    @property
     def pids(self) -> list[int]:
         with self._lock:
             procs = ([self.broker] if self.broker else []) + self.workers
@@ -142,6 +148,7 @@ class Supervisor:
         sock: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 1000)
+        security.secure_client(sock, security.client_keys(self.config))
         sock.connect(self.address)
         host = socket.gethostname()
         started = {p.pid: time.monotonic() for p in self.workers}
@@ -152,11 +159,16 @@ class Supervisor:
                     log.error("the broker (pid %d) exited with code %s; restarting it", self.broker.pid, self.broker.returncode)
                     with self._lock:
                         self.broker = self._spawn_broker()
-                for i, p in enumerate(list(self.workers)):
+                for p in list(self.workers):
                     code = p.poll()
                     if code is None:
                         continue
                     sock.send_multipart(protocol.encode_json(Msg.EXITED, {"host": host, "pid": p.pid, "code": code}))
+                    if code == security.EXIT_REFUSED:
+                        log.error("worker pid %d was refused by the broker (see its log); not restarting it", p.pid)
+                        with self._lock:
+                            self.workers.remove(p)
+                        continue
                     log.warning("worker pid %d exited with %s; starting another", p.pid,
                                 f"code {code}" if code >= 0 else f"signal {-code}")
                     # A worker that dies soon after it started (a broken install)
@@ -166,8 +178,9 @@ class Supervisor:
                     if self._stopping.wait(backoff_s):
                         return
                     with self._lock:
-                        self.workers[i] = self._spawn_worker()
-                    started[self.workers[i].pid] = time.monotonic()
+                        new = self._spawn_worker()
+                        self.workers[self.workers.index(p)] = new
+                    started[new.pid] = time.monotonic()
                     self.restarts += 1
         finally:
             sock.close(linger=0)
@@ -201,7 +214,8 @@ class LocalCluster(Supervisor):
     """A broker and workers on this machine, under one supervisor."""
 
     def __init__(
-        self, config: Config, workers: int | None = None, address: str | None = None, slots: int | None = None
+        self, config: Config, workers: int | None = None, address: str | None = None, slots: int | None = None,
+        broker_args: Sequence[str] = (),
     ) -> None:
         self._tmpdir: str | None = None
         if address is None:
@@ -209,7 +223,7 @@ class LocalCluster(Supervisor):
             address = f"ipc://{self._tmpdir}/broker"
         self.session = secrets.token_hex(4)
         n = workers or config.local_workers or os.cpu_count() or 1
-        super().__init__(config, address, n, slots, broker_args=["--session", self.session])
+        super().__init__(config, address, n, slots, broker_args=["--session", self.session, *broker_args])
 
     def stop(self) -> None:
         super().stop()

@@ -51,8 +51,22 @@ class Config:
     #: Bytes of large arguments a driver may have in flight at once; ``fork``
     #: blocks beyond it (one task is always let through, whatever its size).
     window_bytes: int = 1024 * 1024 * 1024
-    #: Largest message the broker accepts from a peer, in bytes (0: no limit).
-    max_message_bytes: int = 0
+    #: Largest message frame the broker accepts from a peer, in bytes (0: no
+    #: limit). Checked by libzmq before anything else, authenticated or not.
+    max_message_bytes: int = 4 * 1024**3
+    #: Seconds a peer has to finish its handshake (and CURVE authentication).
+    handshake_s: float = 5.0
+    #: Connections the broker lets wait to be accepted (the listen backlog).
+    backlog: int = 100
+    #: Directory laid out by ``distfork keygen``: every role takes its keys from
+    #: it (see distfork/security.py). Empty: no keys, loopback only.
+    keys_dir: str = ""
+    #: Our own secret key file (overrides keys_dir).
+    curve_secret_file: str = ""
+    #: The broker's public key, a file or its Z85 text (clients; overrides keys_dir).
+    curve_server_key: str = ""
+    #: Directory of admitted client public keys (broker; overrides keys_dir).
+    curve_allow_dir: str = ""
     #: ZeroMQ high-water mark (messages) on every socket.
     hwm: int = 100_000
     #: Seconds the driver waits for the broker to answer its hello before

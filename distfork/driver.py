@@ -36,9 +36,16 @@ from typing import Any
 
 import zmq
 
-from . import protocol, serialize, shm
+from . import protocol, security, serialize, shm
 from .config import Config
-from .errors import BrokerUnavailableError, DistforkError, ProtocolError, SerializationError, WorkerLostError
+from .errors import (
+    AuthenticationError,
+    BrokerUnavailableError,
+    DistforkError,
+    ProtocolError,
+    SerializationError,
+    WorkerLostError,
+)
 from .future import Future, callback_runner
 from .protocol import Entry, Flag, Msg, Status
 
@@ -74,6 +81,8 @@ class Driver:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._wake_pending = False
+        self._keys = security.client_keys(config)  # bad key settings fail here, in the caller
+        self._refused: str | None = None
         self._welcomed = threading.Event()
         self._closing = False
         self._closed = threading.Event()
@@ -87,12 +96,17 @@ class Driver:
     def connect(self, timeout_s: float | None = None) -> None:
         """Wait until the broker has answered our hello."""
         timeout_s = self.config.connect_timeout_s if timeout_s is None else timeout_s
-        if not self._welcomed.wait(timeout_s):
+        welcomed = self._welcomed.wait(timeout_s)
+        if self._refused is not None:
+            self.close()
+            raise AuthenticationError(self._refused)
+        if not welcomed:
             self.close()
             raise BrokerUnavailableError(
                 f"no distfork broker answered at {self.address} within {timeout_s:g} s; "
                 "start one with `distfork up` (or `distfork broker`), or fix the address given to "
-                "distfork.init / DISTFORK_ADDRESS"
+                "distfork.init / DISTFORK_ADDRESS; if that broker uses keys, give ours too "
+                "(distfork.init(keys_dir=...) or DISTFORK_KEYS_DIR)"
             )
 
     def submit(
@@ -193,10 +207,13 @@ class Driver:
         # The in-flight window bounds what we queue; the HWM must not drop it.
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
+        monitor = security.watch_handshake(sock) if security.secure_client(sock, self._keys) else None
         sock.connect(self.address)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        if monitor is not None:
+            poller.register(monitor, zmq.POLLIN)
         heartbeat_s = self.config.heartbeat_s
         self._hello(sock)
         last_sent = last_heard = last_hello = time.monotonic()
@@ -210,6 +227,8 @@ class Driver:
                         pass
                     self._wake_pending = False
                 now = time.monotonic()
+                if monitor is not None and monitor in events:
+                    self._handshake(monitor)
                 if self._outgoing or self._cancels:
                     self._flush(sock)
                     last_sent = now
@@ -236,7 +255,17 @@ class Driver:
                 sock.send_multipart(protocol.encode_signal(Msg.BYE), zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
+            if monitor is not None:
+                sock.disable_monitor()
+                monitor.close(linger=0)
             sock.close(linger=100)
+
+    def _handshake(self, monitor: zmq.Socket[Any]) -> None:
+        text = security.failure_text(monitor, self.address)
+        if text is not None and self._refused is None:
+            self._refused = text
+            log.error("%s", text)
+            self._welcomed.set()  # wake connect(): it raises AuthenticationError
 
     def _flush(self, sock: zmq.Socket[Any]) -> None:
         out = self._outgoing

@@ -7,6 +7,7 @@
      │    ├── SerializationError       something could not be pickled or unpickled
      │    ├── WorkerLostError          the worker running a task died, too often
      │    ├── BrokerUnavailableError   no broker answers at the address
+     │    ├── AuthenticationError      the broker refused our key, or the handshake failed
      │    ├── ProtocolError            a message on the wire is malformed (dropped)
      │    └── RemoteError              a task raised something that could not travel back
      └── TimeoutError (builtin)        ``wait(fut, timeout)`` expired; the task goes on
@@ -19,6 +20,7 @@ traceback text from the worker (host, pid), as ``concurrent.futures`` does.
 from __future__ import annotations
 
 __all__ = [
+    "AuthenticationError",
     "BrokerUnavailableError",
     "DistforkError",
     "ProtocolError",
@@ -57,6 +59,15 @@ class BrokerUnavailableError(DistforkError):
 
     Start one (``distfork broker`` or ``distfork up``), or check the address
     given to ``distfork.init`` / ``DISTFORK_ADDRESS``.
+    """
+
+
+class AuthenticationError(DistforkError):
+    """The broker refused our CURVE key, or the security handshake failed.
+
+    The message says which: an unknown public key (add it to the broker's
+    allow-list and SIGHUP the broker), or a wrong broker public key / keys
+    on one side only (check ``DISTFORK_KEYS_DIR`` on both sides).
     """
 
 

@@ -37,9 +37,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import psutil
 import zmq
 
-from . import protocol, serialize, shm
+from . import protocol, security, serialize, shm
 from .config import Config
 from .errors import ProtocolError, SerializationError
 from .protocol import Entry, Flag, Msg, Status
@@ -134,6 +135,7 @@ class Worker:
         self.pool: shm.SegmentPool | None = None
         self._pool_lock = threading.Lock()
         self.slots_: list[_Slot] = []
+        self._keys = security.client_keys(config)
         # Task keys the broker withdrew: a slot skips them, the control thread
         # ends the process if one is running.
         self.cancelled: set[int] = set()
@@ -173,6 +175,7 @@ class Worker:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)  # results: bounded by what the broker handed us
         sock.setsockopt(zmq.RCVHWM, self.config.hwm)
+        security.secure_client(sock, self._keys)
         sock.connect(self.address)
         return sock
 
@@ -183,9 +186,10 @@ class Worker:
         for t in threads:
             t.start()
         control = self._socket(b"C" + self.slot_ids[0][1:])
+        monitor = security.watch_handshake(control) if self._keys is not None else None
         log.info("%s connecting to %s with %d slots", self.where, self.address, self.slots)
         try:
-            self._control(control)
+            self._control(control, monitor)
         finally:
             self._stopping = True
             control.send_multipart(self._keepalive(bye=True))
@@ -204,14 +208,17 @@ class Worker:
             log.info("%s stopped", self.where)
 
     def _keepalive(self, **extra: Any) -> list[Any]:
-        body = {"peers": [i.hex() for i in self.slot_ids], "pid": os.getpid(), "host": self.host, **extra}
+        body = {"peers": [i.hex() for i in self.slot_ids], "pid": os.getpid(), "host": self.host,
+                "rss": _rss_bytes(), **extra}
         return protocol.encode_json(Msg.KEEPALIVE, body)
 
-    def _control(self, control: zmq.Socket[Any]) -> None:
+    def _control(self, control: zmq.Socket[Any], monitor: zmq.Socket[Any] | None) -> None:
         """The main thread: vouch for the slots, enforce timeouts, abort cancelled tasks."""
         poller = zmq.Poller()
         poller.register(control, zmq.POLLIN)
         poller.register(self._stop_r, zmq.POLLIN)
+        if monitor is not None:
+            poller.register(monitor, zmq.POLLIN)
         heartbeat_s = self.config.heartbeat_s
         next_beat = next_sweep = time.monotonic()
         while not self._stopping:
@@ -228,6 +235,11 @@ class Worker:
             deadlines = [s.deadline for s in self.slots_ if s.deadline is not None]
             wait_s = max(0.0, min([next_beat, *deadlines]) - time.monotonic())
             events = dict(poller.poll(wait_s * 1000))
+            if monitor is not None and monitor in events:
+                text = security.failure_text(monitor, self.address)
+                if text is not None:
+                    log.error("%s: %s", self.where, text)
+                    self._exit(security.EXIT_REFUSED)  # a supervisor does not restart a refused worker
             if control in events:
                 self._control_messages(control)
             now = time.monotonic()
@@ -380,6 +392,14 @@ class _Slot:
                     raise ProtocolError(f"unexpected {kind.name} from the broker")
             except ProtocolError as exc:
                 log.warning("dropped a message from the broker: %s", exc)
+
+
+def _rss_bytes() -> int | None:
+    """Resident memory of this process (shown by ``distfork status``), or None if unknown."""
+    try:
+        return int(psutil.Process().memory_info().rss)
+    except psutil.Error:
+        return None
 
 
 def _free(frames: Sequence[Any]) -> None:

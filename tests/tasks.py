@@ -181,3 +181,87 @@ def kept_on_every_worker(key: str, gate_dir: str, n: int, timeout_s: float = 30.
         time.sleep(0.005)
     kept = _KEPT.pop(key, None)
     return describe_data(kept) if kept is not None else None
+
+
+# -- faults (tests/integration/test_crash_matrix.py, test_faults.py, test_partition.py) --
+
+#: Exit code of ``fault("exit")``: a worker that calls ``os._exit`` with it.
+FAULT_EXIT_CODE = 3
+
+
+def fault(kind: str) -> None:
+    """Fail the way ``kind`` says, in this process: "raise", "exit", "sigkill" or "segfault"."""
+    import ctypes
+    import signal
+
+    if kind == "raise":
+        raise CustomError(f"fault {kind} in pid {os.getpid()}")
+    if kind == "exit":
+        os._exit(FAULT_EXIT_CODE)
+    if kind == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(60)  # the signal is delivered before this returns
+    if kind == "segfault":
+        ctypes.string_at(0)
+    raise ValueError(f"unknown fault kind {kind!r}")
+
+
+class FaultOnUnpickle:
+    """An argument that pickles fine in the driver; rebuilding it in the worker does ``fault(kind)``."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return fault, (self.kind,)
+
+
+class FaultOnPickle:
+    """A result whose pickling (``__reduce__``, in the worker) does ``fault(kind)``."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def __reduce__(self) -> Any:
+        fault(self.kind)
+        return FaultOnPickle, (self.kind,)
+
+
+def take_and_return(arg: Any) -> str:
+    """A task whose argument is rebuilt in the worker (``FaultOnUnpickle`` faults before this runs)."""
+    return f"ran with {arg!r}"
+
+
+def make_fault_on_pickle(kind: str) -> FaultOnPickle:
+    return FaultOnPickle(kind)
+
+
+def slow_identity(x: Any, delay_s: float) -> Any:
+    """``x``, after ``delay_s`` seconds of work."""
+    time.sleep(delay_s)
+    return x
+
+
+def touch(path: str) -> int:
+    """Create ``path`` (proof that the task ran); return our pid."""
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    return os.getpid()
+
+
+def announce_and_wait(started: str, gate: str, timeout_s: float = 60.0) -> int:
+    """Write our pid to ``started``, then block until ``gate`` exists; return our pid."""
+    with open(started + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(started + ".tmp", started)
+    wait_for_path(gate, timeout_s)
+    return os.getpid()
+
+
+def host_identity(i: int, delay_s: float, marker_dir: str) -> tuple[int, str | None, int]:
+    """(i, DISTFORK_TEST_HOST, pid) after ``delay_s``; files ``start-i-HOST`` and ``done-i-HOST`` mark the run."""
+    host = os.environ.get("DISTFORK_TEST_HOST")
+    open(os.path.join(marker_dir, f"start-{i}-{host}"), "w").close()
+    time.sleep(delay_s)
+    open(os.path.join(marker_dir, f"done-{i}-{host}"), "w").close()
+    return i, host, os.getpid()
