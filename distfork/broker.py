@@ -270,8 +270,9 @@ class Broker:
         for worker, tasks in state.dispatch(now).items():
             domain = state.workers[worker].domain
             entries = [
-                Entry(t.key, t.max_retries, t.timeout_s, t.frames,
-                      Flag.RESULT_SHM if domain is not None and t.domain == domain else 0)
+                Entry(t.key, t.max_retries, t.timeout_s, t.frames, Flag.RESULT_SHM, t.owner_pid)
+                if domain is not None and t.domain == domain
+                else Entry(t.key, t.max_retries, t.timeout_s, t.frames)
                 for t in tasks
             ]
             self._send_batches(worker, Msg.TASKS, entries)

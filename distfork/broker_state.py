@@ -58,6 +58,7 @@ class Task:
     # and (if pinned) the only domain whose workers can read the arguments.
     domain: str | None = None
     pinned: bool = False
+    owner_pid: int = 0  # the driver's pid (names the owner of a shared-memory result)
     state: TaskState = TaskState.QUEUED
     worker: bytes | None = None
     losses: int = 0  # times a worker died while running it
@@ -277,11 +278,13 @@ class BrokerState:
         tasks = driver.tasks
         domain = driver.domain
         at = self._now if now is None else now
+        pid = driver.info.get("pid")
+        owner_pid = pid if isinstance(pid, int) and 0 < pid < 2**32 else 0
         for e in entries:
             if e.id in tasks:
                 continue  # re-submitted after a reconnect: we still have it
             task = Task(self._next_key, driver.id, e.id, e.code, e.extra, e.frames, domain, bool(e.flags & Flag.PINNED),
-                        submitted=at)
+                        owner_pid=owner_pid, submitted=at)
             self._next_key += 1
             tasks[e.id] = task
             self._queue_of(task).append(task)

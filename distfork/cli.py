@@ -1,4 +1,4 @@
-"""The ``distfork`` command: ``broker``, ``worker``, ``up``, ``status``.
+"""The ``distfork`` command: ``broker``, ``worker``, ``up``, ``status``, ``loadtest``, ``keygen``.
 
 A cluster has one address, ``tcp://HOST:PORT`` (default port 7340), that
 drivers and workers alike connect to::
@@ -7,6 +7,8 @@ drivers and workers alike connect to::
     distfork worker --connect tcp://127.0.0.1:7340 --slots 1
     distfork up --workers 4            # both, in the foreground, until Ctrl-C
     distfork status --address tcp://127.0.0.1:7340
+    distfork loadtest --address tcp://127.0.0.1:7340 --tasks 10000 --concurrency 256
+    distfork broker --metrics-port 9340  # Prometheus metrics at http://127.0.0.1:9340/metrics
 """
 
 from __future__ import annotations
@@ -228,9 +230,11 @@ def up(bind: str, workers: int | None, slots: int | None, insecure: bool, metric
               show_default=DEFAULT_ADDRESS, help="The broker's address.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--timeout", "timeout_s", type=float, default=5.0, show_default=True, help="Seconds to wait.")
-def status(address: str, as_json: bool, timeout_s: float) -> None:
-    """Print the broker's workers, drivers and queue."""
-    from .status import query_status
+@click.option("--expect-worker-host", "expect_host", default=None, metavar="HOST",
+              help="Exit with status 3 unless a worker of HOST is registered (a worker's health check).")
+def status(address: str, as_json: bool, timeout_s: float, expect_host: str | None) -> None:
+    """Print the broker's workers and its queues per driver (exit 1 if no broker answers)."""
+    from .status import query_status, render_status
 
     try:
         snap = query_status(address, timeout_s)
@@ -238,16 +242,139 @@ def status(address: str, as_json: bool, timeout_s: float) -> None:
         raise click.ClickException(str(exc)) from None
     if as_json:
         click.echo(json.dumps(snap, indent=2))
-        return
-    click.echo(f"broker at {address}: up {snap['uptime_s']:.0f} s, {snap['queued']} queued, {snap['running']} assigned")
-    click.echo(f"{'worker':<28} {'host':<16} {'pid':>7} {'slots':>5} {'busy':>4} {'done':>8} {'failed':>6} {'seen':>6}")
-    for w in snap["workers"]:
-        click.echo(
-            f"{str(w['name'])[:28]:<28} {str(w['host'])[:16]:<16} {w['pid']:>7} {w['slots']:>5} {w['busy']:>4} "
-            f"{w['done']:>8} {w['failed']:>6} {w['last_seen_s']:>5.1f}s"
-        )
-    for d in snap["drivers"]:
-        click.echo(f"driver {d['name']}: {d['unfinished']} unfinished, {d['done']} done")
+    else:
+        _echo_rich(*render_status(snap, address))
+    if expect_host is not None and not any(w.get("host") == expect_host for w in snap["workers"]):
+        raise _NoSuchWorker(f"no worker of host {expect_host!r} is registered at {address}")
+
+
+class _NoSuchWorker(click.ClickException):
+    """The broker answered, without a worker of the expected host: exit status 3 (no answer: 1)."""
+
+    exit_code = 3
+
+
+def _console(stderr: bool = False) -> Any:
+    """A rich console; when not a terminal, wide enough that tables are not cut."""
+    from rich.console import Console
+
+    console = Console(stderr=stderr, highlight=False)
+    if not console.is_terminal:
+        console = Console(stderr=stderr, highlight=False, width=max(console.width, 200))
+    return console
+
+
+def _echo_rich(*renderables: Any) -> None:
+    console = _console()
+    with console.capture() as captured:
+        for r in renderables:
+            console.print(r)
+    click.echo(captured.get(), nl=False)
+
+
+@cli.command()
+@click.option("--address", default=lambda: os.environ.get("DISTFORK_ADDRESS"), show_default="an embedded cluster",
+              help="The broker's address (also DISTFORK_ADDRESS); none: start a local cluster for the run.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Embedded cluster: its worker processes (default one per core). With --address: wait for this "
+                   "many to register before starting.")
+@click.option("--tasks", "n_tasks", type=click.IntRange(min=1), default=None,
+              help="Tasks to run (default 1000, or unbounded with --duration).")
+@click.option("--duration", "duration_s", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Fork for this many seconds, then let the unfinished tasks finish.")
+@click.option("--concurrency", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Tasks unfinished at once (the window).")
+@click.option("--payload-bytes", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Size of each task's argument (a numpy byte array).")
+@click.option("--result-bytes", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Size of each task's result.")
+@click.option("--task-seconds", "task_s", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="How long each task sleeps.")
+@click.option("--fail-fraction", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Fraction of tasks that raise LoadTestError.")
+@click.option("--warmup", type=click.IntRange(min=0), default=32, show_default=True,
+              help="Tasks run first and left out of the report (workers import the task's module once).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Draw the latency histogram and throughput over time to this PNG (needs distfork[plot]).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def loadtest(address: str | None, workers: int | None, n_tasks: int | None, duration_s: float | None,
+             concurrency: int, payload_bytes: int, result_bytes: int, task_s: float, fail_fraction: float,
+             warmup: int, as_json: bool, plot_path: str | None, quiet: bool) -> None:
+    """Drive a cluster with forks; report throughput, latency percentiles, failures and bytes moved."""
+    from . import loadtest as lt
+
+    if plot_path is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise click.UsageError("--plot needs matplotlib: pip install 'distfork[plot]'") from None
+    try:
+        spec = lt.LoadSpec(tasks=n_tasks if n_tasks is not None or duration_s is not None else 1000,
+                           duration_s=duration_s, concurrency=concurrency, payload_bytes=payload_bytes,
+                           result_bytes=result_bytes, task_s=task_s, fail_fraction=fail_fraction, warmup=warmup)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
+        report = _run_loadtest(lt, spec, address, workers, quiet)
+    except (TimeoutError, DistforkError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if plot_path is not None:
+        lt.plot_report(report, plot_path)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        _echo_rich(_loadtest_table(report, plot_path))
+    if report.failures.get("unfinished"):
+        raise click.ClickException(f"{report.failures['unfinished']} tasks did not finish in time")
+
+
+def _run_loadtest(lt: Any, spec: Any, address: str | None, workers: int | None, quiet: bool) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    total = spec.tasks if spec.duration_s is None else None
+    with Progress(TextColumn("[bold]loadtest"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[rate]:>9.0f} tasks/s"), TextColumn("{task.fields[inflight]:>6} in flight"),
+                  TimeElapsedColumn(), console=_console(stderr=True), disable=quiet, transient=False) as bar:
+        task = bar.add_task("loadtest", total=total, rate=0.0, inflight=0)
+
+        def progress(finished: int, submitted: int, elapsed_s: float) -> None:
+            bar.update(task, completed=finished, rate=finished / elapsed_s if elapsed_s > 0 else 0.0,
+                       inflight=submitted - finished)
+
+        return lt.run(spec, address=address, workers=workers, progress=progress)
+
+
+def _loadtest_table(report: Any, plot_path: str | None) -> Any:
+    from rich.console import Group
+    from rich.table import Table
+
+    from .status import format_bytes
+
+    t = Table(title=f"loadtest of {report.address} ({report.workers} workers)", title_justify="left",
+              show_header=False, show_edge=False, pad_edge=False)
+    t.add_column(style="bold")
+    t.add_column()
+    spec = report.spec
+    t.add_row("tasks", f"{report.finished} finished of {report.submitted} forked, {report.succeeded} succeeded")
+    t.add_row("load", f"concurrency {spec.concurrency}, payload {format_bytes(spec.payload_bytes)}, "
+                      f"result {format_bytes(spec.result_bytes)}, task {spec.task_s:g} s")
+    t.add_row("throughput", f"{report.tasks_per_s:,.1f} tasks/s over {report.elapsed_s:.2f} s")
+    pct = report.percentiles()
+    if pct:
+        t.add_row("latency", "  ".join(f"{k} {pct[k] * 1000:.2f} ms" for k in ("p50", "p90", "p99", "max")))
+    failures = ", ".join(f"{k}: {v}" for k, v in sorted(report.failures.items())) or "none"
+    t.add_row("failures", failures, style="red" if report.failed else None)
+    t.add_row("bytes", f"sent {format_bytes(report.sent_bytes)}, received {format_bytes(report.received_bytes)}")
+    if report.broker_bytes:
+        for direction, paths in report.broker_bytes.items():
+            t.add_row(f"  {direction}s", ", ".join(f"{p} {format_bytes(n)}" for p, n in paths.items()))
+    if report.by_worker:
+        counts = sorted(report.by_worker.values())
+        t.add_row("spread", f"{len(counts)} workers ran tasks: {counts[0]} to {counts[-1]} each")
+    if plot_path:
+        t.add_row("plot", plot_path)
+    return Group(t)
 
 
 def main() -> None:

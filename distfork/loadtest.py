@@ -22,7 +22,8 @@ broker reports it - the broker's payload bytes by path (inline pickle
 stream, shared memory, ZeroMQ frames) during the run.
 
 With no address, an embedded local cluster (``distfork.init(workers=...)``)
-is started for the run and stopped after it.
+is started for the run and stopped after it. ``warmup`` tasks run first, out
+of the measure: a worker's first task imports this module.
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ class LoadSpec:
     result_bytes: int = 0
     task_s: float = 0.0
     fail_fraction: float = 0.0
+    #: Tasks run and waited for before the measured run (workers import the task's module on the first one).
+    warmup: int = 0
     #: Longest wait for the unfinished tasks once forking stopped.
     drain_timeout_s: float = 120.0
 
@@ -85,6 +88,8 @@ class LoadSpec:
             raise ValueError(f"concurrency={self.concurrency}: give at least 1")
         if self.payload_bytes < 0 or self.result_bytes < 0 or self.task_s < 0:
             raise ValueError("payload_bytes, result_bytes and task_s cannot be negative")
+        if self.warmup < 0:
+            raise ValueError(f"warmup={self.warmup}: give 0 or more")
         if not 0.0 <= self.fail_fraction <= 1.0:
             raise ValueError(f"fail_fraction={self.fail_fraction}: give a number from 0 to 1")
 
@@ -130,11 +135,13 @@ class Report:
                 "p99": float(p99), "max": float(lat.max())}
 
     def timeline(self, bin_s: float = _TIMELINE_BIN_S) -> list[float]:
-        """Tasks finished per second in consecutive ``bin_s`` bins."""
+        """Tasks finished per second in consecutive ``bin_s`` bins (the last one as long as the run lasted)."""
         if not self.finish_times_s:
             return []
         counts = np.bincount((np.asarray(self.finish_times_s) / bin_s).astype(int))
-        return [float(c / bin_s) for c in counts]
+        widths = np.full(len(counts), bin_s)
+        widths[-1] = max(self.elapsed_s - (len(counts) - 1) * bin_s, 1e-3)
+        return [float(c / w) for c, w in zip(counts, widths)]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -238,6 +245,11 @@ def run(
         assert rt is not None and rt.address is not None
         where = rt.address
         registered = _wait_for_workers(where, workers or (rt.cluster.n_workers if rt.cluster else 1), wait_workers_s)
+        if spec.warmup:
+            payload = np.ones(spec.payload_bytes, np.uint8) if spec.payload_bytes else None
+            warm = [distfork.fork(work, payload, spec.task_s, spec.result_bytes, False) for _ in range(spec.warmup)]
+            distfork.wait_all(warm, timeout=spec.drain_timeout_s)
+            del warm
         before = _broker_bytes(where)
         report = _drive(spec, where, registered, progress)
         after = _broker_bytes(where)
@@ -331,8 +343,10 @@ def plot_report(report: Report, path: str) -> None:
     left.set_ylabel("tasks")
     left.set_title(f"latency of {report.finished} tasks")
     rates = report.timeline()
-    times = np.arange(len(rates)) * _TIMELINE_BIN_S
-    right.step(times, rates, where="post", color="tab:green")
+    if rates:
+        edges = np.append(np.arange(len(rates)) * _TIMELINE_BIN_S, max(report.elapsed_s, (len(rates) - 1) * _TIMELINE_BIN_S))
+        right.stairs(rates, edges, color="tab:green")
+    right.set_ylim(bottom=0)
     right.set_xlabel("time since start (s)")
     right.set_ylabel("tasks/s")
     right.set_title(f"throughput (mean {report.tasks_per_s:.0f} tasks/s)")

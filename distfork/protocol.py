@@ -12,12 +12,13 @@ Bodies:
   EXITED): UTF-8 JSON
   object;
 * batches (SUBMIT, TASKS, RESULTS, DISCARD): ``u32 count`` then ``count``
-  entries of ``struct "!QHBBf"`` = (id, nframes, code, flags, extra),
+  entries of ``struct "!QHBBfI"`` = (id, nframes, code, flags, extra, pid),
   followed in the message by the entries' payload frames, ``nframes`` each,
   in order. For a task, ``code`` is max_retries (255: the cluster default),
   ``flags`` are :class:`Flag` bits and ``extra`` its timeout in seconds (0:
   none); for a result, ``code`` is a :class:`Status` and ``extra`` the run
-  time in seconds;
+  time in seconds. ``pid`` is only set in TASKS with RESULT_SHM: the
+  driver's pid, whose death frees the result's shared-memory segment;
 * CANCEL: ``u32 count`` then ``count`` u64 task ids;
 * HEARTBEAT, BYE, STATUS: empty.
 
@@ -106,7 +107,7 @@ class Status(enum.IntEnum):
 
 _HEADER = struct.Struct("!BB")
 _COUNT = struct.Struct("!I")
-_ENTRY = struct.Struct("!QHBBf")
+_ENTRY = struct.Struct("!QHBBfI")
 _U64 = struct.Struct("!Q")
 _SIGNALS = {m: _HEADER.pack(VERSION, m) for m in Msg}
 
@@ -119,6 +120,7 @@ class Entry(NamedTuple):
     extra: float
     frames: Sequence[Frame]
     flags: int = 0
+    pid: int = 0
 
 
 def _header(frames: Sequence[Frame]) -> tuple[Msg, memoryview]:
@@ -166,7 +168,7 @@ def encode_batch(kind: Msg, entries: Sequence[Entry]) -> list[Frame]:
     frames: list[Frame] = [b""]
     pack = _ENTRY.pack
     for entry in entries:
-        parts.append(pack(entry.id, len(entry.frames), entry.code, entry.flags, entry.extra))
+        parts.append(pack(entry.id, len(entry.frames), entry.code, entry.flags, entry.extra, entry.pid))
         frames.extend(entry.frames)
     frames[0] = b"".join(parts)
     return frames
@@ -181,11 +183,11 @@ def decode_batch(frames: Sequence[Frame], body: memoryview) -> list[Entry]:
         raise ProtocolError(f"batch of {count} entries has a {body.nbytes}-byte header")
     entries = []
     at = 1
-    for task_id, nframes, code, flags, extra in _ENTRY.iter_unpack(body[_COUNT.size :]):
+    for task_id, nframes, code, flags, extra, pid in _ENTRY.iter_unpack(body[_COUNT.size :]):
         end = at + nframes
         if end > len(frames):
             raise ProtocolError(f"batch entries name {end} frames, message has {len(frames)}")
-        entries.append(Entry(task_id, code, extra, frames[at:end], flags))
+        entries.append(Entry(task_id, code, extra, frames[at:end], flags, pid))
         at = end
     if at != len(frames):
         raise ProtocolError(f"batch has {len(frames) - at} frames no entry names")

@@ -148,16 +148,20 @@ _ALIGN = 64
 _shm_warned = False
 
 
-def pack(obj: Any, oob_threshold_bytes: int, pool: shm.SegmentPool | None) -> tuple[list[Any], shm.Segment | None]:
+def pack(
+    obj: Any, oob_threshold_bytes: int, pool: shm.SegmentPool | None, owner: int = 0
+) -> tuple[list[Any], shm.Segment | None]:
     """Pickle ``obj`` for the wire; large buffers go to a shared-memory segment if ``pool``.
 
     Returns the frames and the segment written (still mapped; the caller owns
-    it until it hands it over), or None.
+    it until it hands it over, to the process ``owner`` if given), or None.
     """
-    return route(dumps(obj, oob_threshold_bytes), pool)
+    return route(dumps(obj, oob_threshold_bytes), pool, owner)
 
 
-def route(frames: list[Any], pool: shm.SegmentPool | None) -> tuple[list[Any], shm.Segment | None]:
+def route(
+    frames: list[Any], pool: shm.SegmentPool | None, owner: int = 0
+) -> tuple[list[Any], shm.Segment | None]:
     """Lay ``dumps`` output out for the wire: see the module docstring."""
     global _shm_warned
     if len(frames) == 1:
@@ -170,7 +174,7 @@ def route(frames: list[Any], pool: shm.SegmentPool | None) -> tuple[list[Any], s
             extents.append((total, b.nbytes))
             total += b.nbytes
         try:
-            seg = pool.take(total)
+            seg = pool.take(total, owner)
         except shm.ShmUnavailable as exc:
             if not _shm_warned:
                 _shm_warned = True

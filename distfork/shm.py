@@ -12,8 +12,11 @@ Ownership (one owner unlinks each segment)::
             session's segments of dead pids; at exit a worker sweeps its own,
             the broker and the embedded cluster the whole session's.
 
-Names are ``df-<session>-<creator pid>-<n>``: the session prefix ties a
-segment to one cluster, the pid to the process that must unlink it.
+Names are ``df-<session>-<creator pid>-<n>``, and a result segment gets
+``-<owner pid>`` appended (the driver it is for) when it is handed out: the
+session prefix ties a segment to one cluster, the pids to the processes
+whose death makes it garbage. A result whose driver died before it arrived
+is swept too, although the worker that wrote it lives on.
 
 We do not use ``multiprocessing.shared_memory``: on Python < 3.13 it
 registers every segment a process merely attaches to with the resource
@@ -49,7 +52,7 @@ log = logging.getLogger(__name__)
 SHM_DIR = "/dev/shm"
 _PAGE = mmap.PAGESIZE
 _counter = itertools.count()
-_NAME = re.compile(r"^df-(?P<session>[0-9a-f]+)-(?P<pid>\d+)-\d+$")
+_NAME = re.compile(r"^df-(?P<session>[0-9a-f]+)-(?P<pid>\d+)-\d+(?:-(?P<owner>\d+))?$")
 
 
 class ShmUnavailable(OSError):
@@ -101,6 +104,12 @@ class Segment:
     def unlink(self) -> None:
         unlink(self.name)
 
+    def adopt(self, owner: int) -> None:
+        """Name the process this segment is for: it is swept if that process dies."""
+        name = f"{self.name}-{owner}"
+        os.rename(os.path.join(SHM_DIR, self.name), os.path.join(SHM_DIR, name))
+        self.name = name
+
     def release(self) -> None:
         """Drop our mapping (the segment itself stays until unlinked)."""
         self.view.release()
@@ -129,7 +138,10 @@ def attach(name: str, size: int, private: bool) -> memoryview:
 
 
 def sweep(session: str, pid: int | None = None, dead_only: bool = True) -> int:
-    """Unlink this session's segments (of ``pid`` only, or of dead creators only). Returns how many."""
+    """Unlink this session's segments: of ``pid`` only (creator or owner), of dead ones only. Returns how many.
+
+    A segment is dead when its creator or its owner (if named) is.
+    """
     try:
         names = os.listdir(SHM_DIR)
     except OSError:
@@ -139,10 +151,10 @@ def sweep(session: str, pid: int | None = None, dead_only: bool = True) -> int:
         m = _NAME.match(name)
         if m is None or m["session"] != session:
             continue
-        creator = int(m["pid"])
-        if pid is not None and creator != pid:
+        pids = [int(m["pid"])] + ([int(m["owner"])] if m["owner"] else [])
+        if pid is not None and pid not in pids:
             continue
-        if dead_only and _alive(creator):
+        if dead_only and all(_alive(p) for p in pids):
             continue
         unlink(name)
         gone += 1
@@ -174,8 +186,11 @@ class SegmentPool:
         self._closed = False
         self._thread: threading.Thread | None = None
 
-    def take(self, size: int) -> Segment:
-        """A segment of at least ``size`` bytes: a warm spare if one fits, else a new one."""
+    def take(self, size: int, owner: int = 0) -> Segment:
+        """A segment of at least ``size`` bytes: a warm spare if one fits, else a new one.
+
+        ``owner``: the pid of the process it is for (see :meth:`Segment.adopt`).
+        """
         with self._lock:
             fit = [s for s in self._spares if size <= s.size <= 2 * size + _PAGE]
             seg = min(fit, key=lambda s: s.size) if fit else None
@@ -187,7 +202,11 @@ class SegmentPool:
                 if self._thread is None:
                     self._thread = threading.Thread(target=self._warm, name="distfork-shm-warmer", daemon=True)
                     self._thread.start()
-        return seg if seg is not None else Segment(self.session, size)
+        if seg is None:
+            seg = Segment(self.session, size)
+        if owner:
+            seg.adopt(owner)
+        return seg
 
     def _warm(self) -> None:
         with self._lock:

@@ -57,23 +57,23 @@ ABORT_EXIT_CODE = 75
 
 
 def run_task(
-    frames: Sequence[Any], where: str, oob_threshold_bytes: int, pool: shm.SegmentPool | None
+    frames: Sequence[Any], where: str, oob_threshold_bytes: int, pool: shm.SegmentPool | None, owner: int = 0
 ) -> tuple[int, list[Any], bool]:
     """Unpickle a call, run it, pickle the outcome: ``(Status, frames, retained)``.
 
     With ``pool``, a large result goes to a new shared-memory segment whose
-    ownership passes to the receiver with the frames. ``retained``: something
+    ownership passes to the receiver (pid ``owner``) with the frames. ``retained``: something
     the task left alive (a global, a cache) still maps its argument segment,
     so its owner must not reuse it.
     """
     leases: list[serialize.Lease] = []
-    status, out = _call(frames, where, oob_threshold_bytes, pool, leases)
+    status, out = _call(frames, where, oob_threshold_bytes, pool, owner, leases)
     retained = not all([lease.close() for lease in leases])
     return status, out, retained
 
 
 def _call(
-    frames: Sequence[Any], where: str, oob_threshold_bytes: int, pool: shm.SegmentPool | None,
+    frames: Sequence[Any], where: str, oob_threshold_bytes: int, pool: shm.SegmentPool | None, owner: int,
     leases: list[serialize.Lease],
 ) -> tuple[int, list[Any]]:
     try:
@@ -92,7 +92,7 @@ def _call(
     finally:
         del func, args, kwargs
     try:
-        out, segment = serialize.pack(value, oob_threshold_bytes, pool)
+        out, segment = serialize.pack(value, oob_threshold_bytes, pool, owner)
     except BaseException as exc:  # noqa: BLE001
         err = SerializationError(
             f"the task's result {serialize.describe(value)} cannot be pickled: {type(exc).__name__}: {exc}. "
@@ -344,7 +344,7 @@ class _Slot:
                 self.deadline = time.monotonic() + e.extra if e.extra > 0 else None
                 self.current = e.id
                 try:
-                    status, out, retained = run_task(e.frames, w.where, threshold, pool)
+                    status, out, retained = run_task(e.frames, w.where, threshold, pool, e.pid)
                 finally:
                     self.current = self.deadline = None
                 finished = time.perf_counter()

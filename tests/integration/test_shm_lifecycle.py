@@ -192,10 +192,6 @@ def test_driver_sigkilled_with_large_arguments_in_flight(cli_cluster: CliCluster
                what=f"the undeliverable results to be freed: {segments(session)}")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known bug: a result the broker sends to a driver that died before the broker noticed (peer timeout) "
-    "is dropped by the ROUTER socket, and its segment stays in /dev/shm while its worker lives: it is named "
-    "after the worker, which is alive, so no sweep takes it"))
 def test_driver_sigkilled_just_before_its_large_results_arrive(cli_cluster: CliCluster, tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     driver, session, pid = _driver_holding_large_arguments(cli_cluster, tmp_path, gate)
