@@ -91,7 +91,7 @@ def init(
             if address is None:
                 rt.cluster = LocalCluster(cfg, workers=workers).start()
                 address = rt.cluster.address
-            rt.driver = Driver(address, cfg)
+            rt.driver = Driver(address, cfg, nested=os.environ.get("DISTFORK_IN_WORKER") == "1")
             try:
                 rt.driver.connect()
             except BaseException:

@@ -84,6 +84,7 @@ class Broker:
         self.metrics_server = self.metrics.serve(metrics_port, metrics_host) if metrics_port is not None else None
         self._stopping = False
         self._reload_keys = False
+        self._reclaims: list[tuple[PeerInfo, list[int]]] = []
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -134,6 +135,8 @@ class Broker:
                 if self.sock in events:
                     self._receive(now)
                 self._send_work(now)
+                if self._reclaims:
+                    self._answer_reclaims()
                 if now >= next_tick:
                     self._tick(now)
                     next_tick = now + heartbeat_s
@@ -197,6 +200,10 @@ class Broker:
                 pass
             elif kind is Msg.CANCEL and p.role == "driver":
                 self.state.cancel(p, protocol.decode_cancel(body))
+            elif kind is Msg.RECLAIM and p.role == "driver":
+                # Answered after the next dispatch: a task a free slot can start
+                # now goes there; only one nobody can take is given back.
+                self._reclaims.append((p, protocol.decode_cancel(body)))
             elif kind is Msg.HELLO:
                 self._hello(peer, body, now)
             elif kind is Msg.BYE:
@@ -288,6 +295,12 @@ class Broker:
             self._send_batches(worker, Msg.DISCARD, entries)
         for driver, facts in state.take_cluster_notices().items():
             self._send(driver, protocol.encode_json(Msg.CLUSTER, facts))
+
+    def _answer_reclaims(self) -> None:
+        reclaims, self._reclaims = self._reclaims, []
+        for driver, ids in reclaims:
+            granted = self.state.reclaim(driver, ids) if driver.id in self.state.peers else []
+            self._send(driver.id, protocol.encode_json(Msg.RECLAIMED, {"granted": granted, "asked": ids}))
 
     def _tick(self, now: float) -> None:
         for peer in self.state.peers:

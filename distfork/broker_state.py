@@ -59,6 +59,7 @@ class Task:
     domain: str | None = None
     pinned: bool = False
     owner_pid: int = 0  # the driver's pid (names the owner of a shared-memory result)
+    nested: bool = False  # forked by a task: never prefetched (its parent may reclaim it)
     state: TaskState = TaskState.QUEUED
     worker: bytes | None = None
     losses: int = 0  # times a worker died while running it
@@ -284,7 +285,7 @@ class BrokerState:
             if e.id in tasks:
                 continue  # re-submitted after a reconnect: we still have it
             task = Task(self._next_key, driver.id, e.id, e.code, e.extra, e.frames, domain, bool(e.flags & Flag.PINNED),
-                        owner_pid=owner_pid, submitted=at)
+                        owner_pid=owner_pid, nested=bool(e.flags & Flag.NESTED), submitted=at)
             self._next_key += 1
             tasks[e.id] = task
             self._queue_of(task).append(task)
@@ -358,15 +359,34 @@ class BrokerState:
         per_slot = int(self.config.prefetch_s / max(w.avg_run_s, 1e-6))
         return w.slots * min(per_slot, self.config.prefetch_max)
 
-    def _next_for(self, w: PeerInfo) -> Task | None:
-        """The next queued task worker ``w`` can run: pinned to its domain first."""
+    def _next_for(self, w: PeerInfo, prefetch: bool = False) -> Task | None:
+        """The next queued task worker ``w`` can run: pinned to its domain first.
+
+        ``prefetch``: for room beyond free slots, which a nested task never takes.
+        """
         pq = self.pinned.get(w.domain) if w.domain is not None else None
         for q in (pq, self.queue):
             while q:
-                task = q.popleft()
-                if task.state is TaskState.QUEUED:
-                    return task
+                task = q[0]
+                if task.state is not TaskState.QUEUED:
+                    q.popleft()
+                    continue
+                if prefetch and task.nested:
+                    break
+                return q.popleft()
         return None
+
+    def reclaim(self, driver: PeerInfo, ids: Sequence[int]) -> list[int]:
+        """Give queued tasks back to their driver, which runs them itself; returns the ids given back."""
+        granted = []
+        for task_id in ids:
+            task = driver.tasks.get(task_id)
+            if task is not None and task.state is TaskState.QUEUED:
+                del driver.tasks[task_id]
+                task.state = TaskState.CANCELLED  # dropped from its queue when reached
+                granted.append(task_id)
+        self.counters["tasks_reclaimed"] += len(granted)
+        return granted
 
     def _stalled(self, w: PeerInfo, now: float) -> bool:
         """Busy far longer than its tasks usually take: what it holds beyond its slots may wait long."""
@@ -388,7 +408,7 @@ class BrokerState:
         if not (self.queue or any(self.pinned.values())):
             return out
         for w in self.workers.values():  # free slots
-            while len(w.assigned) < w.slots and self._assign(w, out):
+            while len(w.assigned) < w.slots and self._assign(w, out, prefetch=False):
                 pass
         room = {
             w: w.slots + self.prefetch(w)
@@ -397,12 +417,12 @@ class BrokerState:
         }
         while room:  # prefetch, round robin
             for w, limit in list(room.items()):
-                if len(w.assigned) >= limit or not self._assign(w, out):
+                if len(w.assigned) >= limit or not self._assign(w, out, prefetch=True):
                     del room[w]
         return out
 
-    def _assign(self, w: PeerInfo, out: dict[bytes, list[Task]]) -> bool:
-        task = self._next_for(w)
+    def _assign(self, w: PeerInfo, out: dict[bytes, list[Task]], prefetch: bool) -> bool:
+        task = self._next_for(w, prefetch)
         if task is None:
             return False
         if not w.assigned:

@@ -152,8 +152,11 @@ def broker(bind: str, insecure: bool, parent_pid: int | None, session: str | Non
     from .broker import Broker
 
     _check_bind(bind, insecure)
-    b = Broker(bind, _config.load(), parent_pid=parent_pid, session=session, metrics_port=metrics_port,
-               metrics_host=metrics_host or _host_of(bind))
+    try:
+        b = Broker(bind, _config.load(), parent_pid=parent_pid, session=session, metrics_port=metrics_port,
+                   metrics_host=metrics_host or _host_of(bind))
+    except OSError as exc:  # the metrics port (ZeroMQ's own errors are not OSErrors)
+        raise click.ClickException(str(exc)) from None
     b.install_signal_handlers()
     b.serve_forever()
 

@@ -59,8 +59,13 @@ _BATCH_MAX = 2000  # tasks per SUBMIT message
 class Driver:
     """A connection to a broker that turns pickled calls into futures."""
 
-    def __init__(self, address: str, config: Config, name: str | None = None) -> None:
+    def __init__(self, address: str, config: Config, name: str | None = None, nested: bool = False) -> None:
         self.address = address
+        # In a worker process (tasks that fork): tasks are flagged NESTED and a
+        # future waited for while still queued is reclaimed and run in the waiter.
+        self.nested = nested
+        self._reclaims: collections.deque[int] = collections.deque()
+        self._reclaim_waiters: dict[int, tuple[threading.Event, list[bool]]] = {}
         self.config = config
         self.name = name or f"driver-{socket.gethostname()}-{os.getpid()}"
         self.identity = b"D" + os.urandom(8)
@@ -129,9 +134,10 @@ class Driver:
         self._window.acquire()
         frames, segment = serialize.route(frames, self._pool)
         task_id = next(self._ids)
-        fut: Future[Any] = Future(self._cancel)
+        fut: Future[Any] = Future(self._cancel, self._reclaim if self.nested else None)
         fut.task_id = task_id  # type: ignore[attr-defined]
-        entry = Entry(task_id, max_retries, timeout_s, frames, Flag.PINNED if segment is not None else 0)
+        flags = (Flag.PINNED if segment is not None else 0) | (Flag.NESTED if self.nested else 0)
+        entry = Entry(task_id, max_retries, timeout_s, frames, flags)
         self._inflight[task_id] = (fut, entry, segment, nbytes)
         self._outgoing.append(entry)
         self._wake()
@@ -174,6 +180,27 @@ class Driver:
         if self._segments is not None:
             self._segments.close()
         self._closed.set()
+
+    def _reclaim(self, fut: Future[Any]) -> None:
+        """Ask the broker for a task still queued; if it gives it back, run it in this thread."""
+        task_id: int = fut.task_id  # type: ignore[attr-defined]
+        if task_id not in self._inflight or self._closing:
+            return
+        done, answer = threading.Event(), [False]
+        self._reclaim_waiters[task_id] = (done, answer)
+        self._reclaims.append(task_id)
+        self._wake()
+        if not done.wait(self.config.peer_timeout_s) or not answer[0]:
+            self._reclaim_waiters.pop(task_id, None)
+            return  # running elsewhere (or no answer): wait for it as usual
+        item = self._inflight.pop(task_id, None)
+        if item is None:
+            return
+        from .worker import run_task  # a driver inside a worker runs what it took back
+
+        code, out, retained = run_task(item[1].frames, f"reclaimed by pid {os.getpid()}", self.config.oob_threshold_bytes, None)
+        complete(fut, code, out)
+        self._release(item[2], item[3], reusable=not retained)
 
     def _cancel(self, fut: Future[Any]) -> None:
         self._cancels.append(fut.task_id)  # type: ignore[attr-defined]
@@ -229,7 +256,7 @@ class Driver:
                 now = time.monotonic()
                 if monitor is not None and monitor in events:
                     self._handshake(monitor)
-                if self._outgoing or self._cancels:
+                if self._outgoing or self._cancels or self._reclaims:
                     self._flush(sock)
                     last_sent = now
                 if sock in events:
@@ -272,6 +299,9 @@ class Driver:
         while out:
             batch = [out.popleft() for _ in range(min(len(out), _BATCH_MAX))]
             sock.send_multipart(protocol.encode_batch(Msg.SUBMIT, batch), copy=False)
+        if self._reclaims:
+            ids = [self._reclaims.popleft() for _ in range(len(self._reclaims))]
+            sock.send_multipart(protocol.encode_cancel(ids, Msg.RECLAIM))
         if self._cancels:
             ids = []
             while self._cancels:
@@ -295,6 +325,8 @@ class Driver:
                 self._welcomed.set()
             elif kind is Msg.CLUSTER:
                 self._cluster_facts(protocol.decode_json(body))
+            elif kind is Msg.RECLAIMED:
+                self._reclaimed(protocol.decode_json(body))
             elif kind is Msg.REJECT:
                 if may_rehello:
                     log.info("broker at %s does not know us (restarted?): saying hello again", self.address)
@@ -308,6 +340,14 @@ class Driver:
         except ProtocolError as exc:
             log.warning("dropped a message from the broker: %s", exc)
         return False
+
+    def _reclaimed(self, reply: dict[str, Any]) -> None:
+        granted = set(reply.get("granted") or ())
+        for task_id in reply.get("asked") or ():
+            waiter = self._reclaim_waiters.pop(task_id, None)
+            if waiter is not None:
+                waiter[1][0] = task_id in granted
+                waiter[0].set()
 
     def _cluster_facts(self, facts: dict[str, Any]) -> None:
         """Use shared memory for arguments while some worker shares our /dev/shm."""

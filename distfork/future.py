@@ -54,14 +54,28 @@ class Future(concurrent.futures.Future, Generic[T]):  # type: ignore[type-arg]
     raises the builtin ``TimeoutError`` and the task goes on.
     """
 
-    def __init__(self, canceller: Callable[[Future[Any]], None] | None = None) -> None:
+    def __init__(
+        self,
+        canceller: Callable[[Future[Any]], None] | None = None,
+        reclaimer: Callable[[Future[Any]], None] | None = None,
+    ) -> None:
         super().__init__()
         self._canceller = canceller
+        # Inside a worker: before blocking, take the task back from the queue
+        # and run it here, so a task waiting for its children never deadlocks.
+        self._reclaimer = reclaimer
+
+    def _reclaim(self) -> None:
+        reclaimer, self._reclaimer = self._reclaimer, None
+        if reclaimer is not None and not self.done():
+            reclaimer(self)
 
     # concurrent.futures ------------------------------------------------------
 
     def result(self, timeout: float | None = None) -> T:
         """The task's value; raise its exception, or builtin ``TimeoutError`` after ``timeout`` s."""
+        if self._reclaimer is not None:
+            self._reclaim()
         try:
             return super().result(timeout)  # type: ignore[no-any-return]
         except concurrent.futures.TimeoutError as exc:
@@ -156,6 +170,9 @@ def wait_all(futures: Iterable[Future[Any]], timeout: float | None = None) -> li
     all are done after ``timeout`` seconds.
     """
     futures = list(futures)
+    for f in futures:  # inside a worker: run the children still queued here, in order
+        if isinstance(f, Future) and f._reclaimer is not None:
+            f._reclaim()
     done, not_done = concurrent.futures.wait(
         futures, timeout=timeout, return_when=concurrent.futures.FIRST_EXCEPTION
     )

@@ -246,7 +246,10 @@ class MetricsServer:
         self.registry.register(_Collector(metrics))  # type: ignore[arg-type]
         server: WSGIServer
         thread: threading.Thread
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        try:
+            server, thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
         self._server, self._thread = server, thread
         self.host = host
         self.port = int(server.server_address[1])

@@ -9,7 +9,7 @@ Every message is one ZeroMQ multipart message. Its first frame is the header::
 Bodies:
 
 * control messages (HELLO, WELCOME, STATUS_REPLY, REJECT, KEEPALIVE, CLUSTER,
-  EXITED): UTF-8 JSON
+  EXITED, RECLAIMED): UTF-8 JSON
   object;
 * batches (SUBMIT, TASKS, RESULTS, DISCARD): ``u32 count`` then ``count``
   entries of ``struct "!QHBBfI"`` = (id, nframes, code, flags, extra, pid),
@@ -19,7 +19,7 @@ Bodies:
   none); for a result, ``code`` is a :class:`Status` and ``extra`` the run
   time in seconds. ``pid`` is only set in TASKS with RESULT_SHM: the
   driver's pid, whose death frees the result's shared-memory segment;
-* CANCEL: ``u32 count`` then ``count`` u64 task ids;
+* CANCEL, RECLAIM: ``u32 count`` then ``count`` u64 task ids;
 * HEARTBEAT, BYE, STATUS: empty.
 
 The ROUTER socket of the broker prepends the sender's routing id; the
@@ -84,6 +84,8 @@ class Msg(enum.IntEnum):
     CLUSTER = 13  # B -> D: facts that changed (JSON: local_workers)
     DISCARD = 14  # B -> W: results nobody will take, back to their maker to free (batch)
     EXITED = 15  # supervisor -> B: a worker process ended (JSON: host, pid, code)
+    RECLAIM = 16  # D -> B: give these queued tasks back, I will run them myself (ids, as CANCEL)
+    RECLAIMED = 17  # B -> D: which of them it gave back (JSON: granted, refused)
 
 
 class Flag(enum.IntFlag):
@@ -92,6 +94,7 @@ class Flag(enum.IntFlag):
     PINNED = 1  # SUBMIT: the payload names a shared-memory segment of the driver's domain
     RESULT_SHM = 2  # TASKS: the driver shares the worker's /dev/shm; return large buffers there
     RETAINED = 4  # RESULTS: the task kept something that maps its argument segment: do not reuse it
+    NESTED = 8  # SUBMIT: forked by a task; never prefetched, so its parent can reclaim it while queued
 
 
 class Status(enum.IntEnum):
@@ -194,8 +197,9 @@ def decode_batch(frames: Sequence[Frame], body: memoryview) -> list[Entry]:
     return entries
 
 
-def encode_cancel(ids: Sequence[int]) -> list[Frame]:
-    return [_SIGNALS[Msg.CANCEL] + _COUNT.pack(len(ids)) + b"".join(_U64.pack(i) for i in ids)]
+def encode_cancel(ids: Sequence[int], kind: Msg = Msg.CANCEL) -> list[Frame]:
+    """A list of task ids (CANCEL, RECLAIM)."""
+    return [_SIGNALS[kind] + _COUNT.pack(len(ids)) + b"".join(_U64.pack(i) for i in ids)]
 
 
 def decode_cancel(body: memoryview) -> list[int]:

@@ -181,6 +181,7 @@ class Worker:
 
     def serve_forever(self) -> None:
         os.environ["DISTFORK_ADDRESS"] = self.address  # nested forks reach our broker
+        os.environ["DISTFORK_IN_WORKER"] = "1"  # ... and may take their queued children back
         self.slots_ = [_Slot(self, i, ident) for i, ident in enumerate(self.slot_ids)]
         threads = [threading.Thread(target=s.run, name=f"distfork-slot-{s.index}", daemon=True) for s in self.slots_]
         for t in threads:

@@ -265,3 +265,33 @@ def host_identity(i: int, delay_s: float, marker_dir: str) -> tuple[int, str | N
     time.sleep(delay_s)
     open(os.path.join(marker_dir, f"done-{i}-{host}"), "w").close()
     return i, host, os.getpid()
+
+
+def fib(n: int) -> int:
+    """Recursive Fibonacci that forks both halves (nested forks)."""
+    import distfork
+
+    if n < 2:
+        return n
+    a, b = distfork.fork(fib, n - 1), distfork.fork(fib, n - 2)
+    return distfork.wait(a) + distfork.wait(b)
+
+
+def merge_sort(xs: Any, cutoff: int = 50_000) -> Any:
+    """Merge sort of a numpy array that forks both halves down to ``cutoff`` items."""
+    import numpy as np
+
+    import distfork
+
+    if len(xs) <= cutoff:
+        return np.sort(xs, kind="stable")
+    mid = len(xs) // 2
+    left, right = distfork.wait_all([distfork.fork(merge_sort, xs[:mid], cutoff), distfork.fork(merge_sort, xs[mid:], cutoff)])
+    # Merge: where each item of the right half lands among the left half's.
+    out = np.empty(len(xs), dtype=xs.dtype)
+    pos = np.searchsorted(left, right, side="right") + np.arange(len(right))
+    mask = np.ones(len(xs), dtype=bool)
+    mask[pos] = False
+    out[pos] = right
+    out[mask] = left
+    return out
