@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from concurrent.futures import InvalidStateError
 from typing import Any, TypeVar
 
 from . import config as _config
@@ -143,7 +144,10 @@ def _check_callable(func: Any) -> None:
 def _fork(func: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any], max_retries: int, timeout_s: float) -> Future[T]:
     _check_callable(func)
     rt = _current()
-    frames = serialize.dumps_call(func, args, kwargs, rt.config.oob_threshold_bytes)
+    try:
+        frames = serialize.dumps_call(func, args, kwargs, rt.config.oob_threshold_bytes)
+    except serialize.FutureArgument as arg:
+        return _fork_after(arg.future, func, args, kwargs, max_retries, timeout_s)
     if rt.driver is not None:
         return rt.driver.submit(frames, max_retries, timeout_s)
     fut: Future[T] = Future()
@@ -151,6 +155,57 @@ def _fork(func: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any],
     code, out, _ = run_task(frames, f"inline mode (pid {os.getpid()})", rt.config.oob_threshold_bytes, None)
     complete(fut, code, out)
     return fut
+
+
+def _fork_after(
+    dep: Future[Any], func: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any], max_retries: int,
+    timeout_s: float,
+) -> Future[T]:
+    """Fork once ``dep`` (a future among the arguments) is done; if it failed, fail the same way, unrun.
+
+    The values of future arguments pass through this driver (resolving them
+    inside the cluster is not built yet).
+    """
+    outer: Future[T] = Future()
+
+    def start(_: Any) -> None:
+        if outer.cancelled():
+            return
+        if dep.cancelled():
+            outer.cancel()
+            return
+        failure = dep.exception()
+        if failure is not None:
+            _set(outer, exception=failure)
+            return
+        try:
+            inner = _fork(func, args, kwargs, max_retries, timeout_s)
+        except BaseException as exc:  # noqa: BLE001 - it belongs to the future
+            _set(outer, exception=exc)
+            return
+        outer._canceller = lambda _: inner.cancel()
+        inner.add_done_callback(finish)
+
+    def finish(inner: Any) -> None:
+        if inner.cancelled():
+            outer.cancel()
+        elif inner.exception() is not None:
+            _set(outer, exception=inner.exception())
+        else:
+            _set(outer, result=inner.result())
+
+    dep.add_done_callback(start)
+    return outer
+
+
+def _set(fut: Future[Any], result: Any = None, exception: BaseException | None = None) -> None:
+    try:
+        if exception is not None:
+            fut.set_exception(exception)
+        else:
+            fut.set_result(result)
+    except InvalidStateError:
+        pass  # cancelled meanwhile
 
 
 def fork(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:

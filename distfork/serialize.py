@@ -40,8 +40,9 @@ import cloudpickle
 
 from . import shm
 from .errors import SerializationError
+from .future import Future as _Future
 
-__all__ = ["Lease", "describe", "dumps", "dumps_call", "loads", "oob_bytes", "pack", "route", "unpack"]
+__all__ = ["FutureArgument", "Lease", "describe", "dumps", "dumps_call", "loads", "oob_bytes", "pack", "route", "unpack"]
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,25 @@ def _reduce_tensor(t: Any) -> Any:
     return _rebuild_tensor, (raw.detach().numpy(), str(t.dtype).removeprefix("torch."), shape, stride, t.requires_grad)
 
 
+class FutureArgument(Exception):
+    """Pickling met a distfork Future among the arguments that is not done yet (or failed)."""
+
+    def __init__(self, future: Any) -> None:
+        super().__init__("a future among the arguments is not done")
+        self.future = future
+
+
+def _value(x: Any) -> Any:
+    return x
+
+
 class _Pickler(cloudpickle.Pickler):
     def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, _Future):
+            # A future passed as an argument stands for its value.
+            if not obj.done() or obj.cancelled() or obj.exception() is not None:
+                raise FutureArgument(obj)
+            return _value, (obj.result(),)
         torch = sys.modules.get("torch")
         if torch is not None and type(obj) is torch.Tensor:
             reduced = _reduce_tensor(obj)
@@ -271,6 +289,8 @@ def dumps_call(
     """Pickle a call ``(func, args, kwargs)``; name the culprit if it cannot be pickled."""
     try:
         return dumps((func, args, kwargs), oob_threshold_bytes)
+    except FutureArgument:
+        raise
     except Exception as exc:  # noqa: BLE001 - any pickling failure is the user's object
         culprit = _find_unpicklable(func, args, kwargs)
         raise SerializationError(
