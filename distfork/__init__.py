@@ -17,7 +17,8 @@ from .errors import (
     SerializationError,
     WorkerLostError,
 )
-from .future import Future, collect_all, wait_all
+from .executor import Executor
+from .future import Future, as_completed, collect_all, wait_all
 
 __version__ = "0.1.0"
 
@@ -25,6 +26,7 @@ __all__ = [
     "AuthenticationError",
     "BrokerUnavailableError",
     "DistforkError",
+    "Executor",
     "Future",
     "Options",
     "ProtocolError",
@@ -32,6 +34,7 @@ __all__ = [
     "RemoteTraceback",
     "SerializationError",
     "WorkerLostError",
+    "as_completed",
     "collect_all",
     "fork",
     "init",

@@ -13,12 +13,14 @@ would wait for the very thread that has to deliver it. The driver sets
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import threading
+import time
 from collections.abc import Callable, Generator, Iterable
 from typing import Any, Generic, TypeVar
 
-__all__ = ["Future", "collect_all", "wait_all"]
+__all__ = ["Future", "as_completed", "collect_all", "wait_all"]
 
 T = TypeVar("T")
 S = TypeVar("S")
@@ -182,3 +184,101 @@ def wait_all(futures: Iterable[Future[Any]], timeout: float | None = None) -> li
                 f.result()  # a failure is raised at once, as torch.futures.wait_all does
         raise TimeoutError(f"{len(not_done)} of {len(futures)} futures not done after {timeout} s")
     return [f.result() for f in futures]
+
+
+F = TypeVar("F", bound=concurrent.futures.Future)  # type: ignore[type-arg]
+
+
+def as_completed(futures: Iterable[F], timeout: float | None = None) -> _AsCompleted[F]:
+    """The futures as they finish, for ``for`` and for ``async for``.
+
+    As ``concurrent.futures.as_completed``: futures already done come first,
+    each future comes once (duplicates are dropped), and the builtin
+    ``TimeoutError`` is raised when the next one is not done ``timeout``
+    seconds after this call. ``async for fut in as_completed(futs)`` waits
+    without blocking the event loop. No thread is started: each future's
+    done callback hands it to the iterator.
+    """
+    return _AsCompleted(futures, timeout)
+
+
+class _AsCompleted(Generic[F]):
+    """What :func:`as_completed` returns: an iterator, or an async iterator, of finished futures.
+
+    Done callbacks append to a deque under a condition (``for``); once
+    ``async for`` has started, they hand the futures to an ``asyncio.Queue``
+    through ``loop.call_soon_threadsafe`` instead.
+    """
+
+    def __init__(self, futures: Iterable[F], timeout: float | None) -> None:
+        unique = list(dict.fromkeys(futures))
+        self._timeout = timeout
+        self._end = None if timeout is None else time.monotonic() + timeout
+        self._cond = threading.Condition()
+        self._finished: collections.deque[F] = collections.deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue[F] | None = None
+        self._total = self._left = len(unique)
+        for fut in unique:
+            fut.add_done_callback(self._on_done)
+
+    def _on_done(self, fut: F) -> None:
+        with self._cond:
+            loop, queue = self._loop, self._queue
+            if loop is None or queue is None:
+                self._finished.append(fut)
+                self._cond.notify()
+                return
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, fut)
+        except RuntimeError:
+            pass  # the loop is closed: nobody is iterating any more
+
+    def _remaining_s(self) -> float | None:
+        return None if self._end is None else max(0.0, self._end - time.monotonic())
+
+    def _timed_out(self) -> TimeoutError:
+        return TimeoutError(f"{self._left} (of {self._total}) futures unfinished after {self._timeout} s")
+
+    def __iter__(self) -> _AsCompleted[F]:
+        return self
+
+    def __next__(self) -> F:
+        with self._cond:
+            if self._loop is not None:
+                raise RuntimeError("this as_completed() is being iterated with `async for`; use one or the other")
+            if self._left == 0:
+                raise StopIteration
+            if not self._cond.wait_for(lambda: self._finished, self._remaining_s()):
+                raise self._timed_out()
+            self._left -= 1
+            return self._finished.popleft()
+
+    def __aiter__(self) -> _AsCompleted[F]:
+        loop = asyncio.get_running_loop()
+        with self._cond:
+            if self._loop is None:
+                self._queue = asyncio.Queue()
+                for fut in self._finished:
+                    self._queue.put_nowait(fut)
+                self._finished.clear()
+                self._loop = loop
+            elif self._loop is not loop:
+                raise RuntimeError("this as_completed() is being iterated in another event loop")
+        return self
+
+    async def __anext__(self) -> F:
+        queue = self._queue if self._queue is not None else self.__aiter__()._queue
+        assert queue is not None
+        if self._left == 0:
+            raise StopAsyncIteration
+        try:
+            fut = queue.get_nowait()
+        except asyncio.QueueEmpty:
+            remaining_s = self._remaining_s()
+            try:
+                fut = await (queue.get() if remaining_s is None else asyncio.wait_for(queue.get(), remaining_s))
+            except asyncio.TimeoutError:  # not the builtin one before Python 3.11
+                raise self._timed_out() from None
+        self._left -= 1
+        return fut
