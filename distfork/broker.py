@@ -200,6 +200,8 @@ class Broker:
                 pass
             elif kind is Msg.CANCEL and p.role == "driver":
                 self.state.cancel(p, protocol.decode_cancel(body))
+            elif kind is Msg.RECYCLE and p.role == "driver":
+                self._call(self._recycle, p, protocol.decode_json(body))
             elif kind is Msg.RECLAIM and p.role == "driver":
                 # Answered after the next dispatch: a task a free slot can start
                 # now goes there; only one nobody can take is given back.
@@ -232,6 +234,22 @@ class Broker:
             snap["metrics_url"] = self.metrics_server.url
         return snap
 
+    def _recycle(self, driver: PeerInfo, body: dict[str, Any]) -> None:
+        """Result segments a driver no longer maps go back to the worker process that made them."""
+        by_pid: dict[int, list[str]] = {}
+        for name in body["names"]:
+            pid = shm.creator(str(name))
+            if pid is not None:
+                by_pid.setdefault(pid, []).append(str(name))
+        for w in self.state.workers.values():
+            names = by_pid.pop(w.info.get("pid"), None)  # type: ignore[arg-type]
+            if names and w.domain is not None and w.domain == driver.domain:
+                self._send(w.id, protocol.encode_json(Msg.RECYCLE, {"names": names}))
+        for names in by_pid.values():  # their maker is gone: nobody will reuse them
+            for name in names:
+                if driver.domain is not None and driver.domain == shm.domain():
+                    shm.unlink(name)
+
     def _exited(self, info: dict[str, Any], now: float) -> None:
         self.state.exited(str(info["host"]), int(info["pid"]), int(info["code"]), now)
 
@@ -240,14 +258,14 @@ class Broker:
         """Apply a control message; malformed content is a ProtocolError."""
         try:
             method(*args)
-        except (ValueError, TypeError, KeyError) as exc:
+        except (ValueError, TypeError, KeyError, OverflowError) as exc:  # OverflowError: int(1e400)
             raise ProtocolError(f"bad {method.__name__} message: {exc}") from None
 
     def _hello(self, peer: bytes, body: memoryview, now: float) -> None:
         info = protocol.decode_json(body)
         try:
             p = self.state.hello(peer, info, now)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, OverflowError) as exc:
             raise ProtocolError(f"bad hello: {exc}") from None
         self._send(peer, protocol.encode_json(Msg.WELCOME, self._welcome(p)))
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
+import itertools
 import logging
 import signal
 from collections.abc import Sequence
@@ -63,6 +64,9 @@ class Task:
     state: TaskState = TaskState.QUEUED
     worker: bytes | None = None
     losses: int = 0  # times a worker died while running it
+    # It was on a worker that was lost: it runs alone (never prefetched, nothing
+    # prefetched behind it), so that a loss while it runs is blamed on it exactly.
+    suspect: bool = False
     submitted: float = 0.0  # when it reached the broker (monotonic s), for the latency metric
 
 
@@ -87,6 +91,9 @@ class PeerInfo:
     control: bytes | None = None
     # worker: when it last showed progress (a result, or work handed to it while idle).
     progress_at: float = 0.0
+    # worker: handed tasks beyond its slots since it was last idle (some of them may
+    # have finished, their results held back by the worker, when it is lost).
+    batched: bool = False
     # worker: resident memory of its process in bytes, from its KEEPALIVE (None: not told).
     rss_bytes: int | None = None
 
@@ -233,11 +240,16 @@ class BrokerState:
         tasks = list(w.assigned.values())
         w.assigned.clear()
         running, waiting = (tasks[: w.slots], tasks[w.slots :]) if blame else ([], tasks)
+        # A worker holds finished results back to send a burst together, so with
+        # tasks prefetched behind it, the first task may have finished and a later
+        # one crashed. Then the loss is counted but fails nothing: all go back as
+        # suspects, which run alone, where the next loss is blamed exactly.
+        exact = not w.batched or all(t.suspect for t in running)
         requeue: list[Task] = []
         for task in running:
             task.losses += 1
             limit = self.config.max_retries if task.max_retries == DEFAULT_RETRIES else task.max_retries
-            if task.losses > limit:
+            if task.losses > limit and exact:
                 text = (
                     f"worker {w.info.get('name')} (host {w.info.get('host')}, pid {w.info.get('pid')}) "
                     f"was lost while running this task ({reason}); it was lost {task.losses} times, "
@@ -250,6 +262,7 @@ class BrokerState:
                 self.counters["tasks_retried"] += 1
         requeue += waiting
         for task in reversed(requeue):
+            task.suspect = True
             self._requeue(task)
         level = logging.INFO if reason == "said goodbye" and not tasks else logging.WARNING
         log.log(level, "worker %s left (%s): %d tasks re-queued", w.info.get("name"), reason, len(requeue))
@@ -298,7 +311,8 @@ class BrokerState:
         if entries:
             batch_avg = sum(e.extra for e in entries) / len(entries)
             prev = worker.avg_run_s
-            worker.avg_run_s = batch_avg if prev is None else 0.7 * prev + 0.3 * batch_avg
+            if 0.0 <= batch_avg < float("inf"):  # a NaN from a broken peer would break prefetch() for good
+                worker.avg_run_s = batch_avg if prev is None else 0.7 * prev + 0.3 * batch_avg
         for e in entries:
             task = assigned.pop(e.id, None)
             if task is None:
@@ -310,6 +324,8 @@ class BrokerState:
             else:
                 worker.failed += 1
             self._finish(task, e.code, e.extra, e.frames, e.flags)
+        if not assigned:
+            worker.batched = False
 
     def _discard(self, worker: bytes, e: Entry) -> None:
         """A result nobody takes goes back to its worker, to free its shared memory."""
@@ -371,7 +387,7 @@ class BrokerState:
                 if task.state is not TaskState.QUEUED:
                     q.popleft()
                     continue
-                if prefetch and task.nested:
+                if prefetch and (task.nested or task.suspect):
                     break
                 return q.popleft()
         return None
@@ -413,7 +429,9 @@ class BrokerState:
         room = {
             w: w.slots + self.prefetch(w)
             for w in self.workers.values()
-            if now is None or not self._stalled(w, now)
+            if (now is None or not self._stalled(w, now))
+            # a suspect runs alone; it only ever takes a free slot, so it is among the first `slots`
+            and not any(t.suspect for t in itertools.islice(w.assigned.values(), w.slots))
         }
         while room:  # prefetch, round robin
             for w, limit in list(room.items()):
@@ -427,6 +445,8 @@ class BrokerState:
             return False
         if not w.assigned:
             w.progress_at = self._now
+        if prefetch:
+            w.batched = True
         task.state = TaskState.ASSIGNED
         task.worker = w.id
         w.assigned[task.key] = task

@@ -30,7 +30,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import InvalidStateError
 from typing import Any
 
@@ -65,6 +65,7 @@ class Driver:
         # future waited for while still queued is reclaimed and run in the waiter.
         self.nested = nested
         self._reclaims: collections.deque[int] = collections.deque()
+        self._recycles: collections.deque[str] = collections.deque()
         self._reclaim_waiters: dict[int, tuple[threading.Event, list[bool]]] = {}
         self.config = config
         self.name = name or f"driver-{socket.gethostname()}-{os.getpid()}"
@@ -177,6 +178,8 @@ class Driver:
             fut.cancel()
             self._release(segment, nbytes)
         self._inflight.clear()
+        while self._recycles:
+            shm.unlink(self._recycles.popleft())
         if self._segments is not None:
             self._segments.close()
         self._closed.set()
@@ -201,6 +204,14 @@ class Driver:
         code, out, retained = run_task(item[1].frames, f"reclaimed by pid {os.getpid()}", self.config.oob_threshold_bytes, None)
         complete(fut, code, out)
         self._release(item[2], item[3], reusable=not retained)
+
+    def _recycle(self, name: str) -> None:
+        """A result segment nobody here maps any more (called from any thread, by GC)."""
+        if self._closing:
+            shm.unlink(name)
+            return
+        self._recycles.append(name)
+        self._wake()
 
     def _cancel(self, fut: Future[Any]) -> None:
         self._cancels.append(fut.task_id)  # type: ignore[attr-defined]
@@ -256,7 +267,7 @@ class Driver:
                 now = time.monotonic()
                 if monitor is not None and monitor in events:
                     self._handshake(monitor)
-                if self._outgoing or self._cancels or self._reclaims:
+                if self._outgoing or self._cancels or self._reclaims or self._recycles:
                     self._flush(sock)
                     last_sent = now
                 if sock in events:
@@ -302,6 +313,9 @@ class Driver:
         if self._reclaims:
             ids = [self._reclaims.popleft() for _ in range(len(self._reclaims))]
             sock.send_multipart(protocol.encode_cancel(ids, Msg.RECLAIM))
+        if self._recycles:
+            names = [self._recycles.popleft() for _ in range(len(self._recycles))]
+            sock.send_multipart(protocol.encode_json(Msg.RECYCLE, {"names": names}))
         if self._cancels:
             ids = []
             while self._cancels:
@@ -371,8 +385,9 @@ class Driver:
         for e in entries:
             item = inflight.pop(e.id, None)
             if item is None:
-                continue  # cancelled meanwhile, or a duplicate
-            complete(item[0], e.code, e.frames)
+                serialize.free(e.frames)  # cancelled meanwhile, or a duplicate
+                continue
+            complete(item[0], e.code, e.frames, self._recycle)
             release(item[2], item[3], not e.flags & Flag.RETAINED)
 
     def _fail_all(self, exc: BaseException) -> None:
@@ -388,14 +403,21 @@ class Driver:
 
 
 
-def complete(fut: Future[Any], code: int, frames: Sequence[Any]) -> None:
-    """Set a future from a result entry (status code and payload frames)."""
+def complete(
+    fut: Future[Any], code: int, frames: Sequence[Any], on_free: Callable[[str], None] | None = None
+) -> None:
+    """Set a future from a result entry (status code and payload frames).
+
+    ``on_free``: where a result's shared-memory segment goes once nothing
+    maps it (else it is unlinked as soon as it is mapped).
+    """
     if fut.cancelled():
+        serialize.free(frames)
         return
     try:
         if code == Status.OK:
             try:
-                value = serialize.unpack(frames, private=False)
+                value = serialize.unpack(frames, private=False, on_free=on_free)
             except Exception as err:  # noqa: BLE001
                 fut.set_exception(
                     SerializationError(f"the task's result cannot be unpickled in the driver: {type(err).__name__}: {err}")

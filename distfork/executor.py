@@ -2,13 +2,14 @@
 
 ::
 
-     user thread                         Executor                     the process's runtime
-     ┌──────────────────────┐  submit  ┌──────────────────────────┐  fork  ┌──────────────────┐
-     │ submit / map /       │ ───────▶ │ shut down? ─▶ RuntimeError│ ─────▶ │ driver ─▶ broker │
-     │ run_in_executor      │          │ max_workers slots (remote)│        │ (api._runtime)   │
-     │ shutdown(wait,       │ ◀─────── │ set of its own unfinished │ ◀───── │                  │
-     │   cancel_futures)    │  Future  │ futures, dropped when done│ result └──────────────────┘
-     └──────────────────────┘          └──────────────────────────┘
+     user threads              Executor                          the process's runtime
+     ┌──────────────────┐ submit ┌──────────────────────────────┐ fork   ┌──────────────────┐
+     │ submit, map,     │──────▶ │ after shutdown: RuntimeError │──────▶ │ driver ─▶ broker │
+     │ run_in_executor, │        │ max_workers slots (a cluster │        │ (api._runtime)   │
+     │ shutdown(wait,   │        │   it did not start)          │        │                  │
+     │  cancel_futures) │ ◀──────│ its own unfinished futures,  │◀────── │                  │
+     └──────────────────┘ Future │ dropped by done callbacks    │ result └──────────────────┘
+                                 └──────────────────────────────┘
 
 An executor is a thin view on the process's one distfork runtime (see
 :mod:`distfork.api`): ``submit`` is ``distfork.fork``, so the futures are
@@ -68,14 +69,15 @@ class Executor(concurrent.futures.Executor):
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
         self._cond = threading.Condition()
-        self._futures: set[Future[Any]] = set()
+        self._futures: set[concurrent.futures.Future[Any]] = set()
         self._submitting = 0  # submits between their shut-down check and their future's registration
         self._shutdown = False
         self._close_when_idle = False
         with api._lock:
             self._rt, self._owns_runtime = self._runtime(address, max_workers, config)
-        starts_workers = self._owns_runtime and self._rt.cluster is not None
-        self._slots = threading.BoundedSemaphore(max_workers) if max_workers is not None and not starts_workers else None
+        started_workers = self._owns_runtime and self._rt.cluster is not None
+        bounded = max_workers is not None and not started_workers
+        self._slots = threading.BoundedSemaphore(max_workers) if bounded and max_workers else None
 
     @staticmethod
     def _runtime(address: str | None, max_workers: int | None, config: dict[str, Any]) -> tuple[api._Runtime, bool]:
@@ -158,8 +160,8 @@ class Executor(concurrent.futures.Executor):
             raise ValueError("chunksize must be >= 1.")
         end = None if timeout is None else time.monotonic() + timeout
         if chunksize == 1:
-            return _in_order(self._submit_all(fn, zip(*iterables)), end, timeout)
-        chunks = _chunks(zip(*iterables), chunksize)
+            return _in_order(self._submit_all(fn, zip(*iterables)), end, timeout)  # noqa: B905 - shortest wins
+        chunks = _chunks(zip(*iterables), chunksize)  # noqa: B905
         return _flatten(_in_order(self._submit_all(_run_chunk, ((fn, c) for c in chunks)), end, timeout))
 
     def _submit_all(self, fn: Callable[..., Any], calls: Iterable[tuple[Any, ...]]) -> list[Future[Any]]:
@@ -190,18 +192,21 @@ class Executor(concurrent.futures.Executor):
             for fut in pending:
                 fut.cancel()
         if wait:
+            for fut in pending:  # inside a worker: run children still queued here (see Future._reclaim)
+                if isinstance(fut, Future) and fut._reclaimer is not None:
+                    fut._reclaim()
             concurrent.futures.wait(pending)
         if not self._owns_runtime:
             return
-        with self._cond:
-            idle = not self._futures
+        with self._cond:  # done futures may still be in the set: their callbacks run a moment later
+            idle = all(f.done() for f in self._futures)
             self._close_when_idle = not idle
         if idle:
             self._close_runtime()
 
     # -- bookkeeping --------------------------------------------------------
 
-    def _task_done(self, fut: Future[Any]) -> None:
+    def _task_done(self, fut: concurrent.futures.Future[Any]) -> None:
         with self._cond:
             self._futures.discard(fut)
             close = self._close_when_idle and not self._futures

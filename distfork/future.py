@@ -18,7 +18,7 @@ import concurrent.futures
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 __all__ = ["Future", "as_completed", "collect_all", "wait_all"]
 
@@ -91,6 +91,8 @@ class Future(concurrent.futures.Future, Generic[T]):  # type: ignore[type-arg]
             return False
         with self._condition:  # a second cancel() also returns True: recall the task once
             canceller, self._canceller = self._canceller, None
+            if self._state == "CANCELLED":  # no executor will pick it up: tell concurrent.futures.wait now
+                self.set_running_or_notify_cancel()
         if canceller is not None:
             canceller(self)
         return True
@@ -197,7 +199,8 @@ def as_completed(futures: Iterable[F], timeout: float | None = None) -> _AsCompl
     ``TimeoutError`` is raised when the next one is not done ``timeout``
     seconds after this call. ``async for fut in as_completed(futs)`` waits
     without blocking the event loop. No thread is started: each future's
-    done callback hands it to the iterator.
+    done callback hands it to the iterator. Inside a task, ``for`` takes
+    children still queued back and runs them, as ``wait`` does.
     """
     return _AsCompleted(futures, timeout)
 
@@ -219,10 +222,15 @@ class _AsCompleted(Generic[F]):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[F] | None = None
         self._total = self._left = len(unique)
+        # Inside a worker, a child still queued is taken back and run by the waiter (see Future._reclaim).
+        self._reclaimable: collections.deque[Future[Any]] = collections.deque(
+            f for f in unique if isinstance(f, Future) and f._reclaimer is not None
+        )
         for fut in unique:
             fut.add_done_callback(self._on_done)
 
-    def _on_done(self, fut: F) -> None:
+    def _on_done(self, done: concurrent.futures.Future[Any]) -> None:
+        fut = cast(F, done)
         with self._cond:
             loop, queue = self._loop, self._queue
             if loop is None or queue is None:
@@ -244,15 +252,19 @@ class _AsCompleted(Generic[F]):
         return self
 
     def __next__(self) -> F:
-        with self._cond:
-            if self._loop is not None:
-                raise RuntimeError("this as_completed() is being iterated with `async for`; use one or the other")
-            if self._left == 0:
-                raise StopIteration
-            if not self._cond.wait_for(lambda: self._finished, self._remaining_s()):
-                raise self._timed_out()
-            self._left -= 1
-            return self._finished.popleft()
+        while True:
+            with self._cond:
+                if self._loop is not None:
+                    raise RuntimeError("this as_completed() is being iterated with `async for`; use one or the other")
+                if self._left == 0:
+                    raise StopIteration
+                if self._finished or not self._reclaimable:
+                    if not self._cond.wait_for(lambda: self._finished, self._remaining_s()):
+                        raise self._timed_out()
+                    self._left -= 1
+                    return self._finished.popleft()
+                child = self._reclaimable.popleft()
+            child._reclaim()  # outside the lock: it may run the task in this thread
 
     def __aiter__(self) -> _AsCompleted[F]:
         loop = asyncio.get_running_loop()

@@ -9,7 +9,7 @@ Every message is one ZeroMQ multipart message. Its first frame is the header::
 Bodies:
 
 * control messages (HELLO, WELCOME, STATUS_REPLY, REJECT, KEEPALIVE, CLUSTER,
-  EXITED, RECLAIMED): UTF-8 JSON
+  EXITED, RECLAIMED, RECYCLE): UTF-8 JSON
   object;
 * batches (SUBMIT, TASKS, RESULTS, DISCARD): ``u32 count`` then ``count``
   entries of ``struct "!QHBBfI"`` = (id, nframes, code, flags, extra, pid),
@@ -86,6 +86,7 @@ class Msg(enum.IntEnum):
     EXITED = 15  # supervisor -> B: a worker process ended (JSON: host, pid, code)
     RECLAIM = 16  # D -> B: give these queued tasks back, I will run them myself (ids, as CANCEL)
     RECLAIMED = 17  # B -> D: which of them it gave back (JSON: granted, refused)
+    RECYCLE = 18  # D -> B -> W: result segments nobody maps any more, back to their maker (JSON: names)
 
 
 class Flag(enum.IntFlag):

@@ -33,6 +33,7 @@ import logging
 import pickle
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -42,7 +43,7 @@ from . import shm
 from .errors import SerializationError
 from .future import Future as _Future
 
-__all__ = ["FutureArgument", "Lease", "describe", "dumps", "dumps_call", "loads", "oob_bytes", "pack", "route", "unpack"]
+__all__ = ["FutureArgument", "Lease", "describe", "free", "dumps", "dumps_call", "loads", "oob_bytes", "pack", "route", "unpack"]
 
 log = logging.getLogger(__name__)
 
@@ -226,18 +227,35 @@ class Lease:
         return True
 
 
+def free(frames: Sequence[Any]) -> None:
+    """Unlink the shared-memory segment of a payload nobody will unpack (a dropped result)."""
+    if len(frames) < 2:
+        return
+    try:
+        name = json.loads(bytes(frames[1])).get("shm")
+    except (ValueError, AttributeError, TypeError):
+        return
+    if isinstance(name, str) and shm.creator(name) is not None:
+        shm.unlink(name)
+
+
 def oob_bytes(frames: Sequence[Any]) -> int:
     """Bytes of the out-of-band buffers of ``dumps`` output."""
     return sum(memoryview(b).nbytes for b in frames[1:])
 
 
-def unpack(frames: Sequence[Any], private: bool, leases: list[Lease] | None = None) -> Any:
+def unpack(
+    frames: Sequence[Any], private: bool, leases: list[Lease] | None = None,
+    on_free: Callable[[str], None] | None = None,
+) -> Any:
     """Inverse of :func:`pack`. ``private``: writes to arrays on shared memory stay in this process.
 
     A segment is unlinked as soon as it is mapped unless ``private`` (task
     arguments: their owner, the driver, unlinks or reuses them when the task
     ends); then its mapping is added to ``leases`` so the caller can tell
-    whether anything still uses it when it is done.
+    whether anything still uses it when it is done. With ``on_free``, a
+    received segment is not unlinked but given to ``on_free(name)`` once
+    nothing maps it any more (the driver sends it back to its worker).
     """
     if len(frames) == 1:
         return pickle.loads(frames[0])
@@ -246,7 +264,10 @@ def unpack(frames: Sequence[Any], private: bool, leases: list[Lease] | None = No
     if name is not None:
         view = shm.attach(name, manifest["size"], private)
         if not private:
-            shm.unlink(name)
+            if on_free is None:
+                shm.unlink(name)
+            else:
+                weakref.finalize(view.obj, on_free, name)
         bufs = [view[off : off + n] for off, n in manifest["bufs"]]
         if leases is not None:
             leases.append(Lease(view, bufs))

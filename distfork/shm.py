@@ -5,8 +5,9 @@ Ownership (one owner unlinks each segment)::
     args    driver creates, writes, sends the name ─▶ worker maps (MAP_PRIVATE:
             its writes stay its own) ─▶ driver unlinks when the task ends
     results worker creates, writes, sends the name ─▶ driver maps (the array
-            lives on the mapping) and unlinks at once: ownership moved with
-            the message
+            lives on the mapping); when the driver drops its last array on
+            it, the segment goes back to the worker (RECYCLE), which keeps
+            it as a warm spare or unlinks it
     orphans a segment whose creator died (SIGKILL mid-transfer) is unlinked by
             whoever sweeps next: the broker and every worker sweep their
             session's segments of dead pids; at exit a worker sweeps its own,
@@ -45,7 +46,7 @@ import re
 import threading
 from typing import Any
 
-__all__ = ["SHM_DIR", "Segment", "SegmentPool", "ShmUnavailable", "attach", "domain", "sweep", "unlink"]
+__all__ = ["SHM_DIR", "Segment", "SegmentPool", "ShmUnavailable", "attach", "creator", "domain", "sweep", "unlink"]
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,10 @@ class Segment:
 
     __slots__ = ("name", "size", "mm", "view")
 
-    def __init__(self, session: str, size: int, touch: bool = False) -> None:
+    def __init__(self, session: str, size: int, touch: bool = False, reopen: str | None = None) -> None:
+        if reopen is not None:
+            self._reopen(reopen)
+            return
         self.name = f"df-{session}-{os.getpid()}-{next(_counter)}"
         self.size = size
         path = os.path.join(SHM_DIR, self.name)
@@ -101,6 +105,22 @@ class Segment:
         if touch:
             self.view[::_PAGE] = bytes(len(range(0, max(size, 1), _PAGE)))
 
+    def _reopen(self, name: str) -> None:
+        """Take back a segment we created and handed out: strip its owner, map it again."""
+        m = _NAME.match(name)
+        if m is None or int(m["pid"]) != os.getpid():
+            raise ValueError(f"{name} is not a segment of this process")
+        self.name = name.rsplit("-", 1)[0] if m["owner"] else name
+        if self.name != name:
+            os.rename(os.path.join(SHM_DIR, name), os.path.join(SHM_DIR, self.name))
+        fd = os.open(os.path.join(SHM_DIR, self.name), os.O_RDWR)
+        try:
+            self.size = os.fstat(fd).st_size
+            self.mm = mmap.mmap(fd, self.size)
+        finally:
+            os.close(fd)
+        self.view = memoryview(self.mm)
+
     def unlink(self) -> None:
         unlink(self.name)
 
@@ -117,6 +137,12 @@ class Segment:
             self.mm.close()
         except BufferError:
             pass  # someone still holds a view; the mapping goes with it
+
+
+def creator(name: str) -> int | None:
+    """The pid of the process that created segment ``name``, or None if it is not one of ours."""
+    m = _NAME.match(name)
+    return int(m["pid"]) if m else None
 
 
 def unlink(name: str) -> None:
@@ -232,6 +258,16 @@ class SegmentPool:
                     seg.unlink()
                 else:
                     self._spares.append(seg)
+
+    def take_back(self, name: str) -> None:
+        """A segment we handed out as a result comes back unmapped by its receiver: keep it warm."""
+        try:
+            seg = Segment(self.session, 0, reopen=name)
+        except (OSError, ValueError) as exc:
+            log.debug("cannot take back %s: %s", name, exc)
+            unlink(name)
+            return
+        self.recycle(seg)
 
     def recycle(self, seg: Segment) -> None:
         """Take back a segment nobody else maps any more: a warm spare, or unlinked if we hold enough."""

@@ -27,7 +27,6 @@ broker: the worker sets ``DISTFORK_ADDRESS`` for them.
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import os
 import signal
@@ -140,6 +139,18 @@ class Worker:
         # ends the process if one is running.
         self.cancelled: set[int] = set()
 
+    def take_back(self, names: list[str]) -> None:
+        """Result segments the driver no longer maps: warm spares for our next results."""
+        with self._pool_lock:
+            pool = self.pool
+        for name in names:
+            if shm.creator(name) != os.getpid():
+                continue
+            if pool is not None:
+                pool.take_back(name)
+            else:
+                shm.unlink(name)
+
     def remember_cancelled(self, keys: set[int]) -> None:
         if len(self.cancelled) > 100_000:  # keys of tasks long finished: forget them
             self.cancelled.clear()
@@ -193,7 +204,10 @@ class Worker:
             self._control(control, monitor)
         finally:
             self._stopping = True
-            control.send_multipart(self._keepalive(bye=True))
+            self._goodbye(control)
+            if monitor is not None:  # a socket of our context: ctx.term() below would wait for it forever
+                control.disable_monitor()
+                monitor.close(linger=0)
             control.close(linger=_LINGER_MS)
             for t in threads:
                 t.join(1.0)
@@ -271,9 +285,24 @@ class Worker:
         """A running task must stop: tell the broker, then end this process (our supervisor replaces it)."""
         log.warning("%s: ending the process to stop %s", self.where,
                     ", ".join([f"task {k} (timed out)" for k in timed_out] + [f"task {k} (cancelled)" for k in cancelled]))
-        control.send_multipart(self._keepalive(bye=True, timed_out=list(timed_out), cancelled=list(cancelled)))
+        self._goodbye(control, timed_out=list(timed_out), cancelled=list(cancelled))
         control.close(linger=_LINGER_MS)
         self._exit(ABORT_EXIT_CODE)
+
+    def _goodbye(self, control: zmq.Socket[Any], **extra: Any) -> None:
+        """Send our last KEEPALIVE and wait (up to the linger time) until ZeroMQ has written it out.
+
+        We may ``os._exit`` right after, without terminating the context (slot
+        threads inside tasks keep their sockets): a message still queued then
+        is lost, and the broker, told only of an exit, would blame the running
+        tasks (a timed-out task would be retried instead of failing).
+        """
+        control.copy_threshold = 0  # track this very message, not a copy of it
+        tracker = control.send_multipart(self._keepalive(bye=True, **extra), copy=False, track=True)
+        try:
+            tracker.wait(_LINGER_MS / 1000)
+        except zmq.NotDone:
+            log.warning("%s: could not deliver its goodbye to the broker", self.where)
 
     def _exit(self, code: int) -> None:
         """Leave at once, although slot threads are inside tasks."""
@@ -384,9 +413,12 @@ class _Slot:
                         self._last_hello = now
                 elif kind is Msg.WELCOME:
                     self.worker.welcomed(protocol.decode_json(body))
+                elif kind is Msg.RECYCLE:
+                    names = protocol.decode_json(body).get("names") or []
+                    self.worker.take_back([n for n in names if isinstance(n, str)])
                 elif kind is Msg.DISCARD:
                     for e in protocol.decode_batch(frames, body):
-                        _free(e.frames)
+                        serialize.free(e.frames)
                 elif kind in (Msg.HEARTBEAT, Msg.BYE):
                     pass
                 else:
@@ -401,15 +433,3 @@ def _rss_bytes() -> int | None:
         return int(psutil.Process().memory_info().rss)
     except psutil.Error:
         return None
-
-
-def _free(frames: Sequence[Any]) -> None:
-    """Unlink the shared-memory segment of a result the broker could not deliver."""
-    if len(frames) < 2:
-        return
-    try:
-        name = json.loads(bytes(frames[1])).get("shm")
-    except (ValueError, AttributeError):
-        return
-    if isinstance(name, str) and name.startswith("df-"):
-        shm.unlink(name)
