@@ -33,7 +33,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psutil
@@ -50,13 +50,15 @@ log = logging.getLogger(__name__)
 
 _FLUSH_COUNT = 64  # results per RESULTS message at most while more tasks wait
 _FLUSH_S = 0.002  # longest a finished result waits for the rest of its burst
+_QUICK_S = 0.0005  # a function that took less than this may run while finished results wait
 _LINGER_MS = 300  # how long a stopping worker tries to deliver its last messages
 #: Exit code of a worker that ended itself to stop a cancelled or timed-out task.
 ABORT_EXIT_CODE = 75
 
 
 def run_task(
-    frames: Sequence[Any], where: str, oob_threshold_bytes: int, pool: shm.SegmentPool | None, owner: int = 0
+    frames: Sequence[Any], where: str, oob_threshold_bytes: int, pool: shm.SegmentPool | None, owner: int = 0,
+    before_call: Callable[[Any], None] | None = None,
 ) -> tuple[int, list[Any], bool]:
     """Unpickle a call, run it, pickle the outcome: ``(Status, frames, retained)``.
 
@@ -66,14 +68,14 @@ def run_task(
     so its owner must not reuse it.
     """
     leases: list[serialize.Lease] = []
-    status, out = _call(frames, where, oob_threshold_bytes, pool, owner, leases)
+    status, out = _call(frames, where, oob_threshold_bytes, pool, owner, leases, before_call)
     retained = not all([lease.close() for lease in leases])
     return status, out, retained
 
 
 def _call(
     frames: Sequence[Any], where: str, oob_threshold_bytes: int, pool: shm.SegmentPool | None, owner: int,
-    leases: list[serialize.Lease],
+    leases: list[serialize.Lease], before_call: Callable[[Any], None] | None,
 ) -> tuple[int, list[Any]]:
     try:
         func, args, kwargs = serialize.unpack(frames, private=True, leases=leases)
@@ -84,6 +86,8 @@ def _call(
         )
         err.__cause__ = exc
         return Status.RAISED, serialize.dumps_exception(err, where, oob_threshold_bytes)
+    if before_call is not None:
+        before_call(func)
     try:
         value = func(*args, **kwargs)
     except BaseException as exc:  # noqa: BLE001 - reported to the driver
@@ -322,6 +326,13 @@ class _Slot:
         self.local: collections.deque[Entry] = collections.deque()
         self.current: int | None = None  # key of the task running now
         self.deadline: float | None = None  # monotonic time its timeout_s ends
+        self.done: list[Entry] = []  # results not sent yet (a burst of short tasks)
+        self.first_done = 0.0
+        self.sock: zmq.Socket[Any] | None = None
+        # Moving average run time per function (module, qualname), to guess whether
+        # the next task is quick enough to keep holding finished results for.
+        self.run_s: dict[tuple[Any, Any], float] = {}
+        self.key: tuple[Any, Any] | None = None
 
     def _hello(self, sock: zmq.Socket[Any]) -> None:
         w = self.worker
@@ -362,8 +373,8 @@ class _Slot:
                     sock.send_multipart(protocol.encode_signal(Msg.HEARTBEAT))
                     continue
             self._drain(sock)
-            done: list[Entry] = []
-            first_done = 0.0
+            self.done = []
+            self.first_done = 0.0
             while local and not w._stopping:
                 e = local.popleft()
                 if e.id in w.cancelled:
@@ -373,20 +384,47 @@ class _Slot:
                 pool = w.pool if e.flags & Flag.RESULT_SHM else None
                 self.deadline = time.monotonic() + e.extra if e.extra > 0 else None
                 self.current = e.id
+                self.sock = sock
                 try:
-                    status, out, retained = run_task(e.frames, w.where, threshold, pool, e.pid)
+                    status, out, retained = run_task(e.frames, w.where, threshold, pool, e.pid, self._before_call)
                 finally:
                     self.current = self.deadline = None
                 finished = time.perf_counter()
-                if not done:
-                    first_done = finished
-                done.append(Entry(e.id, status, finished - started, out, Flag.RETAINED if retained else 0))
-                if not local or len(done) >= _FLUSH_COUNT or finished - first_done > _FLUSH_S:
-                    sock.send_multipart(protocol.encode_batch(Msg.RESULTS, done), copy=False)
-                    done = []
+                self._learn(finished - started)
+                if not self.done:
+                    self.first_done = finished
+                self.done.append(Entry(e.id, status, finished - started, out, Flag.RETAINED if retained else 0))
+                if not local or len(self.done) >= _FLUSH_COUNT or finished - self.first_done > _FLUSH_S:
+                    self._flush()
                     self._drain(sock)
-            if done:
-                sock.send_multipart(protocol.encode_batch(Msg.RESULTS, done), copy=False)
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.done:
+            self.sock.send_multipart(protocol.encode_batch(Msg.RESULTS, self.done), copy=False)
+            self.done = []
+
+    def _before_call(self, func: Any) -> None:
+        """About to call ``func``: results still held for batching go first, unless it is known to be quick.
+
+        Batching results of back-to-back short tasks saves messages; a result
+        must not wait behind a task that runs long, which we can only guess
+        from what this function took before.
+        """
+        key = (getattr(func, "__module__", None), getattr(func, "__qualname__", None) or type(func).__qualname__)
+        self.key = key
+        if self.done and self.run_s.get(key, _QUICK_S) >= _QUICK_S:
+            self._flush()
+
+    def _learn(self, took_s: float) -> None:
+        key = self.key
+        if key is None:
+            return
+        self.key = None
+        prev = self.run_s.get(key)
+        self.run_s[key] = took_s if prev is None else 0.7 * prev + 0.3 * took_s
+        if len(self.run_s) > 1000:
+            self.run_s.clear()
 
     def _drain(self, sock: zmq.Socket[Any]) -> None:
         """Take every message waiting on the socket."""

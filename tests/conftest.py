@@ -37,11 +37,14 @@ def _shm_segments() -> set[str]:
         return set()
 
 
-_SEGMENT = re.compile(r"^df-(?P<session>[0-9a-f]+)-(?P<pid>\d+)-\d+$")
+_SEGMENT = re.compile(r"^df-(?P<session>[0-9a-f]+)-(?P<pid>\d+)-\d+(?:-(?P<owner>\d+))?$")
 
 
 def _made_by(names: set[str], pids: set[int]) -> set[str]:
-    """The segments among ``names`` created by one of ``pids`` (names are df-<session>-<creator pid>-<n>).
+    """The segments among ``names`` created by, or handed to, one of ``pids``.
+
+    Names are df-<session>-<creator pid>-<n>, with -<owner pid> appended
+    while a result segment belongs to the driver it was sent to.
 
     Other projects' sessions may run on this machine at the same time: a
     segment is ours only if one of our processes made it.
@@ -49,7 +52,7 @@ def _made_by(names: set[str], pids: set[int]) -> set[str]:
     out = set()
     for name in names:
         m = _SEGMENT.match(name)
-        if m is None or int(m["pid"]) in pids:
+        if m is None or int(m["pid"]) in pids or (m["owner"] and int(m["owner"]) in pids):
             out.add(name)
     return out
 
