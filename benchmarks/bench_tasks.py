@@ -21,3 +21,13 @@ def ones(n: int) -> Any:
 
 def echo(a: Any) -> Any:
     return a
+
+
+def fib(n: int) -> int:
+    """Recursive Fibonacci forking both halves (nested forks)."""
+    import distfork
+
+    if n < 2:
+        return n
+    a, b = distfork.fork(fib, n - 1), distfork.fork(fib, n - 2)
+    return distfork.wait(a) + distfork.wait(b)

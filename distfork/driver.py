@@ -187,7 +187,15 @@ class Driver:
     def _reclaim(self, fut: Future[Any]) -> None:
         """Ask the broker for a task still queued; if it gives it back, run it in this thread."""
         task_id: int = fut.task_id  # type: ignore[attr-defined]
-        if task_id not in self._inflight or self._closing:
+        item = self._inflight.get(task_id)
+        if item is None or self._closing:
+            return
+        try:
+            self._outgoing.remove(item[1])  # not even sent yet: nobody else can have it
+        except ValueError:
+            pass
+        else:
+            self._run_here(fut, task_id)
             return
         done, answer = threading.Event(), [False]
         self._reclaim_waiters[task_id] = (done, answer)
@@ -196,6 +204,10 @@ class Driver:
         if not done.wait(self.config.peer_timeout_s) or not answer[0]:
             self._reclaim_waiters.pop(task_id, None)
             return  # running elsewhere (or no answer): wait for it as usual
+        self._run_here(fut, task_id)
+
+    def _run_here(self, fut: Future[Any], task_id: int) -> None:
+        """Run a task taken back (or never sent) in this thread and complete its future."""
         item = self._inflight.pop(task_id, None)
         if item is None:
             return
@@ -280,7 +292,12 @@ class Driver:
                         if self._handle(sock, frames, now - last_hello > heartbeat_s):
                             last_hello = now
                 if now - last_sent >= heartbeat_s:
-                    sock.send_multipart(protocol.encode_signal(Msg.HEARTBEAT))
+                    try:
+                        # NOBLOCK: a broker that failed our handshake (keys on one side only) dropped the
+                        # connection for good, and a blocking send would wait forever (connect() then hangs).
+                        sock.send_multipart(protocol.encode_signal(Msg.HEARTBEAT), zmq.NOBLOCK)
+                    except zmq.Again:
+                        pass
                     last_sent = now
                 if self._welcomed.is_set() and now - last_heard > self.config.peer_timeout_s:
                     log.warning("broker at %s silent for %.1f s; waiting for it", self.address, now - last_heard)

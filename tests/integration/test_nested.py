@@ -50,17 +50,18 @@ def test_a_child_that_fails_fails_its_parent_with_the_same_type(cluster: str) ->
         distfork.wait(distfork.fork(parent), timeout=60)
 
 
-def test_children_that_a_free_worker_can_start_run_there() -> None:
-    """With a free slot, a queued child is dispatched rather than given back to its waiting parent."""
+def test_a_sibling_that_a_free_worker_can_start_runs_there() -> None:
+    """The waiting parent runs the child it waits for; the other child goes to the free worker."""
     distfork.init(workers=2)
     try:
-        def parent() -> tuple[int, int]:
+        def parent() -> tuple[int, list[int]]:
             import os
 
-            child = distfork.fork(tasks.getpid)
-            return os.getpid(), distfork.wait(child)
+            children = [distfork.fork(tasks.timed_sleep, 0.2) for _ in range(2)]
+            return os.getpid(), [pid for pid, _, _ in distfork.wait_all(children)]
 
-        pairs = [distfork.wait(distfork.fork(parent), timeout=60) for _ in range(10)]
-        assert any(p != c for p, c in pairs), f"no child ever ran on the other worker: {pairs}"
+        runs = [distfork.wait(distfork.fork(parent), timeout=60) for _ in range(5)]
+        assert any(any(c != p for c in children) for p, children in runs), f"no child ever ran elsewhere: {runs}"
+        assert all(p in children for p, children in runs), f"the waiting parent ran none of its children: {runs}"
     finally:
         distfork.shutdown()
