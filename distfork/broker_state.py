@@ -23,6 +23,7 @@ import dataclasses
 import enum
 import itertools
 import logging
+import random
 import signal
 from collections.abc import Sequence
 from typing import Any
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 #: A worker busy this long without a result (and 4x its usual task time) is stalled.
 _STALL_S = 0.05
 #: Counter of failed tasks by their Status (distfork/metrics.py exports them by reason).
-_FAILED_COUNTERS = {s: f"tasks_failed_{s.name.lower()}" for s in Status if s != Status.OK}
+_FAILED_COUNTERS: dict[int, str] = {s: f"tasks_failed_{s.name.lower()}" for s in Status if s != Status.OK}
 
 
 class TaskState(enum.Enum):
@@ -116,7 +117,9 @@ class BrokerState:
         self.pinned: dict[str, collections.deque[Task]] = {}
         self.peers: dict[bytes, PeerInfo] = {}
         self.workers: dict[bytes, PeerInfo] = {}
-        self._next_key = 1
+        # Keys start at a random point: after a broker restart, a result for a task
+        # of the old broker (still running on a worker) must not match a new task.
+        self._next_key = random.getrandbits(48) + 1
         self.counters: collections.Counter[str] = collections.Counter()
         # What the socket loop must send next.
         self._results: dict[bytes, list[Entry]] = {}
