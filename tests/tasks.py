@@ -301,3 +301,12 @@ def touch_and_return(path: str, value: Any) -> Any:
     """Create ``path`` (proof that the task ran), return ``value``."""
     open(path, "w").close()
     return value
+
+
+def where_am_i(peer_ip: str, delay_s: float = 0.0) -> dict[str, Any]:
+    """The host a task ran on: its hostname, pid, and the address it reaches ``peer_ip`` from (no packet is sent)."""
+    time.sleep(delay_s)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((peer_ip, 9))  # UDP connect only picks the route and source address
+        ip = s.getsockname()[0]
+    return {"host": socket.gethostname(), "pid": os.getpid(), "ip": ip}

@@ -65,9 +65,13 @@ def fork_fault(kind: str, phase: str) -> distfork.Future[Any]:
 @pytest.mark.parametrize("kind", KINDS)
 def test_crash_matrix(kind: str, phase: str, cluster: list[int]) -> None:
     address = embedded_cluster().address
-    before = [distfork.fork(tasks.slow_identity, i, 0.05) for i in range(3)]
+    # Warm the workers up: a worker known to run short tasks is handed many at once, so
+    # the faulting task shares a worker with neighbours whose results it holds back.
+    assert distfork.wait_all([distfork.fork(tasks.add, i, 0) for i in range(300)], timeout=T) == list(range(300))
+    strict = distfork.options(max_retries=0)  # a neighbour blamed for the crash would fail at once
+    before = [strict.fork(tasks.add, i, 1) for i in range(40)]
     fut = fork_fault(kind, phase)
-    after = [distfork.fork(tasks.slow_identity, i, 0.05) for i in range(3, 6)]
+    after = [strict.fork(tasks.add, i, 1) for i in range(40, 80)]
 
     if kind == "raise":
         expected: type[BaseException] = tasks.CustomError if phase == "running" else distfork.SerializationError
@@ -83,22 +87,20 @@ def test_crash_matrix(kind: str, phase: str, cluster: list[int]) -> None:
         assert f"host {socket.gethostname()}" in text and "pid " in text
         assert "lost 2 times, more than max_retries=1" in text, text
 
-    # The tasks forked alongside were not failed, nor blamed.
-    assert distfork.wait_all(before + after, timeout=T) == list(range(6))
+    # The tasks forked alongside were neither failed nor blamed.
+    assert distfork.wait_all(before + after, timeout=T) == [i + 1 for i in range(80)]
     # The cluster replaced every worker that died, and serves the next fork.
-    deaths = 0 if kind == "raise" else 2  # the first run and its one retry
     sup = embedded_cluster()
-    wait_until(lambda: sup.restarts == deaths, 10, what=f"{deaths} worker restarts (now {sup.restarts})")
+    if kind != "raise":
+        wait_until(lambda: sup.restarts >= 2, 10, what="the supervisor to restart the two workers that died")
     assert distfork.wait(distfork.fork(tasks.add, 40, 2), timeout=T) == 42
     status = wait_until(lambda: s if len((s := query_status(address))["workers"]) == 2 else None, 20,
                         what="two registered workers")
     pids = {w["pid"] for w in status["workers"]}
     counters = status["counters"]
+    assert counters.get("tasks_lost", 0) == (0 if kind == "raise" else 1)  # the faulting task, nobody else
     if kind == "raise":
-        assert pids == set(cluster)
-        assert counters.get("tasks_retried", 0) == 0 and counters.get("tasks_lost", 0) == 0
+        assert pids == set(cluster) and sup.restarts == 0
+        assert counters.get("tasks_retried", 0) == 0  # an exception is never retried
     else:
         assert len(pids & set(cluster)) <= 1  # the first worker that ran it was replaced
-        assert counters.get("tasks_retried", 0) == 1  # the faulting task's one retry, nobody else's
-        assert counters.get("tasks_lost", 0) == 1
-    assert sup.restarts == deaths

@@ -29,7 +29,7 @@ import pytest
 
 import distfork
 import tasks
-from conftest import CliCluster, cli_env, free_port, wait_until
+from conftest import CliCluster, free_port, wait_until
 from distfork.status import query_status
 from distfork.worker import ABORT_EXIT_CODE
 
