@@ -39,9 +39,9 @@ import zmq
 
 from . import protocol, security, shm
 from .broker_state import BrokerState, PeerInfo
-from .metrics import BrokerMetrics
 from .config import Config
 from .errors import ProtocolError
+from .metrics import BrokerMetrics
 from .protocol import Entry, Flag, Msg
 
 __all__ = ["Broker"]

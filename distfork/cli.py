@@ -225,6 +225,7 @@ def up(bind: str, workers: int | None, slots: int | None, insecure: bool, metric
     _run_until_signal(cluster, banner=(
         f"distfork cluster up at {bind} with {cluster.n_workers} workers\n"
         f"connect with: DISTFORK_ADDRESS={bind}  (or distfork.init({bind!r}))"
+        + (f"\nmetrics at http://{metrics[3]}:{metrics_port}/metrics" if metrics else "")
     ))
 
 

@@ -163,7 +163,13 @@ class Supervisor:
                     code = p.poll()
                     if code is None:
                         continue
-                    sock.send_multipart(protocol.encode_json(Msg.EXITED, {"host": host, "pid": p.pid, "code": code}))
+                    try:
+                        # NOBLOCK: a broker that refused our key dropped the connection for good; a blocking
+                        # send would hang this thread, and the `distfork worker` nanny with it.
+                        exited = {"host": host, "pid": p.pid, "code": code}
+                        sock.send_multipart(protocol.encode_json(Msg.EXITED, exited), zmq.NOBLOCK)
+                    except zmq.Again:
+                        pass
                     if code == security.EXIT_REFUSED:
                         log.error("worker pid %d was refused by the broker (see its log); not restarting it", p.pid)
                         with self._lock:

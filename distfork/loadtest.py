@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -41,6 +42,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import DistforkError
+
 __all__ = ["LoadSpec", "LoadTestError", "Report", "plot_report", "run", "work"]
 
 log = logging.getLogger(__name__)
@@ -48,7 +51,7 @@ log = logging.getLogger(__name__)
 _TIMELINE_BIN_S = 0.25
 
 
-class LoadTestError(Exception):
+class LoadTestError(DistforkError):
     """The failure a load test injects on purpose (``fail_fraction``)."""
 
 
@@ -141,7 +144,7 @@ class Report:
         counts = np.bincount((np.asarray(self.finish_times_s) / bin_s).astype(int))
         widths = np.full(len(counts), bin_s)
         widths[-1] = max(self.elapsed_s - (len(counts) - 1) * bin_s, 1e-3)
-        return [float(c / w) for c, w in zip(counts, widths)]
+        return [float(c / w) for c, w in zip(counts, widths, strict=True)]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -281,7 +284,7 @@ def _drive(spec: LoadSpec, address: str, registered: int, progress: Callable[[in
         fut = distfork.fork(work, payload, spec.task_s, spec.result_bytes, spec.fails(submitted))
         with tally.lock:
             tally.pending.add(fut)
-        fut.add_done_callback(lambda f, t0=t0: tally.done(f, t0))
+        fut.add_done_callback(functools.partial(tally.done, started=t0))
         submitted += 1
     drain_until = time.perf_counter() + spec.drain_timeout_s
     while tally.finished < submitted and time.perf_counter() < drain_until:
@@ -344,13 +347,15 @@ def plot_report(report: Report, path: str) -> None:
     left.set_title(f"latency of {report.finished} tasks")
     rates = report.timeline()
     if rates:
-        edges = np.append(np.arange(len(rates)) * _TIMELINE_BIN_S, max(report.elapsed_s, (len(rates) - 1) * _TIMELINE_BIN_S))
+        starts = np.arange(len(rates)) * _TIMELINE_BIN_S
+        edges = np.append(starts, max(report.elapsed_s, starts[-1]))
         right.stairs(rates, edges, color="tab:green")
     right.set_ylim(bottom=0)
     right.set_xlabel("time since start (s)")
     right.set_ylabel("tasks/s")
     right.set_title(f"throughput (mean {report.tasks_per_s:.0f} tasks/s)")
-    fig.suptitle(f"distfork loadtest: {report.address}, {report.workers} workers, concurrency {report.spec.concurrency}")
+    fig.suptitle(f"distfork loadtest: {report.address}, {report.workers} workers, "
+                 f"concurrency {report.spec.concurrency}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

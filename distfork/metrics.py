@@ -89,23 +89,22 @@ def classify(entries: Sequence[Entry]) -> tuple[list[int], list[int]]:
     ``[stream, manifest, buf, ...]`` frames. The stream's bytes count as
     inline in every case.
     """
-    nbytes = [0, 0, 0]
-    transfers = [0, 0, 0]
+    stream_bytes = inline = shm = shm_bytes = frames_n = frames_bytes = 0
     for e in entries:
-        frames = e.frames
+        frames = e[3]  # Entry.frames: indexing is the cheapest way into a NamedTuple
         n = len(frames)
-        if n == 0:
-            continue
-        nbytes[_INLINE] += len(frames[0])
         if n == 1:
-            transfers[_INLINE] += 1
+            inline += 1
+            stream_bytes += len(frames[0])
         elif n == 2:
-            transfers[_SHM] += 1
-            nbytes[_SHM] += _shm_bytes(frames[1])
-        else:
-            transfers[_FRAMES] += 1
-            nbytes[_FRAMES] += sum(len(f) for f in frames[2:])
-    return nbytes, transfers
+            shm += 1
+            stream_bytes += len(frames[0])
+            shm_bytes += _shm_bytes(frames[1])
+        elif n:
+            frames_n += 1
+            stream_bytes += len(frames[0])
+            frames_bytes += sum(map(len, frames[2:]))
+    return [stream_bytes, shm_bytes, frames_bytes], [inline, shm, frames_n]
 
 
 class BrokerMetrics:
@@ -132,17 +131,17 @@ class BrokerMetrics:
         """A RESULTS batch arrived from ``worker`` (call before the state pops its tasks)."""
         self._add(1, entries)
         assigned = worker.assigned
-        buckets, lat, run = LATENCY_BUCKETS_S, self.latency_buckets, self.run_buckets
+        bounds, lat, run = LATENCY_BUCKETS_S, self.latency_buckets, self.run_buckets
         where = bisect.bisect_left
         lat_sum = run_sum = 0.0
         for e in entries:
-            run_s = e.extra
-            run[where(buckets, run_s)] += 1
+            key, run_s = e[0], e[2]  # Entry.id, Entry.extra (the run time)
+            run[where(bounds, run_s)] += 1
             run_sum += run_s
-            task = assigned.get(e.id)
+            task = assigned.get(key)
             if task is not None:
                 latency_s = now - task.submitted
-                lat[where(buckets, latency_s)] += 1
+                lat[where(bounds, latency_s)] += 1
                 lat_sum += latency_s
         self.latency_sum_s += lat_sum
         self.run_sum_s += run_sum
@@ -158,8 +157,10 @@ class BrokerMetrics:
         """A JSON-able summary, added to ``distfork status --json`` under ``"metrics"``."""
         return {
             "tasks_started": self.started,
-            "payload_bytes": {d: dict(zip(PATHS, list(self.bytes[i]))) for i, d in enumerate(DIRECTIONS)},
-            "payload_transfers": {d: dict(zip(PATHS, list(self.transfers[i]))) for i, d in enumerate(DIRECTIONS)},
+            "payload_bytes": {d: dict(zip(PATHS, list(self.bytes[i]), strict=True)) for i, d in enumerate(DIRECTIONS)},
+            "payload_transfers": {
+                d: dict(zip(PATHS, list(self.transfers[i]), strict=True)) for i, d in enumerate(DIRECTIONS)
+            },
             "latency": {"count": sum(self.latency_buckets), "sum_s": round(self.latency_sum_s, 6)},
         }
 
@@ -196,8 +197,10 @@ class _Collector:
         yield counter("tasks_retried", "Tasks re-queued after the worker running them was lost.",
                       counters.get("tasks_retried", 0))
         yield counter("tasks_cancelled", "Tasks cancelled by their driver.", counters.get("tasks_cancelled", 0))
-        yield counter("tasks_stolen", "Prefetched tasks taken back from a stalled worker.", counters.get("tasks_stolen", 0))
-        yield counter("messages_dropped", "Malformed or unexpected messages dropped.", counters.get("messages_dropped", 0))
+        yield counter("tasks_stolen", "Prefetched tasks taken back from a stalled worker.",
+                      counters.get("tasks_stolen", 0))
+        yield counter("messages_dropped", "Malformed or unexpected messages dropped.",
+                      counters.get("messages_dropped", 0))
 
         queued = len(state.queue) + sum(len(q) for q in list(state.pinned.values()))
         yield GaugeMetricFamily("distfork_queue_depth", "Tasks waiting for a worker.", value=queued)
@@ -219,7 +222,7 @@ class _Collector:
             ("task_run_seconds", "The task's run time on its worker.", list(m.run_buckets), m.run_sum_s),
         ):
             cumulative, pairs = 0, []
-            for bound, count in zip(LATENCY_BUCKETS_S, buckets):
+            for bound, count in zip(LATENCY_BUCKETS_S, buckets, strict=True):
                 cumulative += count
                 pairs.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
             yield HistogramMetricFamily(f"distfork_{name}", doc, buckets=pairs, sum_value=total)
@@ -243,7 +246,7 @@ class MetricsServer:
         from prometheus_client import CollectorRegistry, start_http_server
 
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_Collector(metrics))  # type: ignore[arg-type]
+        self.registry.register(_Collector(metrics))
         server: WSGIServer
         thread: threading.Thread
         try:

@@ -103,7 +103,8 @@ def render_status(snap: dict[str, Any], address: str) -> list[Any]:
     for d in snap["drivers"]:
         failed = d.get("failed", 0)
         qt.add_row(str(d.get("name")), str(d.get("host")), str(d.get("pid")), str(d.get("queued", "-")),
-                   str(d.get("running", "-")), str(d["done"] - failed), Text(str(failed), style="red" if failed else ""))
+                   str(d.get("running", "-")), str(d["done"] - failed),
+                   Text(str(failed), style="red" if failed else ""))
     counters = snap.get("counters", {})
     qt.add_section()
     qt.add_row("(all, since start)", "", "", str(snap["queued"]), str(snap["running"]),

@@ -202,7 +202,10 @@ class Worker:
         for t in threads:
             t.start()
         control = self._socket(b"C" + self.slot_ids[0][1:])
-        monitor = security.watch_handshake(control) if self._keys is not None else None
+        # Without keys, still watch for a broker that has them: it drops us for good (libzmq does not
+        # reconnect after a protocol failure) and our next send would block forever, even SIGTERM.
+        monitor = (security.watch_handshake(control) if self._keys is not None
+                   else control.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL))
         log.info("%s connecting to %s with %d slots", self.where, self.address, self.slots)
         try:
             self._control(control, monitor)

@@ -9,6 +9,8 @@
 #                        (exit 3 if it answers without one, 1 if it does not answer)
 #   anything else      run as given (e.g. `distfork status --json`, `sh`)
 #
+# DISTFORK_HEALTH_TIMEOUT: seconds the health check waits for the broker (default 5).
+#
 # Keys: set DISTFORK_KEYS_DIR=/keys (a directory made by `distfork keygen`) and
 # every distfork command here uses them.
 set -eu
@@ -45,10 +47,10 @@ case "$role" in
     health)
         case "$(cat "$role_file" 2>/dev/null || true)" in
             broker)
-                exec distfork status --address "${DISTFORK_HEALTH_ADDRESS:-$(local_address)}" --timeout 5 >/dev/null
+                exec distfork status --address "${DISTFORK_HEALTH_ADDRESS:-$(local_address)}" --timeout "${DISTFORK_HEALTH_TIMEOUT:-5}" >/dev/null
                 ;;
             worker)
-                exec distfork status --address "${DISTFORK_ADDRESS:?}" --timeout 5 \
+                exec distfork status --address "${DISTFORK_ADDRESS:?}" --timeout "${DISTFORK_HEALTH_TIMEOUT:-5}" \
                     --expect-worker-host "$(uname -n)" >/dev/null
                 ;;
             *)

@@ -48,6 +48,11 @@ def unavailable() -> str | None:
     if made.returncode != 0:
         return f"`ip netns add` is not permitted here: {made.stderr.strip()}"
     subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    # a worker host's own hostname and /dev/shm (in namespaces of its own: nothing else changes)
+    own = subprocess.run(["unshare", "--mount", "--uts", "--propagation", "private", "sh", "-c",
+                          "hostname df-probe && mount -t tmpfs tmpfs /dev/shm"], capture_output=True, text=True)
+    if own.returncode != 0:
+        return f"`unshare --mount --uts` with a private /dev/shm is not permitted here: {own.stderr.strip()}"
     return None
 
 
