@@ -82,7 +82,7 @@ def main() -> None:
              "--workers", str(a.workers)],
             env={**os.environ, "DISTFORK_SHM": shm}, check=True, capture_output=True, text=True,
         ).stdout.split()
-        results[label] = dict(zip(CASES, map(float, out)))
+        results[label] = dict(zip(CASES, map(float, out), strict=True))
     with concurrent.futures.ProcessPoolExecutor(a.workers) as pool:
         results["ProcessPoolExecutor"] = measure(pool.submit, arr, a.rounds)
     copy = best_gbps(lambda: np.copy(arr), arr.nbytes, a.rounds)

@@ -53,7 +53,8 @@ def main() -> None:
     for f in pending:
         f.result()
     total = time.perf_counter() - start
-    print(f"done: {a.tasks / total:.0f} tasks/s overall; peak RSS driver {peak_driver:.1f} MB, broker {peak_broker:.1f} MB")
+    print(f"done: {a.tasks / total:.0f} tasks/s overall; "
+          f"peak RSS driver {peak_driver:.1f} MB, broker {peak_broker:.1f} MB")
     distfork.shutdown()
 
 

@@ -141,7 +141,9 @@ def _check_callable(func: Any) -> None:
         )
 
 
-def _fork(func: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any], max_retries: int, timeout_s: float) -> Future[T]:
+def _fork(
+    func: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any], max_retries: int, timeout_s: float
+) -> Future[T]:
     _check_callable(func)
     rt = _current()
     try:
@@ -183,7 +185,10 @@ def _fork_after(
         except BaseException as exc:  # noqa: BLE001 - it belongs to the future
             _set(outer, exception=exc)
             return
-        outer._canceller = lambda _: inner.cancel()
+        def cancel_inner(_: Future[Any]) -> None:
+            inner.cancel()
+
+        outer._canceller = cancel_inner
         inner.add_done_callback(finish)
 
     def finish(inner: Any) -> None:

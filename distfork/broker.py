@@ -121,7 +121,7 @@ class Broker:
                 timeout_ms = max(0.0, next_tick - time.monotonic()) * 1000
                 if self.state.may_steal():
                     timeout_ms = min(timeout_ms, _STEAL_CHECK_S * 1000)
-                events = dict(poller.poll(timeout_ms))
+                events = dict(poller.poll(int(timeout_ms)))
                 now = time.monotonic()
                 if self._wake_r in events:
                     try:

@@ -198,7 +198,8 @@ class BrokerState:
                 self._finish(task, Status.TIMED_OUT, task.timeout_s, [text.encode()])
                 self.counters["tasks_timed_out"] += 1
             # A process that ended itself to stop one task blames the others for nothing.
-            self._forget(w, now, reason="ended to stop a task" if interrupted else "said goodbye", blame=not interrupted)
+            reason = "ended to stop a task" if interrupted else "said goodbye"
+            self._forget(w, now, reason=reason, blame=not interrupted)
 
     def exited(self, host: str, pid: int, code: int, now: float) -> None:
         """A supervisor saw a worker process end: forget its slots at once, naming the exit."""

@@ -103,7 +103,8 @@ def _set_env(name: str) -> Any:
 @click.group()
 @click.option("--log-level", default=lambda: os.environ.get("DISTFORK_LOG_LEVEL", "WARNING"), show_default="WARNING",
               help="Logging level (also DISTFORK_LOG_LEVEL).")
-@click.option("--keys-dir", type=click.Path(file_okay=False), expose_value=False, callback=_set_env("DISTFORK_KEYS_DIR"),
+@click.option("--keys-dir", type=click.Path(file_okay=False), expose_value=False,
+              callback=_set_env("DISTFORK_KEYS_DIR"),
               help="Keys from `distfork keygen DIR` (also DISTFORK_KEYS_DIR): CURVE on every socket.")
 @click.option("--curve-secret-file", type=click.Path(dir_okay=False), expose_value=False,
               callback=_set_env("DISTFORK_CURVE_SECRET_FILE"), help="Our own secret key file (overrides --keys-dir).")

@@ -39,7 +39,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import zmq
 
@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 
 _POLL_S = 0.1
 _MAX_BACKOFF_S = 5.0
+
+_SupervisorT = TypeVar("_SupervisorT", bound="Supervisor")
 
 
 class Supervisor:
@@ -103,7 +105,7 @@ class Supervisor:
         assert self.broker_args is not None
         return self._spawn("broker", "--bind", self.address, *self.broker_args)
 
-    def start(self) -> Supervisor:
+    def start(self: _SupervisorT) -> _SupervisorT:
         if self.broker_args is not None:
             self.broker = self._spawn_broker()
             if not self.address.startswith("ipc://"):
@@ -156,7 +158,11 @@ class Supervisor:
         try:
             while not self._stopping.wait(_POLL_S):
                 if self.broker is not None and self.broker.poll() is not None:
-                    log.error("the broker (pid %d) exited with code %s; restarting it", self.broker.pid, self.broker.returncode)
+                    log.error(
+                        "the broker (pid %d) exited with code %s; restarting it",
+                        self.broker.pid,
+                        self.broker.returncode,
+                    )
                     with self._lock:
                         self.broker = self._spawn_broker()
                 for p in list(self.workers):

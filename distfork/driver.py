@@ -213,7 +213,9 @@ class Driver:
             return
         from .worker import run_task  # a driver inside a worker runs what it took back
 
-        code, out, retained = run_task(item[1].frames, f"reclaimed by pid {os.getpid()}", self.config.oob_threshold_bytes, None)
+        code, out, retained = run_task(
+            item[1].frames, f"reclaimed by pid {os.getpid()}", self.config.oob_threshold_bytes, None
+        )
         complete(fut, code, out)
         self._release(item[2], item[3], reusable=not retained)
 
@@ -269,7 +271,7 @@ class Driver:
         last_sent = last_heard = last_hello = time.monotonic()
         try:
             while not self._closing:
-                events = dict(poller.poll(heartbeat_s * 1000))
+                events = dict(poller.poll(int(heartbeat_s * 1000)))
                 if self._wake_r in events:
                     try:
                         os.read(self._wake_r, 4096)
@@ -437,7 +439,9 @@ def complete(
                 value = serialize.unpack(frames, private=False, on_free=on_free)
             except Exception as err:  # noqa: BLE001
                 fut.set_exception(
-                    SerializationError(f"the task's result cannot be unpickled in the driver: {type(err).__name__}: {err}")
+                    SerializationError(
+                        f"the task's result cannot be unpickled in the driver: {type(err).__name__}: {err}"
+                    )
                 )
             else:
                 fut.set_result(value)

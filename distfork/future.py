@@ -98,7 +98,8 @@ class Future(concurrent.futures.Future, Generic[T]):  # type: ignore[type-arg]
         return True
 
     def _invoke_callbacks(self) -> None:
-        if self._done_callbacks and callback_runner.on_io_thread():
+        # _done_callbacks: CPython's private list of callbacks, not in typeshed
+        if self._done_callbacks and callback_runner.on_io_thread():  # type: ignore[attr-defined]
             callback_runner.submit(super()._invoke_callbacks)  # type: ignore[misc]
         else:
             super()._invoke_callbacks()  # type: ignore[misc]
@@ -107,7 +108,7 @@ class Future(concurrent.futures.Future, Generic[T]):  # type: ignore[type-arg]
 
     def wait(self) -> T:
         """Block until the task ends; return its value or raise its exception."""
-        return self.result()  # type: ignore[no-any-return]
+        return self.result()
 
     def value(self) -> T:
         """The value of a finished future (raises its exception); call ``wait()`` first."""
@@ -115,7 +116,7 @@ class Future(concurrent.futures.Future, Generic[T]):  # type: ignore[type-arg]
             raise concurrent.futures.InvalidStateError(
                 "value() of a future that is not done yet; call wait() or result() to block for it"
             )
-        return self.result()  # type: ignore[no-any-return]
+        return self.result()
 
     def then(self, callback: Callable[[Future[T]], S]) -> Future[S]:
         """A future of ``callback(self)``, run once this one is done.
@@ -140,7 +141,7 @@ class Future(concurrent.futures.Future, Generic[T]):  # type: ignore[type-arg]
     # asyncio -----------------------------------------------------------------
 
     def __await__(self) -> Generator[Any, None, T]:
-        return asyncio.wrap_future(self).__await__()  # type: ignore[no-any-return]
+        return asyncio.wrap_future(self).__await__()
 
 
 def collect_all(futures: Iterable[Future[Any]]) -> Future[list[Future[Any]]]:

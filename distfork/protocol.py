@@ -36,7 +36,7 @@ import enum
 import json
 import struct
 from collections.abc import Sequence
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple
 
 from .errors import ProtocolError
 
@@ -63,7 +63,7 @@ VERSION = 1
 DEFAULT_RETRIES = 255
 
 # A frame as it travels: bytes we built, or a zmq.Frame / memoryview received.
-Frame = Union[bytes, memoryview, Any]
+Frame = bytes | memoryview | Any
 
 
 class Msg(enum.IntEnum):

@@ -98,7 +98,9 @@ def _load(path: str, want_secret: bool) -> tuple[bytes, bytes | None]:
     try:
         public, secret = zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read the CURVE key file {path}: {exc}; make keys with `distfork keygen DIR`") from None
+        raise ValueError(
+            f"cannot read the CURVE key file {path}: {exc}; make keys with `distfork keygen DIR`"
+        ) from None
     if want_secret and secret is None:
         raise ValueError(f"{path} holds no secret key; give the *.key_secret file of `distfork keygen`")
     return public, secret

@@ -30,12 +30,13 @@ import ctypes
 import io
 import json
 import logging
+import mmap
 import pickle
 import sys
 import threading
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import cloudpickle
 
@@ -43,7 +44,10 @@ from . import shm
 from .errors import SerializationError
 from .future import Future as _Future
 
-__all__ = ["FutureArgument", "Lease", "describe", "free", "dumps", "dumps_call", "loads", "oob_bytes", "pack", "route", "unpack"]
+__all__ = [
+    "FutureArgument", "Lease", "describe", "free", "dumps", "dumps_call",
+    "loads", "oob_bytes", "pack", "route", "unpack",
+]
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +68,10 @@ def _reduce_tensor(t: Any) -> Any:
     """A CPU strided tensor as (its bytes, dtype, shape, strides, requires_grad)."""
     import torch
 
-    if t.device.type != "cpu" or t.layout != torch.strided or t.is_quantized or t.is_nested or t.is_conj() or t.is_neg():
+    if (
+        t.device.type != "cpu" or t.layout != torch.strided or t.is_quantized or t.is_nested
+        or t.is_conj() or t.is_neg()
+    ):
         return NotImplemented
     shape, stride = tuple(t.shape), tuple(t.stride())
     item = t.element_size()
@@ -72,7 +79,7 @@ def _reduce_tensor(t: Any) -> Any:
         first, span = t.storage_offset(), 0
     else:
         first = t.storage_offset()
-        span = 1 + sum((n - 1) * st for n, st in zip(shape, stride))
+        span = 1 + sum((n - 1) * st for n, st in zip(shape, stride, strict=True))
     raw = torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage(), first * item, (span * item,), (1,))
     return _rebuild_tensor, (raw.detach().numpy(), str(t.dtype).removeprefix("torch."), shape, stride, t.requires_grad)
 
@@ -89,7 +96,8 @@ def _value(x: Any) -> Any:
     return x
 
 
-class _Pickler(cloudpickle.Pickler):
+# cloudpickle has no type information, so its Pickler is Any to mypy.
+class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, _Future):
             # A future passed as an argument stands for its value.
@@ -199,7 +207,7 @@ def route(
                 _shm_warned = True
                 log.warning("shared memory unavailable (%s); large buffers travel as ZeroMQ frames instead", exc)
         else:
-            for (off, n), b in zip(extents, bufs):
+            for (off, n), b in zip(extents, bufs, strict=True):
                 seg.view[off : off + n] = b
             manifest = {"shm": seg.name, "size": seg.size, "bufs": extents}
             return [stream, json.dumps(manifest).encode()], seg
@@ -219,7 +227,7 @@ class Lease:
         try:
             for b in self.bufs:
                 b.release()
-            mm = self.view.obj
+            mm = cast(mmap.mmap, self.view.obj)  # shm.attach maps the segment with mmap
             self.view.release()
             mm.close()
         except BufferError:

@@ -99,7 +99,9 @@ class Segment:
         except OSError as exc:
             os.close(fd)
             os.unlink(path)
-            raise ShmUnavailable(exc.errno or errno.ENOSPC, f"cannot allocate {size} bytes in {SHM_DIR}: {exc}") from None
+            raise ShmUnavailable(
+                exc.errno or errno.ENOSPC, f"cannot allocate {size} bytes in {SHM_DIR}: {exc}"
+            ) from None
         os.close(fd)
         self.view = memoryview(self.mm)
         if touch:
@@ -239,7 +241,11 @@ class SegmentPool:
             while not self._closed:
                 size = self._want
                 held = sum(s.size for s in self._spares)
-                if not size or any(size <= s.size <= 2 * size + _PAGE for s in self._spares) or held + size > self.spare_bytes:
+                if (
+                    not size
+                    or any(size <= s.size <= 2 * size + _PAGE for s in self._spares)
+                    or held + size > self.spare_bytes
+                ):
                     self._want = 0
                     self._wake.wait()
                     continue

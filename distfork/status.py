@@ -22,7 +22,7 @@ def query_status(address: str, timeout_s: float = 5.0) -> dict[str, Any]:
     Raises builtin ``TimeoutError`` if no broker answers in time, and
     :class:`~distfork.errors.AuthenticationError` if it refuses our key.
     """
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[Any]] = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.ROUTING_ID, b"S" + os.urandom(8))
@@ -36,7 +36,7 @@ def query_status(address: str, timeout_s: float = 5.0) -> dict[str, Any]:
         sock.connect(address)
         sock.send_multipart(protocol.encode_signal(Msg.STATUS))
         while (left_s := deadline - time.monotonic()) > 0:
-            events = dict(poller.poll(left_s * 1000))
+            events = dict(poller.poll(int(left_s * 1000)))
             if monitor is not None and monitor in events:
                 text = security.failure_text(monitor, address)
                 if text is not None:

@@ -256,7 +256,7 @@ class Worker:
                 next_sweep = now + 5 * heartbeat_s
             deadlines = [s.deadline for s in self.slots_ if s.deadline is not None]
             wait_s = max(0.0, min([next_beat, *deadlines]) - time.monotonic())
-            events = dict(poller.poll(wait_s * 1000))
+            events = dict(poller.poll(int(wait_s * 1000)))
             if monitor is not None and monitor in events:
                 text = security.failure_text(monitor, self.address)
                 if text is not None:
@@ -290,8 +290,8 @@ class Worker:
 
     def _abort(self, control: zmq.Socket[Any], timed_out: Sequence[int] = (), cancelled: Sequence[int] = ()) -> None:
         """A running task must stop: tell the broker, then end this process (our supervisor replaces it)."""
-        log.warning("%s: ending the process to stop %s", self.where,
-                    ", ".join([f"task {k} (timed out)" for k in timed_out] + [f"task {k} (cancelled)" for k in cancelled]))
+        what = [f"task {k} (timed out)" for k in timed_out] + [f"task {k} (cancelled)" for k in cancelled]
+        log.warning("%s: ending the process to stop %s", self.where, ", ".join(what))
         self._goodbye(control, timed_out=list(timed_out), cancelled=list(cancelled))
         control.close(linger=_LINGER_MS)
         self._exit(ABORT_EXIT_CODE)
@@ -306,6 +306,8 @@ class Worker:
         """
         control.copy_threshold = 0  # track this very message, not a copy of it
         tracker = control.send_multipart(self._keepalive(bye=True, **extra), copy=False, track=True)
+        if tracker is None:  # pyzmq returns a tracker whenever track=True
+            raise RuntimeError("ZeroMQ gave no MessageTracker for a tracked send")
         try:
             tracker.wait(_LINGER_MS / 1000)
         except zmq.NotDone:
@@ -372,7 +374,7 @@ class _Slot:
         local = self.local
         while not w._stopping:
             if not local:
-                if not poller.poll(heartbeat_ms):
+                if not poller.poll(int(heartbeat_ms)):
                     sock.send_multipart(protocol.encode_signal(Msg.HEARTBEAT))
                     continue
             self._drain(sock)
@@ -404,6 +406,8 @@ class _Slot:
 
     def _flush(self) -> None:
         if self.done:
+            if self.sock is None:  # set before the first task runs, so before any result
+                raise RuntimeError("results to send but no task socket: _flush before _serve ran a task")
             self.sock.send_multipart(protocol.encode_batch(Msg.RESULTS, self.done), copy=False)
             self.done = []
 

@@ -143,8 +143,9 @@ class CliCluster:
     def start_worker(self, *args: str) -> subprocess.Popen[bytes]:
         # --no-nanny: the process we start is the worker itself, so its pid is
         # the one that runs tasks (the nanny is tested on its own).
-        p = subprocess.Popen([sys.executable, "-m", "distfork", "worker", "--connect", self.address, "--no-nanny", *args],
-                             env=self.env)
+        p = subprocess.Popen(
+            [sys.executable, "-m", "distfork", "worker", "--connect", self.address, "--no-nanny", *args], env=self.env
+        )
         self.workers.append(p)
         return p
 

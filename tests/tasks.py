@@ -286,7 +286,9 @@ def merge_sort(xs: Any, cutoff: int = 50_000) -> Any:
     if len(xs) <= cutoff:
         return np.sort(xs, kind="stable")
     mid = len(xs) // 2
-    left, right = distfork.wait_all([distfork.fork(merge_sort, xs[:mid], cutoff), distfork.fork(merge_sort, xs[mid:], cutoff)])
+    left, right = distfork.wait_all(
+        [distfork.fork(merge_sort, xs[:mid], cutoff), distfork.fork(merge_sort, xs[mid:], cutoff)]
+    )
     # Merge: where each item of the right half lands among the left half's.
     out = np.empty(len(xs), dtype=xs.dtype)
     pos = np.searchsorted(left, right, side="right") + np.arange(len(right))

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import dockerfile
 import pytest
-from conftest import cli_env, free_port, wait_until
 
+from conftest import cli_env, free_port, wait_until
 from distfork.cli import cli
 
 from .opsutil import scrape, value

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from conftest import cli_env, wait_until
 
 from .netns import Lan, unavailable

@@ -15,9 +15,8 @@ from typing import Any
 import psutil
 
 import distfork
-from distfork.status import query_status
-
 from conftest import wait_until
+from distfork.status import query_status
 
 
 def embedded_cluster() -> Any:

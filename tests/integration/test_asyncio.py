@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import tasks
-from conftest import wait_until
 
 import distfork
+import tasks
+from conftest import wait_until
 from distfork.status import query_status
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("shared_cluster")]

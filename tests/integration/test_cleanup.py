@@ -137,7 +137,9 @@ def test_driver_that_exits_without_shutdown_leaves_nothing_behind(how: str, tmp_
         assert code == expected, driver.stderr.read()
         wait_until(lambda: all_gone(procs), 10, what=f"the driver's cluster to stop after `{how}`")
         assert not _socket_dir(info).exists()  # nor the private directory of its ipc:// socket
-        wait_until(lambda: not _segments(info), 10, what=f"the shared memory of the driver's cluster to go: {_segments(info)}")
+        wait_until(
+            lambda: not _segments(info), 10, what=f"the shared memory of the driver's cluster to go: {_segments(info)}"
+        )
     finally:
         if driver.poll() is None:
             driver.kill()
@@ -154,7 +156,9 @@ def test_driver_sigkilled_from_outside_leaves_nothing_behind(tmp_path: Path) -> 
         assert driver.wait(30) == -signal.SIGKILL
         wait_until(lambda: all_gone(procs), 10, what="the killed driver's cluster to stop")
         assert not _socket_dir(info).exists()
-        wait_until(lambda: not _segments(info), 10, what=f"the shared memory of the driver's cluster to go: {_segments(info)}")
+        wait_until(
+            lambda: not _segments(info), 10, what=f"the shared memory of the driver's cluster to go: {_segments(info)}"
+        )
     finally:
         if driver.poll() is None:
             driver.kill()

@@ -112,7 +112,8 @@ def test_sigterm_stops_a_worker_and_the_broker_drops_it(cli_cluster: CliCluster,
         import distfork, tasks
         print(distfork.wait_all([distfork.fork(tasks.getpid) for _ in range(5)], timeout=60))
     """)
-    done = subprocess.run([sys.executable, str(script)], env={**cli_cluster.env, "DISTFORK_ADDRESS": cli_cluster.address},
+    done = subprocess.run([sys.executable, str(script)],
+                          env={**cli_cluster.env, "DISTFORK_ADDRESS": cli_cluster.address},
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str([staying.pid] * 5)

@@ -227,7 +227,8 @@ def test_torch_tensor_arrives_and_comes_back_as_sent(cluster: Cluster, t: Any) -
     sent = tasks.describe_data(t)
     got = remote(t)
     same_data(got, sent)  # dtype, shape, strides, requires_grad and bits
-    if t.numel() and t.element_size() * (1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))) >= THRESHOLD:
+    span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))
+    if t.numel() and t.element_size() * span >= THRESHOLD:
         assert got["backing"].startswith(cluster.driver_prefix), got["backing"]
     back = echo(t)
     back_desc = tasks.describe_data(back)

@@ -24,10 +24,10 @@ from typing import Any
 
 import psutil
 import pytest
-import tasks
-from conftest import wait_until
 
 import distfork
+import tasks
+from conftest import wait_until
 from distfork.cluster import LocalCluster
 from distfork.status import query_status
 

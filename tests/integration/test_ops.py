@@ -15,10 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import CliCluster, cli_env, free_port, wait_until
-from deploy.opsutil import Samples, check_report, delta, scrape, value
 
 import distfork
+from conftest import CliCluster, cli_env, free_port, wait_until
+from deploy.opsutil import Samples, check_report, delta, scrape, value
 from distfork.metrics import BrokerMetrics, classify
 from distfork.protocol import Entry
 from distfork.status import query_status

@@ -74,7 +74,8 @@ def _broken_line() -> int:
 def _run_all() -> dict[str, object]:
     x = torch.tensor(2)
     out: dict[str, object] = {"bar": bar(x), "mod": Mod()(x)}
-    for name, call in [("broken", lambda: BrokenMod()(x)), ("raising", lambda: distfork.wait(distfork.fork(tasks.fail, "boom")))]:
+    calls = [("broken", lambda: BrokenMod()(x)), ("raising", lambda: distfork.wait(distfork.fork(tasks.fail, "boom")))]
+    for name, call in calls:
         try:
             call()
         except Exception as exc:  # noqa: BLE001 - compared below

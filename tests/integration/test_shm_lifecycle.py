@@ -87,7 +87,7 @@ def test_after_results_are_consumed_only_bounded_warm_spares_remain() -> None:
         sent = [np.full(500_000, float(i)) for i in range(8)]
         echoed = distfork.wait_all([distfork.fork(tasks.identity, a) for a in sent], timeout=60)
         made = distfork.wait_all([distfork.fork(tasks.ones, 500_000) for _ in range(8)], timeout=60)
-        assert all((b == a).all() for a, b in zip(sent, echoed))
+        assert all((b == a).all() for a, b in zip(sent, echoed, strict=True))
         assert all((m == 1.0).all() for m in made)
     del sent, echoed, made
 

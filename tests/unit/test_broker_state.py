@@ -228,7 +228,7 @@ def test_max_retries_comes_from_the_task_entry_or_the_config(
     submit(state, d, 1, code=code)
     now = 0.0
     for n in range(1, 20):
-        w = worker(state, b"W-%d" % n, now=now, n=n)
+        worker(state, b"W-%d" % n, now=now, n=n)
         state.dispatch()
         now += TIMEOUT_S + 1
         state.seen(D1, now)

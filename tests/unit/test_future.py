@@ -167,7 +167,7 @@ def test_collect_all_completes_with_the_futures_once_all_are_done() -> None:
     assert not combined.done()
     futs[1].set_result("b")
     got = combined.wait()
-    assert got == futs and all(a is b for a, b in zip(got, futs))
+    assert got == futs and all(a is b for a, b in zip(got, futs, strict=True))
     assert got[2].value() == "c"
 
 
@@ -177,7 +177,7 @@ def test_collect_all_of_nothing_is_done() -> None:
 
 def test_wait_all_returns_values_in_order() -> None:
     futs: list[Future[int]] = [Future() for _ in range(3)]
-    for f, v in reversed(list(zip(futs, [1, 2, 3]))):
+    for f, v in reversed(list(zip(futs, [1, 2, 3], strict=True))):
         f.set_result(v)
     assert wait_all(futs) == [1, 2, 3]
     assert wait_all([]) == []
