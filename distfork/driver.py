@@ -184,19 +184,21 @@ class Driver:
             self._segments.close()
         self._closed.set()
 
-    def _reclaim(self, fut: Future[Any]) -> None:
-        """Ask the broker for a task still queued; if it gives it back, run it in this thread."""
+    def _reclaim(self, fut: Future[Any], local: bool = True) -> None:
+        """Run a task in this thread if it has not started: one not sent yet (if ``local``), or
+        one the broker gives back because no free slot can start it now."""
         task_id: int = fut.task_id  # type: ignore[attr-defined]
         item = self._inflight.get(task_id)
         if item is None or self._closing:
             return
-        try:
-            self._outgoing.remove(item[1])  # not even sent yet: nobody else can have it
-        except ValueError:
-            pass
-        else:
-            self._run_here(fut, task_id)
-            return
+        if local:
+            try:
+                self._outgoing.remove(item[1])  # not even sent yet: nobody else can have it
+            except ValueError:
+                pass
+            else:
+                self._run_here(fut, task_id)
+                return
         done, answer = threading.Event(), [False]
         self._reclaim_waiters[task_id] = (done, answer)
         self._reclaims.append(task_id)

@@ -59,7 +59,7 @@ class Future(concurrent.futures.Future, Generic[T]):  # type: ignore[type-arg]
     def __init__(
         self,
         canceller: Callable[[Future[Any]], None] | None = None,
-        reclaimer: Callable[[Future[Any]], None] | None = None,
+        reclaimer: Callable[[Future[Any], bool], None] | None = None,
     ) -> None:
         super().__init__()
         self._canceller = canceller
@@ -67,12 +67,20 @@ class Future(concurrent.futures.Future, Generic[T]):  # type: ignore[type-arg]
         # and run it here, so a task waiting for its children never deadlocks.
         self._reclaimer = reclaimer
 
-    def _reclaim(self) -> None:
-        reclaimer, self._reclaimer = self._reclaimer, None
-        if reclaimer is not None and not self.done():
-            reclaimer(self)
+    def _reclaim(self, local: bool = True) -> None:
+        """Inside a worker: if the task has not started, run it in this thread.
 
-    # concurrent.futures ------------------------------------------------------
+        ``local``: also take it if it was not even sent yet. A waiter that wants
+        any one of several futures (``as_completed``) passes False: running
+        one here would hold back the others, so it only takes a task that the
+        broker says nobody can start now.
+        """
+        reclaimer = self._reclaimer
+        if reclaimer is None or self.done():
+            return
+        if local:
+            self._reclaimer = None  # one try: afterwards it runs elsewhere, or here
+        reclaimer(self, local)
 
     def result(self, timeout: float | None = None) -> T:
         """The task's value; raise its exception, or builtin ``TimeoutError`` after ``timeout`` s."""
@@ -265,7 +273,7 @@ class _AsCompleted(Generic[F]):
                     self._left -= 1
                     return self._finished.popleft()
                 child = self._reclaimable.popleft()
-            child._reclaim()  # outside the lock: it may run the task in this thread
+            child._reclaim(local=False)  # outside the lock: it may run the task in this thread
 
     def __aiter__(self) -> _AsCompleted[F]:
         loop = asyncio.get_running_loop()
