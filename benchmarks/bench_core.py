@@ -21,16 +21,13 @@ import distfork
 from bench_tasks import noop  # importable: every system pickles it by reference
 
 
-def latency(submit: Callable[[], Any], n: int) -> tuple[float, float]:
-    for _ in range(min(200, n)):  # warm up
-        submit().result()
+def latency_samples(submit: Callable[[], Any], n: int) -> list[float]:
     samples = []
     for _ in range(n):
         t0 = time.perf_counter()
         submit().result()
         samples.append(time.perf_counter() - t0)
-    samples.sort()
-    return statistics.median(samples), samples[int(len(samples) * 0.99) - 1]
+    return samples
 
 
 def throughput(submit: Callable[[], Any], n: int) -> float:
@@ -46,25 +43,34 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--latency-n", type=int, default=2000)
     ap.add_argument("--throughput-n", type=int, default=20000)
-    ap.add_argument("--rounds", type=int, default=3, help="throughput rounds; the best is kept")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; best throughput is kept")
     a = ap.parse_args()
 
-    results: dict[str, dict[str, float]] = {}
-    with concurrent.futures.ProcessPoolExecutor(a.workers) as pool:
-        pool_submit = lambda: pool.submit(noop)  # noqa: E731
-        p50, p99 = latency(pool_submit, a.latency_n)
-        tput = max(throughput(pool_submit, a.throughput_n) for _ in range(a.rounds))
-        results["ProcessPoolExecutor"] = {"p50": p50, "p99": p99, "tput": tput}
-
+    # Both systems stay up and are measured in alternation, round after round:
+    # this machine's speed drifts over seconds, and alternating spreads the
+    # drift over both instead of favouring whichever ran in the quiet moment.
     t0 = time.perf_counter()
     distfork.init(workers=a.workers)
     distfork.wait(distfork.fork(noop))
     first = time.perf_counter() - t0
-    df_submit = lambda: distfork.fork(noop)  # noqa: E731
-    p50, p99 = latency(df_submit, a.latency_n)
-    tput = max(throughput(df_submit, a.throughput_n) for _ in range(a.rounds))
-    results["distfork"] = {"p50": p50, "p99": p99, "tput": tput}
+    systems: dict[str, Callable[[], Any]] = {}
+    samples: dict[str, list[float]] = {"ProcessPoolExecutor": [], "distfork": []}
+    tputs: dict[str, list[float]] = {"ProcessPoolExecutor": [], "distfork": []}
+    with concurrent.futures.ProcessPoolExecutor(a.workers) as pool:
+        systems["ProcessPoolExecutor"] = lambda: pool.submit(noop)
+        systems["distfork"] = lambda: distfork.fork(noop)
+        for submit in systems.values():
+            for _ in range(200):  # warm up
+                submit().result()
+        for _ in range(a.rounds):
+            for name, submit in systems.items():
+                samples[name] += latency_samples(submit, a.latency_n // a.rounds)
+                tputs[name].append(throughput(submit, a.throughput_n))
     distfork.shutdown()
+    results: dict[str, dict[str, float]] = {}
+    for name in systems:
+        xs = sorted(samples[name])
+        results[name] = {"p50": statistics.median(xs), "p99": xs[int(len(xs) * 0.99) - 1], "tput": max(tputs[name])}
 
     for name, r in results.items():
         print(f"{name:<20} no-op latency p50 {r['p50'] * 1e6:7.0f} us  p99 {r['p99'] * 1e6:7.0f} us   "
