@@ -208,9 +208,13 @@ class BrokerState:
             self._forget(w, now, reason=f"its process {reason}")
 
     def expire(self, now: float) -> list[PeerInfo]:
-        """Forget peers silent for longer than the peer timeout; return them."""
-        limit = now - self.config.peer_timeout_s
-        gone = [p for p in self.peers.values() if p.last_seen < limit]
+        """Forget peers silent for longer than the peer timeout; return them.
+
+        A peer configured with a slower heartbeat than ours (it says so in its
+        HELLO) gets that much longer: each side may be tuned on its own.
+        """
+        liveness, ours = self.config.liveness, self.config.heartbeat_s
+        gone = [p for p in self.peers.values() if now - p.last_seen > liveness * max(ours, _heartbeat_of(p))]
         for p in gone:
             self._forget(p, now, reason=f"silent for {now - p.last_seen:.1f} s")
         return gone
@@ -530,11 +534,15 @@ class BrokerState:
             }
             for w in self.workers.values()
         ]
+        # A worker runs the first `slots` tasks it holds; the rest wait there (prefetched).
+        running = {t.key for w in self.workers.values() for t in itertools.islice(w.assigned.values(), w.slots)}
+        held = sum(len(w.assigned) for w in self.workers.values())
         drivers = []
         for d in self.peers.values():
             if d.role != "driver":
                 continue
             waiting = sum(1 for t in d.tasks.values() if t.state is TaskState.QUEUED)
+            on_worker = sum(1 for t in d.tasks.values() if t.state is TaskState.ASSIGNED and t.key in running)
             drivers.append({
                 "id": d.id.hex(),
                 "name": d.info.get("name"),
@@ -542,18 +550,27 @@ class BrokerState:
                 "pid": d.info.get("pid"),
                 "unfinished": len(d.tasks),
                 "queued": waiting,
-                "running": len(d.tasks) - waiting,  # held by workers, running or prefetched
+                "running": on_worker,
+                "prefetched": len(d.tasks) - waiting - on_worker,  # handed to a worker, waiting there
                 "done": d.done,  # finished, failures included
                 "failed": d.failed,
             })
         return {
             "uptime_s": round(now - self.started, 3),
             "queued": queued,
-            "running": sum(len(w.assigned) for w in self.workers.values()),
+            "running": len(running),
+            "prefetched": held - len(running),
             "workers": workers,
             "drivers": drivers,
             "counters": dict(self.counters),
         }
+
+
+def _heartbeat_of(p: PeerInfo) -> float:
+    value = p.info.get("heartbeat_s")
+    if isinstance(value, (int, float)) and 0 < value < 3600:
+        return float(value)
+    return 0.0
 
 
 def _signal_name(signum: int) -> str:

@@ -251,6 +251,7 @@ class Driver:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "shm_domain": self.shm_domain,
+            "heartbeat_s": self.config.heartbeat_s,
         }
         sock.send_multipart(protocol.encode_json(Msg.HELLO, info))
 

@@ -348,6 +348,7 @@ class _Slot:
             "pid": os.getpid(),
             "slots": 1,
             "shm_domain": w.shm_domain,
+            "heartbeat_s": w.config.heartbeat_s,
         }
         sock.send_multipart(protocol.encode_json(Msg.HELLO, info))
 

@@ -475,3 +475,12 @@ def test_resubmitting_a_task_id_the_broker_holds_adds_no_duplicate() -> None:
     assert [t.task_id for t in state.dispatch()[W1]] == [3]
     assert len(w.assigned) == 3
     assert d.tasks[1] is first and d.tasks[2] is second
+
+
+def test_a_peer_with_a_slower_heartbeat_than_the_broker_is_given_its_own_timeout() -> None:
+    state = BrokerState(Config(heartbeat_s=0.2, liveness=5), 0.0)
+    slow = state.hello(b"D-slow", {"role": "driver", "heartbeat_s": 1.0}, 0.0)
+    fast = state.hello(b"D-fast", {"role": "driver"}, 0.0)
+    gone = state.expire(2.0)  # 2 s: past 5 x 0.2 s, within 5 x 1.0 s
+    assert fast in gone and slow not in gone
+    assert state.expire(5.5) == [slow]
