@@ -156,8 +156,48 @@ class _ReusablePickler:
 _local = threading.local()
 
 
+class _LargeBytes:
+    """A large ``bytes``/``bytearray``/``memoryview``, pickled out of band.
+
+    The C pickler writes exact ``bytes`` and ``bytearray`` into the stream
+    without asking ``reducer_override``; wrapped, they leave it like arrays.
+    They come back as ``bytes`` (``bytearray`` as ``bytearray``).
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, tuple[Any, ...]]:
+        kind = bytearray if type(self.data) is bytearray else bytes
+        return kind, (pickle.PickleBuffer(self.data),)
+
+
+_CONTAINERS = (tuple, list, dict)
+
+
+def _wrap_large(obj: Any, threshold: int, depth: int = 3) -> Any:
+    """``obj`` with large bytes-like values (in tuples, lists and dicts, a few levels deep) wrapped."""
+    t = type(obj)
+    if t is bytes or t is bytearray or t is memoryview:
+        if memoryview(obj).nbytes >= threshold and memoryview(obj).c_contiguous:
+            return _LargeBytes(obj)
+        return obj
+    if depth == 0 or t not in _CONTAINERS:
+        return obj
+    if t is dict:
+        items = {k: _wrap_large(v, threshold, depth - 1) for k, v in obj.items()}
+        return items if any(items[k] is not v for k, v in obj.items()) else obj
+    seq = [_wrap_large(v, threshold, depth - 1) for v in obj]
+    if all(a is b for a, b in zip(seq, obj, strict=True)):
+        return obj
+    return tuple(seq) if t is tuple else seq
+
+
 def dumps(obj: Any, oob_threshold_bytes: int) -> list[Any]:
     """Pickle ``obj``; buffers of at least ``oob_threshold_bytes`` become frames of their own."""
+    obj = _wrap_large(obj, oob_threshold_bytes)
     p: _ReusablePickler | None = getattr(_local, "pickler", None)
     if p is None or p.in_use:  # first use in this thread, or pickling re-entered
         p = _ReusablePickler()

@@ -175,3 +175,18 @@ def test_an_exception_that_cannot_travel_comes_back_as_remote_error_naming_its_t
     assert str(exc) in str(back)
     assert isinstance(back.__cause__, distfork.RemoteTraceback)
     assert "worker w-9 (host x, pid 9)" in str(back.__cause__)
+
+
+def test_large_bytes_and_bytearrays_leave_the_pickle_stream_and_keep_their_type() -> None:
+    big = bytes(range(256)) * 1024
+    frames = serialize.dumps(([big, {"b": bytearray(big)}], memoryview(big)), 65536)
+    assert len(frames) == 1 + 3  # three buffers out of band, none copied into the stream
+    assert len(frames[0]) < 1024
+    (data, view) = serialize.loads(frames)
+    assert type(data[0]) is bytes and data[0] == big
+    assert type(data[1]["b"]) is bytearray and data[1]["b"] == big
+    assert bytes(view) == big
+
+
+def test_small_bytes_stay_in_band() -> None:
+    assert len(serialize.dumps((b"x" * 100, bytearray(100)), 65536)) == 1
