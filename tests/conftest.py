@@ -14,9 +14,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -117,6 +118,20 @@ def no_leaks() -> Iterator[None]:
     assert not replaced, "the test shut down or replaced the runtime of a module-scoped fixture"
 
 
+def stop_processes(procs: Iterable[subprocess.Popen[Any]], timeout_s: float = 15.0) -> None:
+    """SIGTERM every process (only ones the test started), then wait; SIGKILL what does not stop."""
+    procs = list(procs)
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -155,15 +170,7 @@ class CliCluster:
 
     def stop(self) -> None:
         procs = [*self.workers, self.broker]
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(procs)
 
 
 @pytest.fixture

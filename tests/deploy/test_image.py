@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,7 +13,7 @@ from pathlib import Path
 import dockerfile
 import pytest
 
-from conftest import cli_env, free_port, wait_until
+from conftest import cli_env, free_port, stop_processes, wait_until
 from distfork.cli import cli
 
 from .opsutil import scrape, value
@@ -108,14 +107,8 @@ class Container:
         return subprocess.run([str(ENTRYPOINT), "health"], env=self.env, capture_output=True, timeout=30).returncode
 
     def stop(self) -> None:
-        p = self.proc
-        if p is not None and p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        if self.proc is not None:
+            stop_processes([self.proc])
 
 
 @pytest.fixture

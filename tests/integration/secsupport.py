@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from conftest import cli_env, wait_until
+from conftest import cli_env, stop_processes, wait_until
 from distfork.status import query_status
 
 PY = sys.executable
@@ -139,15 +139,7 @@ class Procs:
             return None
 
     def stop_all(self) -> None:
-        for p, _ in reversed(self.started):  # drivers and workers before their broker
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p, _ in reversed(self.started):
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(p for p, _ in reversed(self.started))  # drivers and workers before their broker
 
 
 def run_cli(*args: str, keys: Path | None = None, prefix: tuple[str, ...] = (), timeout_s: float = 30.0,

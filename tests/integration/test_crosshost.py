@@ -12,7 +12,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ import pytest
 
 import distfork
 import tasks
-from conftest import cli_env, wait_until
+from conftest import cli_env, stop_processes, wait_until
 
 from .support import embedded_cluster, embedded_ready, write_script
 
@@ -123,15 +122,7 @@ def hosts() -> Iterator[Hosts]:
             _ip("-n", ns, "link", "set", "lo", "up")
         yield h
     finally:
-        for p in h.procs:  # only the processes this fixture started
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in h.procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(h.procs)  # only the processes this fixture started
         for ns in made:  # takes the veth pair with it
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 

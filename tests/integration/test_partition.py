@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from conftest import cli_env, wait_until
+from conftest import cli_env, stop_processes, wait_until
 
 from .support import LineReader, write_script
 
@@ -117,15 +116,8 @@ def net() -> Iterator[Net]:
             n.links[host] = host_end
         yield n
     finally:
-        for p in n.procs:  # only the processes this fixture started
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
+        stop_processes(n.procs)  # only the processes this fixture started
         for p in n.procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
             for stream in (p.stdin, p.stdout, p.stderr):
                 if stream is not None:
                     stream.close()
