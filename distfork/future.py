@@ -12,13 +12,15 @@ would wait for the very thread that has to deliver it. The driver sets
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import concurrent.futures
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable
-from typing import Any, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+
+if TYPE_CHECKING:  # imported where used: every worker process imports this module at start
+    import asyncio
 
 __all__ = ["Future", "as_completed", "collect_all", "wait_all"]
 
@@ -149,6 +151,8 @@ class Future(concurrent.futures.Future, Generic[T]):  # type: ignore[type-arg]
     # asyncio -----------------------------------------------------------------
 
     def __await__(self) -> Generator[Any, None, T]:
+        import asyncio
+
         return asyncio.wrap_future(self).__await__()
 
 
@@ -276,6 +280,8 @@ class _AsCompleted(Generic[F]):
             child._reclaim(local=False)  # outside the lock: it may run the task in this thread
 
     def __aiter__(self) -> _AsCompleted[F]:
+        import asyncio
+
         loop = asyncio.get_running_loop()
         with self._cond:
             if self._loop is None:
@@ -289,6 +295,8 @@ class _AsCompleted(Generic[F]):
         return self
 
     async def __anext__(self) -> F:
+        import asyncio
+
         queue = self._queue if self._queue is not None else self.__aiter__()._queue
         assert queue is not None
         if self._left == 0:

@@ -36,7 +36,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import psutil
 import zmq
 
 from . import protocol, security, serialize, shm
@@ -475,6 +474,8 @@ class _Slot:
 
 def _rss_bytes() -> int | None:
     """Resident memory of this process (shown by ``distfork status``), or None if unknown."""
+    import psutil  # here: only the control thread needs it, once a heartbeat
+
     try:
         return int(psutil.Process().memory_info().rss)
     except psutil.Error:
