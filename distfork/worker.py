@@ -183,14 +183,15 @@ class Worker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop())
 
-    def _socket(self, identity: bytes) -> zmq.Socket[Any]:
+    def _socket(self, identity: bytes, connect: bool = True) -> zmq.Socket[Any]:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.ROUTING_ID, identity)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)  # results: bounded by what the broker handed us
         sock.setsockopt(zmq.RCVHWM, self.config.hwm)
         security.secure_client(sock, self._keys)
-        sock.connect(self.address)
+        if connect:
+            sock.connect(self.address)
         return sock
 
     def serve_forever(self) -> None:
@@ -200,11 +201,13 @@ class Worker:
         threads = [threading.Thread(target=s.run, name=f"distfork-slot-{s.index}", daemon=True) for s in self.slots_]
         for t in threads:
             t.start()
-        control = self._socket(b"C" + self.slot_ids[0][1:])
+        control = self._socket(b"C" + self.slot_ids[0][1:], connect=False)
         # Without keys, still watch for a broker that has them: it drops us for good (libzmq does not
         # reconnect after a protocol failure) and our next send would block forever, even SIGTERM.
+        # The monitor is attached before we connect, so that no handshake outcome is missed.
         monitor = (security.watch_handshake(control) if self._keys is not None
                    else control.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL))
+        control.connect(self.address)
         log.info("%s connecting to %s with %d slots", self.where, self.address, self.slots)
         try:
             self._control(control, monitor)
@@ -245,7 +248,12 @@ class Worker:
         while not self._stopping:
             now = time.monotonic()
             if now >= next_beat:
-                control.send_multipart(self._keepalive())
+                try:
+                    # NOBLOCK: after a failed handshake libzmq drops the connection for good and a
+                    # blocking send would hang before we read the monitor that says why.
+                    control.send_multipart(self._keepalive(), zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
                 next_beat = now + heartbeat_s
                 if self.parent_pid is not None and os.getppid() != self.parent_pid:
                     log.warning("parent process %d is gone; stopping", self.parent_pid)
@@ -304,7 +312,11 @@ class Worker:
         tasks (a timed-out task would be retried instead of failing).
         """
         control.copy_threshold = 0  # track this very message, not a copy of it
-        tracker = control.send_multipart(self._keepalive(bye=True, **extra), copy=False, track=True)
+        try:
+            tracker = control.send_multipart(self._keepalive(bye=True, **extra), zmq.NOBLOCK, copy=False, track=True)
+        except zmq.Again:
+            log.warning("%s: no connection to the broker for its goodbye", self.where)
+            return
         if tracker is None:  # pyzmq returns a tracker whenever track=True
             raise RuntimeError("ZeroMQ gave no MessageTracker for a tracked send")
         try:
