@@ -135,15 +135,20 @@ def test_driver_that_exits_without_shutdown_leaves_nothing_behind(how: str, tmp_
         code = driver.wait(30)
         expected = {"return": 0, "raise": 1, "os._exit": 0, "sigkill": -signal.SIGKILL}[how]
         assert code == expected, driver.stderr.read()
-        wait_until(lambda: all_gone(procs), 10, what=f"the driver's cluster to stop after `{how}`")
-        assert not _socket_dir(info).exists()  # nor the private directory of its ipc:// socket
-        wait_until(
-            lambda: not _segments(info), 10, what=f"the shared memory of the driver's cluster to go: {_segments(info)}"
-        )
+        _assert_cluster_gone(info, procs, f"after `{how}`")
     finally:
         if driver.poll() is None:
             driver.kill()
             driver.wait()
+
+
+def _assert_cluster_gone(info: dict, procs: list, when: str) -> None:  # type: ignore[type-arg]
+    """The driver's embedded cluster is gone: its processes, its ipc:// directory, its shared memory."""
+    wait_until(lambda: all_gone(procs), 10, what=f"the driver's cluster to stop {when}")
+    assert not _socket_dir(info).exists()  # nor the private directory of its ipc:// socket
+    wait_until(
+        lambda: not _segments(info), 10, what=f"the shared memory of the driver's cluster to go: {_segments(info)}"
+    )
 
 
 def test_driver_sigkilled_from_outside_leaves_nothing_behind(tmp_path: Path) -> None:
@@ -154,11 +159,7 @@ def test_driver_sigkilled_from_outside_leaves_nothing_behind(tmp_path: Path) -> 
         procs = _ours(info["pids"])
         driver.kill()
         assert driver.wait(30) == -signal.SIGKILL
-        wait_until(lambda: all_gone(procs), 10, what="the killed driver's cluster to stop")
-        assert not _socket_dir(info).exists()
-        wait_until(
-            lambda: not _segments(info), 10, what=f"the shared memory of the driver's cluster to go: {_segments(info)}"
-        )
+        _assert_cluster_gone(info, procs, "after the driver was killed")
     finally:
         if driver.poll() is None:
             driver.kill()
