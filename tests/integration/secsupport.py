@@ -10,14 +10,12 @@
     Procs         every process a test starts (CLI roles, sniffer, driver scripts),
                   stdout/stderr to files; stop_all() SIGTERMs, then SIGKILLs, only those pids
     ZmtpPeer      ZMTP 3.0 by hand over a plain TCP socket (NULL mechanism, as a DEALER)
-    Netns         a network namespace with only a loopback, ``ip netns exec`` prefix
+    Netns         a network namespace with only a loopback, ``ip netns exec`` prefix (tests/deploy/netns.py)
     SNIFFER       an AF_PACKET raw-socket capture of a namespace's loopback (TCP payloads)
 """
 
 from __future__ import annotations
 
-import os
-import secrets
 import shutil
 import signal
 import socket
@@ -32,6 +30,7 @@ from typing import Any
 import pytest
 
 from conftest import cli_env, stop_processes, wait_until
+from deploy.netns import Namespace, unavailable
 from distfork.status import query_status
 
 PY = sys.executable
@@ -254,42 +253,10 @@ def closed_within(sock: socket.socket, timeout_s: float) -> float | None:
 
 def netns_unavailable() -> str | None:
     """Why we cannot make a network namespace here, or None."""
-    if os.geteuid() != 0:
-        return "needs root to create a network namespace (ip netns add)"
-    if shutil.which("ip") is None:
-        return "needs ip(8) from iproute2, which is not installed"
-    probe = f"df-sec-probe-{secrets.token_hex(3)}"
-    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
-    if made.returncode != 0:
-        return f"`ip netns add` is not permitted here: {made.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    return None
+    return unavailable(bridge=False, own_shm=False, hostnames=False)
 
 
-class Netns:
-    """A network namespace of our own, holding only a loopback interface (up)."""
-
-    def __init__(self) -> None:
-        self.name = f"df-sec-{secrets.token_hex(3)}"
-        self._ip("netns", "add", self.name)
-        try:
-            self.run("ip", "link", "set", "lo", "up")
-        except BaseException:
-            self.delete()
-            raise
-        self.prefix = ("ip", "netns", "exec", self.name)
-
-    @staticmethod
-    def _ip(*args: str) -> None:
-        done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
-        if done.returncode != 0:
-            raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip()}")
-
-    def run(self, *cmd: str) -> None:
-        self._ip("netns", "exec", self.name, *cmd)
-
-    def delete(self) -> None:
-        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=30)
+Netns = Namespace  # a namespace of our own with only a loopback (up): .prefix, .run(), .delete()
 
 
 # The capture: every TCP payload on the namespace's loopback, once (not the

@@ -1,10 +1,10 @@
 """A network partition for real: one worker host's link cut mid-run, then restored.
 
-Three network namespaces stand for three hosts: the broker's (with a bridge)
-and two worker hosts, each on a veth pair plugged into that bridge, all on
-10.252.N.0/24. The broker binds its host's address (``--insecure``: a
-private test network), one ``distfork worker --no-nanny`` runs on each worker
-host, and a driver script runs on the broker's host. Mid-run the test takes
+Three network namespaces stand for three hosts (tests/deploy/netns.py): the
+broker's (with a bridge) and two worker hosts, each on a veth pair plugged
+into that bridge, all on one /24. The broker binds its host's address
+(``--insecure``: a private test network), one ``distfork worker --no-nanny``
+runs on each worker host, and a driver script runs on the broker's host. Mid-run the test takes
 one worker host's link down: the task in flight there finishes on the other
 host, and every future completes. With the link up again, the cut worker
 says hello again, shows in ``distfork status``, and runs tasks.
@@ -15,18 +15,15 @@ Needs root and ``ip netns`` (skipped elsewhere, with the reason).
 from __future__ import annotations
 
 import os
-import secrets
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from conftest import cli_env, stop_processes, wait_until
+from conftest import cli_env, wait_until
+from deploy.netns import Lan
 
 from .support import LineReader, write_script
 
@@ -36,93 +33,15 @@ N_TASKS = 12
 TASK_S = 0.4
 
 
-def _netns_unavailable() -> str | None:
-    """Why network namespaces joined by a bridge cannot be made here, or None."""
-    if os.geteuid() != 0:
-        return "needs root to create network namespaces"
-    if shutil.which("ip") is None:
-        return "needs ip(8) (iproute2)"
-    probe = f"dfp-probe-{secrets.token_hex(3)}"
-    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
-    if made.returncode != 0:
-        return f"`ip netns add` is not permitted here: {made.stderr.strip()}"
-    try:
-        bridge = subprocess.run(["ip", "-n", probe, "link", "add", "br0", "type", "bridge"],
-                                capture_output=True, text=True)
-        if bridge.returncode != 0:
-            return f"cannot create a bridge in a network namespace: {bridge.stderr.strip()}"
-    finally:
-        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    return None
-
-
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
-
-
-@dataclass
-class Net:
-    """The broker host and two worker hosts, and the processes started in them."""
-
-    tag: str
-    subnet: str
-    broker_ns: str
-    worker_ns: dict[str, str]  # host name ("w1", "w2") -> its namespace
-    links: dict[str, str]  # host name -> its end of the veth pair (inside its namespace)
-    procs: list[subprocess.Popen[Any]] = field(default_factory=list)
-
-    @property
-    def broker_ip(self) -> str:
-        return f"{self.subnet}.1"
-
-    def run_in(self, ns: str, *cmd: str, env: dict[str, str], **kwargs: Any) -> subprocess.Popen[Any]:
-        # `ip netns exec` execs the command: the pid we get is the command's own.
-        p = subprocess.Popen(["ip", "netns", "exec", ns, *cmd], env=env, **kwargs)
-        self.procs.append(p)
-        return p
-
-    def set_link(self, host: str, state: str) -> None:
-        ip("-n", self.worker_ns[host], "link", "set", self.links[host], state)
-
-
 @pytest.fixture
-def net() -> Iterator[Net]:
-    reason = _netns_unavailable()
+def lan() -> Iterator[Lan]:
+    """The broker host and worker hosts w1 and w2 (sharing the machine's hostname and /dev/shm)."""
+    hosts = Lan(workers=2, own_shm=False, hostnames=False)
+    reason = hosts.unavailable()
     if reason:
         pytest.skip(reason)
-    tag = secrets.token_hex(3)
-    n = Net(tag, f"10.252.{secrets.randbelow(250) + 1}", f"dfp-b-{tag}",
-            {h: f"dfp-{h}-{tag}" for h in ("w1", "w2")}, {})
-    made: list[str] = []
-    try:
-        ip("netns", "add", n.broker_ns)
-        made.append(n.broker_ns)
-        ip("-n", n.broker_ns, "link", "add", "br0", "type", "bridge")
-        ip("-n", n.broker_ns, "addr", "add", f"{n.broker_ip}/24", "dev", "br0")
-        ip("-n", n.broker_ns, "link", "set", "br0", "up")
-        ip("-n", n.broker_ns, "link", "set", "lo", "up")
-        for i, (host, ns) in enumerate(n.worker_ns.items(), start=2):
-            ip("netns", "add", ns)
-            made.append(ns)
-            bridge_end, host_end = f"dfpb{host}{tag}", f"dfph{host}{tag}"
-            ip("link", "add", bridge_end, "type", "veth", "peer", "name", host_end)
-            ip("link", "set", bridge_end, "netns", n.broker_ns)
-            ip("link", "set", host_end, "netns", ns)
-            ip("-n", n.broker_ns, "link", "set", bridge_end, "master", "br0")
-            ip("-n", n.broker_ns, "link", "set", bridge_end, "up")
-            ip("-n", ns, "addr", "add", f"{n.subnet}.{i}/24", "dev", host_end)
-            ip("-n", ns, "link", "set", host_end, "up")
-            ip("-n", ns, "link", "set", "lo", "up")
-            n.links[host] = host_end
-        yield n
-    finally:
-        stop_processes(n.procs)  # only the processes this fixture started
-        for p in n.procs:
-            for stream in (p.stdin, p.stdout, p.stderr):
-                if stream is not None:
-                    stream.close()
-        for ns in made:  # takes the veth pairs and the bridge with it
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    with hosts:  # stops the processes it started, deletes the namespaces (and links) it made
+        yield hosts
 
 
 DRIVER = """
@@ -166,21 +85,22 @@ DRIVER = """
 """
 
 
-def test_a_cut_worker_host_loses_its_tasks_to_the_other_and_rejoins_when_restored(net: Net, tmp_path: Path) -> None:
-    address = f"tcp://{net.broker_ip}:7340"
+def test_a_cut_worker_host_loses_its_tasks_to_the_other_and_rejoins_when_restored(lan: Lan, tmp_path: Path) -> None:
+    address = f"tcp://{lan.broker.ip}:7340"
     env = cli_env(DISTFORK_HEARTBEAT_S="0.2")
-    net.run_in(net.broker_ns, sys.executable, "-m", "distfork", "broker", "--bind", address, "--insecure", env=env,
-               stderr=subprocess.DEVNULL)
+    lan.start(lan.broker, sys.executable, "-m", "distfork", "broker", "--bind", address, "--insecure", env=env,
+              stderr=subprocess.DEVNULL)
+    hosts = {host.name: host for host in lan.worker_hosts}  # "w1", "w2"
     workers = {
-        host: net.run_in(ns, sys.executable, "-m", "distfork", "worker", "--connect", address, "--no-nanny",
-                         env={**env, "DISTFORK_TEST_HOST": host})
-        for host, ns in net.worker_ns.items()
+        name: lan.start(host, sys.executable, "-m", "distfork", "worker", "--connect", address, "--no-nanny",
+                        env={**env, "DISTFORK_TEST_HOST": name})
+        for name, host in hosts.items()
     }
     markers = tmp_path / "markers"
     markers.mkdir()
     script = write_script(tmp_path, DRIVER)
-    driver = net.run_in(net.broker_ns, sys.executable, str(script), address, str(markers), str(N_TASKS), str(TASK_S),
-                        env=env, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    driver = lan.start(lan.broker, sys.executable, str(script), address, str(markers), str(N_TASKS), str(TASK_S),
+                       env=env, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     out = LineReader(driver.stdout)
     assert out.next_json(60) == {"event": "forked"}
 
@@ -190,7 +110,7 @@ def test_a_cut_worker_host_loses_its_tasks_to_the_other_and_rejoins_when_restore
                 if name.startswith("start-") and name.endswith("-w1") and f"done-{name[6:]}" not in names}
 
     wait_until(in_flight_on_w1, 30, interval_s=0.005, what="a task to start on host w1")
-    net.set_link("w1", "down")  # host w1 is cut off mid-task
+    lan.set_link(hosts["w1"], "down")  # host w1 is cut off mid-task
     cut_at = in_flight_on_w1()  # started on w1, not finished there when it was cut off
     assert cut_at
 
@@ -203,7 +123,7 @@ def test_a_cut_worker_host_loses_its_tasks_to_the_other_and_rejoins_when_restore
     assert finished["workers"] == [workers["w2"].pid]  # the cut worker was given up on
     assert workers["w1"].poll() is None  # though it still runs, cut off
 
-    net.set_link("w1", "up")
+    lan.set_link(hosts["w1"], "up")
     assert driver.stdin is not None
     driver.stdin.write(f"{workers['w1'].pid}\n")
     driver.stdin.flush()
