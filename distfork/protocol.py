@@ -18,8 +18,10 @@ Bodies:
   ``flags`` are :class:`Flag` bits and ``extra`` its timeout in seconds (0:
   none); for a result, ``code`` is a :class:`Status` and ``extra`` the run
   time in seconds. ``pid`` is only set in TASKS with RESULT_SHM: the
-  driver's pid, whose death frees the result's shared-memory segment;
-* CANCEL, RECLAIM: ``u32 count`` then ``count`` u64 task ids;
+  driver's pid, whose death frees the result's shared-memory segment.
+  With ``Flag.DEPS``, a task's payload starts with a dependency frame (see
+  :class:`Flag` and :func:`encode_deps`);
+* CANCEL, RECLAIM, FETCH, RELEASE: ``u32 count`` then ``count`` u64 task ids;
 * HEARTBEAT, BYE, STATUS: empty.
 
 The ROUTER socket of the broker prepends the sender's routing id; the
@@ -52,6 +54,10 @@ __all__ = [
     "decode_cancel",
     "decode_batch",
     "decode_json",
+    "decode_dep_counts",
+    "decode_deps",
+    "encode_dep_counts",
+    "encode_deps",
     "encode_batch",
     "encode_cancel",
     "encode_json",
@@ -87,6 +93,8 @@ class Msg(enum.IntEnum):
     RECLAIM = 16  # D -> B: give these queued tasks back, I will run them myself (ids, as CANCEL)
     RECLAIMED = 17  # B -> D: which of them it gave back (JSON: granted, refused)
     RECYCLE = 18  # D -> B -> W: result segments nobody maps any more, back to their maker (JSON: names)
+    FETCH = 19  # D -> B: send me the values of these held results (ids, as CANCEL)
+    RELEASE = 20  # D -> B: I dropped the futures of these held results unfetched (ids, as CANCEL)
 
 
 class Flag(enum.IntFlag):
@@ -96,6 +104,13 @@ class Flag(enum.IntFlag):
     RESULT_SHM = 2  # TASKS: the driver shares the worker's /dev/shm; return large buffers there
     RETAINED = 4  # RESULTS: the task kept something that maps its argument segment: do not reuse it
     NESTED = 8  # SUBMIT: forked by a task; never prefetched, so its parent can reclaim it while queued
+    # SUBMIT: the payload starts with a frame of u64 driver task ids: the futures its arguments name.
+    # TASKS: the payload starts with a frame of u32 frame counts, one per dependency, then those
+    # dependencies' result frames in order, then the call's frames.
+    DEPS = 16
+    # RESULTS (B -> D): the value stays in the broker for tasks that take it; FETCH it. Payload:
+    # nothing, or the name of the shared-memory segment it is in.
+    HELD = 32
 
 
 class Status(enum.IntEnum):
@@ -107,6 +122,7 @@ class Status(enum.IntEnum):
     CANCELLED = 3  # payload: none
     TIMED_OUT = 4  # payload: UTF-8 text, the task ran past its timeout_s
     FAILED = 5  # payload: UTF-8 text, distfork could not run or return it
+    RESUBMIT = 6  # payload: none; a future its arguments name is not in the broker any more: send its value
 
 
 _HEADER = struct.Struct("!BB")
@@ -210,3 +226,43 @@ def decode_cancel(body: memoryview) -> list[int]:
     if body.nbytes != _COUNT.size + count * _U64.size:
         raise ProtocolError(f"cancel of {count} ids has {body.nbytes} bytes")
     return [i for (i,) in _U64.iter_unpack(body[_COUNT.size :])]
+
+
+_DEP_ID = struct.Struct("!Q")
+_DEP_COUNT = struct.Struct("!I")
+
+
+def encode_deps(ids: Sequence[int]) -> bytes:
+    """SUBMIT's dependency frame: the driver task ids of the futures among a task's arguments."""
+    return b"".join(_DEP_ID.pack(i) for i in ids)
+
+
+def decode_deps(frame: Frame) -> list[int]:
+    view = memoryview(frame)
+    if view.nbytes == 0 or view.nbytes % _DEP_ID.size:
+        raise ProtocolError(f"dependency frame of {view.nbytes} bytes, need a multiple of {_DEP_ID.size}")
+    return [i for (i,) in _DEP_ID.iter_unpack(view)]
+
+
+def encode_dep_counts(counts: Sequence[int]) -> bytes:
+    """TASKS' dependency frame: how many frames each dependency's value has, in order."""
+    return b"".join(_DEP_COUNT.pack(n) for n in counts)
+
+
+def decode_dep_counts(frames: Sequence[Frame]) -> tuple[list[Sequence[Frame]], Sequence[Frame]]:
+    """Split a TASKS payload with ``Flag.DEPS``: (each dependency's frames, the call's frames)."""
+    if not frames:
+        raise ProtocolError("a task with dependencies but no payload")
+    view = memoryview(frames[0])
+    if view.nbytes == 0 or view.nbytes % _DEP_COUNT.size:
+        raise ProtocolError(f"dependency frame of {view.nbytes} bytes, need a multiple of {_DEP_COUNT.size}")
+    deps: list[Sequence[Frame]] = []
+    at = 1
+    for (n,) in _DEP_COUNT.iter_unpack(view):
+        if n == 0 or at + n > len(frames):
+            raise ProtocolError(f"dependency of {n} frames at frame {at} of {len(frames)}")
+        deps.append(frames[at : at + n])
+        at += n
+    if at >= len(frames):
+        raise ProtocolError("a task with dependencies but no call")
+    return deps, frames[at:]

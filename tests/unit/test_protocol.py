@@ -271,3 +271,37 @@ def test_batch_round_trip_property(raw: list[tuple[int, int, float, list[bytes]]
     assert [(e.id, e.code, e.extra, _bytes(list(e.frames))) for e in got] == [
         (i, c, x, f) for i, c, x, f in raw
     ]
+
+
+@given(st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=50))
+def test_dependency_ids_round_trip(ids: list[int]) -> None:
+    assert protocol.decode_deps(protocol.encode_deps(ids)) == ids
+
+
+@given(st.lists(st.lists(st.binary(max_size=8), min_size=1, max_size=4), min_size=1, max_size=5),
+       st.lists(st.binary(max_size=8), min_size=1, max_size=4))
+def test_a_task_payload_with_dependency_values_splits_back(deps: list[list[bytes]], call: list[bytes]) -> None:
+    frames = [protocol.encode_dep_counts([len(d) for d in deps]), *[f for d in deps for f in d], *call]
+    got_deps, got_call = protocol.decode_dep_counts(frames)
+    assert [list(d) for d in got_deps] == deps and list(got_call) == call
+
+
+@pytest.mark.parametrize(
+    ("frames", "match"),
+    [
+        ([], "no payload"),
+        ([b"abc"], "multiple of 4"),
+        ([struct.pack("!I", 0), b"call"], "dependency of 0 frames"),
+        ([struct.pack("!I", 3), b"v", b"call"], "dependency of 3 frames"),
+        ([struct.pack("!I", 1), b"v"], "no call"),
+    ],
+)
+def test_a_malformed_dependency_frame_is_a_protocol_error(frames: list[bytes], match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        protocol.decode_dep_counts(frames)
+
+
+@pytest.mark.parametrize("frame", [b"", b"1234567"])
+def test_a_malformed_dependency_id_frame_is_a_protocol_error(frame: bytes) -> None:
+    with pytest.raises(ProtocolError, match="multiple of 8"):
+        protocol.decode_deps(frame)
