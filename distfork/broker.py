@@ -202,6 +202,10 @@ class Broker:
                 self.state.cancel(p, protocol.decode_cancel(body))
             elif kind is Msg.RECYCLE and p.role == "driver":
                 self._call(self._recycle, p, protocol.decode_json(body))
+            elif kind is Msg.FETCH and p.role == "driver":
+                self.state.fetch(p, protocol.decode_cancel(body))
+            elif kind is Msg.RELEASE and p.role == "driver":
+                self.state.release(p, protocol.decode_cancel(body))
             elif kind is Msg.RECLAIM and p.role == "driver":
                 # Answered after the next dispatch: a task a free slot can start
                 # now goes there; only one nobody can take is given back.
@@ -238,6 +242,8 @@ class Broker:
         """Result segments a driver no longer maps go back to the worker process that made them."""
         by_pid: dict[int, list[str]] = {}
         for name in body["names"]:
+            if self.state.recycled(str(name)):
+                continue  # a held value: tasks may still take it
             pid = shm.creator(str(name))
             if pid is not None:
                 by_pid.setdefault(pid, []).append(str(name))
@@ -245,10 +251,16 @@ class Broker:
             names = by_pid.pop(w.info.get("pid"), None)  # type: ignore[arg-type]
             if names and w.domain is not None and w.domain == driver.domain:
                 self._send(w.id, protocol.encode_json(Msg.RECYCLE, {"names": names}))
-        for names in by_pid.values():  # their maker is gone: nobody will reuse them
-            for name in names:
-                if driver.domain is not None and driver.domain == shm.domain():
-                    shm.unlink(name)
+        orphans = [name for names in by_pid.values() for name in names]  # their maker is gone: nobody reuses them
+        if not orphans or driver.domain is None:
+            return
+        if driver.domain == shm.domain():
+            for name in orphans:
+                shm.unlink(name)
+            return
+        other = next((w for w in self.state.workers.values() if w.domain == driver.domain), None)
+        if other is not None:  # a worker that sees them unlinks them
+            self._send(other.id, protocol.encode_json(Msg.RECYCLE, {"names": orphans}))
 
     def _exited(self, info: dict[str, Any], now: float) -> None:
         self.state.exited(str(info["host"]), int(info["pid"]), int(info["code"]), now)
@@ -294,12 +306,14 @@ class Broker:
         state = self.state
         for worker, tasks in state.dispatch(now).items():
             domain = state.workers[worker].domain
-            entries = [
-                Entry(t.key, t.max_retries, t.timeout_s, t.frames, Flag.RESULT_SHM, t.owner_pid)
-                if domain is not None and t.domain == domain
-                else Entry(t.key, t.max_retries, t.timeout_s, t.frames)
-                for t in tasks
-            ]
+            entries = []
+            for t in tasks:
+                frames, flags = t.wire()
+                if domain is not None and t.domain == domain:
+                    entries.append(Entry(t.key, t.max_retries, t.timeout_s, frames, flags | Flag.RESULT_SHM,
+                                         t.owner_pid))
+                else:
+                    entries.append(Entry(t.key, t.max_retries, t.timeout_s, frames, flags))
             self._send_batches(worker, Msg.TASKS, entries)
             self.metrics.started += len(entries)
         results, cancels = state.take_outbox()
@@ -311,6 +325,12 @@ class Broker:
             self._send(control, protocol.encode_cancel(keys))
         for worker, entries in state.take_discards().items():
             self._send_batches(worker, Msg.DISCARD, entries)
+        recycles, orphans = state.take_recycles()
+        for worker, names in recycles.items():
+            self._send(worker, protocol.encode_json(Msg.RECYCLE, {"names": names}))
+        for name, domain in orphans:
+            if domain is not None and domain == shm.domain():
+                shm.unlink(name)  # its maker is gone and no worker shares that /dev/shm: we can
         for driver, facts in state.take_cluster_notices().items():
             self._send(driver, protocol.encode_json(Msg.CLUSTER, facts))
 

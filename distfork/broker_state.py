@@ -9,9 +9,20 @@ it decodes messages, calls the matching method here, then sends what
 A task's life::
 
     submit ──▶ QUEUED ──dispatch──▶ ASSIGNED(worker W) ──result──▶ (gone: result sent to driver)
-                 ▲                        │
-                 └── W lost, retry left ──┘── W lost, no retry left ──▶ LOST result
-    cancel: QUEUED ──▶ gone;  ASSIGNED ──▶ CANCEL sent to W, gone
+      │          ▲                        │
+      │          └── W lost, retry left ──┘── W lost, no retry left ──▶ LOST result
+      └─▶ WAITING (for the tasks whose futures its arguments name) ──all done──▶ QUEUED
+    cancel: QUEUED, WAITING ──▶ gone;  ASSIGNED ──▶ CANCEL sent to W, gone
+
+Futures as arguments: a task whose arguments name unfinished futures of its
+driver waits here until they finish. A result some waiting task takes is
+*held* (:class:`Hold`): the broker keeps its frames and hands them to every
+task that takes it, and tells the driver only that the value is ready
+(``Flag.HELD``); the driver fetches it when its user asks (FETCH) or lets go
+of it (RELEASE). So a large intermediate value goes from worker to worker
+through the broker (or by name through shared memory) and never through the
+driver. A failed dependency fails its dependents with its own outcome,
+unrun.
 
 Payload frames are opaque: they are stored and forwarded, never unpickled.
 """
@@ -22,6 +33,7 @@ import collections
 import dataclasses
 import enum
 import itertools
+import json
 import logging
 import random
 import signal
@@ -29,9 +41,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from .config import Config
-from .protocol import DEFAULT_RETRIES, Entry, Flag, Frame, Status
+from .errors import ProtocolError
+from .protocol import DEFAULT_RETRIES, Entry, Flag, Frame, Status, decode_deps, encode_dep_counts
 
-__all__ = ["BrokerState", "PeerInfo", "Task", "TaskState"]
+__all__ = ["BrokerState", "Hold", "PeerInfo", "Task", "TaskState"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +56,7 @@ _FAILED_COUNTERS: dict[int, str] = {s: f"tasks_failed_{s.name.lower()}" for s in
 
 class TaskState(enum.Enum):
     QUEUED = "queued"
+    WAITING = "waiting"  # for the results of the futures its arguments name
     ASSIGNED = "assigned"
     CANCELLED = "cancelled"
     DONE = "done"
@@ -69,6 +83,39 @@ class Task:
     # prefetched behind it), so that a loss while it runs is blamed on it exactly.
     suspect: bool = False
     submitted: float = 0.0  # when it reached the broker (monotonic s), for the latency metric
+    # The futures its arguments name, by index: the producing Task until it is done, then its Hold.
+    deps: list[Task | Hold] | None = None
+    missing: int = 0  # of those, not done yet (state WAITING while > 0)
+    dependents: list[Task] | None = None  # tasks that take this one's result (some may be gone)
+    fetch: bool = False  # the driver asked for the value while it ran: send it even if held
+
+    def wire(self) -> tuple[Sequence[Frame], int]:
+        """The payload to hand a worker, and the flags it needs: held dependency values first."""
+        if not self.deps:
+            return self.frames, 0
+        counts: list[int] = []
+        values: list[Frame] = []
+        for dep in self.deps:
+            if not isinstance(dep, Hold):
+                raise RuntimeError(f"task {self.key} dispatched with a dependency not done")
+            counts.append(len(dep.frames))
+            values.extend(dep.frames)
+        return [encode_dep_counts(counts), *values, *self.frames], Flag.DEPS
+
+
+@dataclasses.dataclass(eq=False)
+class Hold:
+    """A result kept in the broker because tasks take it as an argument."""
+
+    task_id: int  # the driver's id of the task that made it
+    driver: bytes
+    frames: Sequence[Frame]
+    worker: bytes | None  # the slot that made it: its process created the segment
+    segment: str | None  # its shared-memory segment, if it has one
+    domain: str | None  # the /dev/shm that segment is in
+    refs: int = 0  # unfinished tasks that take it
+    driver_has: bool = True  # the driver may still fetch it, or maps it now
+    retained: bool = False  # a task kept a mapping of the segment: unlink it, never reuse it
 
 
 @dataclasses.dataclass(eq=False)
@@ -97,6 +144,10 @@ class PeerInfo:
     batched: bool = False
     # worker: resident memory of its process in bytes, from its KEEPALIVE (None: not told).
     rss_bytes: int | None = None
+    # driver: results held for it, by its task id.
+    holds: dict[int, Hold] = dataclasses.field(default_factory=dict)
+    # driver: payload bytes of the results sent to it.
+    result_bytes: int = 0
 
     @property
     def domain(self) -> str | None:
@@ -126,6 +177,9 @@ class BrokerState:
         self._cancels: dict[bytes, list[int]] = {}
         self._discards: dict[bytes, list[Entry]] = {}
         self._aborts: dict[bytes, list[int]] = {}
+        self._recycles: dict[bytes, list[str]] = {}  # hold segments back to the worker that made them
+        self._orphans: list[tuple[str, str | None]] = []  # hold segments (and domain) whose maker is gone
+        self.hold_segments: dict[str, Hold] = {}
         self._now = now  # the latest time we were told, for bookkeeping between calls
         self._cluster_changed = False
 
@@ -240,6 +294,11 @@ class BrokerState:
                 for domain, q in list(self.pinned.items()):
                     self.pinned[domain] = collections.deque(t for t in q if t.state is TaskState.QUEUED)
             self._results.pop(p.id, None)
+            for hold in list(p.holds.values()):
+                # Tasks that took it were dropped, but may still run: never reuse the segment.
+                hold.refs, hold.driver_has, hold.retained = 0, False, True
+                self._maybe_free(hold)
+            p.holds.clear()
             self.counters["driver_tasks_dropped"] += dropped
             log.info("driver %s left (%s); dropped %d unfinished tasks", p.info.get("name"), reason, dropped)
 
@@ -303,14 +362,160 @@ class BrokerState:
         pid = driver.info.get("pid")
         owner_pid = pid if isinstance(pid, int) and 0 < pid < 2**32 else 0
         for e in entries:
-            if e.id in tasks:
+            if e.id in tasks or e.id in driver.holds:
                 continue  # re-submitted after a reconnect: we still have it
-            task = Task(self._next_key, driver.id, e.id, e.code, e.extra, e.frames, domain, bool(e.flags & Flag.PINNED),
+            frames, dep_ids, bad = e.frames, None, None
+            if e.flags & Flag.DEPS:
+                try:
+                    dep_ids = decode_deps(frames[0]) if frames else []
+                except ProtocolError as exc:
+                    bad = str(exc)
+                frames = frames[1:]
+            task = Task(self._next_key, driver.id, e.id, e.code, e.extra, frames, domain, bool(e.flags & Flag.PINNED),
                         owner_pid=owner_pid, nested=bool(e.flags & Flag.NESTED), submitted=at)
             self._next_key += 1
             tasks[e.id] = task
+            if bad is not None or (dep_ids is not None and not dep_ids):
+                self._finish(task, Status.FAILED, 0.0, [f"malformed task: {bad or 'no dependencies'}".encode()])
+                continue
+            if dep_ids is not None:
+                if not self._attach(driver, task, dep_ids):
+                    # A future it names finished and went to the driver before this task came.
+                    self.counters["tasks_resubmitted"] += 1
+                    self._finish(task, Status.RESUBMIT, 0.0, [])
+                    continue
+                if task.missing:
+                    task.state = TaskState.WAITING
+                    continue
             self._queue_of(task).append(task)
         self.counters["tasks_submitted"] += len(entries)
+
+    def _attach(self, driver: PeerInfo, task: Task, dep_ids: Sequence[int]) -> bool:
+        """Link a task to the tasks or holds its arguments name; False if one is not here (any more)."""
+        deps: list[Task | Hold] = []
+        for dep_id in dep_ids:
+            producer = driver.tasks.get(dep_id)
+            hold = driver.holds.get(dep_id)
+            if producer is not None and producer is not task and producer.state is not TaskState.DONE:
+                deps.append(producer)
+            elif hold is not None:
+                deps.append(hold)
+            else:
+                return False
+        task.deps = deps
+        for dep in deps:
+            if isinstance(dep, Hold):
+                self._take(task, dep)
+            else:
+                task.missing += 1
+                if dep.dependents is None:
+                    dep.dependents = []
+                dep.dependents.append(task)
+        return True
+
+    def _take(self, task: Task, hold: Hold) -> None:
+        hold.refs += 1
+        if hold.segment is not None:
+            task.pinned = True  # the value is in the driver's /dev/shm: only its workers can map it
+
+    def _resolve(self, driver: PeerInfo, producer: Task, status: int, extra: float, frames: Sequence[Frame],
+                 flags: int) -> tuple[Sequence[Frame], int]:
+        """``producer`` is done and tasks wait for it: hold its value for them, or fail them the same way.
+
+        Returns the payload and flags to send the driver for the producer.
+        """
+        waiting = [d for d in producer.dependents or () if d.state is TaskState.WAITING]
+        producer.dependents = None
+        if not waiting:
+            return frames, flags
+        if status != Status.OK:
+            for d in waiting:
+                self._finish(d, status, extra, frames)  # unrun, with the dependency's own outcome
+            return frames, flags
+        segment = _segment_of(frames)
+        hold = Hold(producer.task_id, driver.id, frames, producer.worker, segment, producer.domain)
+        driver.holds[producer.task_id] = hold
+        if segment is not None:
+            self.hold_segments[segment] = hold
+        self.counters["results_held"] += 1
+        for d in waiting:
+            assert d.deps is not None
+            n = sum(1 for dep in d.deps if dep is producer)
+            d.deps = [hold if dep is producer else dep for dep in d.deps]
+            for _ in range(n):
+                self._take(d, hold)
+            d.missing -= n
+            if d.missing <= 0:
+                d.state = TaskState.QUEUED
+                self._queue_of(d).append(d)
+        if not producer.fetch:
+            # The driver fetches it if its user asks; it learns the segment's name, to unlink it
+            # if we restart and lose the hold.
+            return ([segment.encode()] if segment is not None else []), flags | Flag.HELD
+        if segment is None:
+            hold.driver_has = False  # it has its own copy of the frames now
+        return frames, flags
+
+    def _release_deps(self, task: Task, flags: int = 0) -> None:
+        """A task ended (or was dropped): let go of the held values it took."""
+        deps, task.deps = task.deps, None
+        for dep in deps or ():
+            if isinstance(dep, Hold):
+                dep.refs -= 1
+                if flags & Flag.RETAINED:
+                    dep.retained = True
+                self._maybe_free(dep)
+
+    def _maybe_free(self, hold: Hold) -> None:
+        """Free a hold nobody takes or may fetch any more; its segment goes back to its maker."""
+        if hold.refs > 0 or hold.driver_has:
+            return
+        driver = self.peers.get(hold.driver)
+        if driver is not None and driver.holds.get(hold.task_id) is hold:
+            del driver.holds[hold.task_id]
+        if hold.segment is None or self.hold_segments.pop(hold.segment, None) is None:
+            return
+        maker = self.workers.get(hold.worker) if hold.worker is not None else None
+        if maker is not None and not hold.retained:
+            self._recycles.setdefault(maker.id, []).append(hold.segment)  # a warm spare for its next result
+            return
+        if maker is None:  # any worker of that /dev/shm can unlink it
+            maker = next((w for w in self.workers.values() if w.domain == hold.domain and hold.domain), None)
+        if maker is not None:
+            self._discards.setdefault(maker.id, []).append(Entry(0, Status.OK, 0.0, hold.frames))
+        else:
+            self._orphans.append((hold.segment, hold.domain))
+
+    def fetch(self, driver: PeerInfo, ids: Sequence[int]) -> None:
+        """The driver wants these values: held ones are sent now, running ones when they finish."""
+        for task_id in ids:
+            hold = driver.holds.get(task_id)
+            task = driver.tasks.get(task_id)
+            if hold is not None and hold.driver_has:
+                self._send_result(driver, Entry(task_id, Status.OK, 0.0, hold.frames))
+                if hold.segment is None:
+                    hold.driver_has = False
+                    self._maybe_free(hold)
+                # else the driver maps the segment: it stays held until the driver recycles it
+            elif task is not None:
+                task.fetch = True
+
+    def release(self, driver: PeerInfo, ids: Sequence[int]) -> None:
+        """The driver dropped these held values unfetched."""
+        for task_id in ids:
+            hold = driver.holds.get(task_id)
+            if hold is not None:
+                hold.driver_has = False
+                self._maybe_free(hold)
+
+    def recycled(self, name: str) -> bool:
+        """A driver no longer maps segment ``name``: True if it is a held one (we free it when we can)."""
+        hold = self.hold_segments.get(name)
+        if hold is None:
+            return False
+        hold.driver_has = False
+        self._maybe_free(hold)
+        return True
 
     def results(self, worker: PeerInfo, entries: Sequence[Entry]) -> None:
         """Results from a worker: route each to its driver."""
@@ -342,10 +547,16 @@ class BrokerState:
 
     def _finish(self, task: Task, status: int, extra: float, frames: Sequence[Frame], flags: int = 0) -> None:
         task.state = TaskState.DONE
+        self._release_deps(task, flags)
         driver = self.peers.get(task.driver)
         if driver is None or driver.tasks.pop(task.task_id, None) is None:
             if task.worker is not None:
                 self._discard(task.worker, Entry(task.key, status, extra, frames))
+            return
+        if task.dependents is not None:
+            frames, flags = self._resolve(driver, task, status, extra, frames, flags)
+        if status == Status.RESUBMIT:  # not an outcome: the driver sends the task again
+            self._send_result(driver, Entry(task.task_id, status, extra, frames, flags))
             return
         driver.done += 1
         if status == Status.OK:
@@ -354,10 +565,17 @@ class BrokerState:
             driver.failed += 1
             self.counters["tasks_failed"] += 1
             self.counters[_FAILED_COUNTERS.get(status, "tasks_failed_other")] += 1  # by reason, for the metrics
-        out = self._results.get(task.driver)
+        self._send_result(driver, Entry(task.task_id, status, extra, frames, flags))
+
+    def _send_result(self, driver: PeerInfo, entry: Entry) -> None:
+        out = self._results.get(driver.id)
         if out is None:
-            out = self._results[task.driver] = []
-        out.append(Entry(task.task_id, status, extra, frames, flags))
+            out = self._results[driver.id] = []
+        out.append(entry)
+        if len(entry.frames) > 1:
+            driver.result_bytes += sum(map(len, entry.frames))
+        elif entry.frames:
+            driver.result_bytes += len(entry.frames[0])
 
     def cancel(self, driver: PeerInfo, ids: Sequence[int]) -> None:
         """Cancel tasks: queued ones are dropped, assigned ones are recalled."""
@@ -374,6 +592,11 @@ class BrokerState:
                     if running and w.control is not None:
                         self._aborts.setdefault(w.control, []).append(task.key)
             task.state = TaskState.CANCELLED
+            self._release_deps(task)
+            for d in task.dependents or ():
+                if d.state is TaskState.WAITING:
+                    self._finish(d, Status.CANCELLED, 0.0, [])
+            task.dependents = None
             self.counters["tasks_cancelled"] += 1
 
     def prefetch(self, w: PeerInfo) -> int:
@@ -405,7 +628,8 @@ class BrokerState:
         granted = []
         for task_id in ids:
             task = driver.tasks.get(task_id)
-            if task is not None and task.state is TaskState.QUEUED:
+            # A task with dependencies needs their held values; one with dependents, its hold.
+            if task is not None and task.state is TaskState.QUEUED and task.deps is None and not task.dependents:
                 del driver.tasks[task_id]
                 task.state = TaskState.CANCELLED  # dropped from its queue when reached
                 granted.append(task_id)
@@ -512,6 +736,13 @@ class BrokerState:
         discards, self._discards = self._discards, {}
         return discards
 
+    def take_recycles(self) -> tuple[dict[bytes, list[str]], list[tuple[str, str | None]]]:
+        """Freed hold segments: per worker that made them (to reuse), and (name, domain) of
+        those whose maker and domain have no worker left (the broker unlinks them if it can)."""
+        recycles, orphans = self._recycles, self._orphans
+        self._recycles, self._orphans = {}, []
+        return recycles, orphans
+
     # -- status --------------------------------------------------------------
 
     def status(self, now: float) -> dict[str, Any]:
@@ -542,6 +773,7 @@ class BrokerState:
             if d.role != "driver":
                 continue
             waiting = sum(1 for t in d.tasks.values() if t.state is TaskState.QUEUED)
+            blocked = sum(1 for t in d.tasks.values() if t.state is TaskState.WAITING)
             on_worker = sum(1 for t in d.tasks.values() if t.state is TaskState.ASSIGNED and t.key in running)
             drivers.append({
                 "id": d.id.hex(),
@@ -551,9 +783,12 @@ class BrokerState:
                 "unfinished": len(d.tasks),
                 "queued": waiting,
                 "running": on_worker,
-                "prefetched": len(d.tasks) - waiting - on_worker,  # handed to a worker, waiting there
+                "waiting": blocked,  # for the futures their arguments name
+                "prefetched": len(d.tasks) - waiting - blocked - on_worker,  # handed to a worker, waiting there
                 "done": d.done,  # finished, failures included
                 "failed": d.failed,
+                "held": len(d.holds),  # results kept here for the tasks that take them
+                "result_bytes": d.result_bytes,  # payload bytes of results sent to it
             })
         return {
             "uptime_s": round(now - self.started, 3),
@@ -564,6 +799,17 @@ class BrokerState:
             "drivers": drivers,
             "counters": dict(self.counters),
         }
+
+
+def _segment_of(frames: Sequence[Frame]) -> str | None:
+    """The shared-memory segment a result payload names (see serialize.route), if any."""
+    if len(frames) != 2:
+        return None
+    try:
+        name = json.loads(bytes(frames[1])).get("shm")
+    except (ValueError, AttributeError, TypeError, RecursionError):
+        return None
+    return name if isinstance(name, str) else None
 
 
 def _heartbeat_of(p: PeerInfo) -> float:

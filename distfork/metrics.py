@@ -43,7 +43,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .protocol import Entry, Status
+from .protocol import Entry, Flag, Status
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -92,6 +92,8 @@ def classify(entries: Sequence[Entry]) -> tuple[list[int], list[int]]:
     stream_bytes = inline = shm = shm_bytes = frames_n = frames_bytes = 0
     for e in entries:
         frames = e[3]  # Entry.frames: indexing is the cheapest way into a NamedTuple
+        if e[4] & Flag.DEPS:  # Entry.flags: a task naming futures; its first frame lists them
+            frames = frames[1:]
         n = len(frames)
         if n == 1:
             inline += 1

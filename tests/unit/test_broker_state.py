@@ -8,7 +8,7 @@ import pytest
 
 from distfork.broker_state import BrokerState, PeerInfo, Task, TaskState
 from distfork.config import Config
-from distfork.protocol import DEFAULT_RETRIES, Entry, Status
+from distfork.protocol import DEFAULT_RETRIES, Entry, Flag, Status, decode_dep_counts, encode_deps
 
 D1, D2 = b"D-one", b"D-two"
 W1, W2, W3 = b"W-one", b"W-two", b"W-three"
@@ -484,3 +484,175 @@ def test_a_peer_with_a_slower_heartbeat_than_the_broker_is_given_its_own_timeout
     gone = state.expire(2.0)  # 2 s: past 5 x 0.2 s, within 5 x 1.0 s
     assert fast in gone and slow not in gone
     assert state.expire(5.5) == [slow]
+
+
+# -- futures as arguments: dependencies and held values --------------------------
+
+
+def submit_dependent(state: BrokerState, d: PeerInfo, task_id: int, *deps: int, pinned: bool = False) -> None:
+    flags = Flag.DEPS | (Flag.PINNED if pinned else 0)
+    state.submit(d, [Entry(task_id, DEFAULT_RETRIES, 0.0, [encode_deps(deps), b"call-%d" % task_id], flags)])
+
+
+SHM_RESULT = [b"stream", b'{"shm": "df-ab-1001-1-7", "size": 64, "bufs": [[0, 8]]}']
+
+
+def held_value(payload: list[bytes]) -> tuple[BrokerState, PeerInfo, PeerInfo]:
+    """Task 1 of driver D1 done on W1 with ``payload``, held for task 2 (queued) that takes it."""
+    state = make_state()
+    d, w = driver(state), worker(state, W1)
+    submit(state, d, 1)
+    submit_dependent(state, d, 2, 1)
+    (producer,) = state.dispatch()[W1]
+    state.results(w, [Entry(producer.key, Status.OK, 0.5, payload)])
+    return state, d, w
+
+
+def test_a_dependent_waits_then_gets_the_held_value_and_the_driver_only_a_notice() -> None:
+    state = make_state()
+    d, w = driver(state), worker(state, W1, slots=2)
+    submit(state, d, 1)
+    submit_dependent(state, d, 2, 1)
+    (producer,) = state.dispatch()[W1]  # the dependent waits: not dispatched
+    assert d.tasks[2].state is TaskState.WAITING
+    assert state.status(0.0)["drivers"][0]["waiting"] == 1
+
+    state.results(w, [done(producer, payload=b"big value")])
+    results, _ = state.take_outbox()
+    assert results == {D1: [Entry(1, Status.OK, 0.5, [], Flag.HELD)]}  # no payload for the driver
+    (dependent,) = state.dispatch()[W1]
+    assert dependent.task_id == 2
+    frames, flags = dependent.wire()
+    assert flags == Flag.DEPS
+    assert decode_dep_counts(frames) == ([[b"big value"]], [b"call-2"])
+    assert d.holds[1].refs == 1
+
+    state.results(w, [done(dependent, payload=b"sum")])
+    assert state.take_outbox()[0] == {D1: [Entry(2, Status.OK, 0.5, [b"sum"])]}
+    assert d.holds[1].refs == 0 and d.holds[1].driver_has  # the driver may still fetch it
+    state.fetch(d, [1])
+    assert state.take_outbox()[0] == {D1: [Entry(1, Status.OK, 0.0, [b"big value"])]}
+    assert d.holds == {}  # frames: the driver has its own copy now
+    status = state.status(0.0)["drivers"][0]
+    assert status["result_bytes"] == len(b"sum") + len(b"big value") and status["held"] == 0
+
+
+def test_a_value_fetched_while_its_task_runs_is_sent_whole_and_still_held_for_dependents() -> None:
+    state = make_state()
+    d, w = driver(state), worker(state, W1)
+    submit(state, d, 1)
+    submit_dependent(state, d, 2, 1)
+    (producer,) = state.dispatch()[W1]
+    state.fetch(d, [1])
+    state.results(w, [done(producer, payload=b"v")])
+    assert state.take_outbox()[0] == {D1: [Entry(1, Status.OK, 0.5, [b"v"])]}
+    (dependent,) = state.dispatch()[W1]
+    state.results(w, [done(dependent)])
+    assert d.holds == {}  # nobody needs it any more
+
+
+def test_a_failed_dependency_fails_its_dependents_and_theirs_unrun_with_its_own_payload() -> None:
+    state = make_state()
+    d, w = driver(state), worker(state, W1)
+    submit(state, d, 1)
+    submit_dependent(state, d, 2, 1)
+    submit_dependent(state, d, 3, 2)
+    (producer,) = state.dispatch()[W1]
+    state.results(w, [done(producer, status=Status.RAISED, payload=b"the exception")])
+    results, _ = state.take_outbox()
+    assert sorted(results[D1]) == [Entry(i, Status.RAISED, 0.5, [b"the exception"]) for i in (1, 2, 3)]
+    assert state.dispatch() == {} and d.tasks == {} and d.holds == {}
+
+
+def test_cancelling_a_dependency_cancels_its_waiting_dependents() -> None:
+    state = make_state()
+    d = driver(state)
+    submit(state, d, 1)
+    submit_dependent(state, d, 2, 1)
+    state.cancel(d, [1])
+    assert state.take_outbox()[0] == {D1: [Entry(2, Status.CANCELLED, 0.0, [])]}
+    assert d.tasks == {}
+
+
+def test_a_dependency_the_broker_no_longer_has_asks_the_driver_to_resubmit() -> None:
+    state = make_state()
+    d, w = driver(state), worker(state, W1)
+    submit(state, d, 1)
+    (producer,) = state.dispatch()[W1]
+    state.results(w, [done(producer)])  # no dependent yet: the result goes to the driver
+    state.take_outbox()
+    submit_dependent(state, d, 2, 1)
+    assert state.take_outbox()[0] == {D1: [Entry(2, Status.RESUBMIT, 0.0, [])]}
+    assert d.tasks == {} and state.counters["tasks_resubmitted"] == 1
+    assert state.counters["tasks_failed"] == 0  # not an outcome: the driver sends it again
+
+
+def test_a_malformed_dependency_frame_fails_only_its_task() -> None:
+    state = make_state()
+    d = driver(state)
+    state.submit(d, [Entry(1, DEFAULT_RETRIES, 0.0, [b"odd", b"call"], Flag.DEPS),
+                     Entry(2, DEFAULT_RETRIES, 0.0, [b"call-2"])])
+    (failed,) = state.take_outbox()[0][D1]
+    assert failed.id == 1 and failed.code == Status.FAILED and b"malformed" in failed.frames[0]
+    assert list(d.tasks) == [2]
+
+
+def test_a_held_shared_memory_value_pins_dependents_and_goes_back_to_its_maker_when_nobody_needs_it() -> None:
+    state, d, w = held_value(SHM_RESULT)
+    state.take_outbox()
+    assert d.tasks[2].pinned  # only workers of the driver's /dev/shm can map the value
+    hold = d.holds[1]
+    assert hold.segment == "df-ab-1001-1-7" and state.hold_segments == {"df-ab-1001-1-7": hold}
+    (dependent,) = state.dispatch()[W1]
+    state.results(w, [done(dependent)])
+    state.fetch(d, [1])  # the driver maps the segment: still held until it gives it back
+    assert state.take_outbox()[0][D1][-1] == Entry(1, Status.OK, 0.0, SHM_RESULT)
+    assert state.take_recycles() == ({}, [])
+    assert state.recycled("df-ab-1001-1-7")
+    assert state.take_recycles() == ({W1: ["df-ab-1001-1-7"]}, [])
+    assert d.holds == {} and state.hold_segments == {}
+    assert not state.recycled("df-ab-1001-1-7")  # not ours any more: routed as any result segment
+
+
+def test_a_held_segment_a_task_kept_mapped_is_unlinked_not_reused() -> None:
+    state, d, w = held_value(SHM_RESULT)
+    (dependent,) = state.dispatch()[W1]
+    state.results(w, [Entry(dependent.key, Status.OK, 0.5, [b"v"], Flag.RETAINED)])
+    state.release(d, [1])
+    assert state.take_recycles() == ({}, [])
+    assert state.take_discards() == {W1: [Entry(0, Status.OK, 0.0, SHM_RESULT)]}
+
+
+def test_a_held_segment_whose_maker_is_gone_is_left_to_the_broker() -> None:
+    state, d, w = held_value(SHM_RESULT)
+    state.bye(W1, 1.0)
+    state.cancel(d, [2])
+    state.release(d, [1])
+    assert state.take_recycles() == ({}, [("df-ab-1001-1-7", None)])
+
+
+def test_a_driver_leaving_frees_its_held_values() -> None:
+    state, d, w = held_value(SHM_RESULT)
+    state.dispatch()
+    state.bye(D1, 1.0)
+    # The dependent may still run on W1: the segment is unlinked, never handed out again.
+    assert state.take_discards() == {W1: [Entry(0, Status.OK, 0.0, SHM_RESULT)]}
+    assert state.hold_segments == {}
+
+
+def test_a_dependent_whose_worker_is_lost_runs_again_with_the_held_value() -> None:
+    state, d, w1 = held_value([b"v"])
+    state.dispatch()
+    state.bye(W1, 1.0)
+    worker(state, W2, n=2)
+    (again,) = state.dispatch()[W2]
+    assert again.task_id == 2 and again.wire()[0][1] == b"v"
+
+
+def test_tasks_with_dependencies_or_dependents_are_never_reclaimed() -> None:
+    state = make_state()
+    d = driver(state)
+    submit(state, d, 1)
+    submit_dependent(state, d, 2, 1)
+    submit(state, d, 3)
+    assert state.reclaim(d, [1, 2, 3]) == [3]
