@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from . import config as _config
 from . import protocol, serialize
 from .cluster import LocalCluster
-from .driver import Driver, complete
+from .driver import Call, Driver, complete
 from .errors import DistforkError
 from .future import Future
 from .worker import run_task
@@ -146,12 +146,17 @@ def _fork(
 ) -> Future[T]:
     _check_callable(func)
     rt = _current()
+    driver = rt.driver
+    deps: list[Future[Any]] = []
     try:
-        frames = serialize.dumps_call(func, args, kwargs, rt.config.oob_threshold_bytes)
+        frames = serialize.dumps_call(
+            func, args, kwargs, rt.config.oob_threshold_bytes, driver.referrer(deps) if driver is not None else None
+        )
     except serialize.FutureArgument as arg:
         return _fork_after(arg.future, func, args, kwargs, max_retries, timeout_s)
-    if rt.driver is not None:
-        return rt.driver.submit(frames, max_retries, timeout_s)
+    if driver is not None:
+        call = Call(func, args, kwargs, deps) if deps else None
+        return driver.submit(frames, max_retries, timeout_s, call=call)
     fut: Future[T] = Future()
     frames, _ = serialize.route(frames, None)
     code, out, _ = run_task(frames, f"inline mode (pid {os.getpid()})", rt.config.oob_threshold_bytes, None)
@@ -165,10 +170,20 @@ def _fork_after(
 ) -> Future[T]:
     """Fork once ``dep`` (a future among the arguments) is done; if it failed, fail the same way, unrun.
 
-    The values of future arguments pass through this driver (resolving them
-    inside the cluster is not built yet).
+    For futures the broker cannot resolve: not a task's (``then`` chains),
+    another runtime's, or forked inside a task, where waiting for the outer
+    future first runs ``dep`` here if it is still queued, then the call
+    (see ``Future._reclaim``), so a task never waits for children no slot
+    can start.
     """
-    outer: Future[T] = Future()
+    inner_box: list[Future[T]] = []
+
+    def reclaim(_: Future[Any], local: bool) -> None:
+        dep._reclaim(local)  # run here: its done callback forks the call, in this thread
+        if inner_box:
+            inner_box[0]._reclaim(local)
+
+    outer: Future[T] = Future(reclaimer=reclaim if isinstance(dep, Future) else None)
 
     def start(_: Any) -> None:
         if outer.cancelled():
@@ -185,6 +200,8 @@ def _fork_after(
         except BaseException as exc:  # noqa: BLE001 - it belongs to the future
             _set(outer, exception=exc)
             return
+        inner_box.append(inner)
+
         def cancel_inner(_: Future[Any]) -> None:
             inner.cancel()
 

@@ -19,6 +19,16 @@ The driver keeps each task's pickled call until its result arrives. If the
 broker restarts, it answers our next message with REJECT; we say hello again
 and re-submit everything unfinished; the broker ignores task ids it already
 holds, so no task is lost and none is completed twice.
+
+Futures as arguments: ``fork(g, fut)`` with ``fut`` a future of ours not done
+yet pickles a reference (its task id, listed in the task's first frame,
+``Flag.DEPS``); the broker hands ``g`` the value. A result other tasks took is
+held by the broker: its future is done with the value REMOTE, and
+``result()`` fetches it (FETCH); a held future dropped unfetched is released
+(RELEASE). We keep a held task's pickled call until then, to run it again if
+the broker restarts and loses it. If a referenced result reached us before the
+task reached the broker, the broker answers RESUBMIT and we pickle the call
+again with the value.
 """
 
 from __future__ import annotations
@@ -30,9 +40,10 @@ import os
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import InvalidStateError
-from typing import Any
+from typing import Any, NamedTuple
 
 import zmq
 
@@ -46,7 +57,7 @@ from .errors import (
     SerializationError,
     WorkerLostError,
 )
-from .future import Future, callback_runner
+from .future import REMOTE, Future, callback_runner
 from .protocol import Entry, Flag, Msg, Status
 
 __all__ = ["Driver", "complete"]
@@ -54,6 +65,37 @@ __all__ = ["Driver", "complete"]
 log = logging.getLogger(__name__)
 
 _BATCH_MAX = 2000  # tasks per SUBMIT message
+_RESUBMITS_MAX = 5  # a task whose futures keep vanishing from the broker fails after this many tries
+
+
+class Call(NamedTuple):
+    """A call whose arguments name futures of ours, kept until it ends, to pickle it again if need be."""
+
+    func: Callable[..., Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    deps: list[Future[Any]]  # the futures it names, in the order of the task's dependency frame
+    tries: int = 1
+
+
+class _Held(NamedTuple):
+    """A result the broker holds for us (see Driver._hold)."""
+
+    future: weakref.ref[Future[Any]]
+    entry: Entry  # the task, to run it again if the broker restarts and loses the value
+    segment: shm.Segment | None  # the task's argument segment, kept for that too
+    value_segment: str | None  # the shared-memory segment the value is in, if any
+
+
+class _Fetch:
+    """A user thread waiting for a held value."""
+
+    __slots__ = ("event", "value", "error")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
 
 
 class Driver:
@@ -76,6 +118,14 @@ class Driver:
         self._cancels: collections.deque[int] = collections.deque()
         # task id -> (future, entry kept for re-submission, shm segment it owns, large bytes)
         self._inflight: dict[int, tuple[Future[Any], Entry, shm.Segment | None, int]] = {}
+        # Tasks whose arguments name futures of ours: their calls (see Call).
+        self._calls: dict[int, Call] = {}
+        # Results the broker holds: task id -> (its future, entry and argument segment, kept to run it again).
+        self._held: dict[int, _Held] = {}
+        self._fetching: dict[int, _Fetch] = {}
+        self._fetch_lock = threading.Lock()
+        self._fetches: collections.deque[int] = collections.deque()
+        self._releases: collections.deque[int] = collections.deque()
         self._window = threading.Semaphore(config.window)
         self._bytes_inflight = 0
         self._bytes_room = threading.Condition()
@@ -115,10 +165,34 @@ class Driver:
                 "(distfork.init(keys_dir=...) or DISTFORK_KEYS_DIR)"
             )
 
+    def reference(self, fut: Future[Any]) -> bool:
+        """Whether a future among a call's arguments can go as a reference the broker resolves:
+        one of our tasks, unfinished or held there."""
+        if fut.driver is not self or self.nested:
+            return False  # a task that forks resolves its futures itself: it may run them (see _reclaim)
+        task_id = fut.task_id
+        return (task_id in self._inflight and not fut.done()) or (task_id in self._held and fut.held)
+
+    def referrer(self, deps: list[Future[Any]]) -> Callable[[Any], int | None]:
+        """``refer`` for ``serialize.dumps_call``: futures the broker can resolve go as references,
+        appended to ``deps``."""
+        def refer(fut: Any) -> int | None:
+            if not self.reference(fut):
+                return None
+            deps.append(fut)
+            return len(deps) - 1
+
+        return refer
+
     def submit(
-        self, frames: list[Any], max_retries: int = protocol.DEFAULT_RETRIES, timeout_s: float = 0.0
+        self, frames: list[Any], max_retries: int = protocol.DEFAULT_RETRIES, timeout_s: float = 0.0,
+        call: Call | None = None, fut: Future[Any] | None = None,
     ) -> Future[Any]:
         """Send a pickled call (``serialize.dumps_call`` output); its future completes with the result.
+
+        ``call``: the call, if its arguments name futures of ours (pickled as
+        references, in the order of ``call.deps``). ``fut``: the future to
+        complete (a call sent again), else a new one.
 
         Blocks while the in-flight window (tasks, or bytes of large arguments)
         is full. Large buffers go to shared memory when a worker can read it.
@@ -134,10 +208,15 @@ class Driver:
                 self._bytes_inflight += nbytes
         self._window.acquire()
         frames, segment = serialize.route(frames, self._pool)
-        task_id = next(self._ids)
-        fut: Future[Any] = Future(self._cancel, self._reclaim if self.nested else None)
-        fut.task_id = task_id  # type: ignore[attr-defined]
         flags = (Flag.PINNED if segment is not None else 0) | (Flag.NESTED if self.nested else 0)
+        if fut is None:
+            fut = Future(self._cancel, self._reclaim if self.nested else None)
+            fut.driver = self
+        task_id = fut.task_id = next(self._ids)
+        if call is not None:
+            frames = [protocol.encode_deps([d.task_id for d in call.deps]), *frames]
+            flags |= Flag.DEPS
+            self._calls[task_id] = call
         entry = Entry(task_id, max_retries, timeout_s, frames, flags)
         self._inflight[task_id] = (fut, entry, segment, nbytes)
         self._outgoing.append(entry)
@@ -147,16 +226,19 @@ class Driver:
     def _release(self, segment: shm.Segment | None, nbytes: int, reusable: bool = False) -> None:
         """A task ended: free its window slot, its segment (reused if nobody maps it) and its bytes."""
         self._window.release()
+        self._free_segment(segment, reusable)
+        if nbytes:
+            with self._bytes_room:
+                self._bytes_inflight -= nbytes
+                self._bytes_room.notify_all()
+
+    def _free_segment(self, segment: shm.Segment | None, reusable: bool = False) -> None:
         if segment is not None:
             if reusable and self._segments is not None:
                 self._segments.recycle(segment)
             else:
                 segment.release()
                 segment.unlink()
-        if nbytes:
-            with self._bytes_room:
-                self._bytes_inflight -= nbytes
-                self._bytes_room.notify_all()
 
     @property
     def unfinished(self) -> int:
@@ -178,6 +260,11 @@ class Driver:
             fut.cancel()
             self._release(segment, nbytes)
         self._inflight.clear()
+        self._calls.clear()
+        for held in self._held.values():
+            self._free_segment(held.segment)
+        self._held.clear()
+        self._end_fetches(DistforkError("this distfork driver was shut down before a held value was fetched"))
         while self._recycles:
             shm.unlink(self._recycles.popleft())
         if self._segments is not None:
@@ -187,7 +274,7 @@ class Driver:
     def _reclaim(self, fut: Future[Any], local: bool = True) -> None:
         """Run a task in this thread if it has not started: one not sent yet (if ``local``), or
         one the broker gives back because no free slot can start it now."""
-        task_id: int = fut.task_id  # type: ignore[attr-defined]
+        task_id: int = fut.task_id
         item = self._inflight.get(task_id)
         if item is None or self._closing:
             return
@@ -221,6 +308,38 @@ class Driver:
         complete(fut, code, out)
         self._release(item[2], item[3], reusable=not retained)
 
+    def _fetch(self, fut: Future[Any], timeout: float | None) -> Any:
+        """Bring a held value here (from a user thread); the future keeps it afterwards."""
+        with self._fetch_lock:
+            if not fut.held:
+                return fut.result(0)  # fetched by another thread meanwhile
+            if self._closing:
+                raise DistforkError("this distfork driver was shut down; its held values are gone")
+            waiter = self._fetching.get(fut.task_id)
+            if waiter is None:
+                waiter = self._fetching[fut.task_id] = _Fetch()
+                self._fetches.append(fut.task_id)
+                self._wake()
+        if not waiter.event.wait(timeout):
+            raise TimeoutError(f"the value held in the cluster did not arrive within {timeout} s")
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.value
+
+    def _end_fetches(self, error: BaseException) -> None:
+        with self._fetch_lock:
+            waiters = list(self._fetching.values())
+            self._fetching.clear()
+        for w in waiters:
+            w.error = error
+            w.event.set()
+
+    def _drop_held(self, task_id: int) -> None:
+        """A held future was garbage-collected (any thread): the broker may free the value."""
+        if not self._closing:
+            self._releases.append(task_id)
+            self._wake()
+
     def _recycle(self, name: str) -> None:
         """A result segment nobody here maps any more (called from any thread, by GC)."""
         if self._closing:
@@ -230,7 +349,7 @@ class Driver:
         self._wake()
 
     def _cancel(self, fut: Future[Any]) -> None:
-        self._cancels.append(fut.task_id)  # type: ignore[attr-defined]
+        self._cancels.append(fut.task_id)
         self._wake()
 
     def _wake(self, force: bool = False) -> None:
@@ -284,7 +403,8 @@ class Driver:
                 now = time.monotonic()
                 if monitor is not None and monitor in events:
                     self._handshake(monitor)
-                if self._outgoing or self._cancels or self._reclaims or self._recycles:
+                if self._outgoing or self._cancels or self._reclaims or self._recycles or self._fetches \
+                        or self._releases:
                     self._flush(sock)
                     last_sent = now
                 if sock in events:
@@ -338,12 +458,25 @@ class Driver:
         if self._recycles:
             names = [self._recycles.popleft() for _ in range(len(self._recycles))]
             sock.send_multipart(protocol.encode_json(Msg.RECYCLE, {"names": names}))
+        if self._fetches:
+            ids = [self._fetches.popleft() for _ in range(len(self._fetches))]
+            sock.send_multipart(protocol.encode_cancel(ids, Msg.FETCH))
+        if self._releases:
+            ids = []
+            while self._releases:
+                held = self._held.pop(self._releases.popleft(), None)
+                if held is not None:
+                    self._free_segment(held.segment)
+                    ids.append(held.entry.id)
+            if ids:
+                sock.send_multipart(protocol.encode_cancel(ids, Msg.RELEASE))
         if self._cancels:
             ids = []
             while self._cancels:
                 task_id = self._cancels.popleft()
                 item = self._inflight.pop(task_id, None)
                 if item is not None:
+                    self._calls.pop(task_id, None)
                     self._release(item[2], item[3])
                     ids.append(task_id)
             if ids:
@@ -398,8 +531,18 @@ class Driver:
         self._pool = self._segments
 
     def _resubmit_all(self) -> None:
+        """To a restarted broker: held results first (the new broker lost them: they run again,
+        and tasks that name them wait for them), then everything unfinished, then the fetches."""
         pending = {e.id for e in self._outgoing}
+        for task_id, held in list(self._held.items()):
+            if held.value_segment is not None:  # the old broker's hold: nobody else will free it now
+                shm.unlink(held.value_segment)
+                self._held[task_id] = held._replace(value_segment=None)
+            if held.entry.id not in pending:
+                self._outgoing.append(held.entry)
         self._outgoing.extend(item[1] for item in self._inflight.values() if item[1].id not in pending)
+        with self._fetch_lock:
+            self._fetches.extend(self._fetching)
 
     def _results(self, entries: Sequence[Entry]) -> None:
         inflight = self._inflight
@@ -407,12 +550,110 @@ class Driver:
         for e in entries:
             item = inflight.pop(e.id, None)
             if item is None:
-                serialize.free(e.frames)  # cancelled meanwhile, or a duplicate
+                if e.id in self._held and not e.flags & Flag.HELD:
+                    self._fetched(e)
+                elif not e.flags & Flag.HELD:
+                    serialize.free(e.frames)  # cancelled meanwhile, or a duplicate
                 continue
-            complete(item[0], e.code, e.frames, self._recycle)
-            release(item[2], item[3], not e.flags & Flag.RETAINED)
+            call = self._calls.pop(e.id, None) if self._calls else None
+            if e.code == Status.RESUBMIT and call is not None:
+                release(item[2], item[3])
+                self._send_again(item[0], call, item[1].code, item[1].extra)
+            elif e.flags & Flag.HELD:
+                self._hold(item, e)
+            else:
+                complete(item[0], e.code, e.frames, self._recycle)
+                release(item[2], item[3], not e.flags & Flag.RETAINED)
+
+    def _hold(self, item: tuple[Future[Any], Entry, shm.Segment | None, int], e: Entry) -> None:
+        """Tasks took this result as an argument: the broker keeps it; the future is done, its value remote."""
+        fut, entry, segment, nbytes = item
+        self._release(None, nbytes)  # the segment stays: the broker may lose the value, and we run it again
+        value_segment = bytes(e.frames[0]).decode(errors="replace") if e.frames else None
+        self._held[e.id] = _Held(weakref.ref(fut), entry, segment, value_segment)
+        fut._fetcher = self._fetch
+        try:
+            fut.set_result(REMOTE)
+        except InvalidStateError:  # cancelled meanwhile
+            self._drop_held(e.id)
+            return
+        weakref.finalize(fut, self._drop_held, e.id)
+
+    def _fetched(self, e: Entry) -> None:
+        """A held value we asked for (or a held task run again after a broker restart) arrived."""
+        held = self._held.pop(e.id)
+        self._free_segment(held.segment)
+        value: Any = None
+        error: BaseException | None = None
+        if e.code == Status.OK:
+            try:
+                value = serialize.unpack(e.frames, private=False, on_free=self._recycle)
+            except Exception as err:  # noqa: BLE001
+                error = SerializationError(
+                    f"the task's result cannot be unpickled in the driver: {type(err).__name__}: {err}"
+                )
+        else:
+            error = _failure(e.code, e.frames)
+        fut = held.future()
+        with self._fetch_lock:
+            if fut is not None:
+                with fut._condition:  # cf.Future's own lock
+                    if error is None:
+                        fut._result = value
+                    else:
+                        fut._result, fut._exception = None, error
+            waiter = self._fetching.pop(e.id, None)
+        if waiter is not None:
+            waiter.value, waiter.error = value, error
+            waiter.event.set()
+
+    def _send_again(self, fut: Future[Any], call: Call, max_retries: int, timeout_s: float) -> None:
+        """The broker no longer has a future the call names: pickle it again, with the values we have.
+
+        From the callback thread, once every future it names is done: that
+        may block on the window, which the I/O thread must never do.
+        """
+        def again() -> None:
+            if fut.done():
+                return  # cancelled meanwhile
+            failed = next((d for d in call.deps if d.cancelled() or d.exception() is not None), None)
+            try:
+                if failed is not None and failed.cancelled():
+                    fut.cancel()
+                elif failed is not None:
+                    fut.set_exception(failed.exception())
+                elif call.tries >= _RESUBMITS_MAX:
+                    fut.set_exception(DistforkError(
+                        f"the futures among this task's arguments left the broker {call.tries} times "
+                        "before it could start (is the broker restarting?)"
+                    ))
+                else:
+                    deps: list[Future[Any]] = []
+                    frames = serialize.dumps_call(call.func, call.args, call.kwargs, self.config.oob_threshold_bytes,
+                                                  self.referrer(deps))
+                    again_call = Call(call.func, call.args, call.kwargs, deps, call.tries + 1) if deps else None
+                    self.submit(frames, max_retries, timeout_s, call=again_call, fut=fut)
+            except InvalidStateError:
+                pass  # cancelled meanwhile
+            except BaseException as exc:  # noqa: BLE001 - it belongs to the future
+                _set_exception(fut, exc)
+
+        remaining = [len(call.deps)]
+        lock = threading.Lock()
+
+        def one_done(_: Any) -> None:
+            with lock:
+                remaining[0] -= 1
+                last = remaining[0] == 0
+            if last:
+                callback_runner.submit(again)
+
+        for d in call.deps:
+            d.add_done_callback(one_done)
 
     def _fail_all(self, exc: BaseException) -> None:
+        self._end_fetches(exc)
+        self._calls.clear()
         for task_id in list(self._inflight):
             item = self._inflight.pop(task_id, None)
             if item is not None:
@@ -435,6 +676,9 @@ def complete(
     """
     if fut.cancelled():
         serialize.free(frames)
+        return
+    if code == Status.CANCELLED:  # a future among its arguments was cancelled
+        fut.cancel()
         return
     try:
         if code == Status.OK:
@@ -471,3 +715,10 @@ def _failure(code: int, frames: Sequence[Any]) -> BaseException:
     if code == Status.TIMED_OUT:
         return TimeoutError(text)
     return DistforkError(text or f"the task failed with status {code}")
+
+
+def _set_exception(fut: Future[Any], exc: BaseException) -> None:
+    try:
+        fut.set_exception(exc)
+    except InvalidStateError:
+        pass

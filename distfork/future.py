@@ -50,6 +50,18 @@ class _CallbackRunner:
 callback_runner = _CallbackRunner()
 
 
+class _Remote:
+    """The result of a future whose value is held in the cluster: fetched when asked for."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<value held in the cluster>"
+
+
+REMOTE: Any = _Remote()
+
+
 class Future(concurrent.futures.Future, Generic[T]):  # type: ignore[type-arg]
     """The result of a ``fork``, available once the task ends.
 
@@ -68,6 +80,11 @@ class Future(concurrent.futures.Future, Generic[T]):  # type: ignore[type-arg]
         # Inside a worker: before blocking, take the task back from the queue
         # and run it here, so a task waiting for its children never deadlocks.
         self._reclaimer = reclaimer
+        #: The driver's id of the task, and the driver (None: not a task's future).
+        self.task_id = 0
+        self.driver: Any = None
+        # A value held in the cluster (result REMOTE): fetcher(self, timeout) brings it here.
+        self._fetcher: Callable[[Future[Any], float | None], Any] | None = None
 
     def _reclaim(self, local: bool = True) -> None:
         """Inside a worker: if the task has not started, run it in this thread.
@@ -89,11 +106,20 @@ class Future(concurrent.futures.Future, Generic[T]):  # type: ignore[type-arg]
         if self._reclaimer is not None:
             self._reclaim()
         try:
-            return super().result(timeout)  # type: ignore[no-any-return]
+            value = super().result(timeout)
         except concurrent.futures.TimeoutError as exc:
             if isinstance(exc, TimeoutError):  # Python >= 3.11: the same class
                 raise
             raise TimeoutError(f"the task did not finish within {timeout} s; it goes on") from None
+        if value is REMOTE and self._fetcher is not None:
+            # Other tasks took this value as an argument, so the broker kept it; it comes here now.
+            return self._fetcher(self, timeout)  # type: ignore[no-any-return]
+        return value  # type: ignore[no-any-return]
+
+    @property
+    def held(self) -> bool:
+        """Done, with its value still held in the cluster (it is fetched by ``result()``)."""
+        return self._result is REMOTE and self._state == "FINISHED"
 
     def cancel(self) -> bool:
         """Cancel the task: queued, it never runs; already done, ``False``."""

@@ -46,7 +46,7 @@ from .future import Future as _Future
 
 __all__ = [
     "FutureArgument", "Lease", "describe", "free", "dumps", "dumps_call",
-    "loads", "oob_bytes", "pack", "route", "unpack",
+    "loads", "oob_bytes", "pack", "route", "unpack", "unpack_call",
 ]
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,12 @@ def _value(x: Any) -> Any:
 class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, _Future):
-            # A future passed as an argument stands for its value.
+            # A future passed as an argument stands for its value: a reference the
+            # broker resolves (see dumps_call), or the value itself once it is here.
+            refer = _local.refer
+            index = refer(obj) if refer is not None else None
+            if index is not None:
+                return _dependency, (index,)
             if not obj.done() or obj.cancelled() or obj.exception() is not None:
                 raise FutureArgument(obj)
             return _value, (obj.result(),)
@@ -153,7 +158,26 @@ class _ReusablePickler:
             self.in_use = False
 
 
-_local = threading.local()
+class _Local(threading.local):
+    pickler: _ReusablePickler | None = None
+    # While pickling a call: future -> index of it among the task's dependencies, or None.
+    refer: Callable[[Any], int | None] | None = None
+    # While unpickling a call: the values of its dependencies, by index.
+    deps: list[Any] | None = None
+
+
+_local = _Local()
+
+
+def _dependency(index: int) -> Any:
+    """Unpickling: the value of the task's dependency ``index`` (a future among its arguments)."""
+    deps = _local.deps
+    if deps is None or not 0 <= index < len(deps):
+        raise SerializationError(
+            f"the task names dependency {index} (a future among its arguments) but was given "
+            f"{0 if deps is None else len(deps)} dependency values"
+        )
+    return deps[index]
 
 
 class _LargeBytes:
@@ -198,10 +222,10 @@ def _wrap_large(obj: Any, threshold: int, depth: int = 3) -> Any:
 def dumps(obj: Any, oob_threshold_bytes: int) -> list[Any]:
     """Pickle ``obj``; buffers of at least ``oob_threshold_bytes`` become frames of their own."""
     obj = _wrap_large(obj, oob_threshold_bytes)
-    p: _ReusablePickler | None = getattr(_local, "pickler", None)
+    p = _local.pickler
     if p is None or p.in_use:  # first use in this thread, or pickling re-entered
         p = _ReusablePickler()
-        if getattr(_local, "pickler", None) is None:
+        if _local.pickler is None:
             _local.pickler = p
     return p.dumps(obj, oob_threshold_bytes)
 
@@ -353,9 +377,16 @@ def describe(obj: Any) -> str:
 
 
 def dumps_call(
-    func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], oob_threshold_bytes: int
+    func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], oob_threshold_bytes: int,
+    refer: Callable[[Any], int | None] | None = None,
 ) -> list[Any]:
-    """Pickle a call ``(func, args, kwargs)``; name the culprit if it cannot be pickled."""
+    """Pickle a call ``(func, args, kwargs)``; name the culprit if it cannot be pickled.
+
+    ``refer(future)``: for each distfork future among the arguments, the
+    index under which it goes as a reference (the broker hands the task its
+    value, see :func:`unpack_call`), or None to pickle its value here.
+    """
+    _local.refer = refer
     try:
         return dumps((func, args, kwargs), oob_threshold_bytes)
     except FutureArgument:
@@ -367,6 +398,27 @@ def dumps_call(
             "Everything passed to fork must be picklable by cloudpickle: pass plain data, "
             "or create the object inside the task instead"
         ) from exc
+    finally:
+        _local.refer = None
+
+
+def unpack_call(
+    frames: Sequence[Any], deps: Sequence[Sequence[Any]], leases: list[Lease]
+) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
+    """Unpickle a task's call; ``deps``: the result payloads of the futures it names, in order.
+
+    Everything is mapped private (see :func:`unpack`): the segments of
+    dependency values belong to the broker's hold, which may hand them to
+    other tasks too.
+    """
+    values = [unpack(d, private=True, leases=leases) for d in deps]
+    _local.deps = values
+    try:
+        call = unpack(frames, private=True, leases=leases)
+    finally:
+        _local.deps = None
+    func, args, kwargs = call
+    return func, args, kwargs
 
 
 def _find_unpicklable(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:

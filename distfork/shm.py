@@ -8,16 +8,22 @@ Ownership (one owner unlinks each segment)::
             lives on the mapping); when the driver drops its last array on
             it, the segment goes back to the worker (RECYCLE), which keeps
             it as a warm spare or unlinks it
-    orphans a segment whose creator died (SIGKILL mid-transfer) is unlinked by
-            whoever sweeps next: the broker and every worker sweep their
-            session's segments of dead pids; at exit a worker sweeps its own,
-            the broker and the embedded cluster the whole session's.
+    held    a result other tasks take as an argument stays in the broker
+            (broker_state.Hold) until they and the driver are done with it,
+            then goes back to its worker as above
+    orphans a segment whose creator died before handing it out (SIGKILL
+            mid-transfer), or whose owner died, is unlinked by whoever sweeps
+            next: the broker and every worker sweep their session's segments
+            of dead pids; the embedded cluster sweeps the whole session's at
+            its end.
 
 Names are ``df-<session>-<creator pid>-<n>``, and a result segment gets
 ``-<owner pid>`` appended (the driver it is for) when it is handed out: the
 session prefix ties a segment to one cluster, the pids to the processes
 whose death makes it garbage. A result whose driver died before it arrived
-is swept too, although the worker that wrote it lives on.
+is swept too, although the worker that wrote it lives on; a result handed
+to a live driver is not swept when its worker dies (the driver, or the
+broker for it, still uses it).
 
 We do not use ``multiprocessing.shared_memory``: on Python < 3.13 it
 registers every segment a process merely attaches to with the resource
@@ -148,6 +154,10 @@ def creator(name: str) -> int | None:
 
 
 def unlink(name: str) -> None:
+    """Remove segment ``name`` of /dev/shm; a name not of our form (a path, say) is refused."""
+    if _NAME.match(name) is None:
+        log.warning("refused to unlink %r: not the name of a distfork segment", name)
+        return
     try:
         os.unlink(os.path.join(SHM_DIR, name))
     except FileNotFoundError:
@@ -168,7 +178,9 @@ def attach(name: str, size: int, private: bool) -> memoryview:
 def sweep(session: str, pid: int | None = None, dead_only: bool = True) -> int:
     """Unlink this session's segments: of ``pid`` only (creator or owner), of dead ones only. Returns how many.
 
-    A segment is dead when its creator or its owner (if named) is.
+    A segment is dead when its owner is, or, before it has one, its creator.
+    A result segment handed to a driver outlives the worker that wrote it:
+    the broker may hold it for tasks that take it as an argument.
     """
     try:
         names = os.listdir(SHM_DIR)
@@ -182,7 +194,7 @@ def sweep(session: str, pid: int | None = None, dead_only: bool = True) -> int:
         pids = [int(m["pid"])] + ([int(m["owner"])] if m["owner"] else [])
         if pid is not None and pid not in pids:
             continue
-        if dead_only and all(_alive(p) for p in pids):
+        if dead_only and _alive(pids[-1]):
             continue
         unlink(name)
         gone += 1

@@ -57,27 +57,29 @@ ABORT_EXIT_CODE = 75
 
 def run_task(
     frames: Sequence[Any], where: str, oob_threshold_bytes: int, pool: shm.SegmentPool | None, owner: int = 0,
-    before_call: Callable[[Any], None] | None = None,
+    before_call: Callable[[Any], None] | None = None, deps: Sequence[Sequence[Any]] = (),
 ) -> tuple[int, list[Any], bool]:
     """Unpickle a call, run it, pickle the outcome: ``(Status, frames, retained)``.
 
-    With ``pool``, a large result goes to a new shared-memory segment whose
-    ownership passes to the receiver (pid ``owner``) with the frames. ``retained``: something
-    the task left alive (a global, a cache) still maps its argument segment,
+    ``deps``: the result payloads of the futures among its arguments (from
+    the broker's holds). With ``pool``, a large result goes to a new
+    shared-memory segment whose ownership passes to the receiver (pid
+    ``owner``) with the frames. ``retained``: something the task left alive
+    (a global, a cache) still maps its argument segment (or a dependency's),
     so its owner must not reuse it.
     """
     leases: list[serialize.Lease] = []
-    status, out = _call(frames, where, oob_threshold_bytes, pool, owner, leases, before_call)
+    status, out = _call(frames, where, oob_threshold_bytes, pool, owner, leases, before_call, deps)
     retained = not all([lease.close() for lease in leases])
     return status, out, retained
 
 
 def _call(
     frames: Sequence[Any], where: str, oob_threshold_bytes: int, pool: shm.SegmentPool | None, owner: int,
-    leases: list[serialize.Lease], before_call: Callable[[Any], None] | None,
+    leases: list[serialize.Lease], before_call: Callable[[Any], None] | None, deps: Sequence[Sequence[Any]],
 ) -> tuple[int, list[Any]]:
     try:
-        func, args, kwargs = serialize.unpack(frames, private=True, leases=leases)
+        func, args, kwargs = serialize.unpack_call(frames, deps, leases)
     except BaseException as exc:  # noqa: BLE001 - reported to the driver
         err = SerializationError(
             f"the worker could not unpickle the task's function or arguments: {type(exc).__name__}: {exc}. "
@@ -143,11 +145,13 @@ class Worker:
         self.cancelled: set[int] = set()
 
     def take_back(self, names: list[str]) -> None:
-        """Result segments the driver no longer maps: warm spares for our next results."""
+        """Result segments the driver no longer maps: warm spares for our next results
+        (or, made by a worker process that is gone, unlinked)."""
         with self._pool_lock:
             pool = self.pool
         for name in names:
             if shm.creator(name) != os.getpid():
+                shm.unlink(name)  # its maker is gone (the broker says so): we see the same /dev/shm
                 continue
             if pool is not None:
                 pool.take_back(name)
@@ -402,8 +406,14 @@ class _Slot:
                 self.deadline = time.monotonic() + e.extra if e.extra > 0 else None
                 self.current = e.id
                 self.sock = sock
+                frames: Sequence[Any] = e.frames
+                deps: Sequence[Sequence[Any]] = ()
                 try:
-                    status, out, retained = run_task(e.frames, w.where, threshold, pool, e.pid, self._before_call)
+                    if e.flags & Flag.DEPS:
+                        deps, frames = protocol.decode_dep_counts(frames)
+                    status, out, retained = run_task(frames, w.where, threshold, pool, e.pid, self._before_call, deps)
+                except ProtocolError as exc:
+                    status, out, retained = Status.FAILED, [f"{w.where} got a malformed task: {exc}".encode()], False
                 finally:
                     self.current = self.deadline = None
                 finished = time.perf_counter()

@@ -168,9 +168,22 @@ class CliCluster:
         return wait_until(lambda: s if len((s := query_status(self.address))["workers"]) >= n else None,
                           timeout_s, what=f"{n} workers to register")
 
+    def kill_broker(self) -> None:
+        """SIGKILL the broker (a process this test started) and reap it."""
+        self.broker.send_signal(signal.SIGKILL)
+        assert self.broker.wait(10) == -signal.SIGKILL
+
+    def restart_broker(self) -> None:
+        """A new broker on the same address; :meth:`stop` stops it."""
+        self.broker = _start_broker(self.address, self.env)
+
     def stop(self) -> None:
         procs = [*self.workers, self.broker]
         stop_processes(procs)
+
+
+def _start_broker(address: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "distfork", "broker", "--bind", address], env=env)
 
 
 @pytest.fixture
@@ -178,7 +191,7 @@ def cli_cluster() -> Iterator[CliCluster]:
     """``distfork broker`` and two ``distfork worker`` processes on a free TCP port."""
     address = f"tcp://127.0.0.1:{free_port()}"
     env = cli_env(DISTFORK_HEARTBEAT_S="0.2")
-    broker = subprocess.Popen([sys.executable, "-m", "distfork", "broker", "--bind", address], env=env)
+    broker = _start_broker(address, env)
     cluster = CliCluster(address, broker, env=env)
     try:
         cluster.start_worker()

@@ -312,3 +312,22 @@ def where_am_i(peer_ip: str, delay_s: float = 0.0) -> dict[str, Any]:
         s.connect((peer_ip, 9))  # UDP connect only picks the route and source address
         ip = s.getsockname()[0]
     return {"host": socket.gethostname(), "pid": os.getpid(), "ip": ip}
+
+
+def chain_inside(n: int) -> int:
+    """A task that forks a child and a grandchild taking the child's future as its argument; waits for it."""
+    import distfork
+
+    child = distfork.fork(add, n, 1)
+    return distfork.wait(distfork.fork(add, child, 10))  # type: ignore[no-any-return]
+
+
+def sum_after_gate(path: str, a: Any) -> float:
+    """The sum of ``a`` once the test creates ``path``."""
+    wait_for_path(path)
+    return float(a.sum())
+
+
+def scale(a: Any, k: float) -> Any:
+    """``a * k``: a large result made from a large argument."""
+    return a * k

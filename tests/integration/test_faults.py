@@ -40,21 +40,6 @@ pytestmark = pytest.mark.timeout(120)
 T = 30.0
 
 
-def start_broker(address: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "distfork", "broker", "--bind", address], env=env)
-
-
-def kill_broker(cluster: CliCluster) -> None:
-    """SIGKILL the cluster's broker (a process this test started) and reap it."""
-    cluster.broker.send_signal(signal.SIGKILL)
-    assert cluster.broker.wait(10) == -signal.SIGKILL
-
-
-def restart_broker(cluster: CliCluster) -> None:
-    """A new broker on the same address; the fixture stops it."""
-    cluster.broker = start_broker(cluster.address, cluster.env)
-
-
 def started_pid(path: Path, other_than: int | None = None, timeout_s: float = 20.0) -> int:
     """The pid an ``announce_and_wait`` task wrote to ``path`` (a new one if ``other_than``)."""
     def read() -> int | None:
@@ -96,10 +81,10 @@ def test_broker_sigkilled_and_restarted_mid_run_every_future_completes_once(cli_
         fut.add_done_callback(functools.partial(record, i))
         futs.append(fut)
     wait_until(lambda: sum(f.done() for f in futs) >= 50, 60, what="50 tasks to finish")
-    kill_broker(cli_cluster)
+    cli_cluster.kill_broker()
     done_at_kill = sum(f.done() for f in futs)
     assert 50 <= done_at_kill < N_RESTART, "the broker must die mid-run"
-    restart_broker(cli_cluster)
+    cli_cluster.restart_broker()
 
     assert distfork.wait_all(futs, timeout=90) == list(range(N_RESTART))
     wait_until(lambda: len(completions) == N_RESTART, 10, what="every done callback")
@@ -113,7 +98,7 @@ def test_broker_sigkilled_and_restarted_mid_run_every_future_completes_once(cli_
 def test_without_a_broker_fork_returns_a_future_and_wait_times_out(cli_cluster: CliCluster) -> None:
     distfork.init(cli_cluster.address, heartbeat_s=0.2)
     assert distfork.wait(distfork.fork(tasks.add, 1, 2), timeout=T) == 3
-    kill_broker(cli_cluster)
+    cli_cluster.kill_broker()
 
     fut = distfork.fork(tasks.add, 20, 22)  # queued locally, not lost
     t0 = time.monotonic()
@@ -122,7 +107,7 @@ def test_without_a_broker_fork_returns_a_future_and_wait_times_out(cli_cluster: 
     assert time.monotonic() - t0 < 5
     assert not fut.done()
 
-    restart_broker(cli_cluster)
+    cli_cluster.restart_broker()
     assert distfork.wait(fut, timeout=T) == 42
 
 

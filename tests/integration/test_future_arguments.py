@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import concurrent.futures
+import threading
+from typing import Any
 
 import pytest
 
 import distfork
 import tasks
+from conftest import wait_until
+from distfork.status import query_status
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -46,3 +50,59 @@ def test_cancelling_the_dependency_cancels_the_dependent(shared_cluster: list[in
         assert dependent.cancelled()
     finally:
         gate.touch()
+
+
+def test_a_chain_of_future_arguments_and_a_fan_out(shared_cluster: list[int]) -> None:
+    a = distfork.fork(tasks.add, 1, 1)
+    b = distfork.fork(tasks.add, a, 1)
+    c = distfork.fork(tasks.add, b, a)
+    fan = [distfork.fork(tasks.add, c, i) for i in range(20)]
+    assert distfork.wait_all(fan, timeout=30) == [5 + i for i in range(20)]
+    assert [a.result(), b.result(), c.result()] == [2, 3, 5]
+
+
+def test_a_failure_fails_every_task_downstream_unrun(shared_cluster: list[int], tmp_path) -> None:  # type: ignore[no-untyped-def]
+    marker = tmp_path / "ran"
+    failed = distfork.fork(tasks.fail, "root cause")
+    child = distfork.fork(tasks.touch_and_return, str(marker), failed)
+    grandchild = distfork.fork(tasks.touch_and_return, str(marker), child)
+    for fut in (failed, child, grandchild):
+        with pytest.raises(tasks.CustomError, match="root cause"):
+            distfork.wait(fut, timeout=30)
+    assert not marker.exists()
+
+
+def test_a_result_that_reached_the_driver_first_is_sent_again_with_its_value(shared_cluster: list[int]) -> None:
+    """The race: the dependency finished and its result is on its way to the driver when the
+    dependent task reaches the broker. The broker answers RESUBMIT; the driver pickles the call
+    again with the value it has by then."""
+    rt = distfork.api._runtime
+    assert rt is not None and rt.driver is not None and rt.address is not None
+    driver = rt.driver
+    deliver = driver._results
+    stash: list[Any] = []
+    held_back = threading.Event()
+    try:
+        first = distfork.fork(tasks.add, 1, 2)
+
+        def slow_results(entries: list[Any]) -> None:  # runs on the driver's I/O thread
+            mine = [e for e in entries if e.id == first.task_id]
+            if mine and not held_back.is_set():
+                stash.extend(mine)
+                held_back.set()
+                entries = [e for e in entries if e.id != first.task_id]
+            deliver(entries)
+
+        driver._results = slow_results  # type: ignore[method-assign]
+        assert held_back.wait(30)
+        assert not first.done()  # the broker is done with it; the driver does not know yet
+        resubmitted = query_status(rt.address)["counters"].get("tasks_resubmitted", 0)
+        dependent = distfork.fork(tasks.add, first, 10)
+        wait_until(lambda: query_status(rt.address)["counters"].get("tasks_resubmitted", 0) > resubmitted or None,
+                   10, what="the broker to ask for the task again")
+        assert not dependent.done()
+        deliver(stash)  # the delayed result arrives (on this thread: the I/O thread only sends meanwhile)
+        assert distfork.wait(dependent, timeout=30) == 13
+    finally:
+        driver._results = deliver  # type: ignore[method-assign]
+

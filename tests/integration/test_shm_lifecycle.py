@@ -10,6 +10,7 @@ about every second, and every check allows ``DEADLINE_S``.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -122,6 +123,9 @@ def test_worker_sigkilled_while_large_results_flow() -> None:
         except WorkerLostError as exc:
             outcomes.append(repr(exc))  # out of retries: failed, not hung (but it had retries left)
     assert all(o is True for o in outcomes), outcomes  # the task it was running was retried elsewhere
+    # Results it handed out live on the driver's mappings; once the driver drops them, they are unlinked.
+    futures.clear()
+    gc.collect()
     wait_until(lambda: not segments(session, victim_pid),
                what=f"the killed worker's segments to be swept: {segments(session, victim_pid)}")
 
