@@ -2,10 +2,13 @@
 
     python benchmarks/bench_data.py [--mb 100] [--rounds 5] [--workers 2]
 
-Three transfers of a float64 array of --mb megabytes:
+Four transfers of a float64 array of --mb megabytes:
   argument  the worker gets the array and returns its sum
   result    the worker returns np.ones of that size
   echo      the worker returns the array it got
+  pipeline  one task makes np.ones, another takes it and returns its sum:
+            fork(total, fork(ones, n)) -- the value stays in the cluster; for
+            ProcessPoolExecutor it goes through the driver (result, then argument)
 Each prints GB/s (array bytes / wall time of fork+wait, best of --rounds) for
 distfork with shared memory, distfork forced onto ZeroMQ frames
 (DISTFORK_SHM=0, the cross-host path), ProcessPoolExecutor, and one
@@ -29,7 +32,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_tasks import echo, ones, total  # noqa: E402
 
-CASES = ("argument", "result", "echo")
+CASES = ("argument", "result", "echo", "pipeline")
 
 
 def best_gbps(run: Callable[[], Any], nbytes: int, rounds: int) -> float:
@@ -42,12 +45,18 @@ def best_gbps(run: Callable[[], Any], nbytes: int, rounds: int) -> float:
     return nbytes / best / 1e9
 
 
-def measure(submit: Callable[..., Any], a: np.ndarray, rounds: int) -> dict[str, float]:
+def measure(submit: Callable[..., Any], a: np.ndarray, rounds: int, futures_as_arguments: bool) -> dict[str, float]:
     n = a.size
+
+    def pipeline() -> Any:
+        made = submit(ones, n)
+        return submit(total, made if futures_as_arguments else made.result()).result()
+
     return {
         "argument": best_gbps(lambda: submit(total, a).result(), a.nbytes, rounds),
         "result": best_gbps(lambda: submit(ones, n).result(), a.nbytes, rounds),
         "echo": best_gbps(lambda: submit(echo, a).result(), a.nbytes, rounds),
+        "pipeline": best_gbps(pipeline, a.nbytes, rounds),
     }
 
 
@@ -57,7 +66,7 @@ def distfork_run(mb: int, rounds: int, workers: int) -> dict[str, float]:
     a = np.random.default_rng(0).random(mb * 1_000_000 // 8)
     distfork.init(workers=workers)
     try:
-        return measure(distfork.fork, a, rounds)
+        return measure(distfork.fork, a, rounds, futures_as_arguments=True)
     finally:
         distfork.shutdown()
 
@@ -84,7 +93,7 @@ def main() -> None:
         ).stdout.split()
         results[label] = dict(zip(CASES, map(float, out), strict=True))
     with concurrent.futures.ProcessPoolExecutor(a.workers) as pool:
-        results["ProcessPoolExecutor"] = measure(pool.submit, arr, a.rounds)
+        results["ProcessPoolExecutor"] = measure(pool.submit, arr, a.rounds, futures_as_arguments=False)
     copy = best_gbps(lambda: np.copy(arr), arr.nbytes, a.rounds)
 
     print(f"{a.mb} MB float64, {a.workers} workers, best of {a.rounds}; GB/s of array bytes per fork+wait")
