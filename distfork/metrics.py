@@ -45,6 +45,8 @@ from typing import TYPE_CHECKING, Any
 
 from .protocol import Entry, Flag, Status
 
+_INF = float("inf")
+
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
@@ -138,6 +140,8 @@ class BrokerMetrics:
         lat_sum = run_sum = 0.0
         for e in entries:
             key, run_s = e[0], e[2]  # Entry.id, Entry.extra (the run time)
+            if not 0.0 <= run_s < _INF:  # a NaN from a broken peer would poison the sum for good
+                continue
             run[where(bounds, run_s)] += 1
             run_sum += run_s
             task = assigned.get(key)
@@ -206,6 +210,11 @@ class _Collector:
 
         queued = len(state.queue) + sum(len(q) for q in list(state.pinned.values()))
         yield GaugeMetricFamily("distfork_queue_depth", "Tasks waiting for a worker.", value=queued)
+        drivers = [p for p in list(state.peers.values()) if p.role == "driver"]
+        yield GaugeMetricFamily("distfork_values_held", "Results kept for the tasks that take them as arguments.",
+                                value=sum(len(d.holds) for d in drivers))
+        yield counter("results_held", "Results kept in the broker because tasks took them as arguments.",
+                      counters.get("results_held", 0))
         yield GaugeMetricFamily("distfork_tasks_running", "Tasks held by workers (running or prefetched).",
                                 value=sum(len(w.assigned) for w in workers))
         processes = {(w.info.get("host"), w.info.get("pid")) for w in workers}

@@ -296,3 +296,15 @@ def test_histograms_take_each_result_once_and_latency_from_submission() -> None:
     assert metrics.run_sum_s == pytest.approx(0.25 * len(results))
     assert sum(metrics.latency_buckets) == len(results) == sum(metrics.run_buckets)
     assert metrics.snapshot()["payload_bytes"]["task"]["inline"] == 8
+
+
+@pytest.mark.parametrize("run_s", [float("nan"), float("inf"), -1.0])
+def test_a_run_time_from_a_broken_worker_leaves_the_run_time_metric_finite(run_s: float) -> None:
+    from distfork.broker_state import BrokerState
+    from distfork.config import Config
+
+    state = BrokerState(Config(), 0.0)
+    metrics = BrokerMetrics(state)
+    worker = state.hello(b"W1", {"role": "worker", "slots": 1}, 0.0)
+    metrics.results_in(worker, [Entry(1, 0, 0.5, [b"v"]), Entry(2, 0, run_s, [b"v"])], now=1.0)
+    assert metrics.run_sum_s == 0.5 and sum(metrics.run_buckets) == 1
