@@ -177,9 +177,38 @@ class Future(concurrent.futures.Future, Generic[T]):  # type: ignore[type-arg]
     # asyncio -----------------------------------------------------------------
 
     def __await__(self) -> Generator[Any, None, T]:
+        return self._awaited().__await__()
+
+    async def _awaited(self) -> T:
+        """The value, awaited: a held value is fetched on a thread of the loop's executor,
+        not on the loop (``asyncio.wrap_future`` would call ``result()`` there, and block it)."""
         import asyncio
 
-        return asyncio.wrap_future(self).__await__()
+        proxy: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def relay(done: concurrent.futures.Future[Any]) -> None:
+            try:
+                if done.cancelled():
+                    proxy.cancel()
+                elif self.held:
+                    proxy.set_result(REMOTE)
+                elif done.exception() is not None:
+                    proxy.set_exception(done.exception())
+                else:
+                    proxy.set_result(done.result())
+            except concurrent.futures.InvalidStateError:
+                pass  # the await was cancelled first
+
+        def cancel_back(p: concurrent.futures.Future[Any]) -> None:
+            if p.cancelled():
+                self.cancel()  # the await was cancelled: so is the task, as with asyncio.wrap_future
+
+        proxy.add_done_callback(cancel_back)
+        self.add_done_callback(relay)
+        value = await asyncio.wrap_future(proxy)
+        if value is REMOTE:
+            value = await asyncio.get_running_loop().run_in_executor(None, self.result)
+        return value  # type: ignore[no-any-return]
 
 
 def collect_all(futures: Iterable[Future[Any]]) -> Future[list[Future[Any]]]:

@@ -6,8 +6,11 @@ share one: tests/integration/test_future_arguments.py).
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -83,3 +86,33 @@ def test_held_values_survive_a_broker_restart(cli_cluster: CliCluster, tmp_path:
     assert distfork.wait(taker, timeout=60) == 1_000_000.0
     assert float(distfork.wait(produced, timeout=30).sum()) == 1_000_000.0
     distfork.shutdown()
+
+
+def test_awaiting_a_held_future_fetches_its_value_off_the_event_loop() -> None:
+    distfork.init(workers=2)
+    rt = distfork.api._runtime
+    assert rt is not None and rt.driver is not None
+    driver = rt.driver
+    fetch = driver._fetch
+    fetched_on: list[threading.Thread] = []
+
+    def recording_fetch(fut: distfork.Future[Any], timeout: float | None) -> Any:
+        fetched_on.append(threading.current_thread())
+        return fetch(fut, timeout)
+
+    driver._fetch = recording_fetch  # type: ignore[method-assign]
+
+    async def main() -> tuple[float, float, threading.Thread]:
+        produced = distfork.fork(tasks.ones, 1000)
+        taken = distfork.fork(tasks.sum_slowly, produced, 0.0)
+        total = await taken
+        assert produced.held
+        value = await produced
+        return total, float(value.sum()), threading.current_thread()
+
+    try:
+        total, fetched_sum, loop_thread = asyncio.run(main())
+        assert total == fetched_sum == 1000.0
+        assert fetched_on and loop_thread not in fetched_on
+    finally:
+        distfork.shutdown()
