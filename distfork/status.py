@@ -97,16 +97,20 @@ def render_status(snap: dict[str, Any], address: str) -> list[Any]:
         )
 
     qt = Table(title="queues", title_justify="left", show_edge=False, pad_edge=False)
+    # waiting: for the futures their arguments name; held: values kept for tasks that take them;
+    # received: result bytes sent to the driver.
     for name, justify in (("driver", "left"), ("host", "left"), ("pid", "right"), ("queued", "right"),
-                          ("running", "right"), ("done", "right"), ("failed", "right")):
+                          ("waiting", "right"), ("running", "right"), ("done", "right"), ("failed", "right"),
+                          ("held", "right"), ("received", "right")):
         qt.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for d in snap["drivers"]:
         failed = d.get("failed", 0)
         qt.add_row(str(d.get("name")), str(d.get("host")), str(d.get("pid")), str(d.get("queued", "-")),
-                   str(d.get("running", "-")), str(d["done"] - failed),
-                   Text(str(failed), style="red" if failed else ""))
+                   str(d.get("waiting", "-")), str(d.get("running", "-")), str(d["done"] - failed),
+                   Text(str(failed), style="red" if failed else ""), str(d.get("held", "-")),
+                   format_bytes(d.get("result_bytes")))
     counters = snap.get("counters", {})
     qt.add_section()
-    qt.add_row("(all, since start)", "", "", str(snap["queued"]), str(snap["running"]),
+    qt.add_row("(all, since start)", "", "", str(snap["queued"]), "", str(snap["running"]),
                str(counters.get("tasks_succeeded", 0)), str(counters.get("tasks_failed", 0)), style="bold")
     return [summary, wt, qt]

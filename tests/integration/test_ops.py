@@ -151,14 +151,15 @@ def test_status_shows_each_drivers_queue_and_the_workers_memory(cluster: Metrics
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
     for header in ("worker", "host", "pid", "slots", "busy", "done", "failed", "rss", "heartbeat",
-                   "driver", "queued", "running"):
+                   "driver", "queued", "waiting", "running", "held", "received"):
         assert any(header in line.split() for line in lines), (header, table.stdout)
     for p in cluster.workers:
         (row,) = [line for line in lines if str(p.pid) in line.split()]
         assert "MiB" in row and "ago" in row
     (row,) = [line for line in lines if driver["name"] in line]
     cells = [cell for cell in row.split() if cell != "│"]
-    assert cells[-4:] == ["3", "2", "0", "0"]  # queued, running, done, failed
+    # queued, waiting, running, done, failed, held, received ("0 B")
+    assert cells[-8:] == ["3", "0", "2", "0", "0", "0", "0", "B"]
 
     gate.touch()
     assert distfork.wait_all(futs, timeout=30) == ["released"] * 5
