@@ -331,3 +331,10 @@ def sum_after_gate(path: str, a: Any) -> float:
 def scale(a: Any, k: float) -> Any:
     """``a * k``: a large result made from a large argument."""
     return a * k
+
+
+def add_or_fail(a: int, b: int) -> int:
+    """``a + b``, but raises CustomError when the sum is a multiple of 29 (a failure deep in a graph)."""
+    if (a + b) % 29 == 0:
+        raise CustomError(f"{a} + {b} is a multiple of 29")
+    return a + b

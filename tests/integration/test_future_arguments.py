@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import random
 import threading
 from typing import Any
 
@@ -42,6 +43,9 @@ def test_a_failed_future_argument_fails_the_task_with_the_same_exception_unrun(
 
 def test_cancelling_the_dependency_cancels_the_dependent(shared_cluster: list[int], tmp_path) -> None:  # type: ignore[no-untyped-def]
     gate = tmp_path / "gate"
+    # Both slots busy, so the dependency stays queued (cancelling a running task would end
+    # a worker of the shared cluster).
+    busy = [distfork.fork(tasks.wait_for_path, str(gate)) for _ in shared_cluster]
     slow = distfork.fork(tasks.wait_for_path, str(gate))
     dependent = distfork.fork(tasks.identity, slow)
     try:
@@ -50,6 +54,7 @@ def test_cancelling_the_dependency_cancels_the_dependent(shared_cluster: list[in
         assert dependent.cancelled()
     finally:
         gate.touch()
+    assert distfork.wait_all(busy, timeout=30) == ["released"] * len(busy)
 
 
 def test_a_chain_of_future_arguments_and_a_fan_out(shared_cluster: list[int]) -> None:
@@ -106,3 +111,34 @@ def test_a_result_that_reached_the_driver_first_is_sent_again_with_its_value(sha
     finally:
         driver._results = deliver  # type: ignore[method-assign]
 
+
+
+def test_a_random_graph_of_future_arguments_matches_local_evaluation(shared_cluster: list[int]) -> None:
+    """300 tasks, each adding two earlier results (or constants); a sum divisible by 29 fails, and so does
+    everything downstream of it, with that same error. Some results are held, some reach the driver first."""
+    rng = random.Random(6)
+    local: list[int | BaseException] = []
+    futures: list[distfork.Future[int]] = []
+    for i in range(300):
+        picks = [rng.randrange(i) if i and rng.random() < 0.8 else None for _ in range(2)]
+        consts = [rng.randrange(1, 50) for _ in range(2)]
+        args = [futures[p] if p is not None else c for p, c in zip(picks, consts, strict=True)]
+        values = [local[p] if p is not None else c for p, c in zip(picks, consts, strict=True)]
+        failed = next((v for v in values if isinstance(v, BaseException)), None)
+        if failed is None:
+            a, b = values
+            assert isinstance(a, int) and isinstance(b, int)
+            local.append(tasks.CustomError("x") if (a + b) % 29 == 0 else a + b)
+        else:
+            local.append(failed)
+        futures.append(distfork.fork(tasks.add_or_fail, *args))
+        if rng.random() < 0.1:
+            concurrent.futures.wait(futures[-3:], timeout=30)  # some producers finish before their takers come
+    concurrent.futures.wait(futures, timeout=60)
+    for i, (fut, want) in enumerate(zip(futures, local, strict=True)):
+        if isinstance(want, BaseException):
+            with pytest.raises(tasks.CustomError, match="multiple of 29"):
+                fut.result(timeout=0)
+        else:
+            assert fut.result(timeout=30) == want, i
+    assert any(isinstance(v, BaseException) for v in local) and sum(isinstance(v, int) for v in local) > 100
