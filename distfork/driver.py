@@ -315,16 +315,31 @@ class Driver:
                 return fut.result(0)  # fetched by another thread meanwhile
             if self._closing:
                 raise DistforkError("this distfork driver was shut down; its held values are gone")
-            waiter = self._fetching.get(fut.task_id)
-            if waiter is None:
-                waiter = self._fetching[fut.task_id] = _Fetch()
-                self._fetches.append(fut.task_id)
-                self._wake()
+            waiter = self._request(fut)
+        self._wake()
         if not waiter.event.wait(timeout):
             raise TimeoutError(f"the value held in the cluster did not arrive within {timeout} s")
         if waiter.error is not None:
             raise waiter.error
         return waiter.value
+
+    def _request(self, fut: Future[Any]) -> _Fetch:
+        """The fetch of a held value, asked for once (hold ``_fetch_lock``)."""
+        waiter = self._fetching.get(fut.task_id)
+        if waiter is None:
+            waiter = self._fetching[fut.task_id] = _Fetch()
+            self._fetches.append(fut.task_id)
+        return waiter
+
+    def prefetch(self, futures: Sequence[Future[Any]]) -> None:
+        """Ask for the held values among ``futures`` at once: waiting for them then costs one round trip."""
+        with self._fetch_lock:
+            if self._closing:
+                return
+            for fut in futures:
+                if fut.driver is self and fut.held:
+                    self._request(fut)
+        self._wake()
 
     def _end_fetches(self, error: BaseException) -> None:
         with self._fetch_lock:

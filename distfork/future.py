@@ -253,6 +253,9 @@ def wait_all(futures: Iterable[Future[Any]], timeout: float | None = None) -> li
             if f in done:
                 f.result()  # a failure is raised at once, as torch.futures.wait_all does
         raise TimeoutError(f"{len(not_done)} of {len(futures)} futures not done after {timeout} s")
+    held = [f for f in futures if isinstance(f, Future) and f.held]
+    for driver in {f.driver for f in held}:
+        driver.prefetch(held)  # values kept in the cluster: ask for them together, not one by one
     return [f.result() for f in futures]
 
 

@@ -116,3 +116,28 @@ def test_awaiting_a_held_future_fetches_its_value_off_the_event_loop() -> None:
         assert fetched_on and loop_thread not in fetched_on
     finally:
         distfork.shutdown()
+
+
+def test_wait_all_asks_for_every_held_value_in_one_message() -> None:
+    distfork.init(workers=2)
+    rt = distfork.api._runtime
+    assert rt is not None and rt.driver is not None
+    try:
+        made = [distfork.fork(tasks.ones, 10 + i) for i in range(5)]
+        takers = [distfork.fork(tasks.sum_slowly, m, 0.0) for m in made]
+        assert distfork.wait_all(takers, timeout=30) == [10.0 + i for i in range(5)]
+        assert all(m.held for m in made)
+        driver = rt.driver
+        sent: list[int] = []
+        flush = driver._flush
+
+        def counting_flush(sock: Any) -> None:  # on the I/O thread
+            sent.append(len(driver._fetches))
+            flush(sock)
+
+        driver._flush = counting_flush  # type: ignore[method-assign]
+        values = distfork.wait_all(made, timeout=30)
+        assert [float(v.sum()) for v in values] == [10.0 + i for i in range(5)]
+        assert [n for n in sent if n] == [5]  # one FETCH naming all five
+    finally:
+        distfork.shutdown()
