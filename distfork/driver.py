@@ -199,6 +199,8 @@ class Driver:
         """
         if self._closing:
             raise DistforkError("this distfork driver was shut down; call distfork.init() to start again")
+        if self._refused is not None:
+            raise AuthenticationError(self._refused)
         nbytes = serialize.oob_bytes(frames)
         if nbytes:
             with self._bytes_room:
@@ -397,6 +399,7 @@ class Driver:
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
         monitor = security.watch_handshake(sock) if security.secure_client(sock, self._keys) else None
+        watch = security.HandshakeWatch(monitor, self.address) if monitor is not None else None
         sock.connect(self.address)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
@@ -416,8 +419,8 @@ class Driver:
                         pass
                     self._wake_pending = False
                 now = time.monotonic()
-                if monitor is not None and monitor in events:
-                    self._handshake(monitor)
+                if watch is not None and watch.monitor in events:
+                    self._handshake(watch)
                 if self._outgoing or self._cancels or self._reclaims or self._recycles or self._fetches \
                         or self._releases:
                     self._flush(sock)
@@ -455,12 +458,17 @@ class Driver:
                 monitor.close(linger=0)
             sock.close(linger=100)
 
-    def _handshake(self, monitor: zmq.Socket[Any]) -> None:
-        text = security.failure_text(monitor, self.address)
-        if text is not None and self._refused is None:
-            self._refused = text
-            log.error("%s", text)
-            self._welcomed.set()  # wake connect(): it raises AuthenticationError
+    def _handshake(self, watch: security.HandshakeWatch) -> None:
+        text = watch.check()
+        if text is None or self._refused is not None:
+            return
+        self._refused = text
+        log.error("%s", text)
+        if self._welcomed.is_set():
+            # Refused after we were let in (our key was revoked, the broker restarted with other
+            # keys): nothing we send will arrive any more.
+            self._fail_all(AuthenticationError(text))
+        self._welcomed.set()  # wake connect(): it raises AuthenticationError
 
     def _flush(self, sock: zmq.Socket[Any]) -> None:
         out = self._outgoing

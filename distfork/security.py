@@ -42,6 +42,8 @@ __all__ = [
     "EXIT_REFUSED",
     "ServerAuth",
     "client_keys",
+    "DROPPED_HANDSHAKES",
+    "HandshakeWatch",
     "failure_text",
     "keygen",
     "secure_client",
@@ -192,11 +194,49 @@ def watch_handshake(sock: zmq.Socket[Any]) -> zmq.Socket[Any]:
     return sock.get_monitor_socket(_HANDSHAKE_EVENTS)
 
 
+#: Handshakes dropped without a reason in a row before we call it a refusal (see HandshakeWatch).
+DROPPED_HANDSHAKES = 3
+
+
+class HandshakeWatch:
+    """Reads a handshake monitor and tells a refusal from a handshake cut short.
+
+    A refused key (``AUTH``) or mismatched security (``PROTOCOL``) is final.
+    A handshake that ends without a reason (``NO_DETAIL``) is what a wrong
+    server key looks like, but also a broker killed or restarting in the
+    middle of one: only :data:`DROPPED_HANDSHAKES` of them in a row, with no
+    success between, count as a refusal.
+    """
+
+    def __init__(self, monitor: zmq.Socket[Any], address: str) -> None:
+        self.monitor = monitor
+        self.address = address
+        self.dropped = 0
+
+    def check(self) -> str | None:
+        """Read one event; why we are refused, or None."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        event = recv_monitor_message(self.monitor)["event"]
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.dropped = 0
+            return None
+        if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+            self.dropped += 1
+            if self.dropped < DROPPED_HANDSHAKES:
+                log.info("a handshake with %s was cut short (%d in a row); trying again", self.address, self.dropped)
+                return None
+        return _failure_text(event, self.address)
+
+
 def failure_text(monitor: zmq.Socket[Any], address: str) -> str | None:
     """Read one monitor event; the reason a handshake failed, or None if it did not."""
     from zmq.utils.monitor import recv_monitor_message
 
-    event = recv_monitor_message(monitor)["event"]
+    return _failure_text(recv_monitor_message(monitor)["event"], address)
+
+
+def _failure_text(event: int, address: str) -> str | None:
     if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
         return (
             f"the broker at {address} refused our key: our public key is not in its allow-list. "

@@ -245,6 +245,7 @@ class Worker:
         poller = zmq.Poller()
         poller.register(control, zmq.POLLIN)
         poller.register(self._stop_r, zmq.POLLIN)
+        watch = security.HandshakeWatch(monitor, self.address) if monitor is not None else None
         if monitor is not None:
             poller.register(monitor, zmq.POLLIN)
         heartbeat_s = self.config.heartbeat_s
@@ -268,8 +269,8 @@ class Worker:
             deadlines = [s.deadline for s in self.slots_ if s.deadline is not None]
             wait_s = max(0.0, min([next_beat, *deadlines]) - time.monotonic())
             events = dict(poller.poll(int(wait_s * 1000)))
-            if monitor is not None and monitor in events:
-                text = security.failure_text(monitor, self.address)
+            if watch is not None and watch.monitor in events:
+                text = watch.check()
                 if text is not None:
                     log.error("%s: %s", self.where, text)
                     self._exit(security.EXIT_REFUSED)  # a supervisor does not restart a refused worker

@@ -367,6 +367,36 @@ def test_sighup_reloads_the_allow_list(procs: Procs, keys: KeySet, tmp_path: Pat
     assert broker.poll() is None
 
 
+def test_a_driver_whose_key_is_revoked_while_connected_fails_its_futures_with_authentication_error(
+    procs: Procs, keys: KeySet, tmp_path: Path
+) -> None:
+    allow = tmp_path / "allowed"
+    shutil.copytree(keys.admitted / "allowed", allow)
+    newcomer = client_dir(tmp_path / "newcomer", keys.admitted, keygen(tmp_path / "new-pair"))
+    shutil.copy(newcomer / "client.key", allow / "newcomer.key")
+    address = f"tcp://127.0.0.1:{free_port()}"
+    broker_args = ("--curve-secret-file", str(keys.admitted / "broker.key_secret"), "--curve-allow-dir", str(allow),
+                   "broker", "--bind", address)
+    broker = procs.distfork(*broker_args)
+    start_worker(procs, address, keys.admitted, "--no-nanny")
+    wait_ready(address, keys.admitted, workers=1)
+    connect(address, newcomer)
+    gate = tmp_path / "gate"
+    pending = distfork.fork(tasks.wait_for_path, str(gate))
+    try:
+        (allow / "newcomer.key").unlink()  # revoked, and the broker restarts: our reconnect is refused
+        broker.send_signal(signal.SIGKILL)
+        broker.wait(10)
+        procs.distfork(*broker_args)
+        with pytest.raises(distfork.AuthenticationError, match=REFUSED):
+            distfork.wait(pending, timeout=30)
+        with pytest.raises(distfork.AuthenticationError, match=REFUSED):
+            distfork.fork(tasks.add, 1, 1)
+    finally:
+        gate.touch()
+        distfork.shutdown()
+
+
 # -- encryption on the wire ----------------------------------------------------------------------
 
 CAPTURED_DRIVER = """
