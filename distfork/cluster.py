@@ -38,7 +38,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import zmq
@@ -79,6 +79,11 @@ class Supervisor:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        # The supervisor thread's: when each worker started, when each dead one is replaced.
+        self._started: dict[int, float] = {}
+        self._restart_at: dict[int, float] = {}
+        self._backoff_s = 0.0
+        self._report: Callable[[int, int], None] = lambda pid, code: None  # EXITED to the broker
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -112,6 +117,7 @@ class Supervisor:
                 self._wait_for_broker()  # a TCP port may be taken: know before starting workers
         with self._lock:
             self.workers = [self._spawn_worker() for _ in range(self.n_workers)]
+        self._started = {p.pid: time.monotonic() for p in self.workers}
         self._thread = threading.Thread(target=self._watch, name="distfork-supervisor", daemon=True)
         self._thread.start()
         return self
@@ -153,50 +159,60 @@ class Supervisor:
         security.secure_client(sock, security.client_keys(self.config))
         sock.connect(self.address)
         host = socket.gethostname()
-        started = {p.pid: time.monotonic() for p in self.workers}
-        backoff_s = 0.0
+
+        def report(pid: int, code: int) -> None:
+            try:
+                # NOBLOCK: a broker that refused our key dropped the connection for good; a blocking
+                # send would hang this thread, and the `distfork worker` nanny with it.
+                sock.send_multipart(protocol.encode_json(Msg.EXITED, {"host": host, "pid": pid, "code": code}),
+                                    zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+
+        self._report = report
         try:
             while not self._stopping.wait(_POLL_S):
-                if self.broker is not None and self.broker.poll() is not None:
-                    log.error(
-                        "the broker (pid %d) exited with code %s; restarting it",
-                        self.broker.pid,
-                        self.broker.returncode,
-                    )
-                    with self._lock:
-                        self.broker = self._spawn_broker()
-                for p in list(self.workers):
-                    code = p.poll()
-                    if code is None:
-                        continue
-                    try:
-                        # NOBLOCK: a broker that refused our key dropped the connection for good; a blocking
-                        # send would hang this thread, and the `distfork worker` nanny with it.
-                        exited = {"host": host, "pid": p.pid, "code": code}
-                        sock.send_multipart(protocol.encode_json(Msg.EXITED, exited), zmq.NOBLOCK)
-                    except zmq.Again:
-                        pass
-                    if code == security.EXIT_REFUSED:
-                        log.error("worker pid %d was refused by the broker (see its log); not restarting it", p.pid)
-                        with self._lock:
-                            self.workers.remove(p)
-                        continue
-                    log.warning("worker pid %d exited with %s; starting another", p.pid,
-                                f"code {code}" if code >= 0 else f"signal {-code}")
-                    # A worker that dies soon after it started (a broken install)
-                    # is restarted more and more slowly.
-                    lived_s = time.monotonic() - started.pop(p.pid, 0.0)
-                    backoff_s = min(_MAX_BACKOFF_S, backoff_s * 2 or _POLL_S) if lived_s < 2.0 else 0.0
-                    if self._stopping.wait(backoff_s):
-                        return
-                    with self._lock:
-                        new = self._spawn_worker()
-                        self.workers[self.workers.index(p)] = new
-                    started[new.pid] = time.monotonic()
-                    self.restarts += 1
+                self.check(time.monotonic())
         finally:
             sock.close(linger=0)
             ctx.term()
+
+    def check(self, now: float) -> None:
+        """One round of the supervisor thread: restart a dead broker; report dead workers at once,
+        and replace each when its back-off is over."""
+        if self.broker is not None and self.broker.poll() is not None:
+            log.error("the broker (pid %d) exited with code %s; restarting it", self.broker.pid, self.broker.returncode)
+            with self._lock:
+                self.broker = self._spawn_broker()
+        for p in list(self.workers):
+            if p.pid in self._restart_at:
+                continue  # reported already, waiting for its back-off
+            code = p.poll()
+            if code is None:
+                continue
+            self._report(p.pid, code)
+            if code == security.EXIT_REFUSED:
+                log.error("worker pid %d was refused by the broker (see its log); not restarting it", p.pid)
+                with self._lock:
+                    self.workers.remove(p)
+                continue
+            log.warning("worker pid %d exited with %s; starting another", p.pid,
+                        f"code {code}" if code >= 0 else f"signal {-code}")
+            # A worker that dies soon after it started (a broken install) is restarted more and
+            # more slowly; the others are still reported and replaced meanwhile.
+            lived_s = now - self._started.pop(p.pid, now)
+            self._backoff_s = min(_MAX_BACKOFF_S, self._backoff_s * 2 or _POLL_S) if lived_s < 2.0 else 0.0
+            self._restart_at[p.pid] = now + self._backoff_s
+        for p in list(self.workers):
+            at = self._restart_at.get(p.pid)
+            if at is None or now < at:
+                continue
+            del self._restart_at[p.pid]
+            with self._lock:
+                new = self._spawn_worker()
+                self.workers[self.workers.index(p)] = new
+            self._started[new.pid] = now
+            self.restarts += 1
 
     # -- stopping ---------------------------------------------------------------
 
