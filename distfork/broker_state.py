@@ -180,6 +180,9 @@ class BrokerState:
         self._recycles: dict[bytes, list[str]] = {}  # hold segments back to the worker that made them
         self._orphans: list[tuple[str, str | None]] = []  # hold segments (and domain) whose maker is gone
         self.hold_segments: dict[str, Hold] = {}
+        # Tasks still in a queue that were cancelled or reclaimed (dropped when a worker reaches them):
+        # the queue-depth gauge leaves them out.
+        self.stale_queued = 0
         self._now = now  # the latest time we were told, for bookkeeping between calls
         self._cluster_changed = False
 
@@ -293,6 +296,7 @@ class BrokerState:
                 self.queue = collections.deque(t for t in self.queue if t.state is TaskState.QUEUED)
                 for domain, q in list(self.pinned.items()):
                     self.pinned[domain] = collections.deque(t for t in q if t.state is TaskState.QUEUED)
+                self.stale_queued = 0
             self._results.pop(p.id, None)
             for hold in list(p.holds.values()):
                 # Tasks that took it were dropped, but may still run: never reuse the segment.
@@ -591,6 +595,8 @@ class BrokerState:
                     self._cancels.setdefault(w.id, []).append(task.key)
                     if running and w.control is not None:
                         self._aborts.setdefault(w.control, []).append(task.key)
+            elif task.state is TaskState.QUEUED:
+                self.stale_queued += 1
             task.state = TaskState.CANCELLED
             self._release_deps(task)
             for d in task.dependents or ():
@@ -617,6 +623,7 @@ class BrokerState:
                 task = q[0]
                 if task.state is not TaskState.QUEUED:
                     q.popleft()
+                    self.stale_queued -= 1
                     continue
                 if prefetch and (task.nested or task.suspect):
                     break
@@ -632,6 +639,7 @@ class BrokerState:
             if task is not None and task.state is TaskState.QUEUED and task.deps is None and not task.dependents:
                 del driver.tasks[task_id]
                 task.state = TaskState.CANCELLED  # dropped from its queue when reached
+                self.stale_queued += 1
                 granted.append(task_id)
         self.counters["tasks_reclaimed"] += len(granted)
         return granted

@@ -208,7 +208,7 @@ class _Collector:
         yield counter("messages_dropped", "Malformed or unexpected messages dropped.",
                       counters.get("messages_dropped", 0))
 
-        queued = len(state.queue) + sum(len(q) for q in list(state.pinned.values()))
+        queued = len(state.queue) + sum(len(q) for q in list(state.pinned.values())) - state.stale_queued
         yield GaugeMetricFamily("distfork_queue_depth", "Tasks waiting for a worker.", value=queued)
         drivers = [p for p in list(state.peers.values()) if p.role == "driver"]
         yield GaugeMetricFamily("distfork_values_held", "Results kept for the tasks that take them as arguments.",

@@ -656,3 +656,16 @@ def test_tasks_with_dependencies_or_dependents_are_never_reclaimed() -> None:
     submit_dependent(state, d, 2, 1)
     submit(state, d, 3)
     assert state.reclaim(d, [1, 2, 3]) == [3]
+
+
+def test_the_stale_count_follows_cancelled_and_reclaimed_tasks_left_in_the_queue() -> None:
+    state = make_state()
+    d = driver(state)
+    submit(state, d, 1, 2, 3, 4)
+    state.cancel(d, [1])
+    assert state.reclaim(d, [2]) == [2]
+    queued = len(state.queue) - state.stale_queued
+    assert state.stale_queued == 2 and queued == 2 == state.status(0.0)["queued"]
+    worker(state, W1, slots=2)
+    assert [t.task_id for t in state.dispatch()[W1]] == [3, 4]  # the stale ones were skipped ...
+    assert state.stale_queued == 0 and not state.queue  # ... and no longer counted
