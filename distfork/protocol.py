@@ -97,8 +97,12 @@ class Msg(enum.IntEnum):
     RELEASE = 20  # D -> B: I dropped the futures of these held results unfetched (ids, as CANCEL)
 
 
-class Flag(enum.IntFlag):
-    """Bits of a task entry's ``flags``."""
+class Flag:
+    """Bits of a task entry's ``flags``.
+
+    Plain ints, not an ``enum.IntFlag``: every task and result tests a few of
+    them, and an ``IntFlag`` operation costs about a microsecond.
+    """
 
     PINNED = 1  # SUBMIT: the payload names a shared-memory segment of the driver's domain
     RESULT_SHM = 2  # TASKS: the driver shares the worker's /dev/shm; return large buffers there
