@@ -37,6 +37,7 @@ log = logging.getLogger("distfork")
 
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
+        force=True,  # a process forked by the fork server sets it up again, with its own pid
         level=level.upper(),
         format=f"%(asctime)s %(levelname)s distfork[{os.getpid()}] %(name)s: %(message)s",
         stream=sys.stderr,
@@ -186,6 +187,18 @@ def worker(address: str, slots: int | None, processes: int, name: str | None, na
     w = Worker(address, cfg, slots=slots or cfg.slots, name=name, parent_pid=parent_pid)
     w.install_signal_handlers()
     w.serve_forever()
+
+
+@cli.command("fork-server", hidden=True)
+@click.option("--report-fd", type=int, required=True, help="Where to report the pids and exits of children.")
+@click.option("--parent-pid", type=int, required=True, help="Stop when this process is gone.")
+def fork_server(report_fd: int, parent_pid: int) -> None:
+    """Fork `distfork ...` processes on request, from one interpreter (the embedded cluster's)."""
+    from . import broker as _broker  # noqa: F401 - imported once here, not in every child
+    from . import forkserver
+    from . import worker as _worker  # noqa: F401
+
+    forkserver.serve(report_fd, parent_pid, lambda argv: cli.main(args=argv, prog_name="distfork"))
 
 
 def _run_until_signal(sup: Any, banner: str | None = None) -> None:

@@ -4,6 +4,8 @@
 
     this process ──Popen──▶ python -m distfork broker --bind ADDRESS --parent-pid PID
       │          ──Popen──▶ python -m distfork worker --connect ADDRESS --no-nanny --parent-pid PID  (× N)
+      │     (the embedded cluster and `distfork up`: the same command lines, forked by one
+      │      pre-imported fork server instead, see forkserver.py)
       └─ thread "distfork-supervisor": every 0.1 s, poll the children;
             a worker that ended (crash, SIGKILL, OOM, or it ended itself to stop
             a cancelled or timed-out task) ─▶ EXITED(host, pid, code) to the broker
@@ -11,8 +13,9 @@
             then a new worker takes its place; a broker that died is restarted
             on the same address (drivers and workers re-register by themselves)
 
-The children are started through the same command line users type, so the
-embedded cluster exercises the real entry points. They watch their parent
+The children run the same command lines users type, so the embedded
+cluster exercises the real entry points; a fork server that died is
+replaced, and with it the broker and workers it had forked. They watch their parent
 and stop when it is gone, even if it was SIGKILLed. :meth:`Supervisor.stop`
 sends SIGTERM (workers first, so their goodbyes reach the broker), waits
 ``stop_timeout_s``, then SIGKILLs what is left; it only ever signals the
@@ -45,6 +48,7 @@ import zmq
 
 from . import protocol, security, shm
 from .config import Config
+from .forkserver import ForkedProcess, ForkServer
 from .protocol import Msg
 
 __all__ = ["LocalCluster", "Supervisor"]
@@ -55,6 +59,8 @@ _POLL_S = 0.1
 _MAX_BACKOFF_S = 5.0
 
 _SupervisorT = TypeVar("_SupervisorT", bound="Supervisor")
+#: A process we started: a subprocess, or a child of our fork server.
+Process = subprocess.Popen[bytes] | ForkedProcess
 
 
 class Supervisor:
@@ -67,14 +73,18 @@ class Supervisor:
         workers: int,
         slots: int | None = None,
         broker_args: list[str] | None = None,
+        fork_server: bool = False,
     ) -> None:
         self.config = config
         self.address = address
         self.n_workers = workers
         self.slots = slots or config.slots
         self.broker_args = broker_args  # None: no broker of ours
-        self.broker: subprocess.Popen[bytes] | None = None
-        self.workers: list[subprocess.Popen[bytes]] = []
+        self.broker: Process | None = None
+        self.workers: list[Process] = []
+        # Fork the processes from one pre-imported interpreter (see forkserver.py) instead of starting each.
+        self.fork_server = fork_server
+        self._server: ForkServer | None = None
         self.restarts = 0
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -99,14 +109,28 @@ class Supervisor:
             env[f"DISTFORK_{f.name.upper()}"] = str(getattr(self.config, f.name))
         return env
 
-    def _spawn(self, *args: str) -> subprocess.Popen[bytes]:
-        cmd = [sys.executable, "-m", "distfork", *args, "--parent-pid", str(os.getpid())]
-        return subprocess.Popen(cmd, env=self._env(), stdin=subprocess.DEVNULL)
+    def _spawn(self, *args: str) -> Process:
+        if not self.fork_server:
+            cmd = [sys.executable, "-m", "distfork", *args, "--parent-pid", str(os.getpid())]
+            return subprocess.Popen(cmd, env=self._env(), stdin=subprocess.DEVNULL)
+        for attempt in range(2):
+            if self._server is None or not self._server.alive:
+                if self._server is not None:
+                    log.error("the fork server (pid %d) is gone; starting another", self._server.pid)
+                    self._server.close()
+                self._server = ForkServer(self._env(), self.config.connect_timeout_s)
+            server = self._server
+            try:
+                return server.spawn([*args, "--parent-pid", str(server.pid)])
+            except RuntimeError:
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
 
-    def _spawn_worker(self) -> subprocess.Popen[bytes]:
+    def _spawn_worker(self) -> Process:
         return self._spawn("worker", "--connect", self.address, "--slots", str(self.slots), "--no-nanny")
 
-    def _spawn_broker(self) -> subprocess.Popen[bytes]:
+    def _spawn_broker(self) -> Process:
         assert self.broker_args is not None
         return self._spawn("broker", "--bind", self.address, *self.broker_args)
 
@@ -142,6 +166,12 @@ class Supervisor:
     def refused(self) -> bool:
         """Every worker was refused by the broker (wrong keys): nothing left to supervise."""
         return self.n_workers > 0 and not self.workers and self._thread is not None
+
+    @property
+    def server_pid(self) -> int | None:
+        """The fork server's pid (it started the broker and the workers), if there is one."""
+        server = self._server
+        return server.pid if server is not None else None
 
     @property
     def pids(self) -> list[int]:
@@ -236,6 +266,9 @@ class Supervisor:
         with self._lock:
             self.workers = []
             self.broker = None
+        if self._server is not None:
+            self._server.close()
+            self._server = None
 
 
 class LocalCluster(Supervisor):
@@ -251,7 +284,8 @@ class LocalCluster(Supervisor):
             address = f"ipc://{self._tmpdir}/broker"
         self.session = secrets.token_hex(4)
         n = workers or config.local_workers or os.cpu_count() or 1
-        super().__init__(config, address, n, slots, broker_args=["--session", self.session, *broker_args])
+        super().__init__(config, address, n, slots, broker_args=["--session", self.session, *broker_args],
+                         fork_server=True)
 
     def stop(self) -> None:
         super().stop()

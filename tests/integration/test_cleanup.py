@@ -59,7 +59,8 @@ def test_shutdown_stops_the_cluster_started_by_the_first_fork() -> None:
     before = {c.pid for c in me.children(recursive=True)}
     assert distfork.wait(distfork.fork(tasks.add, 1, 1), timeout=30) == 2  # nothing configured: starts one
     started = [c for c in me.children(recursive=True) if c.pid not in before]
-    assert len(started) == 1 + (os.cpu_count() or 1)  # a broker and one worker per core
+    # The fork server, and forked by it a broker and one worker per core.
+    assert len(started) == 2 + (os.cpu_count() or 1)
     distfork.shutdown()
     assert all_gone(started)
 
@@ -106,7 +107,7 @@ DRIVER = """
     assert (distfork.wait(distfork.fork(tasks.add, big, 1), timeout=30) == big + 1).all()
     busy = distfork.fork(tasks.wait_for_path_holding, sys.argv[2], big, 60)  # still running when we go
     cluster = distfork.api._runtime.cluster
-    info = {"pids": cluster.pids, "address": cluster.address, "session": cluster.session}
+    info = {"pids": [*cluster.pids, cluster.server_pid], "address": cluster.address, "session": cluster.session}
     print(json.dumps(info), flush=True)
     sys.stdin.readline()
     how = sys.argv[1]

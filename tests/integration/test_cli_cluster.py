@@ -132,7 +132,7 @@ def test_up_prints_its_address_serves_a_driver_and_stops_on_sigterm(tmp_path: Pa
     try:
         assert LineReader(up.stdout).next(30) == address
         children = psutil.Process(up.pid).children(recursive=True)
-        assert len(children) == 3  # a broker and two workers
+        assert len(children) == 4  # the fork server, and forked by it a broker and two workers
         status = wait_until(lambda: s if len((s := query_status(address))["workers"]) == 2 else None,
                             20, what="2 workers to register")
         worker_pids = {w["pid"] for w in status["workers"]}

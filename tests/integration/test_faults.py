@@ -33,7 +33,7 @@ from conftest import CliCluster, free_port, wait_until
 from distfork.status import query_status
 from distfork.worker import ABORT_EXIT_CODE
 
-from .support import LineReader, embedded_cluster, embedded_ready, is_gone, start_script, write_script
+from .support import LineReader, all_gone, embedded_cluster, embedded_ready, is_gone, start_script, write_script
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -277,6 +277,29 @@ def test_embedded_worker_sigkilled_mid_task_the_task_is_retried_elsewhere(
     assert status["counters"]["tasks_retried"] == 1
     wait_until(lambda: len(query_status(embedded_cluster().address)["workers"]) == 2, 20,
                what="a replacement worker")
+
+
+def test_the_fork_server_sigkilled_mid_task_the_cluster_comes_back_and_the_task_completes(
+    fresh_cluster: list[int], tmp_path: Path
+) -> None:
+    """The embedded cluster's processes are forked by one server: if it dies, they stop (they watch
+    it), the supervisor starts another server, a broker and workers, and the driver re-submits."""
+    cluster = embedded_cluster()
+    server = psutil.Process(cluster.server_pid)
+    old = [psutil.Process(pid) for pid in cluster.pids]
+    assert {p.pid for p in old} <= {c.pid for c in server.children()}
+    assert sorted(p.name() for p in old) == ["distfork-broker", "distfork-worker", "distfork-worker"]
+    started, gate = tmp_path / "started", tmp_path / "gate"
+    fut = distfork.fork(tasks.announce_and_wait, str(started), str(gate))
+    first = started_pid(started)
+    server.kill()  # SIGKILL, a process of the cluster this test started
+    wait_until(lambda: all_gone(old), 20, what="the old broker and workers to stop")
+    second = started_pid(started, other_than=first, timeout_s=30)
+    assert second not in {p.pid for p in old}
+    assert cluster.server_pid not in (None, server.pid)
+    gate.touch()
+    assert distfork.wait(fut, timeout=T) == second
+    assert distfork.wait(distfork.fork(tasks.add, 1, 1), timeout=T) == 2
 
 
 def test_nanny_worker_sigkilled_mid_task_is_replaced_and_the_task_retried(cli_cluster: CliCluster,
