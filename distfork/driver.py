@@ -398,6 +398,7 @@ class Driver:
         # The in-flight window bounds what we queue; the HWM must not drop it.
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
+        security.reconnect_quickly(sock)
         monitor = security.watch_handshake(sock) if security.secure_client(sock, self._keys) else None
         watch = security.HandshakeWatch(monitor, self.address) if monitor is not None else None
         sock.connect(self.address)

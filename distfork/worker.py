@@ -193,6 +193,7 @@ class Worker:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)  # results: bounded by what the broker handed us
         sock.setsockopt(zmq.RCVHWM, self.config.hwm)
+        security.reconnect_quickly(sock)
         security.secure_client(sock, self._keys)
         if connect:
             sock.connect(self.address)
