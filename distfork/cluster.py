@@ -284,8 +284,9 @@ class LocalCluster(Supervisor):
             address = f"ipc://{self._tmpdir}/broker"
         self.session = secrets.token_hex(4)
         n = workers or config.local_workers or os.cpu_count() or 1
+        # Linux only: elsewhere (macOS frameworks, no fork on Windows) forking without exec is not safe.
         super().__init__(config, address, n, slots, broker_args=["--session", self.session, *broker_args],
-                         fork_server=True)
+                         fork_server=sys.platform == "linux")
 
     def stop(self) -> None:
         super().stop()
