@@ -601,7 +601,7 @@ class Driver:
         except InvalidStateError:  # cancelled meanwhile
             self._drop_held(e.id)
             return
-        weakref.finalize(fut, self._drop_held, e.id)
+        weakref.finalize(fut, self._drop_held, e.id).atexit = False  # at exit, closing frees everything
 
     def _fetched(self, e: Entry) -> None:
         """A held value we asked for (or a held task run again after a broker restart) arrived."""
