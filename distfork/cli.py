@@ -180,7 +180,7 @@ def worker(address: str, slots: int | None, processes: int, name: str | None, na
     if nanny:
         from .cluster import Supervisor
 
-        _run_until_signal(Supervisor(cfg, address, processes, slots))
+        _run_until_signal(Supervisor(cfg, address, processes, slots, fork_server=sys.platform == "linux"))
         return
     from .worker import Worker
 

@@ -4,8 +4,8 @@
 
     this process ──Popen──▶ python -m distfork broker --bind ADDRESS --parent-pid PID
       │          ──Popen──▶ python -m distfork worker --connect ADDRESS --no-nanny --parent-pid PID  (× N)
-      │     (the embedded cluster and `distfork up`: the same command lines, forked by one
-      │      pre-imported fork server instead, see forkserver.py)
+      │     (on Linux: the same command lines, forked by one pre-imported fork server
+      │      instead, see forkserver.py)
       └─ thread "distfork-supervisor": every 0.1 s, poll the children;
             a worker that ended (crash, SIGKILL, OOM, or it ended itself to stop
             a cancelled or timed-out task) ─▶ EXITED(host, pid, code) to the broker

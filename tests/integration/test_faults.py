@@ -304,8 +304,8 @@ def test_the_fork_server_sigkilled_mid_task_the_cluster_comes_back_and_the_task_
 
 def test_nanny_worker_sigkilled_mid_task_is_replaced_and_the_task_retried(cli_cluster: CliCluster,
                                                                           tmp_path: Path) -> None:
-    # A third worker process, under the nanny of `distfork worker`; the two bare workers are stopped first
-    # so that the task can only run on the nanny's children.
+    # A third worker process, under the nanny of `distfork worker` (its fork server forks them); the two
+    # bare workers are stopped first so that the task can only run on the nanny's children.
     for p in cli_cluster.workers:
         p.send_signal(signal.SIGTERM)
     for p in cli_cluster.workers:
@@ -314,9 +314,12 @@ def test_nanny_worker_sigkilled_mid_task_is_replaced_and_the_task_retried(cli_cl
                               "--processes", "2"], env=cli_cluster.env)
     cli_cluster.workers.append(nanny)  # the fixture stops it (and the nanny its children)
 
+    def descendants() -> set[int]:
+        return {c.pid for c in psutil.Process(nanny.pid).children(recursive=True)}
+
     def nanny_workers() -> set[int] | None:
         pids = {w["pid"] for w in query_status(cli_cluster.address)["workers"]}
-        return pids if len(pids) == 2 and pids <= {c.pid for c in psutil.Process(nanny.pid).children()} else None
+        return pids if len(pids) == 2 and pids <= descendants() else None
 
     children = wait_until(nanny_workers, 20, what="the nanny's two workers to replace the bare ones")
 
@@ -335,7 +338,7 @@ def test_nanny_worker_sigkilled_mid_task_is_replaced_and_the_task_retried(cli_cl
         return pids if len(pids) == 2 and first not in pids and pids - children else None
 
     pids = wait_until(replaced, 20, what="the nanny to start a replacement that registers")
-    assert pids <= {c.pid for c in psutil.Process(nanny.pid).children()}
+    assert pids <= descendants()
     assert query_status(cli_cluster.address)["counters"]["tasks_retried"] == 1
 
 
