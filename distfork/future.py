@@ -40,11 +40,14 @@ class _CallbackRunner:
         return threading.current_thread() in self.io_threads
 
     def submit(self, fn: Callable[[], None]) -> None:
-        with self._lock:
-            if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="distfork-callbacks")
-            pool = self._pool
-        pool.submit(fn)
+        try:
+            with self._lock:
+                if self._pool is None:
+                    self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="distfork-callbacks")
+                pool = self._pool
+            pool.submit(fn)
+        except RuntimeError:  # the interpreter is shutting down: no new threads; run it here
+            fn()
 
 
 callback_runner = _CallbackRunner()

@@ -109,17 +109,19 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
             if not obj.done() or obj.cancelled() or obj.exception() is not None:
                 raise FutureArgument(obj)
             return _value, (obj.result(),)
-        torch = sys.modules.get("torch")
-        if torch is not None and type(obj) is torch.Tensor:
+        # getattr: another thread (the driver's I/O thread unpickling a first array) may be
+        # importing the module right now; until it has the class, no instance exists.
+        tensor = getattr(sys.modules.get("torch"), "Tensor", None)
+        if tensor is not None and type(obj) is tensor:
             reduced = _reduce_tensor(obj)
             if reduced is not NotImplemented:
                 return reduced
         np = sys.modules.get("numpy")
-        if np is not None and type(obj) is np.ndarray and not (obj.flags.c_contiguous or obj.flags.f_contiguous) \
+        if type(obj) is getattr(np, "ndarray", None) and not (obj.flags.c_contiguous or obj.flags.f_contiguous) \
                 and not obj.dtype.hasobject:
             # numpy pickles a strided view in band (a copy into the stream, byte
             # order lost); the same one copy, made contiguous, goes out of band.
-            return np.ascontiguousarray(obj).__reduce_ex__(PROTOCOL)
+            return obj.copy(order="C").__reduce_ex__(PROTOCOL)
         return super().reducer_override(obj)
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 import threading
+import types
 from typing import Any
 
 import numpy as np
@@ -190,3 +192,15 @@ def test_large_bytes_and_bytearrays_leave_the_pickle_stream_and_keep_their_type(
 
 def test_small_bytes_stay_in_band() -> None:
     assert len(serialize.dumps((b"x" * 100, bytearray(100)), 65536)) == 1
+
+
+@pytest.mark.parametrize("module", ["numpy", "torch"])
+def test_pickling_while_another_thread_is_still_importing_numpy_or_torch(
+    module: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The driver's I/O thread imports numpy when it unpickles a first array; meanwhile a user thread
+    pickles a call and finds the module in sys.modules without its classes yet."""
+    monkeypatch.setitem(sys.modules, module, types.ModuleType(module))  # partially initialized
+    frames = serialize.dumps_call(max, ([3, 1, 2],), {}, 1 << 16)
+    func, args, kwargs = serialize.loads(frames)
+    assert func(*args, **kwargs) == 3
