@@ -442,7 +442,10 @@ class BrokerState:
         if segment is not None:
             self.hold_segments[segment] = hold
         self.counters["results_held"] += 1
-        for d in waiting:
+        # Ready dependents go to the front of their queue, in order: a value is taken (and its
+        # hold freed) soon, instead of after every task queued meanwhile. A burst of
+        # fork(g, fork(f, x)) then holds a few values at a time, not one per pipeline.
+        for d in reversed(waiting):
             assert d.deps is not None
             n = sum(1 for dep in d.deps if dep is producer)
             d.deps = [hold if dep is producer else dep for dep in d.deps]
@@ -451,7 +454,7 @@ class BrokerState:
             d.missing -= n
             if d.missing <= 0:
                 d.state = TaskState.QUEUED
-                self._queue_of(d).append(d)
+                self._queue_of(d).appendleft(d)
         if not producer.fetch:
             # The driver fetches it if its user asks; it learns the segment's name, to unlink it
             # if we restart and lose the hold.

@@ -669,3 +669,32 @@ def test_the_stale_count_follows_cancelled_and_reclaimed_tasks_left_in_the_queue
     worker(state, W1, slots=2)
     assert [t.task_id for t in state.dispatch()[W1]] == [3, 4]  # the stale ones were skipped ...
     assert state.stale_queued == 0 and not state.queue  # ... and no longer counted
+
+
+def test_a_dependent_that_becomes_ready_runs_before_tasks_queued_earlier() -> None:
+    """A burst of fork(g, fork(f, x)): each g runs right after its f, so few values are held at once."""
+    state = make_state()
+    d, w = driver(state), worker(state, W1)
+    for i in range(3):
+        submit(state, d, 10 + i)
+        submit_dependent(state, d, 20 + i, 10 + i)
+    order = []
+    held_at_most = 0
+    while d.tasks:
+        (task,) = state.dispatch()[W1]
+        order.append(task.task_id)
+        state.results(w, [done(task)])
+        held_at_most = max(held_at_most, sum(1 for h in d.holds.values() if h.refs))
+    assert order == [10, 20, 11, 21, 12, 22]
+    assert held_at_most == 1
+
+
+def test_ready_dependents_of_one_value_keep_their_order() -> None:
+    state = make_state()
+    d, w = driver(state), worker(state, W1)
+    submit(state, d, 1)
+    for i in (2, 3, 4):
+        submit_dependent(state, d, i, 1)
+    (producer,) = state.dispatch()[W1]
+    state.results(w, [done(producer)])
+    assert [t.task_id for t in state.queue] == [2, 3, 4]
