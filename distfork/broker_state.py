@@ -177,6 +177,9 @@ class BrokerState:
         self._cancels: dict[bytes, list[int]] = {}
         self._discards: dict[bytes, list[Entry]] = {}
         self._aborts: dict[bytes, list[int]] = {}
+        # Running tasks to stop on a worker whose control socket we do not know yet (no KEEPALIVE
+        # from it since it registered): sent with its first one.
+        self._unsent_aborts: dict[bytes, list[int]] = {}
         self._recycles: dict[bytes, list[str]] = {}  # hold segments back to the worker that made them
         self._orphans: list[tuple[str, str | None]] = []  # hold segments (and domain) whose maker is gone
         self.hold_segments: dict[str, Hold] = {}
@@ -240,6 +243,9 @@ class BrokerState:
                     w.last_seen = now
                     w.control = control
                     w.rss_bytes = rss_bytes
+                    unsent = self._unsent_aborts.pop(w.id, None)
+                    if unsent:
+                        self._aborts.setdefault(control, []).extend(unsent)
             return
         timed_out = {int(k) for k in body.get("timed_out") or ()}
         interrupted = bool(timed_out or body.get("cancelled"))
@@ -280,6 +286,7 @@ class BrokerState:
         del self.peers[p.id]
         if p.role == "worker":
             del self.workers[p.id]
+            self._unsent_aborts.pop(p.id, None)
             self._cluster_changed = True
             self._requeue_from_lost_worker(p, reason, blame)
         else:
@@ -598,6 +605,8 @@ class BrokerState:
                     self._cancels.setdefault(w.id, []).append(task.key)
                     if running and w.control is not None:
                         self._aborts.setdefault(w.control, []).append(task.key)
+                    elif running:
+                        self._unsent_aborts.setdefault(w.id, []).append(task.key)
             elif task.state is TaskState.QUEUED:
                 self.stale_queued += 1
             task.state = TaskState.CANCELLED

@@ -698,3 +698,19 @@ def test_ready_dependents_of_one_value_keep_their_order() -> None:
     (producer,) = state.dispatch()[W1]
     state.results(w, [done(producer)])
     assert [t.task_id for t in state.queue] == [2, 3, 4]
+
+
+def test_a_running_task_cancelled_before_its_worker_vouched_for_it_is_stopped_with_the_first_keepalive() -> None:
+    """A worker's control socket first reaches us with a KEEPALIVE; one sent before its slots said
+    hello names nobody. A cancel in that gap must not be forgotten."""
+    state = make_state()
+    d, w = driver(state), worker(state, W1)
+    submit(state, d, 1)
+    (task,) = state.dispatch()[W1]
+    state.cancel(d, [1])
+    assert state.take_aborts() == {}  # no control socket known yet
+    state.keepalive(b"C-one", {"peers": [W1.hex()]}, 0.5)
+    assert state.take_aborts() == {b"C-one": [task.key]}
+    state.keepalive(b"C-one", {"peers": [W1.hex()]}, 1.0)
+    assert state.take_aborts() == {}  # once
+    assert w.control == b"C-one"
