@@ -15,7 +15,6 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import InvalidStateError
 from typing import Any, TypeVar
 
 from . import config as _config
@@ -23,7 +22,7 @@ from . import protocol, serialize
 from .cluster import LocalCluster
 from .driver import Call, Driver, complete
 from .errors import DistforkError
-from .future import Future
+from .future import Future, settle
 from .worker import run_task
 
 __all__ = ["Options", "fork", "init", "options", "shutdown", "wait"]
@@ -193,12 +192,12 @@ def _fork_after(
             return
         failure = dep.exception()
         if failure is not None:
-            _set(outer, exception=failure)
+            settle(outer, exception=failure)
             return
         try:
             inner = _fork(func, args, kwargs, max_retries, timeout_s)
         except BaseException as exc:  # noqa: BLE001 - it belongs to the future
-            _set(outer, exception=exc)
+            settle(outer, exception=exc)
             return
         inner_box.append(inner)
 
@@ -212,22 +211,13 @@ def _fork_after(
         if inner.cancelled():
             outer.cancel()
         elif inner.exception() is not None:
-            _set(outer, exception=inner.exception())
+            settle(outer, exception=inner.exception())
         else:
-            _set(outer, result=inner.result())
+            settle(outer, result=inner.result())
 
     dep.add_done_callback(start)
     return outer
 
-
-def _set(fut: Future[Any], result: Any = None, exception: BaseException | None = None) -> None:
-    try:
-        if exception is not None:
-            fut.set_exception(exception)
-        else:
-            fut.set_result(result)
-    except InvalidStateError:
-        pass  # cancelled meanwhile
 
 
 def fork(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:

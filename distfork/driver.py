@@ -57,7 +57,7 @@ from .errors import (
     SerializationError,
     WorkerLostError,
 )
-from .future import REMOTE, Future, callback_runner
+from .future import REMOTE, Future, callback_runner, collect_all, settle
 from .protocol import Entry, Flag, Msg, Status
 
 __all__ = ["Driver", "complete"]
@@ -595,7 +595,6 @@ class Driver:
         self._release(None, nbytes)  # the segment stays: the broker may lose the value, and we run it again
         value_segment = bytes(e.frames[0]).decode(errors="replace") if e.frames else None
         self._held[e.id] = _Held(weakref.ref(fut), entry, segment, value_segment)
-        fut._fetcher = self._fetch
         try:
             fut.set_result(REMOTE)
         except InvalidStateError:  # cancelled meanwhile
@@ -660,20 +659,9 @@ class Driver:
             except InvalidStateError:
                 pass  # cancelled meanwhile
             except BaseException as exc:  # noqa: BLE001 - it belongs to the future
-                _set_exception(fut, exc)
+                settle(fut, exception=exc)
 
-        remaining = [len(call.deps)]
-        lock = threading.Lock()
-
-        def one_done(_: Any) -> None:
-            with lock:
-                remaining[0] -= 1
-                last = remaining[0] == 0
-            if last:
-                callback_runner.submit(again)
-
-        for d in call.deps:
-            d.add_done_callback(one_done)
+        collect_all(call.deps).add_done_callback(lambda _: callback_runner.submit(again))
 
     def _fail_all(self, exc: BaseException) -> None:
         self._end_fetches(exc)
@@ -739,10 +727,3 @@ def _failure(code: int, frames: Sequence[Any]) -> BaseException:
     if code == Status.TIMED_OUT:
         return TimeoutError(text)
     return DistforkError(text or f"the task failed with status {code}")
-
-
-def _set_exception(fut: Future[Any], exc: BaseException) -> None:
-    try:
-        fut.set_exception(exc)
-    except InvalidStateError:
-        pass

@@ -83,11 +83,10 @@ class Future(concurrent.futures.Future, Generic[T]):  # type: ignore[type-arg]
         # Inside a worker: before blocking, take the task back from the queue
         # and run it here, so a task waiting for its children never deadlocks.
         self._reclaimer = reclaimer
-        #: The driver's id of the task, and the driver (None: not a task's future).
+        #: The driver's id of the task, and the driver (None: not a task's future). A value the
+        #: broker holds (result REMOTE) is fetched through ``driver._fetch``.
         self.task_id = 0
         self.driver: Any = None
-        # A value held in the cluster (result REMOTE): fetcher(self, timeout) brings it here.
-        self._fetcher: Callable[[Future[Any], float | None], Any] | None = None
 
     def _reclaim(self, local: bool = True) -> None:
         """Inside a worker: if the task has not started, run it in this thread.
@@ -114,9 +113,9 @@ class Future(concurrent.futures.Future, Generic[T]):  # type: ignore[type-arg]
             if isinstance(exc, TimeoutError):  # Python >= 3.11: the same class
                 raise
             raise TimeoutError(f"the task did not finish within {timeout} s; it goes on") from None
-        if value is REMOTE and self._fetcher is not None:
+        if value is REMOTE:
             # Other tasks took this value as an argument, so the broker kept it; it comes here now.
-            return self._fetcher(self, timeout)  # type: ignore[no-any-return]
+            return self.driver._fetch(self, timeout)  # type: ignore[no-any-return]
         return value  # type: ignore[no-any-return]
 
     @property
@@ -187,31 +186,35 @@ class Future(concurrent.futures.Future, Generic[T]):  # type: ignore[type-arg]
         not on the loop (``asyncio.wrap_future`` would call ``result()`` there, and block it)."""
         import asyncio
 
-        proxy: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()  # set once we are, never read
 
-        def relay(done: concurrent.futures.Future[Any]) -> None:
-            try:
-                if done.cancelled():
-                    proxy.cancel()
-                elif self.held:
-                    proxy.set_result(REMOTE)
-                elif done.exception() is not None:
-                    proxy.set_exception(done.exception())
-                else:
-                    proxy.set_result(done.result())
-            except concurrent.futures.InvalidStateError:
-                pass  # the await was cancelled first
+        def relay(_: concurrent.futures.Future[Any]) -> None:
+            if self.cancelled():
+                done.cancel()
+            else:
+                settle(done)
 
-        def cancel_back(p: concurrent.futures.Future[Any]) -> None:
-            if p.cancelled():
+        def cancel_back(d: concurrent.futures.Future[None]) -> None:
+            if d.cancelled():
                 self.cancel()  # the await was cancelled: so is the task, as with asyncio.wrap_future
 
-        proxy.add_done_callback(cancel_back)
+        done.add_done_callback(cancel_back)
         self.add_done_callback(relay)
-        value = await asyncio.wrap_future(proxy)
-        if value is REMOTE:
-            value = await asyncio.get_running_loop().run_in_executor(None, self.result)
-        return value  # type: ignore[no-any-return]
+        await asyncio.wrap_future(done)
+        if self.held:
+            return await asyncio.get_running_loop().run_in_executor(None, self.result)
+        return self.result()
+
+
+def settle(fut: concurrent.futures.Future[Any], result: Any = None, exception: BaseException | None = None) -> None:
+    """Complete ``fut`` unless it was cancelled (or completed) meanwhile."""
+    try:
+        if exception is not None:
+            fut.set_exception(exception)
+        else:
+            fut.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass
 
 
 def collect_all(futures: Iterable[Future[Any]]) -> Future[list[Future[Any]]]:
