@@ -251,16 +251,8 @@ class Broker:
             names = by_pid.pop(w.info.get("pid"), None)  # type: ignore[arg-type]
             if names and w.domain is not None and w.domain == driver.domain:
                 self._send(w.id, protocol.encode_json(Msg.RECYCLE, {"names": names}))
-        orphans = [name for names in by_pid.values() for name in names]  # their maker is gone: nobody reuses them
-        if not orphans or driver.domain is None:
-            return
-        if driver.domain == shm.domain():
-            for name in orphans:
-                shm.unlink(name)
-            return
-        other = next((w for w in self.state.workers.values() if w.domain == driver.domain), None)
-        if other is not None:  # a worker that sees them unlinks them
-            self._send(other.id, protocol.encode_json(Msg.RECYCLE, {"names": orphans}))
+        # Their maker is gone: nobody reuses them.
+        self.state.orphaned([name for names in by_pid.values() for name in names], driver.domain)
 
     def _exited(self, info: dict[str, Any], now: float) -> None:
         self.state.exited(str(info["host"]), int(info["pid"]), int(info["code"]), now)

@@ -33,7 +33,6 @@ import collections
 import dataclasses
 import enum
 import itertools
-import json
 import logging
 import random
 import signal
@@ -43,6 +42,7 @@ from typing import Any
 from .config import Config
 from .errors import ProtocolError
 from .protocol import DEFAULT_RETRIES, Entry, Flag, Frame, Status, decode_deps, encode_dep_counts
+from .shm import segment_of
 
 __all__ = ["BrokerState", "Hold", "PeerInfo", "Task", "TaskState"]
 
@@ -417,11 +417,12 @@ class BrokerState:
         for dep in deps:
             if isinstance(dep, Hold):
                 self._take(task, dep)
-            else:
-                task.missing += 1
-                if dep.dependents is None:
-                    dep.dependents = []
-                dep.dependents.append(task)
+        for producer in {id(dep): dep for dep in deps if isinstance(dep, Task)}.values():
+            assert isinstance(producer, Task)
+            task.missing += 1  # once per producer, however often the arguments name it
+            if producer.dependents is None:
+                producer.dependents = []
+            producer.dependents.append(task)
         return True
 
     def _take(self, task: Task, hold: Hold) -> None:
@@ -443,7 +444,7 @@ class BrokerState:
             for d in waiting:
                 self._finish(d, status, extra, frames)  # unrun, with the dependency's own outcome
             return frames, flags
-        segment = _segment_of(frames)
+        segment = segment_of(frames)
         hold = Hold(producer.task_id, driver.id, frames, producer.worker, segment, producer.domain)
         driver.holds[producer.task_id] = hold
         if segment is not None:
@@ -454,12 +455,12 @@ class BrokerState:
         # fork(g, fork(f, x)) then holds a few values at a time, not one per pipeline.
         for d in reversed(waiting):
             assert d.deps is not None
-            n = sum(1 for dep in d.deps if dep is producer)
             d.deps = [hold if dep is producer else dep for dep in d.deps]
-            for _ in range(n):
-                self._take(d, hold)
-            d.missing -= n
-            if d.missing <= 0:
+            for dep in d.deps:
+                if dep is hold:
+                    self._take(d, hold)
+            d.missing -= 1
+            if d.missing == 0:
                 d.state = TaskState.QUEUED
                 self._queue_of(d).appendleft(d)
         if not producer.fetch:
@@ -490,15 +491,23 @@ class BrokerState:
         if hold.segment is None or self.hold_segments.pop(hold.segment, None) is None:
             return
         maker = self.workers.get(hold.worker) if hold.worker is not None else None
-        if maker is not None and not hold.retained:
-            self._recycles.setdefault(maker.id, []).append(hold.segment)  # a warm spare for its next result
-            return
-        if maker is None:  # any worker of that /dev/shm can unlink it
-            maker = next((w for w in self.workers.values() if w.domain == hold.domain and hold.domain), None)
-        if maker is not None:
-            self._discards.setdefault(maker.id, []).append(Entry(0, Status.OK, 0.0, hold.frames))
+        if maker is None:
+            self.orphaned([hold.segment], hold.domain)
+        elif hold.retained:
+            self._discards.setdefault(maker.id, []).append(Entry(0, Status.OK, 0.0, hold.frames))  # unlinked
         else:
-            self._orphans.append((hold.segment, hold.domain))
+            self._recycles.setdefault(maker.id, []).append(hold.segment)  # a warm spare for its next result
+
+    def orphaned(self, names: Sequence[str], domain: str | None) -> None:
+        """Segments of ``domain`` whose maker is gone: a worker that sees them unlinks them
+        (RECYCLE of names not its own), else the broker if it shares that /dev/shm."""
+        if not names:
+            return
+        other = next((w for w in self.workers.values() if domain is not None and w.domain == domain), None)
+        if other is not None:
+            self._recycles.setdefault(other.id, []).extend(names)
+        else:
+            self._orphans.extend((name, domain) for name in names)
 
     def fetch(self, driver: PeerInfo, ids: Sequence[int]) -> None:
         """The driver wants these values: held ones are sent now, running ones when they finish."""
@@ -586,10 +595,7 @@ class BrokerState:
         if out is None:
             out = self._results[driver.id] = []
         out.append(entry)
-        if len(entry.frames) > 1:
-            driver.result_bytes += sum(map(len, entry.frames))
-        elif entry.frames:
-            driver.result_bytes += len(entry.frames[0])
+        driver.result_bytes += sum(map(len, entry.frames))
 
     def cancel(self, driver: PeerInfo, ids: Sequence[int]) -> None:
         """Cancel tasks: queued ones are dropped, assigned ones are recalled."""
@@ -611,10 +617,7 @@ class BrokerState:
                 self.stale_queued += 1
             task.state = TaskState.CANCELLED
             self._release_deps(task)
-            for d in task.dependents or ():
-                if d.state is TaskState.WAITING:
-                    self._finish(d, Status.CANCELLED, 0.0, [])
-            task.dependents = None
+            self._resolve(driver, task, Status.CANCELLED, 0.0, [], 0)  # its waiting dependents: cancelled too
             self.counters["tasks_cancelled"] += 1
 
     def prefetch(self, w: PeerInfo) -> int:
@@ -757,8 +760,8 @@ class BrokerState:
         return discards
 
     def take_recycles(self) -> tuple[dict[bytes, list[str]], list[tuple[str, str | None]]]:
-        """Freed hold segments: per worker that made them (to reuse), and (name, domain) of
-        those whose maker and domain have no worker left (the broker unlinks them if it can)."""
+        """Segments to send back: per worker (its own to reuse, or orphans to unlink), and
+        (name, domain) of orphans no worker sees (the broker unlinks them if it can)."""
         recycles, orphans = self._recycles, self._orphans
         self._recycles, self._orphans = {}, []
         return recycles, orphans
@@ -819,17 +822,6 @@ class BrokerState:
             "drivers": drivers,
             "counters": dict(self.counters),
         }
-
-
-def _segment_of(frames: Sequence[Frame]) -> str | None:
-    """The shared-memory segment a result payload names (see serialize.route), if any."""
-    if len(frames) != 2:
-        return None
-    try:
-        name = json.loads(bytes(frames[1])).get("shm")
-    except (ValueError, AttributeError, TypeError, RecursionError):
-        return None
-    return name if isinstance(name, str) else None
 
 
 def _heartbeat_of(p: PeerInfo) -> float:

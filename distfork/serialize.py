@@ -303,13 +303,8 @@ class Lease:
 
 def free(frames: Sequence[Any]) -> None:
     """Unlink the shared-memory segment of a payload nobody will unpack (a dropped result)."""
-    if len(frames) < 2:
-        return
-    try:
-        name = json.loads(bytes(frames[1])).get("shm")
-    except (ValueError, AttributeError, TypeError):
-        return
-    if isinstance(name, str) and shm.creator(name) is not None:
+    name = shm.segment_of(frames)
+    if name is not None and shm.creator(name) is not None:
         shm.unlink(name)
 
 

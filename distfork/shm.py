@@ -45,14 +45,19 @@ from __future__ import annotations
 
 import errno
 import itertools
+import json
 import logging
 import mmap
 import os
 import re
 import threading
+from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["SHM_DIR", "Segment", "SegmentPool", "ShmUnavailable", "attach", "creator", "domain", "sweep", "unlink"]
+__all__ = [
+    "SHM_DIR", "Segment", "SegmentPool", "ShmUnavailable", "attach", "creator", "domain", "segment_of", "sweep",
+    "unlink",
+]
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +150,17 @@ class Segment:
             self.mm.close()
         except BufferError:
             pass  # someone still holds a view; the mapping goes with it
+
+
+def segment_of(frames: Sequence[Any]) -> str | None:
+    """The segment a payload ``[stream, manifest]`` names (see serialize.route), or None."""
+    if len(frames) != 2:
+        return None
+    try:
+        name = json.loads(bytes(frames[1])).get("shm")
+    except (ValueError, AttributeError, TypeError, RecursionError):
+        return None
+    return name if isinstance(name, str) else None
 
 
 def creator(name: str) -> int | None:

@@ -714,3 +714,18 @@ def test_a_running_task_cancelled_before_its_worker_vouched_for_it_is_stopped_wi
     state.keepalive(b"C-one", {"peers": [W1.hex()]}, 1.0)
     assert state.take_aborts() == {}  # once
     assert w.control == b"C-one"
+
+
+def test_a_future_named_twice_makes_its_dependent_wait_once_and_take_the_value_twice() -> None:
+    state = make_state()
+    d, w = driver(state), worker(state, W1)
+    submit(state, d, 1)
+    submit_dependent(state, d, 2, 1, 1)
+    (producer,) = state.dispatch()[W1]
+    state.results(w, [done(producer, payload=b"v")])
+    assert [t.task_id for t in state.queue] == [2]  # queued once
+    (dependent,) = state.dispatch()[W1]
+    assert decode_dep_counts(dependent.wire()[0]) == ([[b"v"], [b"v"]], [b"call-2"])
+    assert d.holds[1].refs == 2
+    state.results(w, [done(dependent)])
+    assert d.holds[1].refs == 0
