@@ -570,7 +570,8 @@ class BrokerState:
 
     def _finish(self, task: Task, status: int, extra: float, frames: Sequence[Frame], flags: int = 0) -> None:
         task.state = TaskState.DONE
-        self._release_deps(task, flags)
+        if task.deps is not None:
+            self._release_deps(task, flags)
         driver = self.peers.get(task.driver)
         if driver is None or driver.tasks.pop(task.task_id, None) is None:
             if task.worker is not None:

@@ -113,19 +113,19 @@ class Supervisor:
         if not self.fork_server:
             cmd = [sys.executable, "-m", "distfork", *args, "--parent-pid", str(os.getpid())]
             return subprocess.Popen(cmd, env=self._env(), stdin=subprocess.DEVNULL)
-        for attempt in range(2):
-            if self._server is None or not self._server.alive:
-                if self._server is not None:
-                    log.error("the fork server (pid %d) is gone; starting another", self._server.pid)
-                    self._server.close()
-                self._server = ForkServer(self._env(), self.config.connect_timeout_s)
-            server = self._server
-            try:
-                return server.spawn([*args, "--parent-pid", str(server.pid)])
-            except RuntimeError:
-                if attempt:
-                    raise
-        raise AssertionError("unreachable")
+        try:
+            return self._fork(args)
+        except RuntimeError:  # the server died just now: one more try, with a new one
+            return self._fork(args)
+
+    def _fork(self, args: Sequence[str]) -> ForkedProcess:
+        """``distfork *args`` forked by our fork server, started (again) if there is none or it is gone."""
+        if self._server is None or not self._server.alive:
+            if self._server is not None:
+                log.error("the fork server (pid %d) is gone; starting another", self._server.pid)
+                self._server.close()
+            self._server = ForkServer(self._env(), self.config.connect_timeout_s)
+        return self._server.spawn([*args, "--parent-pid", str(self._server.pid)])
 
     def _spawn_worker(self) -> Process:
         return self._spawn("worker", "--connect", self.address, "--slots", str(self.slots), "--no-nanny")
