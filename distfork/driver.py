@@ -606,17 +606,7 @@ class Driver:
         """A held value we asked for (or a held task run again after a broker restart) arrived."""
         held = self._held.pop(e.id)
         self._free_segment(held.segment)
-        value: Any = None
-        error: BaseException | None = None
-        if e.code == Status.OK:
-            try:
-                value = serialize.unpack(e.frames, private=False, on_free=self._recycle)
-            except Exception as err:  # noqa: BLE001
-                error = SerializationError(
-                    f"the task's result cannot be unpickled in the driver: {type(err).__name__}: {err}"
-                )
-        else:
-            error = _failure(e.code, e.frames)
+        value, error = _outcome(e.code, e.frames, self._recycle)
         fut = held.future()
         with self._fetch_lock:
             if fut is not None:
@@ -692,22 +682,22 @@ def complete(
     if code == Status.CANCELLED:  # a future among its arguments was cancelled
         fut.cancel()
         return
+    value, error = _outcome(code, frames, on_free)
+    settle(fut, value, error)  # unless a user thread cancelled it just now
+
+
+def _outcome(
+    code: int, frames: Sequence[Any], on_free: Callable[[str], None] | None
+) -> tuple[Any, BaseException | None]:
+    """A result entry's value, or the exception to raise instead."""
+    if code != Status.OK:
+        return None, _failure(code, frames)
     try:
-        if code == Status.OK:
-            try:
-                value = serialize.unpack(frames, private=False, on_free=on_free)
-            except Exception as err:  # noqa: BLE001
-                fut.set_exception(
-                    SerializationError(
-                        f"the task's result cannot be unpickled in the driver: {type(err).__name__}: {err}"
-                    )
-                )
-            else:
-                fut.set_result(value)
-        else:
-            fut.set_exception(_failure(code, frames))
-    except InvalidStateError:
-        pass  # cancelled by a user thread just now
+        return serialize.unpack(frames, private=False, on_free=on_free), None
+    except Exception as err:  # noqa: BLE001
+        return None, SerializationError(
+            f"the task's result cannot be unpickled in the driver: {type(err).__name__}: {err}"
+        )
 
 
 def _failure(code: int, frames: Sequence[Any]) -> BaseException:
