@@ -278,7 +278,7 @@ class Broker:
         self.state.orphaned([name for names in by_pid.values() for name in names], driver.domain)
 
     def _exited(self, info: dict[str, Any], now: float) -> None:
-        self.state.exited(str(info["host"]), int(info["pid"]), int(info["code"]), now)
+        self.state.exited(str(info["host"]), int(info["pid"]), int(info["code"]), now, oom=info.get("oom") is True)
 
     @staticmethod
     def _call(method: Any, *args: Any) -> None:

@@ -143,6 +143,18 @@ class Worker:
         # Task keys the broker withdrew: a slot skips them, the control thread
         # ends the process if one is running.
         self.cancelled: set[int] = set()
+        # Our supervisor's (cluster.Supervisor): we say there once that we finished a task.
+        self._progress_dir = os.environ.get("DISTFORK_PROGRESS_DIR") if parent_pid is not None else None
+
+    def finished_a_task(self) -> None:
+        """Tell our supervisor (once) that we work: our death is then not taken for a crash loop."""
+        path, self._progress_dir = self._progress_dir, None
+        if path:
+            try:
+                with open(os.path.join(path, str(os.getpid())), "x"):
+                    pass
+            except OSError:
+                pass
 
     def take_back(self, names: list[str]) -> None:
         """Result segments the driver no longer maps: warm spares for our next results
@@ -451,6 +463,7 @@ class _Slot:
                         shm.hand_over(name)
             self.sock.send_multipart(protocol.encode_batch(Msg.RESULTS, self.done), copy=False)
             self.done = []
+            self.worker.finished_a_task()
 
     def _before_call(self, func: Any) -> None:
         """About to call ``func``: results still held for batching go first, unless it is known to be quick.

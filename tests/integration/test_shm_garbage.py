@@ -7,7 +7,6 @@ polls /dev/shm with a deadline until no segment they made is left.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
