@@ -57,13 +57,15 @@ import logging
 import mmap
 import os
 import re
+import signal
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 __all__ = [
     "SHM_DIR", "Segment", "SegmentPool", "ShmUnavailable", "attach", "creator", "domain", "hand_over", "parse",
-    "release_own", "segment_of", "sweep", "unlink",
+    "release_own", "segment_of", "sweep", "sweep_at_exit", "unlink",
 ]
 
 log = logging.getLogger(__name__)
@@ -368,6 +370,47 @@ def release_own() -> int:
             unlink(name)
             gone += 1
     return gone
+
+
+def sweep_at_exit(wait_s: float = 1.0) -> None:
+    """We are about to exit: unlink what we made and never handed over, sweep, and if a process
+    that owns a segment we made is dying right now (a fatal signal pending: a shutdown signalled
+    it and us together), give it up to ``wait_s`` to go, then sweep again. We may be the last
+    distfork process on this host."""
+    release_own()
+    sweep()
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and _owners_dying():
+        time.sleep(0.02)
+        sweep()
+
+
+def _owners_dying() -> bool:
+    pid, start = _me()
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return False
+    owners = {n.owner for name in names
+              if (n := parse(name)) is not None and n.owner and (n.pid, n.start) == (pid, start)}
+    return any(_dying(owner) for owner in owners)
+
+
+_FATAL_BY_DEFAULT = [signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGKILL, signal.SIGUSR1,
+                     signal.SIGUSR2, signal.SIGALRM, signal.SIGPIPE]
+
+
+def _dying(pid: int) -> bool:
+    """Whether ``pid`` has a signal pending that will end it (not caught, not ignored)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        pending = int(fields["SigPnd"], 16) | int(fields["ShdPnd"], 16)
+        handled = int(fields["SigCgt"], 16) | int(fields["SigIgn"], 16)
+    except (OSError, KeyError, ValueError):
+        return False
+    fatal = sum(1 << (sig - 1) for sig in _FATAL_BY_DEFAULT)
+    return bool(pending & fatal & ~handled) or bool(pending & (1 << (signal.SIGKILL - 1)))
 
 
 class SegmentPool:

@@ -358,8 +358,7 @@ class Worker:
         """Results written but never sent are ours alone: unlink them; and sweep garbage once more
         (of a driver that died with our results: we may be the last process of its cluster)."""
         if self.shm_domain is not None:
-            shm.release_own()
-            shm.sweep()
+            shm.sweep_at_exit()
 
 
 class _Slot:
