@@ -353,3 +353,11 @@ def raise_unimportable(directory: str, message: str) -> None:
     finally:
         sys.path.remove(directory)
     raise module.OnlyHereError(message)
+
+
+def announce_wait_and_make(started: str, gate: str, n: int, timeout_s: float = 60.0) -> Any:
+    """Write our pid to ``started``, block until ``gate`` exists, then return ``n`` float64 ones (a large result)."""
+    import numpy as np
+
+    announce_and_wait(started, gate, timeout_s)
+    return np.ones(n)
