@@ -216,3 +216,27 @@ def test_a_late_result_of_a_sigstopped_worker_is_freed_while_its_driver_lives(cl
     wait_until(lambda: not late_results(), 10, what=f"the late result to be freed: {late_results()}")
     del value
     distfork.shutdown()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="planting another user's segment needs root")
+def test_another_users_segments_named_after_our_session_are_left_alone_and_break_nothing() -> None:
+    """Issue 11: an empty /dev/shm/df-<session>-999999-0 of another user made sweeps raise and the
+    cluster loop. Ours run as root here, which could even remove it: they must not."""
+    distfork.init(workers=1, heartbeat_s=0.2)
+    session = distfork.api._runtime.cluster.session  # type: ignore[union-attr]
+    foreign = [f"df-{session}-999999-0", f"df-{session}-{_dead_pid()}-1-{os.urandom(8).hex()}"]
+    try:
+        for name in foreign:
+            fd = os.open(f"/dev/shm/{name}", os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+            os.fchown(fd, 65534, 65534)
+            os.close(fd)
+        for _ in range(3):  # sweeps run meanwhile (every second here), in the worker and the broker
+            assert distfork.wait(distfork.fork(tasks.ones, N, 0.5), timeout=30).sum() == N
+        distfork.shutdown()  # sweeps the whole session, dead or not
+        assert all(os.path.exists(f"/dev/shm/{n}") for n in foreign)
+    finally:
+        for name in foreign:
+            try:
+                os.unlink(f"/dev/shm/{name}")
+            except FileNotFoundError:
+                pass
