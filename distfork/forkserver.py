@@ -247,6 +247,22 @@ def _last_out(children: set[int], report: Callable[[str], None]) -> None:
             deadline = float("inf")
         time.sleep(_POLL_S / 5)
     shm.sweep()
+    _remove_progress_dir()
+
+
+def _remove_progress_dir() -> None:
+    """The progress directory of the supervisor that started us (cluster.PROGRESS_DIR_ENV): if it
+    died, nobody else removes it. Only the pid files our workers made, then the empty directory."""
+    path = os.environ.get("DISTFORK_PROGRESS_DIR", "")
+    if not os.path.basename(path).startswith("distfork-progress-"):
+        return
+    try:
+        for name in os.listdir(path):
+            if name.isdigit():
+                os.unlink(os.path.join(path, name))
+        os.rmdir(path)
+    except OSError:
+        pass  # removed by the supervisor meanwhile, or not ours to remove
 
 
 def _child(argv: list[str], report_fd: int, run: Callable[[list[str]], Any]) -> None:

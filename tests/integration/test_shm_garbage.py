@@ -45,7 +45,8 @@ EMBEDDED_DRIVER = """
         kept.append(f.result())
         if len(kept) == 2:
             break
-    print(json.dumps({"session": cluster.session, "pids": cluster.pids, "server": cluster.server_pid}), flush=True)
+    print(json.dumps({"session": cluster.session, "pids": cluster.pids, "server": cluster.server_pid,
+                      "progress": cluster._progress_dir}), flush=True)
     time.sleep(600)
 """
 
@@ -62,6 +63,7 @@ def test_embedded_driver_sigkilled_with_large_results_held_and_in_flight(tmp_pat
         wait_until(lambda: all_gone(procs), 30, what="the embedded cluster to stop")
         wait_until(lambda: not session_segments(info["session"]), 30,
                    what=f"the dead driver's segments to go: {session_segments(info['session'])}")
+        assert info["progress"] and not os.path.exists(info["progress"])  # its supervisor's directory too
     finally:
         if driver.poll() is None:
             driver.kill()
