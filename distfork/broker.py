@@ -116,6 +116,7 @@ class Broker:
         heartbeat_s = self.config.heartbeat_s
         next_tick = time.monotonic() + heartbeat_s
         log.info("broker serving at %s (session %s)", self.address, self.session)
+        shm.sweep()  # garbage any earlier cluster on this host left (its processes all died)
         try:
             while not self._stopping:
                 timeout_ms = max(0.0, next_tick - time.monotonic()) * 1000
@@ -143,7 +144,7 @@ class Broker:
         finally:
             for peer in list(self.state.peers):
                 self._send(peer, protocol.encode_signal(Msg.BYE))
-            shm.sweep(self.session, dead_only=True)
+            shm.sweep()
             self.sock.close(linger=0)
             if self.metrics_server is not None:
                 self.metrics_server.close()
@@ -230,6 +231,26 @@ class Broker:
             # Typically: we restarted and the peer does not know yet.
             self.state.counters["unknown_peer_messages"] += 1
             self._send(peer, protocol.encode_json(Msg.REJECT, {"reason": "unknown peer: say hello"}))
+            self._drop_unknown(peer, kind, frames, body)
+
+    def _drop_unknown(self, peer: bytes, kind: Msg, frames: list[Any], body: memoryview) -> None:
+        """A message we drop may name shared-memory segments: free them, or nobody ever will.
+
+        RESULTS of a worker we do not know (we restarted; it was expired while
+        SIGSTOPped): sent back as DISCARD, its maker unlinks them. RECYCLE of a
+        driver we do not know: nobody maps those any more; we unlink them if
+        they are in our /dev/shm (else the driver's exit makes them garbage).
+        """
+        if kind is Msg.RESULTS:
+            entries = protocol.decode_batch(frames, body)
+            gone = [e for e in entries if shm.segment_of(e.frames) is not None]
+            if gone:
+                self._send_batches(peer, Msg.DISCARD, gone)
+        elif kind is Msg.RECYCLE:
+            names = protocol.decode_json(body).get("names")
+            for name in names if isinstance(names, list) else ():
+                if isinstance(name, str) and shm.parse(name) is not None:
+                    shm.unlink(name)
 
     def _status(self, now: float) -> dict[str, Any]:
         snap = self.state.status(now)
@@ -248,14 +269,16 @@ class Broker:
             if pid is not None:
                 by_pid.setdefault(pid, []).append(str(name))
         for w in self.state.workers.values():
+            if w.domain is None or w.domain != driver.domain:
+                continue  # a pid of another /dev/shm (a container) is another process: it must not take them
             names = by_pid.pop(w.info.get("pid"), None)  # type: ignore[arg-type]
-            if names and w.domain is not None and w.domain == driver.domain:
+            if names:
                 self._send(w.id, protocol.encode_json(Msg.RECYCLE, {"names": names}))
         # Their maker is gone: nobody reuses them.
         self.state.orphaned([name for names in by_pid.values() for name in names], driver.domain)
 
     def _exited(self, info: dict[str, Any], now: float) -> None:
-        self.state.exited(str(info["host"]), int(info["pid"]), int(info["code"]), now)
+        self.state.exited(str(info["host"]), int(info["pid"]), int(info["code"]), now, oom=info.get("oom") is True)
 
     @staticmethod
     def _call(method: Any, *args: Any) -> None:
@@ -338,7 +361,7 @@ class Broker:
         self.state.expire(now)
         self._ticks += 1
         if self._ticks % 5 == 0:
-            shm.sweep(self.session, dead_only=True)  # segments of peers that died mid-transfer
+            shm.sweep()  # garbage of any session: segments of processes that died mid-transfer
         if self.parent_pid is not None and os.getppid() != self.parent_pid:
             log.warning("parent process %d is gone; stopping", self.parent_pid)
             self.stop()

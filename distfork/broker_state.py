@@ -264,11 +264,14 @@ class BrokerState:
             reason = "ended to stop a task" if interrupted else "said goodbye"
             self._forget(w, now, reason=reason, blame=not interrupted)
 
-    def exited(self, host: str, pid: int, code: int, now: float) -> None:
-        """A supervisor saw a worker process end: forget its slots at once, naming the exit."""
+    def exited(self, host: str, pid: int, code: int, now: float, oom: bool = False) -> None:
+        """A supervisor saw a worker process end: forget its slots at once, naming the exit.
+
+        ``oom``: the supervisor saw the kernel's OOM killer act (cgroup memory.events).
+        """
         reason = f"exited with code {code}" if code >= 0 else f"killed by signal {_signal_name(-code)}"
         for w in [w for w in self.workers.values() if w.info.get("host") == host and w.info.get("pid") == pid]:
-            self._forget(w, now, reason=f"its process {reason}")
+            self._forget(w, now, reason=f"its process {reason}{_sigkill_hint(code, oom, w.rss_bytes)}")
 
     def expire(self, now: float) -> list[PeerInfo]:
         """Forget peers silent for longer than the peer timeout; return them.
@@ -830,6 +833,16 @@ def _heartbeat_of(p: PeerInfo) -> float:
     if isinstance(value, (int, float)) and 0 < value < 3600:
         return float(value)
     return 0.0
+
+
+def _sigkill_hint(code: int, oom: bool, rss_bytes: int | None) -> str:
+    """What a SIGKILL probably means: the kernel's OOM killer sends it, nobody else usually does."""
+    if code != -signal.SIGKILL:
+        return ""
+    rss = f", its last RSS {rss_bytes / 2**20:.1f} MiB" if rss_bytes is not None else ""
+    if oom:
+        return f" by the kernel's OOM killer (out of memory{rss})"
+    return f", possibly out of memory{rss}"
 
 
 def _signal_name(signum: int) -> str:

@@ -51,12 +51,16 @@ from .config import Config
 from .forkserver import ForkedProcess, ForkServer
 from .protocol import Msg
 
-__all__ = ["LocalCluster", "Supervisor"]
+__all__ = ["LocalCluster", "Supervisor", "oom_kill_count"]
 
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.1
 _MAX_BACKOFF_S = 5.0
+_YOUNG_S = 2.0  # a worker that dies younger than this, on its own, may be crash-looping
+#: Set in a supervised worker's environment: the directory where it marks (a file named after its
+#: pid) that it finished a task, so that its death is not taken for a crash loop.
+PROGRESS_DIR_ENV = "DISTFORK_PROGRESS_DIR"
 
 _SupervisorT = TypeVar("_SupervisorT", bound="Supervisor")
 #: A process we started: a subprocess, or a child of our fork server.
@@ -92,7 +96,12 @@ class Supervisor:
         # The supervisor thread's: when each worker started, when each dead one is replaced.
         self._started: dict[int, float] = {}
         self._restart_at: dict[int, float] = {}
-        self._backoff_s = 0.0
+        # Per slot (a worker and its replacements; keyed by the slot's first pid): its back-off
+        # and how its last worker ended. pid -> slot of each live worker.
+        self._backoff_s: dict[int, float] = {}
+        self._last_exit: dict[int, int] = {}
+        self._slot: dict[int, int] = {}
+        self._progress_dir: str | None = None
         self._report: Callable[[int, int], None] = lambda pid, code: None  # EXITED to the broker
 
     def _env(self) -> dict[str, str]:
@@ -103,6 +112,9 @@ class Supervisor:
             paths.append(env["PYTHONPATH"])
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
         env.pop("DISTFORK_ADDRESS", None)
+        if self._progress_dir is None:
+            self._progress_dir = tempfile.mkdtemp(prefix="distfork-progress-")
+        env[PROGRESS_DIR_ENV] = self._progress_dir
         # The children run with our configuration, ``init(**overrides)`` included
         # (a worker's oob threshold decides how its results travel).
         for f in dataclasses.fields(self.config):
@@ -142,6 +154,7 @@ class Supervisor:
         with self._lock:
             self.workers = [self._spawn_worker() for _ in range(self.n_workers)]
         self._started = {p.pid: time.monotonic() for p in self.workers}
+        self._slot = {p.pid: p.pid for p in self.workers}
         self._thread = threading.Thread(target=self._watch, name="distfork-supervisor", daemon=True)
         self._thread.start()
         return self
@@ -190,12 +203,17 @@ class Supervisor:
         sock.connect(self.address)
         host = socket.gethostname()
 
+        oom_kills = [oom_kill_count()]
+
         def report(pid: int, code: int) -> None:
+            body: dict[str, Any] = {"host": host, "pid": pid, "code": code}
+            if code == -signal.SIGKILL:  # the OOM killer's signal: did it act since we last looked?
+                count, oom_kills[0] = oom_kills[0], oom_kill_count()
+                body["oom"] = count is not None and oom_kills[0] is not None and oom_kills[0] > count
             try:
                 # NOBLOCK: a broker that refused our key dropped the connection for good; a blocking
                 # send would hang this thread, and the `distfork worker` nanny with it.
-                sock.send_multipart(protocol.encode_json(Msg.EXITED, {"host": host, "pid": pid, "code": code}),
-                                    zmq.NOBLOCK)
+                sock.send_multipart(protocol.encode_json(Msg.EXITED, body), zmq.NOBLOCK)
             except zmq.Again:
                 pass
 
@@ -221,6 +239,7 @@ class Supervisor:
             if code is None:
                 continue
             self._report(p.pid, code)
+            slot = self._slot.pop(p.pid, p.pid)
             if code == security.EXIT_REFUSED:
                 log.error("worker pid %d was refused by the broker (see its log); not restarting it", p.pid)
                 with self._lock:
@@ -228,11 +247,17 @@ class Supervisor:
                 continue
             log.warning("worker pid %d exited with %s; starting another", p.pid,
                         f"code {code}" if code >= 0 else f"signal {-code}")
-            # A worker that dies soon after it started (a broken install) is restarted more and
-            # more slowly; the others are still reported and replaced meanwhile.
+            # A slot that crash-loops on its own (a broken install) is restarted more and more
+            # slowly; one killed while working (it finished tasks) is replaced at once, as is every
+            # other slot meanwhile.
             lived_s = now - self._started.pop(p.pid, now)
-            self._backoff_s = min(_MAX_BACKOFF_S, self._backoff_s * 2 or _POLL_S) if lived_s < 2.0 else 0.0
-            self._restart_at[p.pid] = now + self._backoff_s
+            backoff_s = self._backoff_s.get(slot, 0.0)
+            backoff_s = min(_MAX_BACKOFF_S, backoff_s * 2 or _POLL_S) if self._crash_loops(slot, p.pid, code, lived_s) \
+                else 0.0
+            self._backoff_s[slot] = backoff_s
+            self._last_exit[slot] = code
+            self._slot[p.pid] = slot  # until it is replaced
+            self._restart_at[p.pid] = now + backoff_s
         for p in list(self.workers):
             at = self._restart_at.get(p.pid)
             if at is None or now < at:
@@ -242,7 +267,32 @@ class Supervisor:
                 new = self._spawn_worker()
                 self.workers[self.workers.index(p)] = new
             self._started[new.pid] = now
+            self._slot[new.pid] = self._slot.pop(p.pid, p.pid)
             self.restarts += 1
+
+    def _crash_loops(self, slot: int, pid: int, code: int, lived_s: float) -> bool:
+        """Whether a worker that just ended is its slot crash-looping on its own: it died young and
+        either finished no task, or ended with the same error code as the slot's last worker.
+
+        A worker killed while working (by a signal, after finishing tasks) is not; nor one that
+        ended itself to stop a cancelled or timed-out task.
+        """
+        from .worker import ABORT_EXIT_CODE
+
+        if code == ABORT_EXIT_CODE or lived_s >= _YOUNG_S:
+            return False
+        same_error = code > 0 and self._last_exit.get(slot) == code
+        return same_error or not self._progressed(pid)
+
+    def _progressed(self, pid: int) -> bool:
+        """Whether worker ``pid`` finished a task (it marked so in our progress directory); forgets it."""
+        if self._progress_dir is None:
+            return False
+        try:
+            os.unlink(os.path.join(self._progress_dir, str(pid)))
+        except OSError:
+            return False
+        return True
 
     # -- stopping ---------------------------------------------------------------
 
@@ -269,6 +319,38 @@ class Supervisor:
         if self._server is not None:
             self._server.close()
             self._server = None
+        if self._progress_dir is not None:
+            shutil.rmtree(self._progress_dir, ignore_errors=True)
+            self._progress_dir = None
+
+
+def oom_kill_count(cgroup_root: str = "/sys/fs/cgroup") -> int | None:
+    """How many processes the kernel's OOM killer ended in our memory cgroup, or None if that is not
+    readable here: ``oom_kill`` of cgroup v2 ``memory.events``, or of v1 ``memory.oom_control``."""
+    paths = {"": ""}
+    try:
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                _, controllers, path = line.rstrip("\n").split(":", 2)
+                if controllers == "" or "memory" in controllers.split(","):
+                    paths[controllers] = path.lstrip("/")
+    except (OSError, ValueError):
+        return None
+    candidates = []
+    if "memory" in paths:  # v1; in a container, our own cgroup may be mounted as the root
+        candidates += [os.path.join(cgroup_root, "memory", paths["memory"], "memory.oom_control"),
+                       os.path.join(cgroup_root, "memory", "memory.oom_control")]
+    candidates += [os.path.join(cgroup_root, paths[""], "memory.events"), os.path.join(cgroup_root, "memory.events")]
+    for candidate in candidates:
+        try:
+            with open(candidate) as f:
+                for line in f:
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill":
+                        return int(value)
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 class LocalCluster(Supervisor):

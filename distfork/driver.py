@@ -221,6 +221,17 @@ class Driver:
             self._calls[task_id] = call
         entry = Entry(task_id, max_retries, timeout_s, frames, flags)
         self._inflight[task_id] = (fut, entry, segment, nbytes)
+        if self._closing:
+            # close() ran meanwhile (we may have waited for the window): it may have taken its
+            # snapshot of _inflight before we added ours. Whoever pops the entry frees it; the
+            # future is cancelled either way, so no future is left that never completes.
+            self._calls.pop(task_id, None)
+            item = self._inflight.pop(task_id, None)
+            fut.cancel()
+            if item is not None:
+                self._release(item[2], item[3])
+            raise DistforkError("this distfork driver was shut down while fork() waited; "
+                                "call distfork.init() to start again")
         self._outgoing.append(entry)
         self._wake()
         return fut
@@ -255,14 +266,19 @@ class Driver:
         self._wake(force=True)
         self._thread.join()
         callback_runner.io_threads.discard(self._thread)
+        # Cancel before the wake-up pipe closes: a cancel must never write to a closed fd (whose
+        # number may be reused by then). Popped one by one: a submit() racing us pops its own.
+        while self._inflight:
+            try:
+                _, (fut, _, segment, nbytes) = self._inflight.popitem()
+            except KeyError:
+                break
+            fut.cancel()
+            self._release(segment, nbytes)
+        self._calls.clear()
         os.close(self._wake_r)
         os.close(self._wake_w)
         self._ctx.term()
-        for fut, _, segment, nbytes in list(self._inflight.values()):
-            fut.cancel()
-            self._release(segment, nbytes)
-        self._inflight.clear()
-        self._calls.clear()
         for held in self._held.values():
             self._free_segment(held.segment)
         self._held.clear()
@@ -366,6 +382,8 @@ class Driver:
         self._wake()
 
     def _cancel(self, fut: Future[Any]) -> None:
+        if self._closing:
+            return  # the I/O thread is gone or going: its BYE makes the broker drop our tasks
         self._cancels.append(fut.task_id)
         self._wake()
 
@@ -552,6 +570,7 @@ class Driver:
             return
         if self._segments is None:
             self._segments = shm.SegmentPool(self._session, self.config.shm_spare_bytes)
+            shm.sweep()  # garbage of clusters that died on this host
         self._pool = self._segments
 
     def _resubmit_all(self) -> None:

@@ -9,7 +9,8 @@
      │    ├── BrokerUnavailableError   no broker answers at the address
      │    ├── AuthenticationError      the broker refused our key, or the handshake failed
      │    ├── ProtocolError            a message on the wire is malformed (dropped)
-     │    └── RemoteError              a task raised something that could not travel back
+     │    └── RemoteError              a task raised something that could not travel back, or whose
+     │                                 class the driver cannot import (type name, message, traceback kept)
      └── TimeoutError (builtin)        ``wait(fut, timeout)`` expired; the task goes on
 
 An exception raised by the user's function is re-raised by ``wait`` as its
@@ -76,12 +77,21 @@ class ProtocolError(DistforkError):
 
 
 class RemoteError(DistforkError):
-    """A task raised an exception that could not be sent back as itself.
+    """A task raised an exception that could not be sent back as itself, or rebuilt here.
 
-    The message holds the original type name, its text and the remote
-    traceback. Make the exception class importable in the driver and
-    picklable to get it back as its own type.
+    The message holds the original type name and its text; ``type_name`` is
+    that type's ``module.qualname``; ``__cause__`` is the remote traceback.
+    Make the exception class importable in the driver and picklable to get
+    it back as its own type.
     """
+
+    def __init__(self, message: str, type_name: str = "") -> None:
+        super().__init__(message)
+        #: ``module.qualname`` of the exception the task raised ("" if unknown).
+        self.type_name = type_name
+
+    def __reduce__(self) -> tuple[type[RemoteError], tuple[str, str]]:
+        return type(self), (str(self), self.type_name)
 
 
 class RemoteTraceback(Exception):

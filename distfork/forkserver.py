@@ -19,7 +19,10 @@ The server forks from a single thread that never made a ZeroMQ context, so
 each child starts clean. Children get ``--parent-pid`` of the server and
 stop when it is gone; the server leaves when the driver is gone or closes
 its stdin. It reaps its children and reports their exits, so they never
-linger as zombies.
+linger as zombies. Leaving, it stops the children still running (SIGTERM,
+then SIGKILL after 5 s), waits for them, and sweeps /dev/shm: it is the last
+process of its cluster, so the garbage of a driver that died (SIGKILL) is
+removed by it and not left for the next distfork process on the host.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -43,6 +47,7 @@ __all__ = ["ForkServer", "ForkedProcess", "serve"]
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.05
+_STOP_S = 5.0  # how long children the driver left running get to stop on SIGTERM before SIGKILL
 
 
 class ForkedProcess:
@@ -205,7 +210,59 @@ def serve(report_fd: int, parent_pid: int, run: Callable[[list[str]], Any]) -> N
             children.discard(pid)
             report(f"exit {pid} {os.waitstatus_to_exitcode(status)}\n")
         if os.getppid() != parent_pid:
-            break  # the driver is gone; our children see us go and stop too
+            break  # the driver is gone
+    _last_out(children, report)
+
+
+def _last_out(children: set[int], report: Callable[[str], None]) -> None:
+    """Stop the children still running (the driver died without stopping them), reap them, then
+    sweep: a segment a child left named after the dead driver has nobody else to remove it."""
+    from . import shm
+
+    for pid in children:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + _STOP_S
+    while children:
+        for pid in list(children):
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                children.discard(pid)
+                continue
+            if done:
+                children.discard(pid)
+                try:
+                    report(f"exit {pid} {os.waitstatus_to_exitcode(status)}\n")
+                except OSError:
+                    pass  # nobody reads any more
+        if children and time.monotonic() > deadline:
+            for pid in children:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            deadline = float("inf")
+        time.sleep(_POLL_S / 5)
+    shm.sweep()
+    _remove_progress_dir()
+
+
+def _remove_progress_dir() -> None:
+    """The progress directory of the supervisor that started us (cluster.PROGRESS_DIR_ENV): if it
+    died, nobody else removes it. Only the pid files our workers made, then the empty directory."""
+    path = os.environ.get("DISTFORK_PROGRESS_DIR", "")
+    if not os.path.basename(path).startswith("distfork-progress-"):
+        return
+    try:
+        for name in os.listdir(path):
+            if name.isdigit():
+                os.unlink(os.path.join(path, name))
+        os.rmdir(path)
+    except OSError:
+        pass  # removed by the supervisor meanwhile, or not ours to remove
 
 
 def _child(argv: list[str], report_fd: int, run: Callable[[list[str]], Any]) -> None:

@@ -431,19 +431,38 @@ def _find_unpicklable(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) 
 
 
 class _RemoteException:
-    """An exception with its remote traceback text, rebuilt with it as ``__cause__``."""
+    """An exception with its remote traceback text, rebuilt with it as ``__cause__``.
+
+    The exception is pickled on its own, inside: a driver that cannot import
+    its class (a module only the workers have) still gets its type name,
+    message and traceback, as a :class:`RemoteError`.
+    """
 
     def __init__(self, exc: BaseException, tb: str) -> None:
         self.exc = exc
         self.tb = tb
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        return _rebuild_remote_exception, (self.exc, self.tb)
+        kind = type(self.exc)
+        try:
+            message = str(self.exc)
+        except Exception:  # noqa: BLE001 - a broken __str__ must not lose the rest
+            message = "<its message could not be read>"
+        inner = cloudpickle.dumps(self.exc, protocol=pickle.HIGHEST_PROTOCOL)
+        return _rebuild_remote_exception, (inner, f"{kind.__module__}.{kind.__qualname__}", message, self.tb)
 
 
-def _rebuild_remote_exception(exc: BaseException, tb: str) -> BaseException:
-    from .errors import RemoteTraceback
+def _rebuild_remote_exception(inner: bytes, type_name: str, message: str, tb: str) -> BaseException:
+    from .errors import RemoteError, RemoteTraceback
 
+    exc: BaseException
+    try:
+        exc = pickle.loads(inner)
+    except Exception as err:  # noqa: BLE001 - typically its class cannot be imported here
+        exc = RemoteError(
+            f"the task raised {type_name}: {message} (that exception cannot be rebuilt in this process: "
+            f"{type(err).__name__}: {err}; the remote traceback is the cause)", type_name=type_name,
+        )
     exc.__cause__ = RemoteTraceback(tb)
     return exc
 
@@ -467,6 +486,7 @@ def dumps_exception(exc: BaseException, where: str, oob_threshold_bytes: int) ->
     except Exception:  # noqa: BLE001
         substitute = RemoteError(
             f"the task raised {type(exc).__module__}.{type(exc).__qualname__}: {exc}, "
-            "which could not be pickled to send it back; the remote traceback is the cause"
+            "which could not be pickled to send it back; the remote traceback is the cause",
+            type_name=f"{type(exc).__module__}.{type(exc).__qualname__}",
         )
         return route(dumps(_RemoteException(substitute, text), oob_threshold_bytes), None)[0]

@@ -11,19 +11,27 @@ Ownership (one owner unlinks each segment)::
     held    a result other tasks take as an argument stays in the broker
             (broker_state.Hold) until they and the driver are done with it,
             then goes back to its worker as above
-    orphans a segment whose creator died before handing it out (SIGKILL
-            mid-transfer), or whose owner died, is unlinked by whoever sweeps
-            next: the broker and every worker sweep their session's segments
-            of dead pids; the embedded cluster sweeps the whole session's at
-            its end.
+    garbage every segment has a live owner or is garbage: before it is handed
+            over, its owner is its creator; once handed over (renamed, just
+            before the message naming it is sent), the process it is for.
+            A segment whose owner is gone is unlinked by whoever sweeps
+            next, of ANY session: the broker and every worker at start,
+            every 5 heartbeats and at exit, and the fork server of the
+            embedded cluster once its children are gone (the last one out).
+            A sweep never touches a segment of another Unix user (it logs
+            and skips it) and never fails on one that vanished meanwhile.
 
-Names are ``df-<session>-<creator pid>-<n>``, and a result segment gets
-``-<owner pid>`` appended (the driver it is for) when it is handed out: the
-session prefix ties a segment to one cluster, the pids to the processes
-whose death makes it garbage. A result whose driver died before it arrived
-is swept too, although the worker that wrote it lives on; a result handed
-to a live driver is not swept when its worker dies (the driver, or the
-broker for it, still uses it).
+Names are ``df-<session>-<creator pid>-<creator start>-<random>``, and a
+result segment gets ``-<owner pid>-<owner start>`` appended (the driver it
+is for) when it is handed over. The start is the process's start time
+(clock ticks since boot, /proc/PID/stat): a pid reused by a later process
+does not keep garbage alive. The random part makes names unguessable, and a
+name that is taken (planted by someone) is retried with another. The
+session prefix ties a segment to one cluster, for the embedded cluster's
+final sweep. A result whose driver died before it arrived is swept,
+although the worker that wrote it lives on; a result handed to a live
+driver is not swept when its worker dies (the driver, or the broker for it,
+still uses it).
 
 We do not use ``multiprocessing.shared_memory``: on Python < 3.13 it
 registers every segment a process merely attaches to with the resource
@@ -44,27 +52,103 @@ under them.
 from __future__ import annotations
 
 import errno
-import itertools
 import json
 import logging
 import mmap
 import os
 import re
+import signal
 import threading
+import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = [
-    "SHM_DIR", "Segment", "SegmentPool", "ShmUnavailable", "attach", "creator", "domain", "segment_of", "sweep",
-    "unlink",
+    "SHM_DIR", "Segment", "SegmentPool", "ShmUnavailable", "attach", "creator", "domain", "hand_over", "parse",
+    "release_own", "segment_of", "sweep", "sweep_at_exit", "unlink",
 ]
 
 log = logging.getLogger(__name__)
 
 SHM_DIR = "/dev/shm"
 _PAGE = mmap.PAGESIZE
-_counter = itertools.count()
-_NAME = re.compile(r"^df-(?P<session>[0-9a-f]+)-(?P<pid>\d+)-\d+(?:-(?P<owner>\d+))?$")
+_NAME = re.compile(
+    r"^df-(?P<session>[0-9a-f]+)-(?P<pid>\d+)-(?P<start>\d+)-(?P<rand>[0-9a-f]{16})"
+    r"(?:-(?P<owner>\d+)-(?P<owner_start>\d+))?$"
+)
+_CREATE_TRIES = 8  # names taken (planted by someone else) before we give up
+_logged_foreign: set[str] = set()  # segments of other users we said we skip (said once each)
+
+
+class Name(NamedTuple):
+    """What a segment's name says: its session, who made it and who it is for (0: nobody yet)."""
+
+    session: str
+    pid: int
+    start: int
+    owner: int
+    owner_start: int
+
+    @property
+    def holder(self) -> tuple[int, int]:
+        """The process whose death makes the segment garbage: its owner, or before it has one, its creator."""
+        return (self.owner, self.owner_start) if self.owner else (self.pid, self.start)
+
+
+def parse(name: str) -> Name | None:
+    """The parts of a distfork segment name, or None if ``name`` is not one."""
+    m = _NAME.match(name)
+    if m is None:
+        return None
+    return Name(m["session"], int(m["pid"]), int(m["start"]), int(m["owner"] or 0), int(m["owner_start"] or 0))
+
+
+def _start_of(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot); None if it is gone (or a zombie); 0 if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None if os.path.isdir("/proc/self") else (0 if _pid_exists(pid) else None)
+    except OSError:
+        return 0
+    fields = stat.rsplit(b")", 1)[-1].split()
+    try:
+        if fields[0] in (b"Z", b"X", b"x"):
+            return None  # dead, not yet reaped
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return 0
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_mine: tuple[int, int] = (0, 0)
+
+
+def _me() -> tuple[int, int]:
+    """Our pid and start time (computed again in a forked child)."""
+    global _mine
+    pid = os.getpid()
+    if _mine[0] != pid:
+        _mine = (pid, _start_of(pid) or 0)
+    return _mine
+
+
+def _alive(pid: int, start: int) -> bool:
+    """Whether the process that is ``pid`` and started at ``start`` (0: any start) still runs."""
+    now = _start_of(pid)
+    if now is None:
+        return False
+    return start == 0 or now == 0 or now == start
 
 
 class ShmUnavailable(OSError):
@@ -89,19 +173,30 @@ def domain() -> str | None:
 class Segment:
     """A segment we created and own until we unlink it or hand it over."""
 
-    __slots__ = ("name", "size", "mm", "view")
+    # name: what receivers are told; file: its name in /dev/shm now (the two differ
+    # between adopt() and the hand-over, see hand_over()).
+    __slots__ = ("name", "file", "size", "mm", "view")
 
     def __init__(self, session: str, size: int, touch: bool = False, reopen: str | None = None) -> None:
         if reopen is not None:
             self._reopen(reopen)
             return
-        self.name = f"df-{session}-{os.getpid()}-{next(_counter)}"
+        pid, start = _me()
         self.size = size
-        path = os.path.join(SHM_DIR, self.name)
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-        except OSError as exc:
-            raise ShmUnavailable(exc.errno, f"cannot create {path}: {exc.strerror}") from None
+        for _ in range(_CREATE_TRIES):
+            self.name = f"df-{session}-{pid}-{start}-{_random_part()}"
+            self.file = self.name
+            path = os.path.join(SHM_DIR, self.name)
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+                break
+            except FileExistsError:
+                log.warning("shared-memory segment %s exists already (not made by us?): trying another name", path)
+            except OSError as exc:
+                raise ShmUnavailable(exc.errno, f"cannot create {path}: {exc.strerror}") from None
+        else:
+            raise ShmUnavailable(errno.EEXIST,
+                                 f"{_CREATE_TRIES} names in {SHM_DIR} were taken; is someone planting them?")
         try:
             # Allocate now: a full /dev/shm fails here with ENOSPC instead of
             # killing us with SIGBUS when a page is first written.
@@ -120,10 +215,10 @@ class Segment:
 
     def _reopen(self, name: str) -> None:
         """Take back a segment we created and handed out: strip its owner, map it again."""
-        m = _NAME.match(name)
-        if m is None or int(m["pid"]) != os.getpid():
+        n = parse(name)
+        if n is None or (n.pid, n.start) != _me():
             raise ValueError(f"{name} is not a segment of this process")
-        self.name = name.rsplit("-", 1)[0] if m["owner"] else name
+        self.name = self.file = _unowned(name) if n.owner else name
         if self.name != name:
             os.rename(os.path.join(SHM_DIR, name), os.path.join(SHM_DIR, self.name))
         fd = os.open(os.path.join(SHM_DIR, self.name), os.O_RDWR)
@@ -135,13 +230,15 @@ class Segment:
         self.view = memoryview(self.mm)
 
     def unlink(self) -> None:
-        unlink(self.name)
+        unlink(self.file)
 
     def adopt(self, owner: int) -> None:
-        """Name the process this segment is for: it is swept if that process dies."""
-        name = f"{self.name}-{owner}"
-        os.rename(os.path.join(SHM_DIR, self.name), os.path.join(SHM_DIR, name))
-        self.name = name
+        """Name the process this segment is for; the file takes that name at :func:`hand_over`.
+
+        Until then it stays ours (swept if we die): a result written but
+        never sent must not live as long as the driver it was meant for.
+        """
+        self.name = f"{self.file}-{owner}-{_start_of(owner) or 0}"
 
     def release(self) -> None:
         """Drop our mapping (the segment itself stays until unlinked)."""
@@ -165,8 +262,29 @@ def segment_of(frames: Sequence[Any]) -> str | None:
 
 def creator(name: str) -> int | None:
     """The pid of the process that created segment ``name``, or None if it is not one of ours."""
-    m = _NAME.match(name)
-    return int(m["pid"]) if m else None
+    n = parse(name)
+    return n.pid if n is not None else None
+
+
+def _unowned(name: str) -> str:
+    """The name a segment had before it was handed over (its owner's part stripped)."""
+    return "-".join(name.split("-")[:5])
+
+
+def _random_part() -> str:
+    return os.urandom(8).hex()
+
+
+def hand_over(name: str) -> None:
+    """Just before a message naming segment ``name`` (adopted, see :meth:`Segment.adopt`) is sent:
+    give the file that name, so that it lives as long as its new owner."""
+    n = parse(name)
+    if n is None or not n.owner:
+        return
+    try:
+        os.rename(os.path.join(SHM_DIR, _unowned(name)), os.path.join(SHM_DIR, name))
+    except OSError as exc:
+        log.debug("cannot hand over %s: %s", name, exc)
 
 
 def unlink(name: str) -> None:
@@ -178,6 +296,8 @@ def unlink(name: str) -> None:
         os.unlink(os.path.join(SHM_DIR, name))
     except FileNotFoundError:
         pass
+    except OSError as exc:  # another user's (sticky /dev/shm), a read-only one: not ours to remove
+        log.warning("cannot unlink shared-memory segment %s: %s", name, exc)
 
 
 def attach(name: str, size: int, private: bool) -> memoryview:
@@ -191,42 +311,106 @@ def attach(name: str, size: int, private: bool) -> memoryview:
     return memoryview(mm)
 
 
-def sweep(session: str, pid: int | None = None, dead_only: bool = True) -> int:
-    """Unlink this session's segments: of ``pid`` only (creator or owner), of dead ones only. Returns how many.
+def sweep(session: str | None = None, pid: int | None = None, dead_only: bool = True) -> int:
+    """Unlink garbage segments: of ``session`` only (None: of any session), of ``pid`` only (creator
+    or owner), and unless not ``dead_only``, only those whose holder is gone. Returns how many.
 
-    A segment is dead when its owner is, or, before it has one, its creator.
-    A result segment handed to a driver outlives the worker that wrote it:
-    the broker may hold it for tasks that take it as an argument.
+    A segment is garbage when its owner is gone, or, before it has one, its
+    creator ("gone" includes a pid now used by a process started later). A
+    result segment handed to a driver outlives the worker that wrote it: the
+    broker may hold it for tasks that take it as an argument. Segments of
+    another Unix user are skipped (and logged once); one that vanishes
+    meanwhile, or cannot be removed, is skipped: a sweep never raises.
     """
     try:
         names = os.listdir(SHM_DIR)
     except OSError:
         return 0
     gone = 0
+    uid = os.geteuid()
     for name in names:
-        m = _NAME.match(name)
-        if m is None or m["session"] != session:
+        n = parse(name)
+        if n is None or (session is not None and n.session != session):
             continue
-        pids = [int(m["pid"])] + ([int(m["owner"])] if m["owner"] else [])
-        if pid is not None and pid not in pids:
+        if pid is not None and pid not in (n.pid, n.owner):
             continue
-        if dead_only and _alive(pids[-1]):
+        if dead_only and _alive(*n.holder):
             continue
-        unlink(name)
+        try:
+            st = os.lstat(os.path.join(SHM_DIR, name))
+            if st.st_uid != uid:
+                if name not in _logged_foreign and len(_logged_foreign) < 10_000:
+                    _logged_foreign.add(name)
+                    log.warning("skipping shared-memory segment %s/%s: it belongs to uid %d, not to us (uid %d)",
+                                SHM_DIR, name, st.st_uid, uid)
+                continue
+            os.unlink(os.path.join(SHM_DIR, name))
+        except FileNotFoundError:
+            continue  # its owner (or another sweep) removed it meanwhile
+        except OSError as exc:
+            log.warning("cannot unlink shared-memory segment %s/%s: %s", SHM_DIR, name, exc)
+            continue
         gone += 1
     if gone:
-        log.info("swept %d shared-memory segments of session %s", gone, session)
+        log.info("swept %d shared-memory segments%s", gone, f" of session {session}" if session else "")
     return gone
 
 
-def _alive(pid: int) -> bool:
+def release_own() -> int:
+    """Unlink the segments this process made and never handed over (it is about to exit)."""
+    pid, start = _me()
+    gone = 0
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return 0
+    for name in names:
+        n = parse(name)
+        if n is not None and not n.owner and (n.pid, n.start) == (pid, start):
+            unlink(name)
+            gone += 1
+    return gone
+
+
+def sweep_at_exit(wait_s: float = 1.0) -> None:
+    """We are about to exit: unlink what we made and never handed over, sweep, and if a process
+    that owns a segment we made is dying right now (a fatal signal pending: a shutdown signalled
+    it and us together), give it up to ``wait_s`` to go, then sweep again. We may be the last
+    distfork process on this host."""
+    release_own()
+    sweep()
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and _owners_dying():
+        time.sleep(0.02)
+        sweep()
+
+
+def _owners_dying() -> bool:
+    pid, start = _me()
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
         return False
-    except PermissionError:
-        return True
-    return True
+    owners = {n.owner for name in names
+              if (n := parse(name)) is not None and n.owner and (n.pid, n.start) == (pid, start)}
+    return any(_dying(owner) for owner in owners)
+
+
+_FATAL_BY_DEFAULT = [signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGKILL, signal.SIGUSR1,
+                     signal.SIGUSR2, signal.SIGALRM, signal.SIGPIPE]
+
+
+def _dying(pid: int) -> bool:
+    """Whether ``pid`` has a signal pending that will end it (not caught, not ignored)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        pending = int(fields["SigPnd"], 16) | int(fields["ShdPnd"], 16)
+        handled = int(fields["SigCgt"], 16) | int(fields["SigIgn"], 16)
+    except (OSError, KeyError, ValueError):
+        return False
+    fatal = sum(1 << (sig - 1) for sig in _FATAL_BY_DEFAULT)
+    return bool(pending & fatal & ~handled) or bool(pending & (1 << (signal.SIGKILL - 1)))
 
 
 class SegmentPool:
@@ -261,7 +445,7 @@ class SegmentPool:
         if seg is None:
             seg = Segment(self.session, size)
         if owner:
-            seg.adopt(owner)
+            seg.adopt(owner)  # named after it at hand_over()
         return seg
 
     def _warm(self) -> None:

@@ -143,6 +143,18 @@ class Worker:
         # Task keys the broker withdrew: a slot skips them, the control thread
         # ends the process if one is running.
         self.cancelled: set[int] = set()
+        # Our supervisor's (cluster.Supervisor): we say there once that we finished a task.
+        self._progress_dir = os.environ.get("DISTFORK_PROGRESS_DIR") if parent_pid is not None else None
+
+    def finished_a_task(self) -> None:
+        """Tell our supervisor (once) that we work: our death is then not taken for a crash loop."""
+        path, self._progress_dir = self._progress_dir, None
+        if path:
+            try:
+                with open(os.path.join(path, str(os.getpid())), "x"):
+                    pass
+            except OSError:
+                pass
 
     def take_back(self, names: list[str]) -> None:
         """Result segments the driver no longer maps: warm spares for our next results
@@ -234,6 +246,7 @@ class Worker:
             self._ctx.term()
             if self.pool is not None:
                 self.pool.close()
+            self._sweep_at_exit()
             log.info("%s stopped", self.where)
 
     def _keepalive(self, **extra: Any) -> list[Any]:
@@ -265,9 +278,12 @@ class Worker:
                     log.warning("parent process %d is gone; stopping", self.parent_pid)
                     return
             if now >= next_sweep and self.session is not None:
-                shm.sweep(self.session, dead_only=True)  # segments of peers that died mid-transfer
+                shm.sweep()  # garbage of any session: segments of processes that died mid-transfer
                 next_sweep = now + 5 * heartbeat_s
-            deadlines = [s.deadline for s in self.slots_ if s.deadline is not None]
+            # (key, deadline) of each slot read as one tuple: a slot that finishes and starts its next
+            # task meanwhile must not have that one reported timed out.
+            running = [r for s in self.slots_ if (r := s.running) is not None]
+            deadlines = [d for _, d in running if d is not None]
             wait_s = max(0.0, min([next_beat, *deadlines]) - time.monotonic())
             events = dict(poller.poll(int(wait_s * 1000)))
             if watch is not None and watch.monitor in events:
@@ -278,9 +294,9 @@ class Worker:
             if control in events:
                 self._control_messages(control)
             now = time.monotonic()
-            late = [s for s in self.slots_ if s.deadline is not None and now >= s.deadline and s.current is not None]
+            late = [r[0] for s in self.slots_ if (r := s.running) is not None and r[1] is not None and now >= r[1]]
             if late:
-                self._abort(control, timed_out=[s.current for s in late if s.current is not None])
+                self._abort(control, timed_out=late)
 
     def _control_messages(self, control: zmq.Socket[Any]) -> None:
         while True:
@@ -293,9 +309,9 @@ class Worker:
                 if kind is Msg.CANCEL:
                     keys = set(protocol.decode_cancel(body))
                     self.remember_cancelled(keys)
-                    running = [s.current for s in self.slots_ if s.current in keys]
+                    running = [r[0] for s in self.slots_ if (r := s.running) is not None and r[0] in keys]
                     if running:
-                        self._abort(control, cancelled=[k for k in running if k is not None])
+                        self._abort(control, cancelled=running)
                 elif kind not in (Msg.HEARTBEAT, Msg.REJECT, Msg.BYE):
                     raise ProtocolError(f"unexpected {kind.name} on the control socket")
             except ProtocolError as exc:
@@ -334,8 +350,15 @@ class Worker:
         """Leave at once, although slot threads are inside tasks."""
         if self.pool is not None:
             self.pool.close()
+        self._sweep_at_exit()
         logging.shutdown()
         os._exit(code)
+
+    def _sweep_at_exit(self) -> None:
+        """Results written but never sent are ours alone: unlink them; and sweep garbage once more
+        (of a driver that died with our results: we may be the last process of its cluster)."""
+        if self.shm_domain is not None:
+            shm.sweep_at_exit()
 
 
 class _Slot:
@@ -346,8 +369,9 @@ class _Slot:
         self.index = index
         self.identity = identity
         self.local: collections.deque[Entry] = collections.deque()
-        self.current: int | None = None  # key of the task running now
-        self.deadline: float | None = None  # monotonic time its timeout_s ends
+        # (key, monotonic time its timeout_s ends or None) of the task running now: one tuple,
+        # replaced as a whole, so the control thread never pairs a key with another task's deadline.
+        self.running: tuple[int, float | None] | None = None
         self.done: list[Entry] = []  # results not sent yet (a burst of short tasks)
         self.first_done = 0.0
         self.sock: zmq.Socket[Any] | None = None
@@ -405,8 +429,7 @@ class _Slot:
                     continue
                 started = time.perf_counter()
                 pool = w.pool if e.flags & Flag.RESULT_SHM else None
-                self.deadline = time.monotonic() + e.extra if e.extra > 0 else None
-                self.current = e.id
+                self.running = (e.id, time.monotonic() + e.extra if e.extra > 0 else None)
                 self.sock = sock
                 frames: Sequence[Any] = e.frames
                 deps: Sequence[Sequence[Any]] = ()
@@ -417,7 +440,7 @@ class _Slot:
                 except ProtocolError as exc:
                     status, out, retained = Status.FAILED, [f"{w.where} got a malformed task: {exc}".encode()], False
                 finally:
-                    self.current = self.deadline = None
+                    self.running = None
                 finished = time.perf_counter()
                 self._learn(finished - started)
                 if not self.done:
@@ -432,8 +455,14 @@ class _Slot:
         if self.done:
             if self.sock is None:  # set before the first task runs, so before any result
                 raise RuntimeError("results to send but no task socket: _flush before _serve ran a task")
+            for e in self.done:
+                if len(e.frames) == 2:  # [stream, manifest]: its segment becomes the driver's now
+                    name = shm.segment_of(e.frames)
+                    if name is not None:
+                        shm.hand_over(name)
             self.sock.send_multipart(protocol.encode_batch(Msg.RESULTS, self.done), copy=False)
             self.done = []
+            self.worker.finished_a_task()
 
     def _before_call(self, func: Any) -> None:
         """About to call ``func``: results still held for batching go first, unless it is known to be quick.

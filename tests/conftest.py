@@ -39,21 +39,26 @@ def _shm_segments() -> set[str]:
         return set()
 
 
-_SEGMENT = re.compile(r"^df-(?P<session>[0-9a-f]+)-(?P<pid>\d+)-\d+(?:-(?P<owner>\d+))?$")
+_SEGMENT = re.compile(
+    r"^df-(?P<session>[0-9a-f]+)-(?P<pid>\d+)-\d+-[0-9a-f]{16}(?:-(?P<owner>\d+)-\d+)?$"
+)
+# Names of distfork versions before the random part (other test runs on this machine may use one).
+_LEGACY_SEGMENT = re.compile(r"^df-(?P<session>[0-9a-f]+)-(?P<pid>\d+)-\d+(?:-(?P<owner>\d+))?$")
 
 
 def _made_by(names: set[str], pids: set[int]) -> set[str]:
     """The segments among ``names`` created by, or handed to, one of ``pids``.
 
-    Names are df-<session>-<creator pid>-<n>, with -<owner pid> appended
-    while a result segment belongs to the driver it was sent to.
+    Names are df-<session>-<creator pid>-<creator start>-<random>, with
+    -<owner pid>-<owner start> appended while a result segment belongs to
+    the driver it was sent to (see distfork/shm.py).
 
     Other projects' sessions may run on this machine at the same time: a
     segment is ours only if one of our processes made it.
     """
     out = set()
     for name in names:
-        m = _SEGMENT.match(name)
+        m = _SEGMENT.match(name) or _LEGACY_SEGMENT.match(name)
         if m is None or int(m["pid"]) in pids or (m["owner"] and int(m["owner"]) in pids):
             out.add(name)
     return out

@@ -338,3 +338,26 @@ def add_or_fail(a: int, b: int) -> int:
     if (a + b) % 29 == 0:
         raise CustomError(f"{a} + {b} is a multiple of 29")
     return a + b
+
+
+def raise_unimportable(directory: str, message: str) -> None:
+    """Raise an exception whose class lives in a module only this worker can import (written here)."""
+    import importlib
+    import sys
+
+    with open(os.path.join(directory, "only_on_this_worker.py"), "w") as f:
+        f.write("class OnlyHereError(Exception):\n    pass\n")
+    sys.path.insert(0, directory)
+    try:
+        module = importlib.import_module("only_on_this_worker")
+    finally:
+        sys.path.remove(directory)
+    raise module.OnlyHereError(message)
+
+
+def announce_wait_and_make(started: str, gate: str, n: int, timeout_s: float = 60.0) -> Any:
+    """Write our pid to ``started``, block until ``gate`` exists, then return ``n`` float64 ones (a large result)."""
+    import numpy as np
+
+    announce_and_wait(started, gate, timeout_s)
+    return np.ones(n)

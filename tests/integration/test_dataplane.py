@@ -27,6 +27,7 @@ from hypothesis.extra import numpy as hnp
 import distfork
 import tasks
 from conftest import _alive, _shm_segments, wait_until
+from distfork import shm
 
 from .support import embedded_cluster, embedded_ready
 
@@ -35,6 +36,12 @@ pytestmark = pytest.mark.timeout(150)
 THRESHOLD = 1024  # bytes: buffers at least this large go out of band
 N_WORKERS = 2
 PROPERTY = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def named_for_us(path: str) -> bool:
+    """A segment handed over to this process (its name ends with our pid and start time)."""
+    n = shm.parse(os.path.basename(path))
+    return n is not None and n.owner == os.getpid()
 
 
 class Cluster:
@@ -164,7 +171,7 @@ def test_numpy_array_comes_back_as_sent(cluster: Cluster, a: np.ndarray) -> None
     assert back.flags.writeable
     if goes_out_of_band(a):
         # A worker's segment, named for this driver (swept if we die) until we drop the array.
-        assert got["backing"].endswith(f"-{os.getpid()}"), got["backing"]
+        assert named_for_us(got["backing"]), got["backing"]
         assert any(got["backing"].startswith(cluster.segment_of(pid)) for pid in cluster.worker_pids), got["backing"]
     if a.flags.c_contiguous or a.flags.f_contiguous:
         assert (back.flags.c_contiguous, back.flags.f_contiguous) == (a.flags.c_contiguous, a.flags.f_contiguous)
@@ -234,7 +241,7 @@ def test_torch_tensor_arrives_and_comes_back_as_sent(cluster: Cluster, t: Any) -
     back_desc = tasks.describe_data(back)
     same_data(back_desc, sent)
     if got["backing"] is not None and got["backing"].startswith("/dev/shm/"):
-        assert back_desc["backing"].endswith(f"-{os.getpid()}"), back_desc["backing"]  # a result segment, ours
+        assert named_for_us(back_desc["backing"]), back_desc["backing"]  # a result segment, ours
 
 
 def test_torch_bfloat16_result_made_in_the_worker(cluster: Cluster) -> None:
@@ -262,7 +269,7 @@ def test_a_worker_writing_to_its_argument_does_not_change_the_drivers_array(clus
 def test_a_returned_array_is_writable_and_its_segment_goes_back_when_dropped(cluster: Cluster) -> None:
     back = distfork.wait(distfork.fork(tasks.ones, 2_000_000), timeout=30)  # 16 MB made in a worker
     mapping = tasks.mapping_of(back.ctypes.data)
-    assert mapping is not None and mapping.endswith(f"-{os.getpid()}"), mapping  # named for us while we map it
+    assert mapping is not None and named_for_us(mapping), mapping  # named for us while we map it
     assert any(mapping.startswith(cluster.segment_of(pid)) for pid in cluster.worker_pids), mapping
     assert back.flags.writeable
     back[::1000] = 5.0  # the array is ours to read and write
