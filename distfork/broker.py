@@ -37,9 +37,9 @@ from typing import Any
 
 import zmq
 
-from . import protocol, security, shm
+from . import endpoint, protocol, security, shm
 from .broker_state import BrokerState, PeerInfo
-from .config import Config
+from .config import DEFAULT_ADDRESS, Config
 from .errors import ProtocolError
 from .metrics import BrokerMetrics
 from .protocol import Entry, Flag, Msg
@@ -57,7 +57,7 @@ class Broker:
     """A result broker bound to ``address``; :meth:`serve_forever` runs it."""
 
     def __init__(self, address: str, config: Config, parent_pid: int | None = None, session: str | None = None,
-                 metrics_port: int | None = None, metrics_host: str = "127.0.0.1") -> None:
+                 metrics_port: int | None = None, metrics_host: str = "127.0.0.1", insecure: bool = False) -> None:
         self.config = config
         self.parent_pid = parent_pid
         self.session = session or secrets.token_hex(4)
@@ -76,18 +76,53 @@ class Broker:
         self.sock.setsockopt(zmq.RCVHWM, config.hwm)
         if config.max_message_bytes:
             self.sock.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes)
+        if "[" in address:
+            self.sock.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:PORT (only then: IPv4 addresses stay AF_INET)
         self.sock.bind(address)
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.state = BrokerState(config, time.monotonic())
         self.metrics = BrokerMetrics(self.state)
         # Prometheus /metrics, from prometheus_client's own thread (it reads numbers, never the socket).
         self.metrics_server = self.metrics.serve(metrics_port, metrics_host) if metrics_port is not None else None
+        try:
+            self._check_exposure(address, insecure)
+        except BaseException:
+            self._close_sockets()
+            raise
         self._stopping = False
         self._reload_keys = False
         self._reclaims: list[tuple[PeerInfo, list[int]]] = []
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+
+    def _check_exposure(self, address: str, insecure: bool) -> None:
+        """Serve only what is safe: judged by what the kernel says we listen on, never by the address string."""
+        if self.auth is not None:
+            return  # CURVE: only admitted keys get in
+        wide = endpoint.exposed()
+        if wide and not insecure:
+            raise endpoint.ExposedError(
+                f"refusing to bind {address} without keys: the broker listens on {', '.join(wide)}, which is "
+                "not loopback, so it is reachable from other machines, and whoever can reach a distfork broker can "
+                "run any code on its workers. Make keys with `distfork keygen DIR` and pass --keys-dir DIR (or "
+                "DISTFORK_KEYS_DIR) to the broker, workers and drivers; or bind a loopback address (the default, "
+                f"{DEFAULT_ADDRESS}); or pass --insecure if this network is trusted."
+            )
+        if insecure:
+            where = ", ".join(f"{ip}:{port}" for ip, port in endpoint.listening()) or self.address
+            log.warning(
+                "INSECURE: broker bound to %s without authentication; anyone who can reach it can run code on the "
+                "workers (listening on %s)", self.address, where,
+            )
+
+    def _close_sockets(self) -> None:
+        self.sock.close(linger=0)
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+        if self.auth is not None:
+            self.auth.stop()
+        self._ctx.term()
 
     def stop(self) -> None:
         """Ask the loop to end (safe from a signal handler or another thread)."""

@@ -13,15 +13,12 @@ drivers and workers alike connect to::
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
-import urllib.parse
 from typing import Any
 
 import click
@@ -44,23 +41,6 @@ def _setup_logging(level: str) -> None:
     )
 
 
-def _is_loopback(address: str) -> bool:
-    """True if a ZeroMQ address only listens on this machine."""
-    scheme, _, rest = address.partition("://")
-    if scheme in ("ipc", "inproc"):
-        return True
-    host = urllib.parse.urlsplit(f"//{rest}").hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        try:
-            return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
-        except OSError:
-            return False
-
-
 def _host_of(address: str) -> str:
     """The host part of a tcp:// address (``*`` is every interface); loopback for ipc:// and the like."""
     scheme, _, rest = address.partition("://")
@@ -70,24 +50,16 @@ def _host_of(address: str) -> str:
     return "0.0.0.0" if host in ("*", "") else host
 
 
-def _check_bind(address: str, insecure: bool) -> None:
-    if _is_loopback(address):
-        return
-    from .security import server_keys
+def _check_bind(address: str, metrics_host: str | None = None) -> None:
+    """Refuse address forms we do not understand (see endpoint.py); what is really bound is checked after binding."""
+    from .endpoint import check_bind, check_host
 
-    if server_keys(_config.load()) is not None:
-        return  # CURVE: only admitted keys get in
-    if not insecure:
-        raise click.UsageError(
-            f"refusing to bind {address} without keys: it is reachable from other machines, and whoever can "
-            "reach a distfork broker can run any code on its workers. Make keys with `distfork keygen DIR` and "
-            "pass --keys-dir DIR (or DISTFORK_KEYS_DIR) to the broker, workers and drivers; or bind a loopback "
-            f"address (the default, {DEFAULT_ADDRESS}); or pass --insecure if this network is trusted."
-        )
-    log.warning(
-        "INSECURE: broker bound to %s without authentication; anyone who can reach it can run code on the workers",
-        address,
-    )
+    try:
+        check_bind(address)
+        if metrics_host is not None:
+            check_host(metrics_host, "--metrics-host")
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 def _set_env(name: str) -> Any:
@@ -152,12 +124,13 @@ def broker(bind: str, insecure: bool, parent_pid: int | None, session: str | Non
            metrics_host: str | None) -> None:
     """Run a broker: the task table that drivers and workers connect to."""
     from .broker import Broker
+    from .endpoint import ExposedError
 
-    _check_bind(bind, insecure)
+    _check_bind(bind, metrics_host)
     try:
         b = Broker(bind, _config.load(), parent_pid=parent_pid, session=session, metrics_port=metrics_port,
-                   metrics_host=metrics_host or _host_of(bind))
-    except OSError as exc:  # the metrics port (ZeroMQ's own errors are not OSErrors)
+                   metrics_host=metrics_host or _host_of(bind), insecure=insecure)
+    except (OSError, ExposedError) as exc:  # the metrics port (ZeroMQ's own errors are not OSErrors)
         raise click.ClickException(str(exc)) from None
     b.install_signal_handlers()
     b.serve_forever()
@@ -232,15 +205,20 @@ def up(bind: str, workers: int | None, slots: int | None, insecure: bool, metric
     """Run a broker and workers in the foreground until Ctrl-C or SIGTERM."""
     from .cluster import LocalCluster
 
-    _check_bind(bind, insecure)
+    _check_bind(bind, metrics_host)
     metrics = ["--metrics-port", str(metrics_port), "--metrics-host", metrics_host or _host_of(bind)] \
         if metrics_port is not None else []
-    cluster = LocalCluster(_config.load(), workers=workers, address=bind, slots=slots, broker_args=metrics)
-    _run_until_signal(cluster, banner=(
-        f"distfork cluster up at {bind} with {cluster.n_workers} workers\n"
-        f"connect with: DISTFORK_ADDRESS={bind}  (or distfork.init({bind!r}))"
-        + (f"\nmetrics at http://{metrics[3]}:{metrics_port}/metrics" if metrics else "")
-    ))
+    # The child broker judges what it really listens on; it must be told our --insecure.
+    broker_args = [*metrics, "--insecure"] if insecure else metrics
+    cluster = LocalCluster(_config.load(), workers=workers, address=bind, slots=slots, broker_args=broker_args)
+    try:
+        _run_until_signal(cluster, banner=(
+            f"distfork cluster up at {bind} with {cluster.n_workers} workers\n"
+            f"connect with: DISTFORK_ADDRESS={bind}  (or distfork.init({bind!r}))"
+            + (f"\nmetrics at http://{metrics[3]}:{metrics_port}/metrics" if metrics else "")
+        ))
+    except (RuntimeError, TimeoutError) as exc:  # the broker did not start (its own error is logged above)
+        raise click.ClickException(str(exc)) from None
 
 
 @cli.command()

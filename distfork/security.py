@@ -155,6 +155,7 @@ def server_keys(config: Config) -> ServerKeys | None:
 
 def secure_client(sock: zmq.Socket[Any], keys: ClientKeys | None) -> bool:
     """Make ``sock`` a CURVE client with ``keys`` (from :func:`client_keys`; before connect). True if it is."""
+    sock.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:PORT as well (IPv4 addresses keep working)
     if keys is None:
         return False
     sock.curve_secretkey = keys.secret
