@@ -51,6 +51,9 @@ log = logging.getLogger(__name__)
 _BATCH_MAX = 2000  # tasks or results per message we send
 _RECV_BURST = 2000  # messages handled before we dispatch and send
 _STEAL_CHECK_S = 0.02  # how often to look for stalled workers while another idles
+# Messages whose sender's key must be admitted for the role they speak for (a HELLO names its
+# role; a worker process's supervisor and control socket speak for workers).
+_ROLE_BOUND = frozenset({Msg.HELLO, Msg.EXITED, Msg.KEEPALIVE})
 
 
 class Broker:
@@ -64,7 +67,7 @@ class Broker:
         self._ticks = 0
         self._ctx = zmq.Context()
         self.sock = self._ctx.socket(zmq.ROUTER)
-        keys = security.server_keys(config)
+        keys = security.server_keys(config, address)
         self.auth = security.ServerAuth(self._ctx, keys) if keys is not None else None
         if self.auth is not None:
             self.auth.secure(self.sock)
@@ -221,6 +224,8 @@ class Broker:
 
     def _handle(self, peer: bytes, frames: list[Any], now: float) -> None:
         kind, body = protocol.decode(frames)
+        if self.auth is not None and kind in _ROLE_BOUND and self._refuse_role(peer, frames, kind, body):
+            return
         p = self.state.seen(peer, now)
         if p is not None:
             if kind is Msg.SUBMIT and p.role == "driver":
@@ -265,6 +270,19 @@ class Broker:
             # Typically: we restarted and the peer does not know yet.
             self.state.counters["unknown_peer_messages"] += 1
             self._send(peer, protocol.encode_json(Msg.REJECT, {"reason": "unknown peer: say hello"}))
+
+    def _refuse_role(self, peer: bytes, frames: list[Any], kind: Msg, body: memoryview) -> bool:
+        """A HELLO (or a worker's own message) whose key is not admitted for that role: REJECT it, never register."""
+        assert self.auth is not None
+        role = protocol.decode_json(body).get("role") if kind is Msg.HELLO else "worker"
+        why = self.auth.refusal(frames[0], role)
+        if why is None:
+            return False
+        self.state.counters["hellos_refused"] += 1
+        log.warning("refused a %s %s from a key not admitted for that role", role, kind.name)
+        self.state.bye(peer, time.monotonic())  # a registered peer that says hello in another role
+        self._send(peer, protocol.encode_json(Msg.REJECT, {"reason": why, "refused": True}))
+        return True
 
     def _status(self, now: float) -> dict[str, Any]:
         snap = self.state.status(now)

@@ -186,7 +186,7 @@ class Supervisor:
         sock: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 1000)
-        security.secure_client(sock, security.client_keys(self.config))
+        security.secure_client(sock, security.client_keys(self.config, self.address, role="worker"))
         sock.connect(self.address)
         host = socket.gethostname()
 

@@ -59,14 +59,20 @@ class Config:
     #: Connections the broker lets wait to be accepted (the listen backlog).
     backlog: int = 100
     #: Directory laid out by ``distfork keygen``: every role takes its keys from
-    #: it (see distfork/security.py). Empty: no keys, loopback only.
+    #: it (see distfork/security.py). Empty: this user's default keys (see default_keys).
     keys_dir: str = ""
     #: Our own secret key file (overrides keys_dir).
     curve_secret_file: str = ""
     #: The broker's public key, a file or its Z85 text (clients; overrides keys_dir).
     curve_server_key: str = ""
-    #: Directory of admitted client public keys (broker; overrides keys_dir).
+    #: Directory of admitted public keys, with ``clients/`` and ``workers/`` inside (broker; overrides keys_dir).
     curve_allow_dir: str = ""
+    #: Without any key setting, a ``tcp://`` cluster uses this user's default credentials, made on
+    #: first use under ``$XDG_CONFIG_HOME/distfork`` (or ``~/.config/distfork``): closed to other
+    #: local users. 0: no keys unless configured (a broker then serves loopback only).
+    default_keys: bool = True
+    #: No keys at all, on every role (``--insecure``): anyone who reaches the broker runs code.
+    insecure: bool = False
     #: ZeroMQ high-water mark (messages) on every socket.
     hwm: int = 100_000
     #: Seconds the driver waits for the broker to answer its hello before
