@@ -104,6 +104,7 @@ class Broker:
         if self.auth is not None:
             return  # CURVE: only admitted keys get in
         wide = endpoint.exposed()
+        insecure = insecure or self.config.insecure
         if wide and not insecure:
             raise endpoint.ExposedError(
                 f"refusing to bind {address} without keys: the broker listens on {', '.join(wide)}, which is "
@@ -112,7 +113,7 @@ class Broker:
                 "DISTFORK_KEYS_DIR) to the broker, workers and drivers; or bind a loopback address (the default, "
                 f"{DEFAULT_ADDRESS}); or pass --insecure if this network is trusted."
             )
-        if insecure:
+        if insecure or self.config.insecure:
             where = ", ".join(f"{ip}:{port}" for ip, port in endpoint.listening()) or self.address
             log.warning(
                 "INSECURE: broker bound to %s without authentication; anyone who can reach it can run code on the "

@@ -62,6 +62,11 @@ def _check_bind(address: str, metrics_host: str | None = None) -> None:
         raise click.UsageError(str(exc)) from None
 
 
+def _insecure(insecure: bool) -> dict[str, bool]:
+    """``--insecure``: no keys at all, not even this user's default ones (children inherit it)."""
+    return {"insecure": True} if insecure else {}
+
+
 def _set_env(name: str) -> Any:
     """A click callback that hands an option to every process we start, through its DISTFORK_* variable."""
 
@@ -114,7 +119,9 @@ def keygen(directory: str, force: bool) -> None:
 
 @cli.command()
 @click.option("--bind", default=DEFAULT_ADDRESS, show_default=True, help="Address drivers and workers connect to.")
-@click.option("--insecure", is_flag=True, help="Allow binding a non-loopback address without keys.")
+@click.option("--insecure", is_flag=True,
+              help="No keys (not even this user's default ones): anyone who can reach the address runs code. "
+                   "Clients then need DISTFORK_INSECURE=1.")
 @click.option("--parent-pid", type=int, default=None, hidden=True, help="Stop when this process is gone.")
 @click.option("--session", default=None, hidden=True, help="Session id (shared-memory name prefix); random by default.")
 @click.option("--metrics-port", type=click.IntRange(min=0, max=65535), default=None,
@@ -128,7 +135,7 @@ def broker(bind: str, insecure: bool, parent_pid: int | None, session: str | Non
 
     _check_bind(bind, metrics_host)
     try:
-        b = Broker(bind, _config.load(), parent_pid=parent_pid, session=session, metrics_port=metrics_port,
+        b = Broker(bind, _config.load(**_insecure(insecure)), parent_pid=parent_pid, session=session, metrics_port=metrics_port,
                    metrics_host=metrics_host or _host_of(bind), insecure=insecure)
     except (OSError, ExposedError) as exc:  # the metrics port (ZeroMQ's own errors are not OSErrors)
         raise click.ClickException(str(exc)) from None
@@ -196,7 +203,9 @@ def _run_until_signal(sup: Any, banner: str | None = None) -> None:
 @click.option("--bind", default=DEFAULT_ADDRESS, show_default=True, help="The cluster's address.")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Worker processes (default: one per core).")
 @click.option("--slots", type=click.IntRange(min=1), default=None, help="Slots per worker.")
-@click.option("--insecure", is_flag=True, help="Allow binding a non-loopback address without keys.")
+@click.option("--insecure", is_flag=True,
+              help="No keys (not even this user's default ones): anyone who can reach the address runs code. "
+                   "Clients then need DISTFORK_INSECURE=1.")
 @click.option("--metrics-port", type=click.IntRange(min=1, max=65535), default=None,
               help="The broker serves Prometheus metrics on this port.")
 @click.option("--metrics-host", default=None, help="Address the metrics port listens on (default: the --bind host).")
@@ -210,7 +219,8 @@ def up(bind: str, workers: int | None, slots: int | None, insecure: bool, metric
         if metrics_port is not None else []
     # The child broker judges what it really listens on; it must be told our --insecure.
     broker_args = [*metrics, "--insecure"] if insecure else metrics
-    cluster = LocalCluster(_config.load(), workers=workers, address=bind, slots=slots, broker_args=broker_args)
+    cluster = LocalCluster(_config.load(**_insecure(insecure)), workers=workers, address=bind, slots=slots,
+                           broker_args=broker_args)
     try:
         _run_until_signal(cluster, banner=(
             f"distfork cluster up at {bind} with {cluster.n_workers} workers\n"

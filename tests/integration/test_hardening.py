@@ -4,6 +4,11 @@
 
     bind check      the broker accepts only address forms we understand, then asks
                     the kernel what it really listens on before serving (endpoint.py)
+    default keys    a tcp:// cluster is keyed with the user's own credentials, made on first
+                    use under $XDG_CONFIG_HOME/distfork (conftest: a directory of the test
+                    session); another local user (made with useradd, run through
+                    as_user.py) is refused, and a squatter's broker gets no worker of ours
+    roles           keys admitted as clients cannot register as workers, and the reverse
 
 Every process is started through the CLI, as users run them (secsupport.Procs),
 inside a network namespace of its own where a test binds beyond loopback.
@@ -11,16 +16,28 @@ inside a network namespace of its own where a test binds beyond loopback.
 
 from __future__ import annotations
 
+import os
+import pwd
+import secrets
+import shutil
 import socket
+import stat
+import subprocess
+import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 import distfork
 from conftest import free_port, wait_until
+from distfork.status import query_status
 
-from .secsupport import Netns, Procs, netns_unavailable, run_cli
+from .secsupport import PY, Netns, Procs, keygen, netns_unavailable, run_cli
+
+WRONG_KEY = "the broker's public key we were given is wrong"
+AS_USER = str(Path(__file__).with_name("as_user.py"))
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -121,3 +138,143 @@ def test_up_serves_an_ipv6_loopback_address(procs: Procs) -> None:
     assert up.poll() is None, procs.stderr(up)
     assert "Traceback" not in procs.stderr(up)
     assert procs.stop(up) == 0
+
+
+# -- closed to other local users by default --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    uid: int
+    gid: int
+    home: str
+
+    def prefix(self) -> tuple[str, ...]:
+        return (PY, AS_USER, str(self.uid), str(self.gid), self.home)
+
+
+@pytest.fixture(scope="module")
+def other_user() -> Iterator[User]:
+    """A second local user, made for these tests and deleted afterwards (root only)."""
+    if os.geteuid() != 0 or shutil.which("useradd") is None:
+        pytest.skip("needs root and useradd(8) to make a second local user")
+    name = f"dfsec{secrets.token_hex(3)}"
+    subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name], check=True,
+                   capture_output=True, timeout=30)
+    home = tempfile.mkdtemp(prefix="distfork-other-user-")
+    try:
+        pw = pwd.getpwnam(name)
+        os.chown(home, pw.pw_uid, pw.pw_gid)
+        yield User(name, pw.pw_uid, pw.pw_gid, home)
+    finally:
+        subprocess.run(["userdel", name], capture_output=True, timeout=30)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _default_env(procs: Procs) -> dict[str, str]:
+    """Our own processes: this test session's default credentials (conftest's XDG_CONFIG_HOME), no other keys."""
+    env = {k: v for k, v in procs.env.items() if not k.startswith(("DISTFORK_CURVE", "DISTFORK_KEYS_DIR"))}
+    env.pop("DISTFORK_INSECURE", None)
+    env["DISTFORK_DEFAULT_KEYS"] = "1"  # Procs would start processes with none at all
+    return env
+
+
+def _wait_ready(address: str, workers: int) -> None:
+    from distfork.status import query_status
+
+    def ready() -> bool:
+        try:
+            return len(query_status(address, 0.5)["workers"]) >= workers
+        except TimeoutError:
+            return False
+
+    wait_until(ready, 30, what=f"the broker at {address} with {workers} workers")
+
+
+def test_default_credentials_are_private_and_found_by_every_role_of_the_user(procs: Procs) -> None:
+    env = _default_env(procs)
+    address = f"tcp://127.0.0.1:{free_port()}"
+    procs.start(PY, "-m", "distfork", "broker", "--bind", address, env=env)
+    procs.start(PY, "-m", "distfork", "worker", "--connect", address, "--no-nanny", env=env)
+    _wait_ready(address, 1)  # status, in this process: found the same keys
+    keys = Path(os.environ["XDG_CONFIG_HOME"]) / "distfork"
+    assert stat.S_IMODE(keys.stat().st_mode) == 0o700
+    for role in ("broker", "worker", "client"):
+        assert stat.S_IMODE((keys / f"{role}.key_secret").stat().st_mode) == 0o600
+    distfork.init(address=address)
+    assert distfork.wait(distfork.fork(pow, 6, 2), timeout=30) == 36
+    distfork.shutdown()
+    # The broker is keyed: a client without keys gets nothing.
+    assert run_cli("status", "--address", address, "--timeout", "1").returncode == 1
+
+
+def test_another_local_user_is_refused_and_runs_nothing(procs: Procs, other_user: User, tmp_path: Path) -> None:
+    env = _default_env(procs)
+    address = f"tcp://127.0.0.1:{free_port()}"
+    procs.start(PY, "-m", "distfork", "broker", "--bind", address, env=env)
+    procs.start(PY, "-m", "distfork", "worker", "--connect", address, "--no-nanny", env=env)
+    _wait_ready(address, 1)
+    marker = Path(other_user.home) / "ran-as-root"
+    driver = subprocess.run([*other_user.prefix(), "driver", address, str(marker)], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert driver.returncode == 3, (driver.stdout, driver.stderr)  # as_user.REFUSED_EXIT
+    # Their own default keys: the broker's key they expect is theirs, not ours (and ours would refuse theirs).
+    assert "REFUSED AuthenticationError" in driver.stdout and WRONG_KEY in driver.stdout, driver.stdout
+    status = subprocess.run([*other_user.prefix(), "cli", "status", "--address", address, "--timeout", "3"],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert status.returncode == 1 and WRONG_KEY in status.stderr, status
+    assert not marker.exists(), "another local user ran a task on our worker"
+
+
+def test_a_worker_never_serves_a_broker_squatting_its_port(procs: Procs, other_user: User) -> None:
+    env = _default_env(procs)
+    address = f"tcp://127.0.0.1:{free_port()}"
+    marker = Path(other_user.home) / "ran-as-root"
+    squatter = procs.start(*other_user.prefix(), "cli", "broker", "--bind", address, env=env)
+    wait_until(lambda: not _nothing_listens(int(address.rsplit(":", 1)[1])) or squatter.poll() is not None, 30,
+               what="the other user's broker to listen")
+    assert squatter.poll() is None, procs.stderr(squatter)
+    driver = procs.start(*other_user.prefix(), "driver", address, str(marker), env=env)
+    worker = procs.start(PY, "-m", "distfork", "worker", "--connect", address, "--no-nanny", env=env)
+    assert worker.wait(60) == 78, procs.stderr(worker)  # security.EXIT_REFUSED: not restarted by a nanny
+    assert WRONG_KEY in procs.stderr(worker)
+    procs.stop(driver)
+    assert not marker.exists(), "our worker ran the squatter's task"
+
+
+# -- keys bound to a role -----------------------------------------------------------------------
+
+
+def test_a_client_key_cannot_register_as_a_worker_nor_a_worker_key_as_a_driver(
+    procs: Procs, tmp_path: Path,
+) -> None:
+    keys = keygen(tmp_path / "keys")
+    address = f"tcp://127.0.0.1:{free_port()}"
+    procs.distfork("broker", "--bind", address, keys=keys)
+    worker = procs.distfork("--curve-secret-file", str(keys / "client.key_secret"), "--curve-server-key",
+                            str(keys / "broker.key"), "worker", "--connect", address, "--no-nanny")
+    assert worker.wait(60) == 78, procs.stderr(worker)
+    assert "admitted as client, not as a worker" in procs.stderr(worker)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DISTFORK_KEYS_DIR", str(keys))
+        _wait_ready(address, 0)
+        assert query_status(address, 5)["workers"] == []  # never registered
+    with pytest.raises(distfork.AuthenticationError, match="admitted as worker, not as a client"):
+        distfork.init(address, curve_secret_file=str(keys / "worker.key_secret"),
+                      curve_server_key=str(keys / "broker.key"))
+    # The right keys for each role work.
+    procs.distfork("worker", "--connect", address, "--no-nanny", keys=keys)
+    distfork.init(address, keys_dir=str(keys))
+    assert distfork.wait(distfork.fork(pow, 2, 10), timeout=30) == 1024
+
+
+def test_the_old_single_allow_list_gets_a_migration_error(tmp_path: Path) -> None:
+    keys = keygen(tmp_path / "keys")
+    old = tmp_path / "old-allowed"
+    old.mkdir(mode=0o700)
+    shutil.copy(keys / "client.key", old / "client.key")
+    done = run_cli("--curve-secret-file", str(keys / "broker.key_secret"), "--curve-allow-dir", str(old),
+                   "broker", "--bind", f"tcp://127.0.0.1:{free_port()}", timeout_s=30)
+    assert done.returncode == 1, done
+    assert "old layout" in done.stderr and "clients/" in done.stderr and "workers/" in done.stderr, done.stderr
