@@ -137,7 +137,7 @@ def broker(bind: str, insecure: bool, parent_pid: int | None, session: str | Non
     try:
         b = Broker(bind, _config.load(**_insecure(insecure)), parent_pid=parent_pid, session=session, metrics_port=metrics_port,
                    metrics_host=metrics_host or _host_of(bind), insecure=insecure)
-    except (OSError, ExposedError) as exc:  # the metrics port (ZeroMQ's own errors are not OSErrors)
+    except (OSError, ExposedError, ValueError) as exc:  # the metrics port, exposure, key files
         raise click.ClickException(str(exc)) from None
     b.install_signal_handlers()
     b.serve_forever()
@@ -156,7 +156,13 @@ def broker(bind: str, insecure: bool, parent_pid: int | None, session: str | Non
 def worker(address: str, slots: int | None, processes: int, name: str | None, nanny: bool,
            parent_pid: int | None) -> None:
     """Run a worker that takes tasks from the broker at --connect."""
+    from .security import client_keys
+
     cfg = _config.load()
+    try:
+        client_keys(cfg, address, role="worker")  # bad key files: say so once, before any process starts
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
     if nanny:
         from .cluster import Supervisor
 
@@ -244,7 +250,7 @@ def status(address: str, as_json: bool, timeout_s: float, expect_host: str | Non
 
     try:
         snap = query_status(address, timeout_s)
-    except (TimeoutError, DistforkError) as exc:
+    except (TimeoutError, DistforkError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
         click.echo(json.dumps(snap, indent=2))

@@ -211,8 +211,9 @@ def check_private(path: str, what: str, directory: bool = False) -> None:
         bad = mode & (0o037 if st.st_gid == os.getgid() else 0o077)
         fix = f"chmod 600 {path}"
     if bad:
+        how = " and ".join(word for bits, word in ((0o044, "readable"), (0o022, "writable")) if bad & bits)
         raise ValueError(
-            f"{what} {path} is {'writable' if bad & 0o022 else 'readable'} by other users (mode {mode:04o}): "
+            f"{what} {path} is {how} by other users (mode {mode:04o}): "
             f"anyone who can {'change' if directory else 'read'} it can pose as this cluster's "
             f"{'members' if directory else 'key holder'}. Fix it with `{fix}`"
         )

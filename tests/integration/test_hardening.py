@@ -278,3 +278,81 @@ def test_the_old_single_allow_list_gets_a_migration_error(tmp_path: Path) -> Non
                    "broker", "--bind", f"tcp://127.0.0.1:{free_port()}", timeout_s=30)
     assert done.returncode == 1, done
     assert "old layout" in done.stderr and "clients/" in done.stderr and "workers/" in done.stderr, done.stderr
+
+
+# -- key files --------------------------------------------------------------------------------------
+
+# Watches DIR/0 .. DIR/N-1 for secret key files and reports any mode that lets others in, however briefly.
+WATCHER = r"""
+import os, sys
+root, n = sys.argv[1], int(sys.argv[2])
+names = [os.path.join(root, str(i), f"{r}.key_secret") for i in range(n) for r in ("broker", "worker", "client")]
+seen = set()
+print("ready", flush=True)
+while not os.path.exists(os.path.join(root, "done")):
+    for path in names:
+        try:
+            mode = os.stat(path).st_mode & 0o777
+        except OSError:
+            continue
+        if mode & 0o077:
+            seen.add(f"{path} {mode:o}")
+print("\n".join(sorted(seen)), flush=True)
+"""
+
+
+def test_keygen_never_shows_a_secret_key_to_others_even_for_a_moment(tmp_path: Path) -> None:
+    from distfork.security import keygen as make_keys
+
+    root = tmp_path / "race"
+    root.mkdir()
+    n = 40
+    watcher = subprocess.Popen([PY, "-c", WATCHER, str(root), str(n)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert watcher.stdout is not None and watcher.stdout.readline() == "ready\n"
+        old = os.umask(0o022)  # the common umask: new files 0644 unless made private from the start
+        try:
+            for i in range(n):
+                make_keys(str(root / str(i)))
+        finally:
+            os.umask(old)
+        (root / "done").touch()
+        out, _ = watcher.communicate(timeout=30)
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.wait()
+    assert out.strip() == "", f"secret keys readable by others for a moment:\n{out}"
+    for i in range(n):
+        assert stat.S_IMODE((root / str(i)).stat().st_mode) == 0o700
+        assert stat.S_IMODE((root / str(i) / "client.key_secret").stat().st_mode) == 0o600
+
+
+def test_every_role_refuses_key_files_others_can_read_naming_the_fix(procs: Procs, tmp_path: Path) -> None:
+    keys = keygen(tmp_path / "keys")
+    address = f"tcp://127.0.0.1:{free_port()}"
+    (keys / "broker.key_secret").chmod(0o644)
+    broker = run_cli("broker", "--bind", address, keys=keys, timeout_s=30)
+    assert broker.returncode == 1, broker
+    assert f"{keys / 'broker.key_secret'} is readable by other users" in broker.stderr, broker.stderr
+    assert f"chmod 600 {keys / 'broker.key_secret'}" in broker.stderr
+    (keys / "broker.key_secret").chmod(0o600)
+    (keys / "worker.key_secret").chmod(0o604)
+    worker = run_cli("worker", "--connect", address, "--no-nanny", keys=keys, timeout_s=30)
+    assert worker.returncode == 1 and f"chmod 600 {keys / 'worker.key_secret'}" in worker.stderr, worker
+    (keys / "client.key_secret").chmod(0o666)
+    with pytest.raises(ValueError, match=r"client.key_secret is readable and writable by other users .*chmod 600"):
+        distfork.init(address, keys_dir=str(keys))
+    (keys / "allowed" / "workers").chmod(0o777)
+    broker = run_cli("broker", "--bind", address, keys=keys, timeout_s=30)
+    assert broker.returncode == 1, broker
+    assert f"{keys / 'allowed' / 'workers'} is writable by other users" in broker.stderr, broker.stderr
+    assert f"chmod 700 {keys / 'allowed' / 'workers'}" in broker.stderr
+
+
+def test_an_allow_list_of_star_is_refused(tmp_path: Path) -> None:
+    keys = keygen(tmp_path / "keys")
+    done = run_cli("--curve-secret-file", str(keys / "broker.key_secret"), "--curve-allow-dir", "*",
+                   "broker", "--bind", f"tcp://127.0.0.1:{free_port()}", timeout_s=30)
+    assert done.returncode == 1, done  # pyzmq reads '*' as "admit every key"
+    assert "refusing the allow-list '*'" in done.stderr, done.stderr
