@@ -135,8 +135,8 @@ def broker(bind: str, insecure: bool, parent_pid: int | None, session: str | Non
 
     _check_bind(bind, metrics_host)
     try:
-        b = Broker(bind, _config.load(**_insecure(insecure)), parent_pid=parent_pid, session=session, metrics_port=metrics_port,
-                   metrics_host=metrics_host or _host_of(bind), insecure=insecure)
+        b = Broker(bind, _config.load(**_insecure(insecure)), parent_pid=parent_pid, session=session,
+                   metrics_port=metrics_port, metrics_host=metrics_host or _host_of(bind), insecure=insecure)
     except (OSError, ExposedError, ValueError) as exc:  # the metrics port, exposure, key files
         raise click.ClickException(str(exc)) from None
     b.install_signal_handlers()
