@@ -81,7 +81,7 @@ class Broker:
             self.sock.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes)
         if "[" in address:
             self.sock.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:PORT (only then: IPv4 addresses stay AF_INET)
-        self.sock.bind(address)
+        self._bind(address)
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.state = BrokerState(config, time.monotonic())
         self.metrics = BrokerMetrics(self.state)
@@ -98,6 +98,18 @@ class Broker:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+
+    def _bind(self, address: str) -> None:
+        """Bind; an ipc:// socket file is made 0600 (umask 077 while binding, then chmod), whatever the umask."""
+        if not address.startswith("ipc://"):
+            self.sock.bind(address)
+            return
+        old = os.umask(0o077)
+        try:
+            self.sock.bind(address)
+        finally:
+            os.umask(old)
+        os.chmod(address[len("ipc://"):], 0o600)
 
     def _check_exposure(self, address: str, insecure: bool) -> None:
         """Serve only what is safe: judged by what the kernel says we listen on, never by the address string."""

@@ -356,3 +356,36 @@ def test_an_allow_list_of_star_is_refused(tmp_path: Path) -> None:
                    "broker", "--bind", f"tcp://127.0.0.1:{free_port()}", timeout_s=30)
     assert done.returncode == 1, done  # pyzmq reads '*' as "admit every key"
     assert "refusing the allow-list '*'" in done.stderr, done.stderr
+
+
+# -- smaller ones ---------------------------------------------------------------------------------------
+
+
+def test_an_ipc_socket_is_private_whatever_the_umask(procs: Procs, tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    path = shared / "broker"
+    broker = procs.start("sh", "-c", f'umask 000 && exec "{PY}" -m distfork broker --bind ipc://{path}')
+    wait_until(lambda: path.exists() or broker.poll() is not None, 30, what="the ipc socket")
+    assert broker.poll() is None, procs.stderr(broker)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+DRIVER = """
+import distfork
+print(distfork.wait(distfork.fork(sum, [1, 2, 3])), flush=True)
+"""
+
+
+def test_the_cluster_never_imports_from_the_drivers_working_directory(procs: Procs, tmp_path: Path) -> None:
+    shared = tmp_path / "shared"  # e.g. /tmp: someone else left a click.py there
+    shared.mkdir()
+    planted = tmp_path / "planted-ran"
+    (shared / "click.py").write_text(f"open({str(planted)!r}, 'w').close()\nraise ImportError('planted')\n")
+    script = tmp_path / "mine" / "driver.py"
+    script.parent.mkdir()
+    script.write_text(DRIVER)
+    env = {**procs.env, "DISTFORK_LOCAL_WORKERS": "1"}
+    done = subprocess.run([PY, str(script)], cwd=shared, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "6", done
+    assert not planted.exists(), "a module from the driver's working directory ran in the cluster"
