@@ -52,8 +52,11 @@ class Config:
     #: blocks beyond it (one task is always let through, whatever its size).
     window_bytes: int = 1024 * 1024 * 1024
     #: Largest message frame the broker accepts from a peer, in bytes (0: no
-    #: limit). Checked by libzmq before anything else, authenticated or not.
-    max_message_bytes: int = 4 * 1024**3
+    #: limit). Checked by libzmq before anything else, authenticated or not: it
+    #: bounds what a peer that never authenticates can make the broker hold.
+    #: Payloads are split into frames of ``serialize.FRAME_BYTES`` (16 MiB), so
+    #: arrays of any size still travel.
+    max_message_bytes: int = 32 * 1024**2
     #: Seconds a peer has to finish its handshake (and CURVE authentication).
     handshake_s: float = 5.0
     #: Connections the broker lets wait to be accepted (the listen backlog).

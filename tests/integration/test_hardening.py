@@ -389,3 +389,72 @@ def test_the_cluster_never_imports_from_the_drivers_working_directory(procs: Pro
     done = subprocess.run([PY, str(script)], cwd=shared, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "6", done
     assert not planted.exists(), "a module from the driver's working directory ran in the cluster"
+
+
+# -- memory before authentication ----------------------------------------------------------------
+
+
+def _flood(host: str, port: int, declared: int, seconds: float, sent: list[int]) -> None:
+    """A peer that offers CURVE, then a command frame declaring ``declared`` bytes, and streams zeros."""
+    import struct
+    import time
+
+    greeting = b"\xff" + b"\0" * 8 + b"\x7f" + b"\x03\x00" + b"CURVE".ljust(20, b"\0") + b"\0" * 32
+    chunk = b"\0" * (1 << 20)
+    with socket.create_connection((host, port), timeout=5) as s:
+        s.sendall(greeting)
+        s.recv(64)
+        s.sendall(bytes([0x06]) + struct.pack("!Q", declared))  # command | long frame
+        end = time.monotonic() + seconds
+        try:
+            while time.monotonic() < end:
+                s.sendall(chunk)
+                sent.append(len(chunk))
+        except OSError:
+            pass  # the broker closed the connection: what we want
+
+
+def test_unauthenticated_peers_cannot_make_the_broker_hold_memory(procs: Procs, tmp_path: Path) -> None:
+    import threading
+
+    import psutil
+
+    keys = keygen(tmp_path / "keys")
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    broker = procs.distfork("broker", "--bind", address, keys=keys)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DISTFORK_KEYS_DIR", str(keys))
+        _wait_ready(address, 0)
+    rss = psutil.Process(broker.pid).memory_info().rss
+    peak = rss
+    sent: list[int] = []
+    peers = [threading.Thread(target=_flood, args=("127.0.0.1", port, 1 << 30, 3.0, sent)) for _ in range(3)]
+    for t in peers:
+        t.start()
+    while any(t.is_alive() for t in peers):
+        peak = max(peak, psutil.Process(broker.pid).memory_info().rss)
+    for t in peers:
+        t.join()
+    grown_mib = (peak - rss) / 2**20
+    assert grown_mib < 150, f"the broker grew by {grown_mib:.0f} MiB for three peers that never authenticated"
+    assert broker.poll() is None
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DISTFORK_KEYS_DIR", str(keys))
+        _wait_ready(address, 0)  # and it still serves
+
+
+def test_large_arrays_still_cross_hosts_as_frames(procs: Procs, tmp_path: Path) -> None:
+    import numpy as np
+
+    keys = keygen(tmp_path / "keys")
+    address = f"tcp://127.0.0.1:{free_port()}"
+    procs.distfork("broker", "--bind", address, keys=keys)
+    procs.distfork("worker", "--connect", address, "--no-nanny", keys=keys, DISTFORK_SHM="0")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DISTFORK_KEYS_DIR", str(keys))
+        _wait_ready(address, 1)
+    distfork.init(address, keys_dir=str(keys), shm=False)
+    a = np.random.default_rng(0).random(100 * 2**20 // 8)  # 100 MiB, 6+ frames each way
+    back = distfork.wait(distfork.fork(np.multiply, a, 2.0), timeout=120)
+    np.testing.assert_array_equal(back, a * 2.0)
