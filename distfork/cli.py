@@ -103,16 +103,22 @@ def cli(log_level: str) -> None:
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--force", is_flag=True, help="Replace keys that exist.")
 def keygen(directory: str, force: bool) -> None:
-    """Write CURVE key pairs for a broker and its clients, and an allow-list, into DIRECTORY."""
+    """Write CURVE key pairs for a broker, its workers and its clients, and the allow-lists, into DIRECTORY.
+
+    Secret keys are 0600 from their first byte, directories 0700. Without any keys
+    configured, a tcp:// cluster uses this user's default ones, made on first use
+    under $XDG_CONFIG_HOME/distfork (or ~/.config/distfork).
+    """
     from .security import keygen as make_keys
 
     try:
         paths = make_keys(directory, overwrite=force)
     except FileExistsError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"broker key pair:  {paths['broker']}  {paths['broker_secret']}")
-    click.echo(f"client key pair:  {paths['client']}  {paths['client_secret']}")
-    click.echo(f"allow-list:       {os.path.dirname(paths['allowed'])}/ (holds the client's public key)")
+    click.echo(f"broker key pair:  {paths['broker']}  {paths['broker_secret']}   (the broker only)")
+    click.echo(f"worker key pair:  {paths['worker']}  {paths['worker_secret']}   (workers, with broker.key)")
+    click.echo(f"client key pair:  {paths['client']}  {paths['client_secret']}   (drivers, status, with broker.key)")
+    click.echo(f"allow-lists:      {paths['allowed']}/clients/ and {paths['allowed']}/workers/ (public keys by role)")
     click.echo(f"use: distfork --keys-dir {directory} broker --bind tcp://0.0.0.0:7340   (and the same --keys-dir, "
                f"or DISTFORK_KEYS_DIR={directory}, for workers and drivers)")
 
