@@ -179,17 +179,24 @@ def ensure_default_keys(directory: str) -> str:
     """
     import fcntl
 
-    _private_dir(directory)
-    check_private(directory, "the default keys directory", directory=True)
-    fd = os.open(os.path.join(directory, ".lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        if not os.path.exists(os.path.join(directory, "broker.key_secret")):
-            keygen(directory)
-            log.warning("created this user's default distfork keys in %s (drivers, workers and `distfork status` "
-                        "of the same user find them; other users are refused)", directory)
-    finally:
-        os.close(fd)
+        _private_dir(directory)
+        check_private(directory, "the default keys directory", directory=True)
+        fd = os.open(os.path.join(directory, ".lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if not os.path.exists(os.path.join(directory, "broker.key_secret")):
+                keygen(directory)
+                log.warning("created this user's default distfork keys in %s (drivers, workers and `distfork "
+                            "status` of the same user find them; other users are refused)", directory)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise ValueError(
+            f"cannot make this user's default keys in {directory}: {exc.strerror or exc}. Set XDG_CONFIG_HOME to a "
+            "writable directory, or DISTFORK_KEYS_DIR to keys from `distfork keygen DIR`, or use --insecure "
+            "(DISTFORK_INSECURE=1) on a network you trust"
+        ) from None
     return directory
 
 

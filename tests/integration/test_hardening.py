@@ -458,3 +458,11 @@ def test_large_arrays_still_cross_hosts_as_frames(procs: Procs, tmp_path: Path) 
     a = np.random.default_rng(0).random(100 * 2**20 // 8)  # 100 MiB, 6+ frames each way
     back = distfork.wait(distfork.fork(np.multiply, a, 2.0), timeout=120)
     np.testing.assert_array_equal(back, a * 2.0)
+
+
+def test_default_keys_that_cannot_be_made_give_a_clear_error(tmp_path: Path) -> None:
+    done = run_cli("status", "--address", f"tcp://127.0.0.1:{free_port()}", "--timeout", "1",
+                   XDG_CONFIG_HOME="/dev/null/config", DISTFORK_DEFAULT_KEYS="1")
+    assert done.returncode == 1, done
+    assert "cannot make this user's default keys in /dev/null/config/distfork" in done.stderr, done.stderr
+    assert "DISTFORK_KEYS_DIR" in done.stderr and "Traceback" not in done.stderr
