@@ -50,6 +50,7 @@ __all__ = [
     "ensure_default_keys",
     "failure_text",
     "keygen",
+    "private_ipc",
     "reconnect_quickly",
     "secure_client",
     "server_keys",
@@ -251,9 +252,26 @@ def _keys_dir(config: Config, address: str | None, explicit: str) -> str:
     user's default credentials for a tcp:// address (made on first use), else none."""
     if config.keys_dir:
         return config.keys_dir
-    if explicit or not config.default_keys or address is None or not address.startswith("tcp://"):
+    if explicit or not config.default_keys or address is None or private_ipc(address):
+        return ""
+    if not address.startswith(("tcp://", "ipc://")):
         return ""
     return ensure_default_keys(default_keys_dir())
+
+
+def private_ipc(address: str) -> bool:
+    """An ``ipc://`` socket in a directory only we can enter (the embedded cluster's): it needs no keys.
+
+    Anywhere else (``/tmp``), another user could have bound that path first,
+    so the cluster is keyed by default, as over TCP.
+    """
+    if not address.startswith("ipc://"):
+        return False
+    try:
+        st = os.stat(os.path.dirname(os.path.abspath(address[len("ipc://"):])))
+    except OSError:
+        return False
+    return st.st_uid == os.getuid() and not st.st_mode & 0o077
 
 
 def _role_file(keys_dir: str, role: str) -> str:

@@ -227,13 +227,35 @@ def test_another_local_user_is_refused_and_runs_nothing(procs: Procs, other_user
     assert not marker.exists(), "another local user ran a task on our worker"
 
 
-def test_a_worker_never_serves_a_broker_squatting_its_port(procs: Procs, other_user: User) -> None:
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory every user may create files in, as /tmp (mode 1777)."""
+    path = Path(tempfile.mkdtemp(prefix="distfork-shared-"))
+    path.chmod(0o1777)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "ipc"])
+def test_a_worker_never_serves_a_broker_squatting_its_port(
+    procs: Procs, other_user: User, shared_dir: Path, transport: str,
+) -> None:
     env = _default_env(procs)
-    address = f"tcp://127.0.0.1:{free_port()}"
+    if transport == "tcp":
+        address = f"tcp://127.0.0.1:{free_port()}"
+    else:  # a path in a directory anyone can write, like /tmp: whoever binds first owns it
+        address = f"ipc://{shared_dir}/broker"
     marker = Path(other_user.home) / "ran-as-root"
     squatter = procs.start(*other_user.prefix(), "cli", "broker", "--bind", address, env=env)
-    wait_until(lambda: not _nothing_listens(int(address.rsplit(":", 1)[1])) or squatter.poll() is not None, 30,
-               what="the other user's broker to listen")
+
+    def listening() -> bool:
+        if transport == "ipc":
+            return (shared_dir / "broker").exists()
+        return not _nothing_listens(int(address.rsplit(":", 1)[1]))
+
+    wait_until(lambda: listening() or squatter.poll() is not None, 30, what="the other user's broker to listen")
     assert squatter.poll() is None, procs.stderr(squatter)
     driver = procs.start(*other_user.prefix(), "driver", address, str(marker), env=env)
     worker = procs.start(PY, "-m", "distfork", "worker", "--connect", address, "--no-nanny", env=env)
