@@ -292,6 +292,9 @@ def client_keys(config: Config, address: str | None = None, role: str = "client"
     ``insecure`` (``--insecure``, ``DISTFORK_INSECURE=1``) means no keys at all.
     """
     if config.insecure:
+        if address is not None and not private_ipc(address):
+            log.warning("INSECURE: connecting to %s without keys (DISTFORK_INSECURE): we cannot tell a broker of "
+                        "someone else's from ours there, and it runs whatever it sends", address)
         return None
     keys_dir = _keys_dir(config, address, config.curve_secret_file or config.curve_server_key)
     secret_file = config.curve_secret_file or (_role_file(keys_dir, role) if keys_dir else "")
