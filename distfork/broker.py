@@ -125,7 +125,7 @@ class Broker:
                 "DISTFORK_KEYS_DIR) to the broker, workers and drivers; or bind a loopback address (the default, "
                 f"{DEFAULT_ADDRESS}); or pass --insecure if this network is trusted."
             )
-        if insecure or self.config.insecure:
+        if insecure:
             where = ", ".join(f"{ip}:{port}" for ip, port in endpoint.listening()) or self.address
             log.warning(
                 "INSECURE: broker bound to %s without authentication; anyone who can reach it can run code on the "
