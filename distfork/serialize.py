@@ -364,7 +364,7 @@ def unpack(
     rest = list(frames[2:])
     if "stream" in manifest:  # a pickle stream split into frames of at most FRAME_BYTES (route)
         k = int(manifest["stream"])
-        stream, rest = bytes(_joined([frames[0], *rest[: k - 1]])), rest[k - 1 :]
+        stream, rest = _joined([frames[0], *rest[: k - 1]]), rest[k - 1 :]
     if name is not None:
         view = shm.attach(name, manifest["size"], private)
         if not private:

@@ -43,6 +43,16 @@ def test_a_large_pickle_stream_is_split_too() -> None:
     assert serialize.unpack(_over_the_wire(frames), private=False) == value
 
 
+def test_a_split_stream_and_split_buffers_together() -> None:
+    value = (list(range(3000)), np.arange(4000, dtype=np.int32), [np.ones(10), np.zeros(700)])
+    frames, _ = serialize.route(serialize.dumps(value, oob_threshold_bytes=64), None)
+    assert all(memoryview(f).nbytes <= SMALL for f in frames)
+    back = serialize.unpack(_over_the_wire(frames), private=False)
+    assert back[0] == value[0]
+    np.testing.assert_array_equal(back[1], value[1])
+    np.testing.assert_array_equal(back[2][1], value[2][1])
+
+
 def test_payloads_within_one_frame_keep_the_old_layout() -> None:
     value = np.arange(100, dtype=np.uint8)
     frames, _ = serialize.route(serialize.dumps(value, oob_threshold_bytes=64), None)
