@@ -37,9 +37,9 @@ from typing import Any
 
 import zmq
 
-from . import protocol, security, shm
+from . import endpoint, protocol, security, shm
 from .broker_state import BrokerState, PeerInfo
-from .config import Config
+from .config import DEFAULT_ADDRESS, Config
 from .errors import ProtocolError
 from .metrics import BrokerMetrics
 from .protocol import Entry, Flag, Msg
@@ -51,20 +51,23 @@ log = logging.getLogger(__name__)
 _BATCH_MAX = 2000  # tasks or results per message we send
 _RECV_BURST = 2000  # messages handled before we dispatch and send
 _STEAL_CHECK_S = 0.02  # how often to look for stalled workers while another idles
+# Messages whose sender's key must be admitted for the role they speak for (a HELLO names its
+# role; a worker process's supervisor and control socket speak for workers).
+_ROLE_BOUND = frozenset({Msg.HELLO, Msg.EXITED, Msg.KEEPALIVE})
 
 
 class Broker:
     """A result broker bound to ``address``; :meth:`serve_forever` runs it."""
 
     def __init__(self, address: str, config: Config, parent_pid: int | None = None, session: str | None = None,
-                 metrics_port: int | None = None, metrics_host: str = "127.0.0.1") -> None:
+                 metrics_port: int | None = None, metrics_host: str = "127.0.0.1", insecure: bool = False) -> None:
         self.config = config
         self.parent_pid = parent_pid
         self.session = session or secrets.token_hex(4)
         self._ticks = 0
         self._ctx = zmq.Context()
         self.sock = self._ctx.socket(zmq.ROUTER)
-        keys = security.server_keys(config)
+        keys = security.server_keys(config, address)
         self.auth = security.ServerAuth(self._ctx, keys) if keys is not None else None
         if self.auth is not None:
             self.auth.secure(self.sock)
@@ -76,18 +79,66 @@ class Broker:
         self.sock.setsockopt(zmq.RCVHWM, config.hwm)
         if config.max_message_bytes:
             self.sock.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes)
-        self.sock.bind(address)
+        if "[" in address:
+            self.sock.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:PORT (only then: IPv4 addresses stay AF_INET)
+        self._bind(address)
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.state = BrokerState(config, time.monotonic())
         self.metrics = BrokerMetrics(self.state)
         # Prometheus /metrics, from prometheus_client's own thread (it reads numbers, never the socket).
         self.metrics_server = self.metrics.serve(metrics_port, metrics_host) if metrics_port is not None else None
+        try:
+            self._check_exposure(address, insecure)
+        except BaseException:
+            self._close_sockets()
+            raise
         self._stopping = False
         self._reload_keys = False
         self._reclaims: list[tuple[PeerInfo, list[int]]] = []
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+
+    def _bind(self, address: str) -> None:
+        """Bind; an ipc:// socket file is made 0600 (umask 077 while binding, then chmod), whatever the umask."""
+        if not address.startswith("ipc://"):
+            self.sock.bind(address)
+            return
+        old = os.umask(0o077)
+        try:
+            self.sock.bind(address)
+        finally:
+            os.umask(old)
+        os.chmod(address[len("ipc://"):], 0o600)
+
+    def _check_exposure(self, address: str, insecure: bool) -> None:
+        """Serve only what is safe: judged by what the kernel says we listen on, never by the address string."""
+        if self.auth is not None:
+            return  # CURVE: only admitted keys get in
+        wide = endpoint.exposed()
+        insecure = insecure or self.config.insecure
+        if wide and not insecure:
+            raise endpoint.ExposedError(
+                f"refusing to bind {address} without keys: the broker listens on {', '.join(wide)}, which is "
+                "not loopback, so it is reachable from other machines, and whoever can reach a distfork broker can "
+                "run any code on its workers. Make keys with `distfork keygen DIR` and pass --keys-dir DIR (or "
+                "DISTFORK_KEYS_DIR) to the broker, workers and drivers; or bind a loopback address (the default, "
+                f"{DEFAULT_ADDRESS}); or pass --insecure if this network is trusted."
+            )
+        if insecure:
+            where = ", ".join(f"{ip}:{port}" for ip, port in endpoint.listening()) or self.address
+            log.warning(
+                "INSECURE: broker bound to %s without authentication; anyone who can reach it can run code on the "
+                "workers (listening on %s)", self.address, where,
+            )
+
+    def _close_sockets(self) -> None:
+        self.sock.close(linger=0)
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+        if self.auth is not None:
+            self.auth.stop()
+        self._ctx.term()
 
     def stop(self) -> None:
         """Ask the loop to end (safe from a signal handler or another thread)."""
@@ -187,6 +238,8 @@ class Broker:
 
     def _handle(self, peer: bytes, frames: list[Any], now: float) -> None:
         kind, body = protocol.decode(frames)
+        if self.auth is not None and kind in _ROLE_BOUND and self._refuse_role(peer, frames, kind, body):
+            return
         p = self.state.seen(peer, now)
         if p is not None:
             if kind is Msg.SUBMIT and p.role == "driver":
@@ -251,6 +304,19 @@ class Broker:
             for name in names if isinstance(names, list) else ():
                 if isinstance(name, str) and shm.parse(name) is not None:
                     shm.unlink(name)
+
+    def _refuse_role(self, peer: bytes, frames: list[Any], kind: Msg, body: memoryview) -> bool:
+        """A HELLO (or a worker's own message) whose key is not admitted for that role: REJECT it, never register."""
+        assert self.auth is not None
+        role = protocol.decode_json(body).get("role") if kind is Msg.HELLO else "worker"
+        why = self.auth.refusal(frames[0], role)
+        if why is None:
+            return False
+        self.state.counters["hellos_refused"] += 1
+        log.warning("refused a %s %s from a key not admitted for that role", role, kind.name)
+        self.state.bye(peer, time.monotonic())  # a registered peer that says hello in another role
+        self._send(peer, protocol.encode_json(Msg.REJECT, {"reason": why, "refused": True}))
+        return True
 
     def _status(self, now: float) -> dict[str, Any]:
         snap = self.state.status(now)

@@ -13,15 +13,12 @@ drivers and workers alike connect to::
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
-import urllib.parse
 from typing import Any
 
 import click
@@ -44,23 +41,6 @@ def _setup_logging(level: str) -> None:
     )
 
 
-def _is_loopback(address: str) -> bool:
-    """True if a ZeroMQ address only listens on this machine."""
-    scheme, _, rest = address.partition("://")
-    if scheme in ("ipc", "inproc"):
-        return True
-    host = urllib.parse.urlsplit(f"//{rest}").hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        try:
-            return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
-        except OSError:
-            return False
-
-
 def _host_of(address: str) -> str:
     """The host part of a tcp:// address (``*`` is every interface); loopback for ipc:// and the like."""
     scheme, _, rest = address.partition("://")
@@ -70,24 +50,21 @@ def _host_of(address: str) -> str:
     return "0.0.0.0" if host in ("*", "") else host
 
 
-def _check_bind(address: str, insecure: bool) -> None:
-    if _is_loopback(address):
-        return
-    from .security import server_keys
+def _check_bind(address: str, metrics_host: str | None = None) -> None:
+    """Refuse address forms we do not understand (see endpoint.py); what is really bound is checked after binding."""
+    from .endpoint import check_bind, check_host
 
-    if server_keys(_config.load()) is not None:
-        return  # CURVE: only admitted keys get in
-    if not insecure:
-        raise click.UsageError(
-            f"refusing to bind {address} without keys: it is reachable from other machines, and whoever can "
-            "reach a distfork broker can run any code on its workers. Make keys with `distfork keygen DIR` and "
-            "pass --keys-dir DIR (or DISTFORK_KEYS_DIR) to the broker, workers and drivers; or bind a loopback "
-            f"address (the default, {DEFAULT_ADDRESS}); or pass --insecure if this network is trusted."
-        )
-    log.warning(
-        "INSECURE: broker bound to %s without authentication; anyone who can reach it can run code on the workers",
-        address,
-    )
+    try:
+        check_bind(address)
+        if metrics_host is not None:
+            check_host(metrics_host, "--metrics-host")
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def _insecure(insecure: bool) -> dict[str, bool]:
+    """``--insecure``: no keys at all, not even this user's default ones (children inherit it)."""
+    return {"insecure": True} if insecure else {}
 
 
 def _set_env(name: str) -> Any:
@@ -126,23 +103,31 @@ def cli(log_level: str) -> None:
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--force", is_flag=True, help="Replace keys that exist.")
 def keygen(directory: str, force: bool) -> None:
-    """Write CURVE key pairs for a broker and its clients, and an allow-list, into DIRECTORY."""
+    """Write CURVE key pairs for a broker, its workers and its clients, and the allow-lists, into DIRECTORY.
+
+    Secret keys are 0600 from their first byte, directories 0700. Without any keys
+    configured, a tcp:// cluster uses this user's default ones, made on first use
+    under $XDG_CONFIG_HOME/distfork (or ~/.config/distfork).
+    """
     from .security import keygen as make_keys
 
     try:
         paths = make_keys(directory, overwrite=force)
     except FileExistsError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"broker key pair:  {paths['broker']}  {paths['broker_secret']}")
-    click.echo(f"client key pair:  {paths['client']}  {paths['client_secret']}")
-    click.echo(f"allow-list:       {os.path.dirname(paths['allowed'])}/ (holds the client's public key)")
+    click.echo(f"broker key pair:  {paths['broker']}  {paths['broker_secret']}   (the broker only)")
+    click.echo(f"worker key pair:  {paths['worker']}  {paths['worker_secret']}   (workers, with broker.key)")
+    click.echo(f"client key pair:  {paths['client']}  {paths['client_secret']}   (drivers, status, with broker.key)")
+    click.echo(f"allow-lists:      {paths['allowed']}/clients/ and {paths['allowed']}/workers/ (public keys by role)")
     click.echo(f"use: distfork --keys-dir {directory} broker --bind tcp://0.0.0.0:7340   (and the same --keys-dir, "
                f"or DISTFORK_KEYS_DIR={directory}, for workers and drivers)")
 
 
 @cli.command()
 @click.option("--bind", default=DEFAULT_ADDRESS, show_default=True, help="Address drivers and workers connect to.")
-@click.option("--insecure", is_flag=True, help="Allow binding a non-loopback address without keys.")
+@click.option("--insecure", is_flag=True,
+              help="No keys (not even this user's default ones): anyone who can reach the address runs code. "
+                   "Clients then need DISTFORK_INSECURE=1.")
 @click.option("--parent-pid", type=int, default=None, hidden=True, help="Stop when this process is gone.")
 @click.option("--session", default=None, hidden=True, help="Session id (shared-memory name prefix); random by default.")
 @click.option("--metrics-port", type=click.IntRange(min=0, max=65535), default=None,
@@ -152,12 +137,13 @@ def broker(bind: str, insecure: bool, parent_pid: int | None, session: str | Non
            metrics_host: str | None) -> None:
     """Run a broker: the task table that drivers and workers connect to."""
     from .broker import Broker
+    from .endpoint import ExposedError
 
-    _check_bind(bind, insecure)
+    _check_bind(bind, metrics_host)
     try:
-        b = Broker(bind, _config.load(), parent_pid=parent_pid, session=session, metrics_port=metrics_port,
-                   metrics_host=metrics_host or _host_of(bind))
-    except OSError as exc:  # the metrics port (ZeroMQ's own errors are not OSErrors)
+        b = Broker(bind, _config.load(**_insecure(insecure)), parent_pid=parent_pid, session=session,
+                   metrics_port=metrics_port, metrics_host=metrics_host or _host_of(bind), insecure=insecure)
+    except (OSError, ExposedError, ValueError) as exc:  # the metrics port, exposure, key files
         raise click.ClickException(str(exc)) from None
     b.install_signal_handlers()
     b.serve_forever()
@@ -176,7 +162,13 @@ def broker(bind: str, insecure: bool, parent_pid: int | None, session: str | Non
 def worker(address: str, slots: int | None, processes: int, name: str | None, nanny: bool,
            parent_pid: int | None) -> None:
     """Run a worker that takes tasks from the broker at --connect."""
+    from .security import client_keys
+
     cfg = _config.load()
+    try:
+        client_keys(cfg, address, role="worker")  # bad key files: say so once, before any process starts
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
     if nanny:
         from .cluster import Supervisor
 
@@ -223,7 +215,9 @@ def _run_until_signal(sup: Any, banner: str | None = None) -> None:
 @click.option("--bind", default=DEFAULT_ADDRESS, show_default=True, help="The cluster's address.")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Worker processes (default: one per core).")
 @click.option("--slots", type=click.IntRange(min=1), default=None, help="Slots per worker.")
-@click.option("--insecure", is_flag=True, help="Allow binding a non-loopback address without keys.")
+@click.option("--insecure", is_flag=True,
+              help="No keys (not even this user's default ones): anyone who can reach the address runs code. "
+                   "Clients then need DISTFORK_INSECURE=1.")
 @click.option("--metrics-port", type=click.IntRange(min=1, max=65535), default=None,
               help="The broker serves Prometheus metrics on this port.")
 @click.option("--metrics-host", default=None, help="Address the metrics port listens on (default: the --bind host).")
@@ -232,15 +226,21 @@ def up(bind: str, workers: int | None, slots: int | None, insecure: bool, metric
     """Run a broker and workers in the foreground until Ctrl-C or SIGTERM."""
     from .cluster import LocalCluster
 
-    _check_bind(bind, insecure)
+    _check_bind(bind, metrics_host)
     metrics = ["--metrics-port", str(metrics_port), "--metrics-host", metrics_host or _host_of(bind)] \
         if metrics_port is not None else []
-    cluster = LocalCluster(_config.load(), workers=workers, address=bind, slots=slots, broker_args=metrics)
-    _run_until_signal(cluster, banner=(
-        f"distfork cluster up at {bind} with {cluster.n_workers} workers\n"
-        f"connect with: DISTFORK_ADDRESS={bind}  (or distfork.init({bind!r}))"
-        + (f"\nmetrics at http://{metrics[3]}:{metrics_port}/metrics" if metrics else "")
-    ))
+    # The child broker judges what it really listens on; it must be told our --insecure.
+    broker_args = [*metrics, "--insecure"] if insecure else metrics
+    cluster = LocalCluster(_config.load(**_insecure(insecure)), workers=workers, address=bind, slots=slots,
+                           broker_args=broker_args)
+    try:
+        _run_until_signal(cluster, banner=(
+            f"distfork cluster up at {bind} with {cluster.n_workers} workers\n"
+            f"connect with: DISTFORK_ADDRESS={bind}  (or distfork.init({bind!r}))"
+            + (f"\nmetrics at http://{metrics[3]}:{metrics_port}/metrics" if metrics else "")
+        ))
+    except (RuntimeError, TimeoutError) as exc:  # the broker did not start (its own error is logged above)
+        raise click.ClickException(str(exc)) from None
 
 
 @cli.command()
@@ -256,7 +256,7 @@ def status(address: str, as_json: bool, timeout_s: float, expect_host: str | Non
 
     try:
         snap = query_status(address, timeout_s)
-    except (TimeoutError, DistforkError) as exc:
+    except (TimeoutError, DistforkError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
         click.echo(json.dumps(snap, indent=2))

@@ -48,7 +48,7 @@ import zmq
 
 from . import protocol, security, shm
 from .config import Config
-from .forkserver import ForkedProcess, ForkServer
+from .forkserver import COMMAND, ForkedProcess, ForkServer
 from .protocol import Msg
 
 __all__ = ["LocalCluster", "Supervisor", "oom_kill_count"]
@@ -107,7 +107,9 @@ class Supervisor:
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
         # Workers import the driver's modules by reference: give them its path.
-        paths = [os.path.abspath(p) for p in sys.path if p] + [os.getcwd()]
+        # Its own sys.path, as it is: the working directory only if the driver itself imports from it
+        # ('' on sys.path: python -c, -m, the REPL), never added on its own.
+        paths = [os.path.abspath(p) for p in sys.path]
         if env.get("PYTHONPATH"):
             paths.append(env["PYTHONPATH"])
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
@@ -123,7 +125,7 @@ class Supervisor:
 
     def _spawn(self, *args: str) -> Process:
         if not self.fork_server:
-            cmd = [sys.executable, "-m", "distfork", *args, "--parent-pid", str(os.getpid())]
+            cmd = [*COMMAND, *args, "--parent-pid", str(os.getpid())]
             return subprocess.Popen(cmd, env=self._env(), stdin=subprocess.DEVNULL)
         try:
             return self._fork(args)
@@ -199,7 +201,7 @@ class Supervisor:
         sock: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 1000)
-        security.secure_client(sock, security.client_keys(self.config))
+        security.secure_client(sock, security.client_keys(self.config, self.address, role="worker"))
         sock.connect(self.address)
         host = socket.gethostname()
 

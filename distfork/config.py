@@ -52,21 +52,30 @@ class Config:
     #: blocks beyond it (one task is always let through, whatever its size).
     window_bytes: int = 1024 * 1024 * 1024
     #: Largest message frame the broker accepts from a peer, in bytes (0: no
-    #: limit). Checked by libzmq before anything else, authenticated or not.
-    max_message_bytes: int = 4 * 1024**3
+    #: limit). Checked by libzmq before anything else, authenticated or not: it
+    #: bounds what a peer that never authenticates can make the broker hold.
+    #: Payloads are split into frames of ``serialize.FRAME_BYTES`` (16 MiB), so
+    #: arrays of any size still travel.
+    max_message_bytes: int = 32 * 1024**2
     #: Seconds a peer has to finish its handshake (and CURVE authentication).
     handshake_s: float = 5.0
     #: Connections the broker lets wait to be accepted (the listen backlog).
     backlog: int = 100
     #: Directory laid out by ``distfork keygen``: every role takes its keys from
-    #: it (see distfork/security.py). Empty: no keys, loopback only.
+    #: it (see distfork/security.py). Empty: this user's default keys (see default_keys).
     keys_dir: str = ""
     #: Our own secret key file (overrides keys_dir).
     curve_secret_file: str = ""
     #: The broker's public key, a file or its Z85 text (clients; overrides keys_dir).
     curve_server_key: str = ""
-    #: Directory of admitted client public keys (broker; overrides keys_dir).
+    #: Directory of admitted public keys, with ``clients/`` and ``workers/`` inside (broker; overrides keys_dir).
     curve_allow_dir: str = ""
+    #: Without any key setting, a ``tcp://`` cluster uses this user's default credentials, made on
+    #: first use under ``$XDG_CONFIG_HOME/distfork`` (or ``~/.config/distfork``): closed to other
+    #: local users. 0: no keys unless configured (a broker then serves loopback only).
+    default_keys: bool = True
+    #: No keys at all, on every role (``--insecure``): anyone who reaches the broker runs code.
+    insecure: bool = False
     #: ZeroMQ high-water mark (messages) on every socket.
     hwm: int = 100_000
     #: Seconds the driver waits for the broker to answer its hello before

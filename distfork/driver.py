@@ -137,7 +137,7 @@ class Driver:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._wake_pending = False
-        self._keys = security.client_keys(config)  # bad key settings fail here, in the caller
+        self._keys = security.client_keys(config, address)  # bad key settings fail here, in the caller
         self._refused: str | None = None
         self._welcomed = threading.Event()
         self._closing = False
@@ -479,7 +479,11 @@ class Driver:
 
     def _handshake(self, watch: security.HandshakeWatch) -> None:
         text = watch.check()
-        if text is None or self._refused is not None:
+        if text is not None:
+            self._refuse(text)
+
+    def _refuse(self, text: str) -> None:
+        if self._refused is not None:
             return
         self._refused = text
         log.error("%s", text)
@@ -539,7 +543,10 @@ class Driver:
             elif kind is Msg.RECLAIMED:
                 self._reclaimed(protocol.decode_json(body))
             elif kind is Msg.REJECT:
-                if may_rehello:
+                reject = protocol.decode_json(body)
+                if reject.get("refused"):  # our key is admitted, but not as a client
+                    self._refuse(f"the broker at {self.address} refused us: {reject.get('reason')}")
+                elif may_rehello:
                     log.info("broker at %s does not know us (restarted?): saying hello again", self.address)
                     self._hello(sock)
                     self._resubmit_all()

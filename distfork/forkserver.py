@@ -42,7 +42,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["ForkServer", "ForkedProcess", "serve"]
+__all__ = ["COMMAND", "ForkServer", "ForkedProcess", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,12 @@ class ForkedProcess:
         self._ended.set()
 
 
+#: How the cluster's processes run ``distfork``: like ``python -m distfork``, but without the
+#: working directory ahead of everything on sys.path (``-m`` and ``-c`` put it first), so a
+#: ``click.py`` lying in a shared directory the driver was started from is never imported.
+COMMAND = (sys.executable, "-c", "import sys; del sys.path[0]; from distfork.cli import main; main()")
+
+
 class ForkServer:
     """The driver's side: start the server, ask it for processes, learn when they end."""
 
@@ -89,7 +95,7 @@ class ForkServer:
         self.timeout_s = timeout_s
         read_fd, write_fd = os.pipe()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "distfork", "fork-server", "--report-fd", str(write_fd),
+            [*COMMAND, "fork-server", "--report-fd", str(write_fd),
              "--parent-pid", str(os.getpid())],
             env=env, stdin=subprocess.PIPE, pass_fds=(write_fd,),
         )

@@ -45,7 +45,7 @@ from .errors import SerializationError
 from .future import Future as _Future
 
 __all__ = [
-    "FutureArgument", "Lease", "describe", "free", "dumps", "dumps_call",
+    "FRAME_BYTES", "FutureArgument", "Lease", "describe", "free", "dumps", "dumps_call",
     "loads", "oob_bytes", "pack", "route", "unpack", "unpack_call",
 ]
 
@@ -238,6 +238,10 @@ def loads(frames: Sequence[Any]) -> Any:
 
 
 _ALIGN = 64
+#: Largest frame a payload puts on the wire: larger pickle streams and buffers (the frames path,
+#: between hosts) are split into frames of this size, so the broker can refuse any frame larger
+#: than ``max_message_bytes`` (config.py) before a peer has authenticated.
+FRAME_BYTES = 16 * 1024 * 1024
 _shm_warned = False
 
 
@@ -257,10 +261,11 @@ def route(
 ) -> tuple[list[Any], shm.Segment | None]:
     """Lay ``dumps`` output out for the wire: see the module docstring."""
     global _shm_warned
-    if len(frames) == 1:
+    if len(frames) == 1 and len(frames[0]) <= FRAME_BYTES:
         return frames, None
     stream, bufs = frames[0], frames[1:]
-    if pool is not None:
+    # A pickle stream too large for one frame goes the frames way (shm.segment_of knows [stream, manifest] only).
+    if pool is not None and bufs and len(stream) <= FRAME_BYTES:
         extents, total = [], 0
         for b in bufs:
             total = -(-total // _ALIGN) * _ALIGN
@@ -278,7 +283,32 @@ def route(
             manifest = {"shm": seg.name, "size": seg.size, "bufs": extents}
             return [stream, json.dumps(manifest).encode()], seg
     manifest = {"bufs": [b.nbytes for b in bufs]}
-    return [stream, json.dumps(manifest).encode(), *bufs], None
+    if len(stream) <= FRAME_BYTES and all(b.nbytes <= FRAME_BYTES for b in bufs):
+        return [stream, json.dumps(manifest).encode(), *bufs], None
+    # Split into frames of at most FRAME_BYTES (views, no copy): the broker's max_message_bytes stays small.
+    parts = _split(memoryview(stream))
+    pieces = [_split(b) for b in bufs]
+    manifest["stream"] = len(parts)
+    manifest["chunks"] = [len(p) for p in pieces]
+    return [parts[0], json.dumps(manifest).encode(), *parts[1:], *(f for p in pieces for f in p)], None
+
+
+def _split(view: memoryview) -> list[memoryview]:
+    view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+    return [view[i : i + FRAME_BYTES] for i in range(0, view.nbytes, FRAME_BYTES)] or [view]
+
+
+def _joined(frames: Sequence[Any]) -> Any:
+    """One writable buffer from the frames a split buffer came in (one copy)."""
+    if len(frames) == 1:
+        return _writable(frames[0])
+    views = [memoryview(f).cast("B") for f in frames]
+    out = bytearray(sum(v.nbytes for v in views))
+    at = 0
+    for v in views:
+        out[at : at + v.nbytes] = v
+        at += v.nbytes
+    return out
 
 
 class Lease:
@@ -330,6 +360,11 @@ def unpack(
         return pickle.loads(frames[0])
     manifest = json.loads(bytes(frames[1]))
     name = manifest.get("shm")
+    stream: Any = frames[0]
+    rest = list(frames[2:])
+    if "stream" in manifest:  # a pickle stream split into frames of at most FRAME_BYTES (route)
+        k = int(manifest["stream"])
+        stream, rest = _joined([frames[0], *rest[: k - 1]]), rest[k - 1 :]
     if name is not None:
         view = shm.attach(name, manifest["size"], private)
         if not private:
@@ -340,9 +375,14 @@ def unpack(
         bufs = [view[off : off + n] for off, n in manifest["bufs"]]
         if leases is not None:
             leases.append(Lease(view, bufs))
+    elif "chunks" in manifest:  # buffers split into frames of at most FRAME_BYTES (route)
+        bufs = []
+        for count in manifest["chunks"]:
+            bufs.append(_joined(rest[:count]))
+            rest = rest[count:]
     else:
-        bufs = [_writable(f) for f in frames[2:]]
-    return pickle.loads(frames[0], buffers=bufs)
+        bufs = [_writable(f) for f in rest]
+    return pickle.loads(stream, buffers=bufs)
 
 
 def _writable(frame: Any) -> Any:

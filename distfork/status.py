@@ -28,7 +28,8 @@ def query_status(address: str, timeout_s: float = 5.0) -> dict[str, Any]:
     sock.setsockopt(zmq.ROUTING_ID, b"S" + os.urandom(8))
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
-    monitor = security.watch_handshake(sock) if security.secure_client(sock, security.client_keys(load())) else None
+    keys = security.client_keys(load(), address)
+    monitor = security.watch_handshake(sock) if security.secure_client(sock, keys) else None
     if monitor is not None:
         poller.register(monitor, zmq.POLLIN)
     deadline = time.monotonic() + timeout_s

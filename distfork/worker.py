@@ -139,7 +139,7 @@ class Worker:
         self.pool: shm.SegmentPool | None = None
         self._pool_lock = threading.Lock()
         self.slots_: list[_Slot] = []
-        self._keys = security.client_keys(config)
+        self._keys = security.client_keys(config, address, role="worker")
         # Task keys the broker withdrew: a slot skips them, the control thread
         # ends the process if one is running.
         self.cancelled: set[int] = set()
@@ -312,7 +312,9 @@ class Worker:
                     running = [r[0] for s in self.slots_ if (r := s.running) is not None and r[0] in keys]
                     if running:
                         self._abort(control, cancelled=running)
-                elif kind not in (Msg.HEARTBEAT, Msg.REJECT, Msg.BYE):
+                elif kind is Msg.REJECT:
+                    self.refused(protocol.decode_json(body))
+                elif kind not in (Msg.HEARTBEAT, Msg.BYE):
                     raise ProtocolError(f"unexpected {kind.name} on the control socket")
             except ProtocolError as exc:
                 log.warning("dropped a message from the broker: %s", exc)
@@ -345,6 +347,12 @@ class Worker:
             tracker.wait(_LINGER_MS / 1000)
         except zmq.NotDone:
             log.warning("%s: could not deliver its goodbye to the broker", self.where)
+
+    def refused(self, reject: dict[str, Any]) -> None:
+        """A REJECT: if the broker refused our key for the worker role, leave for good (from any thread)."""
+        if reject.get("refused"):
+            log.error("%s: the broker at %s refused us: %s", self.where, self.address, reject.get("reason"))
+            self._exit(security.EXIT_REFUSED)  # a supervisor does not restart a refused worker
 
     def _exit(self, code: int) -> None:
         """Leave at once, although slot threads are inside tasks."""
@@ -504,6 +512,7 @@ class _Slot:
                     self.local.clear()
                     self.local.extend(keep)
                 elif kind is Msg.REJECT:
+                    self.worker.refused(protocol.decode_json(body))
                     now = time.monotonic()
                     if now - self._last_hello > self.worker.config.heartbeat_s:
                         log.info("broker at %s does not know us (restarted?): saying hello again", self.worker.address)

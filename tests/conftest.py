@@ -9,10 +9,12 @@ from __future__ import annotations
 import gc
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -24,6 +26,17 @@ import pytest
 
 import distfork
 from distfork.status import query_status
+
+# The tests' own default credentials (distfork makes a user's keys on first use under
+# $XDG_CONFIG_HOME/distfork): one private directory per test session, never root's real
+# ~/.config. Set here, so the driver in this process and every process a test starts see it.
+CONFIG_HOME = tempfile.mkdtemp(prefix="distfork-test-config-")
+os.environ["XDG_CONFIG_HOME"] = CONFIG_HOME
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(CONFIG_HOME, ignore_errors=True)
+
 
 ROOT = Path(__file__).resolve().parent.parent
 # Task functions live in tests/tasks.py; workers import them by reference.

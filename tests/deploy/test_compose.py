@@ -78,24 +78,28 @@ def test_one_broker_and_scalable_workers_from_one_image(compose: dict[str, Any])
         assert svc["image"] == "distfork:latest"
         assert svc["build"]["context"] == "./worker" and svc["build"]["additional_contexts"] == {"src": "."}
         assert (ROOT / "worker" / "Dockerfile").exists()
-        assert "./keys:/keys:ro" in svc["volumes"]
+        assert svc["environment"]["DISTFORK_KEYS_DIR"] == "/keys"
+        assert svc["read_only"] is True and svc["cap_drop"] == ["ALL"]
+        assert "no-new-privileges:true" in svc["security_opt"]
         assert svc["healthcheck"]["test"] == ["CMD", "distfork-entrypoint", "health"]
+    assert "./keys:/keys:ro" in broker["volumes"]
+    # workers get only their own pair and the broker's public key: never its secret, nor a client key
+    assert sorted(v.split(":")[1] for v in worker["volumes"]) == ["/keys/broker.key", "/keys/worker.key",
+                                                                   "/keys/worker.key_secret"]
+    assert all(v.endswith(":ro") for v in worker["volumes"])
     # `--scale worker=N` needs a worker without a fixed name or published port
     assert "container_name" not in worker and "ports" not in worker
     assert _size_bytes(worker["shm_size"]) >= 1 << 30
     assert worker["depends_on"]["broker"]["condition"] == "service_healthy"
 
 
-def test_the_broker_binds_everywhere_insecurely_and_says_so(compose: dict[str, Any]) -> None:
+def test_the_broker_binds_everywhere_with_keys(compose: dict[str, Any]) -> None:
     broker = compose["services"]["broker"]
     role, *args = broker["command"]
-    assert role == "broker" and "--insecure" in args
+    assert role == "broker" and "--insecure" not in args  # keyed by default (issue 11)
     _parses(["broker", "--bind", broker["environment"]["DISTFORK_BIND"], *args])
     assert broker["environment"]["DISTFORK_BIND"] == "tcp://0.0.0.0:7340"
-    text = COMPOSE.read_text()
-    insecure_at = text.index('command: ["broker", "--insecure"]')
-    assert "INSECURE" in text[text.rindex("broker:", 0, insecure_at):insecure_at]  # the loud comment above it
-    assert "DISTFORK_KEYS_DIR" in text
+    assert "--insecure" not in COMPOSE.read_text()
     # both ports are published on the host's loopback only: the broker port (drivers) and the metrics port
     published = {p.split(":")[-1]: p for p in broker["ports"]}
     assert set(published) == {"7340", broker["environment"]["DISTFORK_METRICS_PORT"]}

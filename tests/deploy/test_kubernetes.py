@@ -85,13 +85,12 @@ def test_the_service_selects_the_broker_and_its_ports() -> None:
         assert p["targetPort"] in ports and ports[p["targetPort"]] == p["port"]
     c = container(broker)
     role, *args = c["args"]
-    assert role == "broker" and "--insecure" in args
+    assert role == "broker" and "--insecure" not in args  # keyed by default (issue 11)
     env = env_of(c)
     assert env["DISTFORK_BIND"].endswith(f":{ports['distfork']}")
     assert env["DISTFORK_METRICS_PORT"] == str(ports["metrics"])
     _parses(["broker", "--bind", env["DISTFORK_BIND"], "--metrics-port", env["DISTFORK_METRICS_PORT"], *args])
-    text = (ROOT / "deploy" / "kubernetes" / "broker.yaml").read_text()
-    assert "INSECURE" in text and "DISTFORK_KEYS_DIR" in text
+    assert env["DISTFORK_KEYS_DIR"] == "/keys"
     annotations = broker["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == str(ports["metrics"])
 
@@ -147,22 +146,32 @@ def test_pods_run_as_the_images_non_root_user_with_the_keys_secret() -> None:
         (keys,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/keys"]
         assert keys["readOnly"] is True
         ref = volumes[keys["name"]]["secret"]
-        assert ref["secretName"] == secret["metadata"]["name"] and ref["optional"] is True
+        assert ref["secretName"] == secret["metadata"]["name"] and ref["optional"] is False  # keyed, always
+        assert ref["defaultMode"] == 0o400 and pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+        assert env_of(c)["DISTFORK_KEYS_DIR"] == keys["mountPath"]
+        assert pod["automountServiceAccountToken"] is False
         for item in ref["items"]:
             assert item["key"] in secret["stringData"]
     broker_keys = {i["path"] for v in find("Deployment", "distfork-broker")["spec"]["template"]["spec"]["volumes"]
                    if "secret" in v for i in v["secret"]["items"]}
-    assert {"broker.key", "broker.key_secret", "allowed/client.key"} <= broker_keys  # `distfork keygen` layout
+    assert {"broker.key", "broker.key_secret", "allowed/clients/client.key",
+            "allowed/workers/worker.key"} <= broker_keys  # `distfork keygen` layout
     worker_keys = {i["path"] for v in find("Deployment", "distfork-worker")["spec"]["template"]["spec"]["volumes"]
                    if "secret" in v for i in v["secret"]["items"]}
-    assert "broker.key_secret" not in worker_keys  # workers never hold the broker's secret
+    assert worker_keys == {"worker.key", "worker.key_secret", "broker.key"}  # never the broker's secret
 
 
 def test_the_network_policy_guards_the_broker_port() -> None:
     policy, broker = find("NetworkPolicy", "distfork-broker"), find("Deployment", "distfork-broker")
     labels = broker["spec"]["template"]["metadata"]["labels"]
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
-    (guarded,) = [rule for rule in policy["spec"]["ingress"] if "from" in rule]
-    assert [p["port"] for p in guarded["ports"]] == [7340]
+    rules = {p["port"]: rule for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+    assert set(rules) == {7340, 9340} and all("from" in rule for rule in rules.values())  # nobody else at all
     worker_labels = find("Deployment", "distfork-worker")["spec"]["template"]["metadata"]["labels"]
-    assert guarded["from"][0]["podSelector"]["matchLabels"].items() <= worker_labels.items()
+    (peers,) = rules[7340]["from"]
+    assert peers["podSelector"]["matchLabels"].items() <= worker_labels.items()
+    assert peers["podSelector"]["matchExpressions"] == [
+        {"key": "app.kubernetes.io/component", "operator": "In", "values": ["worker", "driver"]}]
+    assert labels["app.kubernetes.io/component"] not in ["worker", "driver"]  # not the broker's own pods
+    (scraper,) = rules[9340]["from"]
+    assert scraper["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}

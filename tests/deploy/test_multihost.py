@@ -60,7 +60,7 @@ def cluster() -> Iterator[Cluster]:
         pytest.skip(f"the multi-host cluster {reason}")
     lan = Lan(workers=2).up()
     address = f"tcp://{lan.broker.ip}:7340"
-    env = cli_env(DISTFORK_HEARTBEAT_S="0.2")
+    env = cli_env(DISTFORK_HEARTBEAT_S="0.2", DISTFORK_INSECURE="1")  # a private test network: no keys, every role
     try:
         lan.start(lan.broker, *DISTFORK, "broker", "--bind", address, "--insecure", "--metrics-port", str(METRICS_PORT),
                   env=env)

@@ -3,7 +3,7 @@
 ::
 
     KeySet (two ``distfork keygen`` runs)
-      admitted/   the cluster's keys: broker pair, client pair, allowed/client.key
+      admitted/   the cluster's keys: broker, worker and client pairs, allowed/{clients,workers}/
       foreign/    another cluster's keys: its broker key is the wrong one for ours
       unknown/    our broker's public key + foreign's client pair: a key ours does not admit
 
@@ -74,6 +74,7 @@ def query(address: str, keys_dir: Path | None, timeout_s: float = 5.0) -> dict[s
     with pytest.MonkeyPatch.context() as mp:
         if keys_dir is None:
             mp.delenv("DISTFORK_KEYS_DIR", raising=False)
+            mp.setenv("DISTFORK_DEFAULT_KEYS", "0")
         else:
             mp.setenv("DISTFORK_KEYS_DIR", str(keys_dir))
         return query_status(address, timeout_s)
@@ -108,6 +109,9 @@ class Procs:
         run_env = {**(self.env if env is None else env), **env_extra}
         if "DISTFORK_KEYS_DIR" not in env_extra:
             run_env.pop("DISTFORK_KEYS_DIR", None)  # keys only where a test gives them
+        if "--keys-dir" not in cmd and not any(k.startswith("DISTFORK_CURVE") for k in env_extra) \
+                and not any(a.startswith("--curve") for a in cmd):
+            run_env.setdefault("DISTFORK_DEFAULT_KEYS", "0")  # no keys: not the user's default ones either
         log = self.logs / f"p{len(self.started)}.log"
         with open(log, "wb") as err, open(log.with_suffix(".out"), "wb") as out:
             p = subprocess.Popen([*prefix, *cmd], env=run_env, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
@@ -147,6 +151,8 @@ def run_cli(*args: str, keys: Path | None = None, prefix: tuple[str, ...] = (), 
     env = cli_env(DISTFORK_HEARTBEAT_S="0.2", **env_extra)
     if "DISTFORK_KEYS_DIR" not in env_extra:
         env.pop("DISTFORK_KEYS_DIR", None)
+    if keys is None and "DISTFORK_KEYS_DIR" not in env_extra:
+        env.setdefault("DISTFORK_DEFAULT_KEYS", "0")  # no keys: not the user's default ones either
     key_args = ("--keys-dir", str(keys)) if keys is not None else ()
     return subprocess.run([*prefix, PY, "-m", "distfork", *key_args, *args], env=env, capture_output=True,
                           text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)

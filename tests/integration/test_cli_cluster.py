@@ -149,8 +149,9 @@ def test_up_prints_its_address_serves_a_driver_and_stops_on_sigterm(tmp_path: Pa
 
 
 def test_broker_refuses_a_public_bind_without_insecure() -> None:
+    # DISTFORK_DEFAULT_KEYS=0: no keys at all (by default, the user's own keys make the bind safe)
     done = subprocess.run([sys.executable, "-m", "distfork", "broker", "--bind", f"tcp://0.0.0.0:{free_port()}"],
-                          env=cli_env(), capture_output=True, text=True, timeout=30)
+                          env=cli_env(DISTFORK_DEFAULT_KEYS="0"), capture_output=True, text=True, timeout=30)
     assert done.returncode != 0
     assert "loopback" in done.stderr
     assert "--insecure" in done.stderr
@@ -158,6 +159,7 @@ def test_broker_refuses_a_public_bind_without_insecure() -> None:
 
 def test_up_refuses_a_public_bind_without_insecure() -> None:
     done = subprocess.run([sys.executable, "-m", "distfork", "up", "--workers", "1", "--bind",
-                           f"tcp://0.0.0.0:{free_port()}"], env=cli_env(), capture_output=True, text=True, timeout=30)
+                           f"tcp://0.0.0.0:{free_port()}"], env=cli_env(DISTFORK_DEFAULT_KEYS="0"),
+                          capture_output=True, text=True, timeout=30)
     assert done.returncode != 0
     assert "loopback" in done.stderr and "--insecure" in done.stderr

@@ -103,7 +103,7 @@ CROSS_HOST_DRIVER = """
 
 def test_worker_on_another_host_gets_and_returns_a_large_array_as_frames(lan: Lan, tmp_path: Path) -> None:
     address = f"tcp://{lan.broker.ip}:7340"
-    env = cli_env(DISTFORK_HEARTBEAT_S="0.2")
+    env = cli_env(DISTFORK_HEARTBEAT_S="0.2", DISTFORK_INSECURE="1")  # a private test network: no keys, every role
     lan.start(lan.broker, sys.executable, "-m", "distfork", "broker", "--bind", address, "--insecure", env=env,
               stderr=subprocess.DEVNULL)
     # The worker's "host": another network namespace, and a /dev/shm of its own.

@@ -29,7 +29,7 @@ import zmq
 import distfork
 import tasks
 from conftest import CliCluster, cli_env, free_port, wait_until
-from distfork import protocol
+from distfork import config, protocol, security
 from distfork.protocol import Entry, Msg
 from distfork.status import query_status
 
@@ -196,8 +196,10 @@ def registered_garbage(rng: random.Random, role: str) -> Frames:
 # -- sockets -------------------------------------------------------------------------
 
 
-def dealer(ctx: zmq.Context[Any], address: str, identity: bytes | None = None) -> zmq.Socket[Any]:
+def dealer(ctx: zmq.Context[Any], address: str, identity: bytes | None = None, role: str = "client") -> zmq.Socket[Any]:
+    """A DEALER with this user's default keys for ``role`` (the cluster is keyed by default): admitted garbage."""
     sock = ctx.socket(zmq.DEALER)
+    security.secure_client(sock, security.client_keys(config.load(), address, role=role))
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVHWM, 0)  # keep every REJECT the broker answers, so its status reply is not dropped
     sock.setsockopt(zmq.SNDHWM, 0)
@@ -263,7 +265,7 @@ def test_hostile_messages_are_dropped_and_counted_and_the_broker_keeps_serving(
         before = query_status(address)["counters"]
         anonymous = [dealer(ctx, address, b"F" + os.urandom(8)) for _ in range(8)]
         drivers = [dealer(ctx, address, b"G" + os.urandom(8)) for _ in range(2)]
-        workers = [dealer(ctx, address, b"H" + os.urandom(8)) for _ in range(2)]
+        workers = [dealer(ctx, address, b"H" + os.urandom(8), role="worker") for _ in range(2)]
         sockets += anonymous + drivers + workers
         for s in drivers:
             hello(s, "driver")

@@ -87,7 +87,7 @@ DRIVER = """
 
 def test_a_cut_worker_host_loses_its_tasks_to_the_other_and_rejoins_when_restored(lan: Lan, tmp_path: Path) -> None:
     address = f"tcp://{lan.broker.ip}:7340"
-    env = cli_env(DISTFORK_HEARTBEAT_S="0.2")
+    env = cli_env(DISTFORK_HEARTBEAT_S="0.2", DISTFORK_INSECURE="1")  # a private test network: no keys, every role
     lan.start(lan.broker, sys.executable, "-m", "distfork", "broker", "--bind", address, "--insecure", env=env,
               stderr=subprocess.DEVNULL)
     hosts = {host.name: host for host in lan.worker_hosts}  # "w1", "w2"

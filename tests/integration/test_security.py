@@ -2,7 +2,7 @@
 
 ::
 
-    keys.admitted   `distfork keygen`: the cluster's broker pair, client pair, allowed/
+    keys.admitted   `distfork keygen`: the cluster's broker, worker and client pairs, allowed/{clients,workers}/
     keys.foreign    another keygen: its broker key is the wrong one for our cluster
     keys.unknown    our broker's public key + foreign's client pair: a key ours does not admit
 
@@ -11,7 +11,8 @@
     drivers: distfork.init(address, keys_dir=...) in this process, or raw peers
              (pyzmq DEALERs, a hand-written ZMTP peer, plain TCP sockets)
 
-Keys reach our own driver through ``init(keys_dir=...)`` and the processes we
+"No keys" means none at all (DISTFORK_DEFAULT_KEYS=0: not the user's default
+credentials either). Keys reach our own driver through ``init(keys_dir=...)`` and the processes we
 start through their command line or environment: never this process's
 environment, which other tests share. The encryption test runs a whole
 cluster inside a network namespace of its own and captures its loopback
@@ -148,7 +149,8 @@ def keyed(procs: Procs, keys: KeySet) -> Cluster:
 
 def connect(address: str, keys_dir: Path | None, **config: Any) -> None:
     """``distfork.init`` for this process's driver: ``keys_dir``'s keys (None: none), our heartbeat."""
-    distfork.init(address, keys_dir=str(keys_dir or ""), heartbeat_s=HEARTBEAT_S, **config)
+    distfork.init(address, keys_dir=str(keys_dir or ""), heartbeat_s=HEARTBEAT_S,
+                  **({"default_keys": False} if keys_dir is None else {}), **config)
 
 
 def host_port(address: str) -> tuple[str, int]:
@@ -352,14 +354,14 @@ def test_sighup_reloads_the_allow_list(procs: Procs, keys: KeySet, tmp_path: Pat
         return True
 
     assert not newcomer_admitted()
-    shutil.copy(newcomer / "client.key", allow / "newcomer.key")
+    shutil.copy(newcomer / "client.key", allow / "clients" / "newcomer.key")
     assert not newcomer_admitted(), "admitted before SIGHUP: the allow-list is read at start and on SIGHUP"
     broker.send_signal(signal.SIGHUP)
     wait_until(lambda: newcomer_admitted(stay=True), 10, what="the newcomer's key to be admitted after SIGHUP")
     assert distfork.wait(distfork.fork(tasks.add, 20, 22), timeout=30) == 42
     distfork.shutdown()
 
-    (allow / "newcomer.key").unlink()  # revoked: new connections are refused again
+    (allow / "clients" / "newcomer.key").unlink()  # revoked: new connections are refused again
     broker.send_signal(signal.SIGHUP)
     wait_until(lambda: not newcomer_admitted(), 10, what="the newcomer's key to be refused after SIGHUP")
     connect(address, keys.admitted)
@@ -373,7 +375,7 @@ def test_a_driver_whose_key_is_revoked_while_connected_fails_its_futures_with_au
     allow = tmp_path / "allowed"
     shutil.copytree(keys.admitted / "allowed", allow)
     newcomer = client_dir(tmp_path / "newcomer", keys.admitted, keygen(tmp_path / "new-pair"))
-    shutil.copy(newcomer / "client.key", allow / "newcomer.key")
+    shutil.copy(newcomer / "client.key", allow / "clients" / "newcomer.key")
     address = f"tcp://127.0.0.1:{free_port()}"
     broker_args = ("--curve-secret-file", str(keys.admitted / "broker.key_secret"), "--curve-allow-dir", str(allow),
                    "broker", "--bind", address)
@@ -384,7 +386,7 @@ def test_a_driver_whose_key_is_revoked_while_connected_fails_its_futures_with_au
     gate = tmp_path / "gate"
     pending = distfork.fork(tasks.wait_for_path, str(gate))
     try:
-        (allow / "newcomer.key").unlink()  # revoked, and the broker restarts: our reconnect is refused
+        (allow / "clients" / "newcomer.key").unlink()  # revoked, and the broker restarts: our reconnect is refused
         broker.send_signal(signal.SIGKILL)
         broker.wait(10)
         procs.distfork(*broker_args)
@@ -459,7 +461,7 @@ def test_refuses_to_bind_beyond_loopback_without_keys(maybe_netns: Netns | str, 
             pytest.skip(maybe_netns)
         prefix, bind = maybe_netns.prefix, f"tcp://{NS_ADDRESS}:{{port}}"
     address = bind.format(port=free_port())
-    done = run_cli("broker", "--bind", address, prefix=prefix)
+    done = run_cli("broker", "--bind", address, prefix=prefix, DISTFORK_DEFAULT_KEYS="0")  # no keys at all
     assert done.returncode != 0, done
     assert f"refusing to bind {address} without keys" in done.stderr, done.stderr
     assert "distfork keygen" in done.stderr and "--insecure" in done.stderr, done.stderr
