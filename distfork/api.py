@@ -14,11 +14,11 @@ import dataclasses
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from . import codeship, protocol, serialize
 from . import config as _config
-from . import protocol, serialize
 from .cluster import LocalCluster
 from .driver import Call, Driver, complete
 from .errors import DistforkError
@@ -64,6 +64,7 @@ def init(
     address: str | None = None,
     mode: str = "cluster",
     workers: int | None = None,
+    code: Sequence[Any] = (),
     **config: Any,
 ) -> None:
     """Set up how forks run in this process.
@@ -74,6 +75,12 @@ def init(
       ``DISTFORK_ADDRESS``); raises ``BrokerUnavailableError`` if nothing answers;
     - ``init(mode="inline")``: run every fork synchronously in the caller,
       with the same results (pickled the same way), for debugging.
+
+    Connected to a cluster at an address, the driver ships the modules it
+    imported from outside site-packages and the standard library to the
+    workers (cached per host by content hash). ``code``: more to ship, paths
+    or modules or module names (also ``DISTFORK_CODE``); ``code_ship=False``
+    (``DISTFORK_CODE_SHIP=0``) turns shipping off.
 
     Other keyword arguments override fields of :class:`distfork.config.Config`.
     """
@@ -93,6 +100,9 @@ def init(
                 address = rt.cluster.address
             rt.driver = Driver(address, cfg, nested=os.environ.get("DISTFORK_IN_WORKER") == "1")
             try:
+                extra = [*codeship.parse_code_setting(cfg.code), *code]
+                if cfg.code_ship and (rt.cluster is None or extra):
+                    rt.driver.shipper = codeship.Shipper(extra, cfg.code_max_bytes, rt.driver.ship_code)
                 rt.driver.connect()
             except BaseException:
                 rt.close()
@@ -149,7 +159,8 @@ def _fork(
     deps: list[Future[Any]] = []
     try:
         frames = serialize.dumps_call(
-            func, args, kwargs, rt.config.oob_threshold_bytes, driver.referrer(deps) if driver is not None else None
+            func, args, kwargs, rt.config.oob_threshold_bytes, driver.referrer(deps) if driver is not None else None,
+            driver.shipper.ref() if driver is not None and driver.shipper is not None else None,
         )
     except serialize.FutureArgument as arg:
         return _fork_after(arg.future, func, args, kwargs, max_retries, timeout_s)

@@ -37,7 +37,7 @@ from typing import Any
 
 import zmq
 
-from . import protocol, security, shm
+from . import codeship, protocol, security, shm
 from .broker_state import BrokerState, PeerInfo
 from .config import Config
 from .errors import ProtocolError
@@ -77,6 +77,7 @@ class Broker:
         if config.max_message_bytes:
             self.sock.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes)
         self.sock.bind(address)
+        self.code = codeship.CodeStore(config.code_store_bytes)  # drivers' code packages, by hash
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.state = BrokerState(config, time.monotonic())
         self.metrics = BrokerMetrics(self.state)
@@ -216,12 +217,18 @@ class Broker:
                 self.state.bye(peer, now)
             elif kind is Msg.STATUS:
                 self._send(peer, protocol.encode_json(Msg.STATUS_REPLY, self._status(now)))
+            elif kind is Msg.CODE and p.role == "driver":
+                self._code_in(frames, body)
+            elif kind is Msg.CODE_GET:
+                self._code_out(peer, body)
             else:
                 raise ProtocolError(f"{kind.name} from a {p.role}")
         elif kind is Msg.HELLO:
             self._hello(peer, body, now)
         elif kind is Msg.STATUS:
             self._send(peer, protocol.encode_json(Msg.STATUS_REPLY, self._status(now)))
+        elif kind is Msg.CODE_GET:  # a worker slot's fetch socket: authenticated, never registered
+            self._code_out(peer, body)
         elif kind is Msg.KEEPALIVE:
             self._call(self.state.keepalive, peer, protocol.decode_json(body), now)
         elif kind is Msg.EXITED:
@@ -230,6 +237,17 @@ class Broker:
             # Typically: we restarted and the peer does not know yet.
             self.state.counters["unknown_peer_messages"] += 1
             self._send(peer, protocol.encode_json(Msg.REJECT, {"reason": "unknown peer: say hello"}))
+
+    def _code_in(self, frames: list[Any], body: memoryview) -> None:
+        code_hash, data = protocol.decode_code(frames, body)
+        if data is None or not self.code.put(code_hash, bytes(data)):
+            raise ProtocolError(f"code package {code_hash[:12]} without data, or whose bytes have another hash")
+
+    def _code_out(self, peer: bytes, body: memoryview) -> None:
+        code_hash = protocol.decode_json(body).get("hash")
+        if not isinstance(code_hash, str) or len(code_hash) != 64:
+            raise ProtocolError(f"CODE_GET names package {code_hash!r}")
+        self._send(peer, protocol.encode_code(code_hash, self.code.get(code_hash)))
 
     def _status(self, now: float) -> dict[str, Any]:
         snap = self.state.status(now)

@@ -108,6 +108,11 @@ class Driver:
         self.nested = nested
         self._reclaims: collections.deque[int] = collections.deque()
         self._recycles: collections.deque[str] = collections.deque()
+        # Code packages to send before the tasks that need them (codeship.Shipper), and the latest
+        # one, sent again after every hello (a restarted broker lost it).
+        self._codes: collections.deque[Any] = collections.deque()
+        self.code_package: Any = None
+        self.shipper: Any = None  # codeship.Shipper, when this driver ships its code
         self._reclaim_waiters: dict[int, tuple[threading.Event, list[bool]]] = {}
         self.config = config
         self.name = name or f"driver-{socket.gethostname()}-{os.getpid()}"
@@ -369,6 +374,17 @@ class Driver:
         self._cancels.append(fut.task_id)
         self._wake()
 
+    def ship_code(self, package: Any) -> None:
+        """Send a ``codeship.Package`` to the broker ahead of any task submitted after this call."""
+        self.code_package = package
+        self._codes.append(package)
+        self._wake()
+
+    def _send_codes(self, sock: zmq.Socket[Any]) -> None:
+        while self._codes:
+            pkg = self._codes.popleft()
+            sock.send_multipart(protocol.encode_code(pkg.hash, pkg.data), copy=False)
+
     def _wake(self, force: bool = False) -> None:
         if self._wake_pending and not force:
             return
@@ -390,6 +406,9 @@ class Driver:
             "heartbeat_s": self.config.heartbeat_s,
         }
         sock.send_multipart(protocol.encode_json(Msg.HELLO, info))
+        if self.code_package is not None:
+            self._codes.appendleft(self.code_package)
+            self._send_codes(sock)
 
     def _run(self) -> None:
         sock = self._ctx.socket(zmq.DEALER)
@@ -423,7 +442,7 @@ class Driver:
                 if watch is not None and watch.monitor in events:
                     self._handshake(watch)
                 if self._outgoing or self._cancels or self._reclaims or self._recycles or self._fetches \
-                        or self._releases:
+                        or self._releases or self._codes:
                     self._flush(sock)
                     last_sent = now
                 if sock in events:
@@ -473,8 +492,10 @@ class Driver:
 
     def _flush(self, sock: zmq.Socket[Any]) -> None:
         out = self._outgoing
+        self._send_codes(sock)
         while out:
             batch = [out.popleft() for _ in range(min(len(out), _BATCH_MAX))]
+            self._send_codes(sock)  # a package shipped just before a task of this batch was appended
             sock.send_multipart(protocol.encode_batch(Msg.SUBMIT, batch), copy=False)
         if self._reclaims:
             ids = [self._reclaims.popleft() for _ in range(len(self._reclaims))]
@@ -643,7 +664,8 @@ class Driver:
                 else:
                     deps: list[Future[Any]] = []
                     frames = serialize.dumps_call(call.func, call.args, call.kwargs, self.config.oob_threshold_bytes,
-                                                  self.referrer(deps))
+                                                  self.referrer(deps),
+                                                  self.shipper.ref() if self.shipper is not None else None)
                     again_call = Call(call.func, call.args, call.kwargs, deps, call.tries + 1) if deps else None
                     self.submit(frames, max_retries, timeout_s, call=again_call, fut=fut)
             except InvalidStateError:

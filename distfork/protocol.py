@@ -21,6 +21,9 @@ Bodies:
   driver's pid, whose death frees the result's shared-memory segment.
   With ``Flag.DEPS``, a task's payload starts with a dependency frame (see
   :class:`Flag` and :func:`encode_deps`);
+* CODE: a JSON object ``{"hash": sha256 hex}`` and, as a second frame,
+  the package's zip bytes (absent in the broker's answer when it does not
+  have that package); CODE_GET: JSON ``{"hash": ...}``;
 * CANCEL, RECLAIM, FETCH, RELEASE: ``u32 count`` then ``count`` u64 task ids;
 * HEARTBEAT, BYE, STATUS: empty.
 
@@ -52,6 +55,7 @@ __all__ = [
     "Status",
     "decode",
     "decode_cancel",
+    "decode_code",
     "decode_batch",
     "decode_json",
     "decode_dep_counts",
@@ -60,6 +64,7 @@ __all__ = [
     "encode_deps",
     "encode_batch",
     "encode_cancel",
+    "encode_code",
     "encode_json",
     "encode_signal",
 ]
@@ -95,6 +100,8 @@ class Msg(enum.IntEnum):
     RECYCLE = 18  # D -> B -> W: result segments nobody maps any more, back to their maker (JSON: names)
     FETCH = 19  # D -> B: send me the values of these held results (ids, as CANCEL)
     RELEASE = 20  # D -> B: I dropped the futures of these held results unfetched (ids, as CANCEL)
+    CODE = 21  # D -> B: a package of the driver's code; B -> asker: the one asked for (see encode_code)
+    CODE_GET = 22  # W (any peer) -> B: send me the code package of this hash (JSON: hash)
 
 
 class Flag:
@@ -270,3 +277,19 @@ def decode_dep_counts(frames: Sequence[Frame]) -> tuple[list[Sequence[Frame]], S
     if at >= len(frames):
         raise ProtocolError("a task with dependencies but no call")
     return deps, frames[at:]
+
+
+def encode_code(code_hash: str, data: Frame | None) -> list[Frame]:
+    """A code package (driver -> broker), or the broker's answer to CODE_GET (``data`` None: it has none)."""
+    head = encode_json(Msg.CODE, {"hash": code_hash})
+    return head if data is None else [*head, data]
+
+
+def decode_code(frames: Sequence[Frame], body: memoryview) -> tuple[str, Frame | None]:
+    """(hash, zip bytes or None) of a CODE message whose header was already decoded."""
+    code_hash = decode_json(body).get("hash")
+    if not isinstance(code_hash, str) or len(code_hash) != 64:
+        raise ProtocolError(f"CODE message names package {code_hash!r}, expected a sha256 hex digest")
+    if len(frames) > 2:
+        raise ProtocolError(f"CODE message of {len(frames)} frames, expected at most 2")
+    return code_hash, (frames[1] if len(frames) == 2 else None)

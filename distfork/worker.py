@@ -38,7 +38,7 @@ from typing import Any
 
 import zmq
 
-from . import protocol, security, serialize, shm
+from . import codeship, protocol, security, serialize, shm
 from .config import Config
 from .errors import ProtocolError, SerializationError
 from .protocol import Entry, Flag, Msg, Status
@@ -79,11 +79,12 @@ def _call(
     leases: list[serialize.Lease], before_call: Callable[[Any], None] | None, deps: Sequence[Sequence[Any]],
 ) -> tuple[int, list[Any]]:
     try:
-        func, args, kwargs = serialize.unpack_call(frames, deps, leases)
+        with codeship.unpickling():  # another slot's swap of the driver's modules must not meet ours
+            func, args, kwargs = serialize.unpack_call(frames, deps, leases)
     except BaseException as exc:  # noqa: BLE001 - reported to the driver
         err = SerializationError(
             f"the worker could not unpickle the task's function or arguments: {type(exc).__name__}: {exc}. "
-            "Is every module the task needs installed on the worker?"
+            + codeship.missing_module_hint(exc)
         )
         err.__cause__ = exc
         return Status.RAISED, serialize.dumps_exception(err, where, oob_threshold_bytes)
@@ -202,6 +203,8 @@ class Worker:
     def serve_forever(self) -> None:
         os.environ["DISTFORK_ADDRESS"] = self.address  # nested forks reach our broker
         os.environ["DISTFORK_IN_WORKER"] = "1"  # ... and may take their queued children back
+        codeship.configure_worker(self.address, self._keys, self.config.code_cache_dir,
+                                  self.config.code_fetch_timeout_s)
         self.slots_ = [_Slot(self, i, ident) for i, ident in enumerate(self.slot_ids)]
         threads = [threading.Thread(target=s.run, name=f"distfork-slot-{s.index}", daemon=True) for s in self.slots_]
         for t in threads:
