@@ -469,12 +469,15 @@ def _owned(names: Iterable[str]) -> list[str]:
     return [key for key in list(sys.modules) if key.partition(".")[0] in tops]
 
 
-def _activate(code_hash: str) -> CodeRef:
-    """Make ``code_hash``'s modules the ones imported (unpickling a task's :class:`CodeRef`)."""
+def _activate(code_hash: str) -> None:
+    """Make ``code_hash``'s modules the ones imported (unpickling a task's :class:`CodeRef`).
+
+    Returns None: the task's call drops the first item of its tuple.
+    """
     w = _worker
+    if code_hash == w.active:  # the common case, under the lock unpack_call holds in a worker
+        return
     with w.lock:
-        if code_hash == w.active:
-            return CodeRef(code_hash)
         new_root, new_names = _install(code_hash) if code_hash else ("", ())
         old_root, old_names = w.roots.get(w.active, ("", ()))
         # Whatever is imported under the names of either package belongs to the active one: put it aside.
@@ -492,7 +495,6 @@ def _activate(code_hash: str) -> CodeRef:
             w.saved.popitem(last=False)
         importlib.invalidate_caches()
         w.active = code_hash
-    return CodeRef(code_hash)
 
 
 def missing_module_hint(exc: BaseException) -> str:

@@ -41,6 +41,8 @@ from typing import Any, cast
 import cloudpickle
 
 from . import shm
+from .codeship import CodeRef as _CodeRef
+from .codeship import _activate as _activate_code
 from .errors import SerializationError
 from .future import Future as _Future
 
@@ -99,6 +101,10 @@ def _value(x: Any) -> Any:
 # cloudpickle has no type information, so its Pickler is Any to mypy.
 class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
     def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is _CodeRef:  # first in every shipped fork's pickle: the short way
+            return _activate_code, (obj.hash,)
+        if obj is _activate_code:
+            return NotImplemented  # by reference, without cloudpickle's lookup
         if isinstance(obj, _Future):
             # A future passed as an argument stands for its value: a reference the
             # broker resolves (see dumps_call), or the value itself once it is here.
