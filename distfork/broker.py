@@ -27,6 +27,7 @@ SIGTERM or SIGINT stop the loop; peers are told BYE.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import secrets
@@ -78,6 +79,8 @@ class Broker:
             self.sock.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes)
         self.sock.bind(address)
         self.code = codeship.CodeStore(config.code_store_bytes)  # drivers' code packages, by hash
+        # (slot, task key) -> (driver, its task id), for lines that arrive after the task's result
+        self._output_routes: collections.OrderedDict[tuple[bytes, int], tuple[bytes, int]] = collections.OrderedDict()
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.state = BrokerState(config, time.monotonic())
         self.metrics = BrokerMetrics(self.state)
@@ -196,6 +199,9 @@ class Broker:
             elif kind is Msg.RESULTS and p.role == "worker":
                 entries = protocol.decode_batch(frames, body)
                 self.metrics.results_in(p, entries, now)
+                for e in entries:
+                    if e.flags & Flag.OUTPUT:  # its last lines may come after it, by another socket
+                        self._route_output(p, e.id)
                 self.state.results(p, entries)
             elif kind is Msg.HEARTBEAT:
                 pass
@@ -229,6 +235,8 @@ class Broker:
             self._send(peer, protocol.encode_json(Msg.STATUS_REPLY, self._status(now)))
         elif kind is Msg.CODE_GET:  # a worker slot's fetch socket: authenticated, never registered
             self._code_out(peer, body)
+        elif kind is Msg.OUTPUT:  # a worker process's control socket: what its running tasks print
+            self._output(peer, protocol.decode_json(body))
         elif kind is Msg.KEEPALIVE:
             self._call(self.state.keepalive, peer, protocol.decode_json(body), now)
         elif kind is Msg.EXITED:
@@ -237,6 +245,39 @@ class Broker:
             # Typically: we restarted and the peer does not know yet.
             self.state.counters["unknown_peer_messages"] += 1
             self._send(peer, protocol.encode_json(Msg.REJECT, {"reason": "unknown peer: say hello"}))
+
+    def _output(self, control: bytes, body: dict[str, Any]) -> None:
+        """Forward a task's lines to its driver, if the slot they name runs it and belongs to the sender."""
+        peer, key = body.get("peer"), body.get("key")
+        if not isinstance(peer, str) or not isinstance(key, int) or not isinstance(body.get("lines"), list):
+            raise ProtocolError("OUTPUT without peer, key or lines")
+        try:
+            w = self.state.workers.get(bytes.fromhex(peer))
+        except ValueError:
+            raise ProtocolError(f"OUTPUT names peer {peer[:40]!r}") from None
+        if w is None or w.control not in (None, control):
+            raise ProtocolError("OUTPUT for a slot of another process")
+        route = self._output_routes.get((w.id, key)) or self._route_output(w, key)
+        if route is None:
+            return  # the task is gone (its result already went, or it was cancelled)
+        driver, task_id = route
+        info = w.info
+        out = {"id": task_id, "lines": body["lines"], "dropped": body.get("dropped", 0),
+               "final": bool(body.get("final")), "worker": info.get("name"), "host": info.get("host"),
+               "pid": info.get("pid")}
+        self._send(driver, protocol.encode_json(Msg.OUTPUT, out))
+        if out["final"]:
+            self._output_routes.pop((w.id, key), None)
+
+    def _route_output(self, w: PeerInfo, key: int) -> tuple[bytes, int] | None:
+        """Remember whose task ``key`` on slot ``w`` is, for its lines (kept for the last 10,000)."""
+        task = w.assigned.get(key)
+        if task is None:
+            return None
+        route = self._output_routes[(w.id, key)] = (task.driver, task.task_id)
+        while len(self._output_routes) > 10_000:
+            self._output_routes.popitem(last=False)
+        return route
 
     def _code_in(self, frames: list[Any], body: memoryview) -> None:
         code_hash, data = protocol.decode_code(frames, body)

@@ -94,6 +94,14 @@ class Config:
     code_cache_dir: str = ""
     #: Seconds a worker waits for the broker to hand it a code package.
     code_fetch_timeout_s: float = 30.0
+    #: Where a driver shows what its tasks print and log (distfork/output.py):
+    #: ``terminal`` (its stdout and stderr, each line prefixed with the task,
+    #: worker, host and pid), ``off``, or the path of a file to append to.
+    #: Each future keeps its task's lines either way (``fut.output``).
+    output: str = "terminal"
+    #: Bytes of output one task may send to its driver; further lines are
+    #: dropped and counted ("N lines dropped"). 0: no limit.
+    output_task_bytes: int = 8 * 1024 * 1024
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Config:

@@ -47,7 +47,7 @@ from typing import Any, NamedTuple
 
 import zmq
 
-from . import protocol, security, serialize, shm
+from . import output, protocol, security, serialize, shm
 from .config import Config
 from .errors import (
     AuthenticationError,
@@ -113,6 +113,7 @@ class Driver:
         self._codes: collections.deque[Any] = collections.deque()
         self.code_package: Any = None
         self.shipper: Any = None  # codeship.Shipper, when this driver ships its code
+        self._display = output.Display(config.output)  # where our tasks' lines are shown
         self._reclaim_waiters: dict[int, tuple[threading.Event, list[bool]]] = {}
         self.config = config
         self.name = name or f"driver-{socket.gethostname()}-{os.getpid()}"
@@ -263,6 +264,7 @@ class Driver:
         os.close(self._wake_r)
         os.close(self._wake_w)
         self._ctx.term()
+        self._display.close()
         for fut, _, segment, nbytes in list(self._inflight.values()):
             fut.cancel()
             self._release(segment, nbytes)
@@ -539,6 +541,8 @@ class Driver:
                 self._welcomed.set()
             elif kind is Msg.CLUSTER:
                 self._cluster_facts(protocol.decode_json(body))
+            elif kind is Msg.OUTPUT:
+                self._output(protocol.decode_json(body))
             elif kind is Msg.RECLAIMED:
                 self._reclaimed(protocol.decode_json(body))
             elif kind is Msg.REJECT:
@@ -554,6 +558,19 @@ class Driver:
         except ProtocolError as exc:
             log.warning("dropped a message from the broker: %s", exc)
         return False
+
+    def _output(self, body: dict[str, Any]) -> None:
+        """Lines a task printed: onto its future, and shown (output.Display)."""
+        task_id, raw = body.get("id"), body.get("lines")
+        if not isinstance(task_id, int) or not isinstance(raw, list):
+            raise ProtocolError("OUTPUT without id or lines")
+        lines = [(str(x[0]), str(x[1])) for x in raw if isinstance(x, list) and len(x) == 2]
+        dropped = body.get("dropped")
+        dropped = dropped if isinstance(dropped, int) else 0
+        item = self._inflight.get(task_id)
+        if item is not None:
+            item[0].add_output([text for _, text in lines], dropped)
+        self._display.show(body, task_id, lines, dropped)
 
     def _reclaimed(self, reply: dict[str, Any]) -> None:
         granted = set(reply.get("granted") or ())

@@ -9,7 +9,7 @@ Every message is one ZeroMQ multipart message. Its first frame is the header::
 Bodies:
 
 * control messages (HELLO, WELCOME, STATUS_REPLY, REJECT, KEEPALIVE, CLUSTER,
-  EXITED, RECLAIMED, RECYCLE): UTF-8 JSON
+  EXITED, RECLAIMED, RECYCLE, CODE_GET, OUTPUT): UTF-8 JSON
   object;
 * batches (SUBMIT, TASKS, RESULTS, DISCARD): ``u32 count`` then ``count``
   entries of ``struct "!QHBBfI"`` = (id, nframes, code, flags, extra, pid),
@@ -102,6 +102,7 @@ class Msg(enum.IntEnum):
     RELEASE = 20  # D -> B: I dropped the futures of these held results unfetched (ids, as CANCEL)
     CODE = 21  # D -> B: a package of the driver's code; B -> asker: the one asked for (see encode_code)
     CODE_GET = 22  # W (any peer) -> B: send me the code package of this hash (JSON: hash)
+    OUTPUT = 23  # W control -> B -> D: lines a running task printed or logged (JSON, see distfork/output.py)
 
 
 class Flag:
@@ -122,6 +123,9 @@ class Flag:
     # RESULTS (B -> D): the value stays in the broker for tasks that take it; FETCH it. Payload:
     # nothing, or the name of the shared-memory segment it is in.
     HELD = 32
+    # RESULTS (W -> B): the task printed; its lines travel in OUTPUT from the worker's control socket
+    # and may reach the broker after this result: keep routing them to its driver.
+    OUTPUT = 64
 
 
 class Status(enum.IntEnum):

@@ -38,7 +38,7 @@ from typing import Any
 
 import zmq
 
-from . import codeship, protocol, security, serialize, shm
+from . import codeship, output, protocol, security, serialize, shm
 from .config import Config
 from .errors import ProtocolError, SerializationError
 from .protocol import Entry, Flag, Msg, Status
@@ -134,6 +134,10 @@ class Worker:
         self._stopping = False
         # Readable once we stop: every thread polls it next to its socket.
         self._stop_r, self._stop_w = os.pipe()
+        # Written when a running task printed something: the control thread sends it (distfork/output.py).
+        self._out_r, self._out_w = os.pipe()
+        os.set_blocking(self._out_r, False)
+        os.set_blocking(self._out_w, False)
         self._ctx = zmq.Context()
         self.shm_domain = shm.domain() if config.shm else None
         self.session: str | None = None  # the broker's, from its WELCOME
@@ -184,6 +188,23 @@ class Worker:
         except OSError:
             pass
 
+    def _wake_output(self) -> None:
+        try:
+            os.write(self._out_w, b"\0")
+        except OSError:
+            pass  # pipe full: a wake-up is pending anyway
+
+    def _send_output(self, control: zmq.Socket[Any]) -> None:
+        try:
+            os.read(self._out_r, 4096)
+        except BlockingIOError:
+            pass
+        for body in output.drain():
+            try:
+                control.send_multipart(protocol.encode_json(Msg.OUTPUT, body), zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # no connection to the broker: the lines are lost, the task is not held up
+
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop())
@@ -205,6 +226,7 @@ class Worker:
         os.environ["DISTFORK_IN_WORKER"] = "1"  # ... and may take their queued children back
         codeship.configure_worker(self.address, self._keys, self.config.code_cache_dir,
                                   self.config.code_fetch_timeout_s)
+        output.install(self._wake_output)
         self.slots_ = [_Slot(self, i, ident) for i, ident in enumerate(self.slot_ids)]
         threads = [threading.Thread(target=s.run, name=f"distfork-slot-{s.index}", daemon=True) for s in self.slots_]
         for t in threads:
@@ -249,6 +271,7 @@ class Worker:
         poller = zmq.Poller()
         poller.register(control, zmq.POLLIN)
         poller.register(self._stop_r, zmq.POLLIN)
+        poller.register(self._out_r, zmq.POLLIN)
         watch = security.HandshakeWatch(monitor, self.address) if monitor is not None else None
         if monitor is not None:
             poller.register(monitor, zmq.POLLIN)
@@ -278,6 +301,8 @@ class Worker:
                 if text is not None:
                     log.error("%s: %s", self.where, text)
                     self._exit(security.EXIT_REFUSED)  # a supervisor does not restart a refused worker
+            if self._out_r in events:
+                self._send_output(control)
             if control in events:
                 self._control_messages(control)
             now = time.monotonic()
@@ -413,6 +438,8 @@ class _Slot:
                 self.sock = sock
                 frames: Sequence[Any] = e.frames
                 deps: Sequence[Sequence[Any]] = ()
+                output.begin(e.id, self.identity.hex(), w.config.output_task_bytes)
+                printed = False
                 try:
                     if e.flags & Flag.DEPS:
                         deps, frames = protocol.decode_dep_counts(frames)
@@ -420,12 +447,14 @@ class _Slot:
                 except ProtocolError as exc:
                     status, out, retained = Status.FAILED, [f"{w.where} got a malformed task: {exc}".encode()], False
                 finally:
+                    printed = output.end()  # its last lines go out before its result
                     self.current = self.deadline = None
                 finished = time.perf_counter()
                 self._learn(finished - started)
                 if not self.done:
                     self.first_done = finished
-                self.done.append(Entry(e.id, status, finished - started, out, Flag.RETAINED if retained else 0))
+                flags = (Flag.RETAINED if retained else 0) | (Flag.OUTPUT if printed else 0)
+                self.done.append(Entry(e.id, status, finished - started, out, flags))
                 if not local or len(self.done) >= _FLUSH_COUNT or finished - self.first_done > _FLUSH_S:
                     self._flush()
                     self._drain(sock)

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from integration.codeproj import write_project
+from integration.codeproj import result_line, write_project
 
 from conftest import cli_env, wait_until
 
@@ -56,11 +57,12 @@ def test_a_local_package_reaches_two_worker_hosts_and_two_versions_never_mix(tmp
         v2 = write_project(tmp_path / "two", 2)
         drivers = [lan.start(lan.broker, sys.executable, str(script), address, "60", env=env, cwd=script.parent,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for script in (v1, v2)]
-        outs = []
+        outs, shown = [], []
         for p in drivers:
             out, err = p.communicate(timeout=100)
             assert p.returncode == 0, err
-            outs.append(json.loads(out))
+            outs.append(result_line(out))
+            shown.append(out)
         one, two = outs
 
     assert one["versions"] == [1] and two["versions"] == [2]  # neither the other driver's nor the decoy
@@ -69,5 +71,12 @@ def test_a_local_package_reaches_two_worker_hosts_and_two_versions_never_mix(tmp
         assert out["values"] == [i * i for i in range(60)]
         assert out["doubled"] == [2 * i * i for i in range(60)]
         assert {host for host, _ in out["ran_on"]} == {"worker-a", "worker-b"}
+    # What the tasks printed on the worker hosts is on each driver's terminal, prefixed with where it ran.
+    for version, out, text in ((1, one, shown[0]), (2, two, shown[1])):
+        for host, pid in out["ran_on"]:
+            assert re.search(rf"^\(task \d+ {host}-{pid} host {host} pid {pid}\) area of \d+ by mylib v{version}$",
+                             text, re.M), text[:2000]
+        assert len([x for x in text.splitlines() if x.endswith(f"by mylib v{version}")]) == 120  # square, twice
+        assert f"by mylib v{3 - version}" not in text
     for cache in caches:  # each host fetched each package once and keeps it by hash
         assert sorted(os.listdir(cache)) == sorted([one["package"], two["package"]])

@@ -6,6 +6,10 @@
     dir/mylib/__init__.py    re-exports, with a relative import
     dir/mylib/shapes.py      VERSION, a class and a dataclass result
 
+Each ``area()`` prints a line, which the driver shows prefixed with where it
+ran; the driver prints its findings as one ``RESULT {json}`` line
+(:func:`result_line`).
+
 Two projects with different ``version`` have two different ``mylib``s under
 one name: the case where two drivers on one cluster must each get their own.
 """
@@ -46,6 +50,7 @@ SHAPES = """
 
         def area(self):
             time.sleep(0.005)
+            print(f"area of {{self.side}} by mylib v{{VERSION}}")  # reaches the driver's terminal
             return Area(self.side * self.side, VERSION, socket.gethostname(), os.getpid())
 """
 
@@ -77,7 +82,7 @@ DRIVER = """
         "package_names": list(package.names),
     }
     distfork.shutdown()
-    print(json.dumps(out), flush=True)
+    print("RESULT " + json.dumps(out), flush=True)
 """
 
 
@@ -89,3 +94,11 @@ def write_project(where: Path, version: int) -> Path:
     driver = where / "driver.py"
     driver.write_text(textwrap.dedent(DRIVER))
     return driver
+
+
+def result_line(stdout: str) -> dict:  # type: ignore[type-arg]
+    """The driver's ``RESULT`` line among the task lines it shows."""
+    import json
+
+    (line,) = [x for x in stdout.splitlines() if x.startswith("RESULT ")]
+    return json.loads(line.removeprefix("RESULT "))  # type: ignore[no-any-return]

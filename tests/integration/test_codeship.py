@@ -9,8 +9,8 @@ hostnames) is tests/deploy/test_codeship_multihost.py.
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,7 +21,7 @@ import pytest
 from conftest import cli_env, free_port, stop_processes
 from distfork.status import query_status
 
-from .codeproj import write_project
+from .codeproj import result_line, write_project
 from .support import wait_for_workers, write_script
 
 pytestmark = pytest.mark.timeout(120)
@@ -63,7 +63,7 @@ def run_driver(script: Path, address: str, env: dict[str, str], *args: str) -> s
 def result_of(p: subprocess.Popen[str]) -> dict:  # type: ignore[type-arg]
     out, err = p.communicate(timeout=100)
     assert p.returncode == 0, err
-    return json.loads(out)  # type: ignore[no-any-return]
+    return result_line(out)
 
 
 def test_a_package_next_to_the_driver_runs_on_workers_that_do_not_have_it(cluster: Cluster, tmp_path: Path) -> None:
@@ -139,10 +139,11 @@ def test_a_code_directory_given_to_init_is_shipped_though_the_driver_never_impor
         "    import mylib\n"
         "    return mylib.square(4).value, mylib.VERSION\n"
         f"distfork.init(sys.argv[1], code=[{str(tmp_path / 'lib' / 'mylib')!r}])\n"
-        "print(json.dumps(distfork.wait(distfork.fork(use), timeout=60)))\n"
+        "print('RESULT ' + json.dumps(distfork.wait(distfork.fork(use), timeout=60)))\n"
     )
     p = subprocess.run([sys.executable, str(script), cluster.address], env=cluster.env, cwd=script.parent,
                        capture_output=True, text=True, timeout=100)
     assert p.returncode == 0, p.stderr
-    assert json.loads(p.stdout) == [16, 3]
+    assert result_line(p.stdout) == [16, 3]
+    assert re.search(r"^\(task 1 \S+ host \S+ pid \d+\) area of 4 by mylib v3$", p.stdout, re.M), p.stdout
     assert query_status(cluster.address)["workers"]
