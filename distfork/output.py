@@ -60,7 +60,7 @@ class Capture:
         self.pending = 0  # bytes in lines
         self.partial: dict[str, str] = {}  # stream -> text after its last newline
         self.total = 0  # bytes accepted for sending
-        self.dropped = 0  # lines not sent (over the limits), not reported yet
+        self.dropped = 0  # lines not sent (over the limits), told with the last chunk
         self.final = False
         self.final_sent = False
         self.sent_final = threading.Event()
@@ -108,11 +108,12 @@ class Capture:
     def take(self) -> dict[str, Any] | None:
         """The next OUTPUT body to send (the control thread), or None."""
         with self.lock:
-            if not self.lines and not self.dropped and not (self.final and not self.final_sent):
+            if not self.lines and not (self.final and not self.final_sent):
                 return None
-            body = {"peer": self.peer, "key": self.key, "lines": self.lines, "dropped": self.dropped,
-                    "final": self.final}
-            self.lines, self.pending, self.dropped = [], 0, 0
+            # Lines dropped are told once, with the last chunk: one "N lines dropped" notice per task.
+            body = {"peer": self.peer, "key": self.key, "lines": self.lines,
+                    "dropped": self.dropped if self.final else 0, "final": self.final}
+            self.lines, self.pending = [], 0
             self.final_sent = self.final
             return body
 
