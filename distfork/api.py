@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from . import codeship, protocol, serialize
 from . import config as _config
+from . import resources as resources_
 from .cluster import LocalCluster
 from .driver import Call, Driver, complete
 from .errors import DistforkError
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MODES = ("cluster", "inline")
+#: What a fork asks of its worker: (resources, labels), or None.
+Request = tuple[dict[str, float] | None, dict[str, str] | None] | None
 
 
 @dataclasses.dataclass
@@ -151,7 +154,8 @@ def _check_callable(func: Any) -> None:
 
 
 def _fork(
-    func: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any], max_retries: int, timeout_s: float
+    func: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any], max_retries: int, timeout_s: float,
+    request: Request = None,
 ) -> Future[T]:
     _check_callable(func)
     rt = _current()
@@ -163,10 +167,10 @@ def _fork(
             driver.shipper.ref() if driver is not None and driver.shipper is not None else None,
         )
     except serialize.FutureArgument as arg:
-        return _fork_after(arg.future, func, args, kwargs, max_retries, timeout_s)
+        return _fork_after(arg.future, func, args, kwargs, max_retries, timeout_s, request)
     if driver is not None:
-        call = Call(func, args, kwargs, deps) if deps else None
-        return driver.submit(frames, max_retries, timeout_s, call=call)
+        call = Call(func, args, kwargs, deps, request=request) if deps else None
+        return driver.submit(frames, max_retries, timeout_s, call=call, request=request)
     fut: Future[T] = Future()
     frames, _ = serialize.route(frames, None)
     code, out, _ = run_task(frames, f"inline mode (pid {os.getpid()})", rt.config.oob_threshold_bytes, None)
@@ -176,7 +180,7 @@ def _fork(
 
 def _fork_after(
     dep: Future[Any], func: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any], max_retries: int,
-    timeout_s: float,
+    timeout_s: float, request: Request = None,
 ) -> Future[T]:
     """Fork once ``dep`` (a future among the arguments) is done; if it failed, fail the same way, unrun.
 
@@ -206,7 +210,7 @@ def _fork_after(
             settle(outer, exception=failure)
             return
         try:
-            inner = _fork(func, args, kwargs, max_retries, timeout_s)
+            inner = _fork(func, args, kwargs, max_retries, timeout_s, request)
         except BaseException as exc:  # noqa: BLE001 - it belongs to the future
             settle(outer, exception=exc)
             return
@@ -260,8 +264,14 @@ class Options:
 
     max_retries: int | None = None
     timeout_s: float | None = None
+    #: What the worker must have free for the task: ``{"gpu": 1, "memory_gb": 16}`` (held while it runs).
+    resources: dict[str, float] | None = None
+    #: Labels the worker must have: ``{"zone": "a"}``.
+    labels: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
+        need, want = resources_.validate_request(self.resources, self.labels)
+        object.__setattr__(self, "_request", (need, want) if need or want else None)
         if self.max_retries is not None and not 0 <= self.max_retries < protocol.DEFAULT_RETRIES:
             raise ValueError(f"max_retries={self.max_retries}: give 0 to {protocol.DEFAULT_RETRIES - 1}")
         if self.timeout_s is not None and not self.timeout_s > 0:
@@ -270,15 +280,23 @@ class Options:
     def fork(self, func: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         """``distfork.fork`` with these options."""
         retries = protocol.DEFAULT_RETRIES if self.max_retries is None else self.max_retries
-        return _fork(func, args, kwargs, retries, self.timeout_s or 0.0)
+        return _fork(func, args, kwargs, retries, self.timeout_s or 0.0, getattr(self, "_request", None))
 
 
-def options(max_retries: int | None = None, timeout_s: float | None = None) -> Options:
+def options(
+    max_retries: int | None = None, timeout_s: float | None = None,
+    resources: dict[str, float] | None = None, labels: dict[str, str] | None = None,
+) -> Options:
     """Options for forks: ``distfork.options(max_retries=0, timeout_s=5).fork(f, x)``.
 
     ``max_retries``: how often the task is re-run when the worker running it
     is lost (default ``Config.max_retries``). ``timeout_s``: the longest the
     task may run; then its worker process is ended (and replaced) and the
     future fails with ``TimeoutError``. Inline mode ignores ``timeout_s``.
+    ``resources``: what the worker process must have free, held while the
+    task runs (``{"gpu": 1}``: it also sees only its device through
+    ``CUDA_VISIBLE_DEVICES``); ``labels``: labels the worker must have. A task
+    no worker of the cluster can ever run fails after ``resource_grace_s``
+    naming what the cluster has. Inline mode ignores both.
     """
-    return Options(max_retries, timeout_s)
+    return Options(max_retries, timeout_s, resources, labels)

@@ -102,6 +102,16 @@ class Config:
     #: Bytes of output one task may send to its driver; further lines are
     #: dropped and counted ("N lines dropped"). 0: no limit.
     output_task_bytes: int = 8 * 1024 * 1024
+    #: What a worker process has beyond what it finds itself (slots, cpu,
+    #: memory_gb, gpu from visible CUDA devices): ``gpu=2,ram_gb=64,ssd=1``
+    #: (``distfork worker --resources``). Tasks ask with ``options(resources=...)``.
+    resources: str = ""
+    #: A worker's labels, ``zone=a,rack=3`` (``distfork worker --label``); tasks
+    #: select with ``options(labels=...)``.
+    labels: str = ""
+    #: Seconds a task that fits on no worker of the cluster waits for one to
+    #: join before it fails (broker).
+    resource_grace_s: float = 3.0
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Config:

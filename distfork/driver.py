@@ -76,6 +76,7 @@ class Call(NamedTuple):
     kwargs: dict[str, Any]
     deps: list[Future[Any]]  # the futures it names, in the order of the task's dependency frame
     tries: int = 1
+    request: Any = None  # what it asks of its worker: (resources, labels), or None
 
 
 class _Held(NamedTuple):
@@ -192,7 +193,7 @@ class Driver:
 
     def submit(
         self, frames: list[Any], max_retries: int = protocol.DEFAULT_RETRIES, timeout_s: float = 0.0,
-        call: Call | None = None, fut: Future[Any] | None = None,
+        call: Call | None = None, fut: Future[Any] | None = None, request: Any = None,
     ) -> Future[Any]:
         """Send a pickled call (``serialize.dumps_call`` output); its future completes with the result.
 
@@ -225,6 +226,9 @@ class Driver:
             frames = [protocol.encode_deps([d.task_id for d in call.deps]), *frames]
             flags |= Flag.DEPS
             self._calls[task_id] = call
+        if request is not None:  # (resources, labels): its frame goes first
+            frames = [protocol.encode_request(*request), *frames]
+            flags |= Flag.RESOURCES
         entry = Entry(task_id, max_retries, timeout_s, frames, flags)
         self._inflight[task_id] = (fut, entry, segment, nbytes)
         self._outgoing.append(entry)
@@ -683,8 +687,9 @@ class Driver:
                     frames = serialize.dumps_call(call.func, call.args, call.kwargs, self.config.oob_threshold_bytes,
                                                   self.referrer(deps),
                                                   self.shipper.ref() if self.shipper is not None else None)
-                    again_call = Call(call.func, call.args, call.kwargs, deps, call.tries + 1) if deps else None
-                    self.submit(frames, max_retries, timeout_s, call=again_call, fut=fut)
+                    again_call = (Call(call.func, call.args, call.kwargs, deps, call.tries + 1, call.request)
+                                  if deps else None)
+                    self.submit(frames, max_retries, timeout_s, call=again_call, fut=fut, request=call.request)
             except InvalidStateError:
                 pass  # cancelled meanwhile
             except BaseException as exc:  # noqa: BLE001 - it belongs to the future

@@ -60,8 +60,12 @@ __all__ = [
     "decode_json",
     "decode_dep_counts",
     "decode_deps",
+    "decode_devices",
+    "decode_request",
     "encode_dep_counts",
     "encode_deps",
+    "encode_devices",
+    "encode_request",
     "encode_batch",
     "encode_cancel",
     "encode_code",
@@ -126,6 +130,9 @@ class Flag:
     # RESULTS (W -> B): the task printed; its lines travel in OUTPUT from the worker's control socket
     # and may reach the broker after this result: keep routing them to its driver.
     OUTPUT = 64
+    # SUBMIT: the payload starts with a frame of what the task asks for (encode_request), before any
+    # DEPS frame. TASKS: the payload starts with a frame of the GPU ids it was given (encode_devices).
+    RESOURCES = 128
 
 
 class Status(enum.IntEnum):
@@ -297,3 +304,36 @@ def decode_code(frames: Sequence[Frame], body: memoryview) -> tuple[str, Frame |
     if len(frames) > 2:
         raise ProtocolError(f"CODE message of {len(frames)} frames, expected at most 2")
     return code_hash, (frames[1] if len(frames) == 2 else None)
+
+
+def encode_request(needs: dict[str, float] | None, labels: dict[str, str] | None) -> bytes:
+    """SUBMIT's resource frame (``Flag.RESOURCES``): what a task asks of the worker that runs it."""
+    return json.dumps({"resources": needs or {}, "labels": labels or {}}, separators=(",", ":")).encode()
+
+
+def decode_request(frame: Frame) -> tuple[dict[str, float] | None, dict[str, str] | None]:
+    body = decode_json(memoryview(frame))
+    needs, labels = body.get("resources"), body.get("labels")
+    if not isinstance(needs, dict) or not isinstance(labels, dict):
+        raise ProtocolError("resource frame without resources and labels objects")
+    for k, v in needs.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
+            raise ProtocolError(f"resource {k!r} asks for {v!r}")
+    if not all(isinstance(v, str) for v in labels.values()):
+        raise ProtocolError("labels must be strings")
+    return ({str(k): float(v) for k, v in needs.items()} or None), (dict(labels) or None)
+
+
+def encode_devices(ids: Sequence[int]) -> bytes:
+    """TASKS' resource frame (``Flag.RESOURCES``): the GPU ids the task was given."""
+    return json.dumps(list(ids)).encode()
+
+
+def decode_devices(frame: Frame) -> list[int]:
+    try:
+        ids = json.loads(bytes(frame))
+    except ValueError:
+        raise ProtocolError("device frame is not JSON") from None
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ProtocolError(f"device frame {ids!r} is not a list of ids")
+    return ids

@@ -38,7 +38,7 @@ from typing import Any
 
 import zmq
 
-from . import codeship, output, protocol, security, serialize, shm
+from . import codeship, output, protocol, resources, security, serialize, shm
 from .config import Config
 from .errors import ProtocolError, SerializationError
 from .protocol import Entry, Flag, Msg, Status
@@ -129,6 +129,9 @@ class Worker:
         self.name = name or f"{self.host}-{os.getpid()}"
         self.parent_pid = parent_pid
         self.where = f"worker {self.name} (host {self.host}, pid {os.getpid()})"
+        # What tasks may ask of this process (distfork/resources.py): bad --resources/--label fail here.
+        self.resources, self.gpu_ids = resources.detect(slots, config.resources)
+        self.labels = resources.parse_labels(config.labels)
         prefix = b"W" + os.urandom(7)
         self.slot_ids = [prefix + bytes([i % 256, i // 256]) for i in range(slots)]
         self._stopping = False
@@ -394,6 +397,9 @@ class _Slot:
             "slots": 1,
             "shm_domain": w.shm_domain,
             "heartbeat_s": w.config.heartbeat_s,
+            "resources": w.resources,
+            "gpu_ids": w.gpu_ids,
+            "labels": w.labels,
         }
         sock.send_multipart(protocol.encode_json(Msg.HELLO, info))
 
@@ -440,7 +446,13 @@ class _Slot:
                 deps: Sequence[Sequence[Any]] = ()
                 output.begin(e.id, self.identity.hex(), w.config.output_task_bytes)
                 printed = False
+                visible = None
                 try:
+                    if e.flags & Flag.RESOURCES:  # the GPUs the broker gave it: the only ones it sees
+                        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+                        ids = protocol.decode_devices(frames[0])
+                        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in ids)
+                        frames = frames[1:]
                     if e.flags & Flag.DEPS:
                         deps, frames = protocol.decode_dep_counts(frames)
                     status, out, retained = run_task(frames, w.where, threshold, pool, e.pid, self._before_call, deps)
@@ -448,6 +460,11 @@ class _Slot:
                     status, out, retained = Status.FAILED, [f"{w.where} got a malformed task: {exc}".encode()], False
                 finally:
                     printed = output.end()  # its last lines go out before its result
+                    if e.flags & Flag.RESOURCES:
+                        if visible is None:
+                            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+                        else:
+                            os.environ["CUDA_VISIBLE_DEVICES"] = visible
                     self.current = self.deadline = None
                 finished = time.perf_counter()
                 self._learn(finished - started)
