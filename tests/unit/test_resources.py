@@ -156,3 +156,22 @@ def test_resource_frames_round_trip_and_hostile_ones_raise() -> None:
             protocol.decode_request(bad)
     with pytest.raises(protocol.ProtocolError):
         protocol.decode_devices(b'["x"]')
+
+
+def test_status_and_metrics_show_each_process_resources_total_held_and_free() -> None:
+    from distfork.metrics import BrokerMetrics, _Collector
+    from distfork.status import format_resources
+
+    state = make_state()
+    d = state.hello(D, {"role": "driver", "name": "d", "host": "h", "pid": 1}, 0.0)
+    worker(state, b"W-gpu", 100, {"slots": 1, "gpu": 2, "cpu": 4}, {"zone": "a"})
+    ask(state, d, 1, {"gpu": 1})
+    state.dispatch(0.1)
+    (row,) = state.status(0.2)["workers"]
+    assert format_resources(row["resources"]) == "cpu 4/4 · gpu 1/2 · zone=a"
+    samples = {
+        (s.labels["resource"], s.labels["state"]): s.value
+        for family in _Collector(BrokerMetrics(state)).collect() if family.name == "distfork_worker_resources"
+        for s in family.samples
+    }
+    assert samples[("gpu", "total")] == 2 and samples[("gpu", "held")] == 1 and samples[("cpu", "held")] == 0
