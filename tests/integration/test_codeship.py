@@ -9,8 +9,10 @@ hostnames) is tests/deploy/test_codeship_multihost.py.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,7 +24,7 @@ from conftest import cli_env, free_port, stop_processes
 from distfork.status import query_status
 
 from .codeproj import result_line, write_project
-from .support import wait_for_workers, write_script
+from .support import LineReader, start_script, wait_for_workers, write_script
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -147,3 +149,52 @@ def test_a_code_directory_given_to_init_is_shipped_though_the_driver_never_impor
     assert result_line(p.stdout) == [16, 3]
     assert re.search(r"^\(task 1 \S+ host \S+ pid \d+\) area of 4 by mylib v3$", p.stdout, re.M), p.stdout
     assert query_status(cluster.address)["workers"]
+
+
+RESTART = """
+    import json, os, sys
+    import distfork
+    from mylib import VERSION, square
+
+    distfork.init(sys.argv[1])
+    print(json.dumps([distfork.fork(square, 3).result(timeout=60).value]), flush=True)
+    sys.stdin.readline()  # the broker is restarted, a worker with an empty code cache joins
+    fresh = distfork.options(labels={"fresh": "yes"})
+    areas = [f.result(timeout=60) for f in [fresh.fork(square, i) for i in range(5)]]
+    print(json.dumps([[a.value, a.version, a.pid] for a in areas]), flush=True)
+"""
+
+
+def test_after_a_broker_restart_the_driver_ships_its_package_again(cluster: Cluster, tmp_path: Path) -> None:
+    write_project(tmp_path / "project", 1)
+    script = write_script(tmp_path / "project", RESTART, "restart.py")
+    driver = start_script(script, cluster.address, env=cluster.env, cwd=script.parent)
+    try:
+        out = LineReader(driver.stdout)
+        line = out.next(60)
+        while line.startswith("(task"):  # the task's own line, shown with where it ran
+            line = out.next(60)
+        assert json.loads(line) == [9]
+        broker = cluster.procs[0]
+        broker.send_signal(signal.SIGKILL)  # the new broker knows no package
+        broker.wait(10)
+        cluster.procs[0] = subprocess.Popen([sys.executable, "-m", "distfork", "broker", "--bind", cluster.address],
+                                            env=cluster.env)
+        fresh_cache = tmp_path / "fresh-cache"
+        fresh = subprocess.Popen(
+            [sys.executable, "-m", "distfork", "worker", "--connect", cluster.address, "--no-nanny", "--label",
+             "fresh=yes"], env={**cluster.env, "DISTFORK_CODE_CACHE_DIR": str(fresh_cache)}, cwd=tmp_path)
+        cluster.procs.append(fresh)
+        wait_for_workers(cluster.address, 3, timeout_s=30)
+        assert driver.stdin is not None
+        driver.stdin.write("go\n")
+        driver.stdin.flush()
+        line = out.next(60)
+        while line.startswith("(task"):
+            line = out.next(60)
+        got = json.loads(line)
+        assert [(v, ver) for v, ver, _ in got] == [(i * i, 1) for i in range(5)]
+        assert {pid for _, _, pid in got} == {fresh.pid}
+        assert len(os.listdir(fresh_cache)) == 1  # fetched from the new broker
+    finally:
+        stop_processes([driver])
