@@ -104,8 +104,9 @@ def init(
             rt.driver = Driver(address, cfg, nested=os.environ.get("DISTFORK_IN_WORKER") == "1")
             try:
                 extra = [*codeship.parse_code_setting(cfg.code), *code]
-                if cfg.code_ship and (rt.cluster is None or extra):
-                    rt.driver.shipper = codeship.Shipper(extra, cfg.code_max_bytes, rt.driver.ship_code)
+                if rt.cluster is None or (cfg.code_ship and extra):
+                    rt.driver.shipper = codeship.Shipper(extra if cfg.code_ship else [], cfg.code_max_bytes,
+                                                         rt.driver.ship_code, enabled=cfg.code_ship)
                 rt.driver.connect()
             except BaseException:
                 rt.close()

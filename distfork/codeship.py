@@ -254,9 +254,12 @@ NOTHING = CodeRef("")
 class Shipper:
     """The driver's view: which package its tasks need, rebuilt only when ``sys.modules`` grows."""
 
-    def __init__(self, extra: Sequence[Any], max_bytes: int, send: Any) -> None:
+    def __init__(self, extra: Sequence[Any], max_bytes: int, send: Any, enabled: bool = True) -> None:
         self.extra = [_resolve_extra(x) for x in extra]  # bad entries fail in init(), not in fork()
         self.max_bytes = max_bytes
+        # Off (code_ship=False): every task still says so (the empty hash), so that a worker that ran
+        # another driver's package puts its own modules back before unpickling ours.
+        self.enabled = enabled
         self.send = send  # send(package): hand it to the driver's I/O thread
         self._seen = -1
         self._ref = NOTHING
@@ -269,7 +272,7 @@ class Shipper:
 
     def ref(self) -> CodeRef:
         """The reference for the next task: one length comparison unless modules were imported."""
-        if len(sys.modules) == self._seen:
+        if len(sys.modules) == self._seen or not self.enabled:
             return self._ref
         with self._lock:
             seen = len(sys.modules)

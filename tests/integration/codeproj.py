@@ -70,7 +70,8 @@ DRIVER = """
     n = int(sys.argv[2]) if len(sys.argv) > 2 else 20
     areas = [f.result(timeout=120) for f in [distfork.fork(square, i) for i in range(n)]]
     doubled = [f.result(timeout=120) for f in [distfork.fork(twice, i) for i in range(n)]]
-    package = distfork.api._runtime.driver.shipper.package
+    shipper = distfork.api._runtime.driver.shipper
+    package = shipper.package if shipper is not None else None
     out = {
         "version": VERSION,
         "all_areas": all(type(a) is Area for a in areas),
@@ -78,8 +79,8 @@ DRIVER = """
         "versions": sorted({a.version for a in areas}),
         "doubled": doubled,
         "ran_on": sorted({(a.host, a.pid) for a in areas}),
-        "package": package.hash,
-        "package_names": list(package.names),
+        "package": package.hash if package else None,
+        "package_names": list(package.names) if package else [],
     }
     distfork.shutdown()
     print("RESULT " + json.dumps(out), flush=True)

@@ -99,6 +99,19 @@ def test_two_drivers_with_two_versions_of_one_module_each_get_their_own(cluster:
         assert set(os.listdir(cache)) <= {one["package"], two["package"]}
 
 
+def test_a_driver_that_ships_nothing_never_gets_the_package_another_driver_left_in_a_worker(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    shipped = result_of(run_driver(write_project(tmp_path / "one", 1), cluster.address, cluster.env))
+    assert shipped["versions"] == [1]
+    # Shipping off: this driver's mylib (v2) is not sent; the workers' own (v99, in their directory) is
+    # what its tasks must import, although every worker process still has v1 imported.
+    off = run_driver(write_project(tmp_path / "two", 2), cluster.address, {**cluster.env, "DISTFORK_CODE_SHIP": "0"})
+    out = result_of(off)
+    assert out["versions"] == [99] and out["package"] is None
+    assert {pid for _, pid in out["ran_on"]} & {pid for _, pid in shipped["ran_on"]}
+
+
 MISSING = """
     import sys
     import distfork
