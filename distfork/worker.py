@@ -450,6 +450,8 @@ class _Slot:
                 try:
                     if e.flags & Flag.RESOURCES:  # the GPUs the broker gave it: the only ones it sees
                         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+                        if not frames:
+                            raise ProtocolError("a task with resources but no payload")
                         ids = protocol.decode_devices(frames[0])
                         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in ids)
                         frames = frames[1:]
