@@ -1,18 +1,22 @@
 """Per-task overhead: distfork vs concurrent.futures.ProcessPoolExecutor, same run.
 
-    python benchmarks/bench_core.py [--workers 2] [--latency-n 2000] [--throughput-n 20000]
+    python benchmarks/bench_core.py [--workers 2] [--latency-n 2000] [--throughput-n 20000] [--ship-code]
 
 Prints, for each system, the sequential fork+wait latency of a no-op (p50,
 p99) and the throughput of N no-op forks submitted then gathered, and the
 ratios distfork / ProcessPoolExecutor. Only ratios mean anything on a shared
-machine; run it a few times.
+machine; run it a few times. ``--ship-code``: every fork carries a code
+package's hash (``init(code=["bench_tasks"])``), as the forks of a driver
+connected to a remote cluster do, to see what code shipping costs per fork.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -44,13 +48,16 @@ def main() -> None:
     ap.add_argument("--latency-n", type=int, default=2000)
     ap.add_argument("--throughput-n", type=int, default=20000)
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; best throughput is kept")
+    ap.add_argument("--ship-code", action="store_true", help="ship bench_tasks as a code package")
     a = ap.parse_args()
 
     # Both systems stay up and are measured in alternation, round after round:
     # this machine's speed drifts over seconds, and alternating spreads the
     # drift over both instead of favouring whichever ran in the quiet moment.
     t0 = time.perf_counter()
-    distfork.init(workers=a.workers)
+    if a.ship_code:
+        os.environ.setdefault("DISTFORK_CODE_CACHE_DIR", tempfile.mkdtemp(prefix="distfork-bench-code-"))
+    distfork.init(workers=a.workers, code=["bench_tasks"] if a.ship_code else ())
     distfork.wait(distfork.fork(noop))
     first = time.perf_counter() - t0
     systems: dict[str, Callable[[], Any]] = {}

@@ -14,11 +14,12 @@ import dataclasses
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from . import codeship, protocol, serialize
 from . import config as _config
-from . import protocol, serialize
+from . import resources as resources_
 from .cluster import LocalCluster
 from .driver import Call, Driver, complete
 from .errors import DistforkError
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MODES = ("cluster", "inline")
+#: What a fork asks of its worker: (resources, labels), or None.
+Request = tuple[dict[str, float] | None, dict[str, str] | None] | None
 
 
 @dataclasses.dataclass
@@ -64,6 +67,7 @@ def init(
     address: str | None = None,
     mode: str = "cluster",
     workers: int | None = None,
+    code: Sequence[Any] = (),
     **config: Any,
 ) -> None:
     """Set up how forks run in this process.
@@ -74,6 +78,12 @@ def init(
       ``DISTFORK_ADDRESS``); raises ``BrokerUnavailableError`` if nothing answers;
     - ``init(mode="inline")``: run every fork synchronously in the caller,
       with the same results (pickled the same way), for debugging.
+
+    Connected to a cluster at an address, the driver ships the modules it
+    imported from outside site-packages and the standard library to the
+    workers (cached per host by content hash). ``code``: more to ship, paths
+    or modules or module names (also ``DISTFORK_CODE``); ``code_ship=False``
+    (``DISTFORK_CODE_SHIP=0``) turns shipping off.
 
     Other keyword arguments override fields of :class:`distfork.config.Config`.
     """
@@ -93,6 +103,10 @@ def init(
                 address = rt.cluster.address
             rt.driver = Driver(address, cfg, nested=os.environ.get("DISTFORK_IN_WORKER") == "1")
             try:
+                extra = [*codeship.parse_code_setting(cfg.code), *code]
+                if rt.cluster is None or (cfg.code_ship and extra):
+                    rt.driver.shipper = codeship.Shipper(extra if cfg.code_ship else [], cfg.code_max_bytes,
+                                                         rt.driver.ship_code, enabled=cfg.code_ship)
                 rt.driver.connect()
             except BaseException:
                 rt.close()
@@ -141,7 +155,8 @@ def _check_callable(func: Any) -> None:
 
 
 def _fork(
-    func: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any], max_retries: int, timeout_s: float
+    func: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any], max_retries: int, timeout_s: float,
+    request: Request = None,
 ) -> Future[T]:
     _check_callable(func)
     rt = _current()
@@ -149,13 +164,14 @@ def _fork(
     deps: list[Future[Any]] = []
     try:
         frames = serialize.dumps_call(
-            func, args, kwargs, rt.config.oob_threshold_bytes, driver.referrer(deps) if driver is not None else None
+            func, args, kwargs, rt.config.oob_threshold_bytes, driver.referrer(deps) if driver is not None else None,
+            driver.shipper.ref() if driver is not None and driver.shipper is not None else None,
         )
     except serialize.FutureArgument as arg:
-        return _fork_after(arg.future, func, args, kwargs, max_retries, timeout_s)
+        return _fork_after(arg.future, func, args, kwargs, max_retries, timeout_s, request)
     if driver is not None:
-        call = Call(func, args, kwargs, deps) if deps else None
-        return driver.submit(frames, max_retries, timeout_s, call=call)
+        call = Call(func, args, kwargs, deps, request=request) if deps else None
+        return driver.submit(frames, max_retries, timeout_s, call=call, request=request)
     fut: Future[T] = Future()
     frames, _ = serialize.route(frames, None)
     code, out, _ = run_task(frames, f"inline mode (pid {os.getpid()})", rt.config.oob_threshold_bytes, None)
@@ -165,7 +181,7 @@ def _fork(
 
 def _fork_after(
     dep: Future[Any], func: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any], max_retries: int,
-    timeout_s: float,
+    timeout_s: float, request: Request = None,
 ) -> Future[T]:
     """Fork once ``dep`` (a future among the arguments) is done; if it failed, fail the same way, unrun.
 
@@ -195,7 +211,7 @@ def _fork_after(
             settle(outer, exception=failure)
             return
         try:
-            inner = _fork(func, args, kwargs, max_retries, timeout_s)
+            inner = _fork(func, args, kwargs, max_retries, timeout_s, request)
         except BaseException as exc:  # noqa: BLE001 - it belongs to the future
             settle(outer, exception=exc)
             return
@@ -249,8 +265,14 @@ class Options:
 
     max_retries: int | None = None
     timeout_s: float | None = None
+    #: What the worker must have free for the task: ``{"gpu": 1, "memory_gb": 16}`` (held while it runs).
+    resources: dict[str, float] | None = None
+    #: Labels the worker must have: ``{"zone": "a"}``.
+    labels: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
+        need, want = resources_.validate_request(self.resources, self.labels)
+        object.__setattr__(self, "_request", (need, want) if need or want else None)
         if self.max_retries is not None and not 0 <= self.max_retries < protocol.DEFAULT_RETRIES:
             raise ValueError(f"max_retries={self.max_retries}: give 0 to {protocol.DEFAULT_RETRIES - 1}")
         if self.timeout_s is not None and not self.timeout_s > 0:
@@ -259,15 +281,23 @@ class Options:
     def fork(self, func: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         """``distfork.fork`` with these options."""
         retries = protocol.DEFAULT_RETRIES if self.max_retries is None else self.max_retries
-        return _fork(func, args, kwargs, retries, self.timeout_s or 0.0)
+        return _fork(func, args, kwargs, retries, self.timeout_s or 0.0, getattr(self, "_request", None))
 
 
-def options(max_retries: int | None = None, timeout_s: float | None = None) -> Options:
+def options(
+    max_retries: int | None = None, timeout_s: float | None = None,
+    resources: dict[str, float] | None = None, labels: dict[str, str] | None = None,
+) -> Options:
     """Options for forks: ``distfork.options(max_retries=0, timeout_s=5).fork(f, x)``.
 
     ``max_retries``: how often the task is re-run when the worker running it
     is lost (default ``Config.max_retries``). ``timeout_s``: the longest the
     task may run; then its worker process is ended (and replaced) and the
     future fails with ``TimeoutError``. Inline mode ignores ``timeout_s``.
+    ``resources``: what the worker process must have free, held while the
+    task runs (``{"gpu": 1}``: it also sees only its device through
+    ``CUDA_VISIBLE_DEVICES``); ``labels``: labels the worker must have. A task
+    no worker of the cluster can ever run fails after ``resource_grace_s``
+    naming what the cluster has. Inline mode ignores both.
     """
-    return Options(max_retries, timeout_s)
+    return Options(max_retries, timeout_s, resources, labels)

@@ -27,6 +27,7 @@ SIGTERM or SIGINT stop the loop; peers are told BYE.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import secrets
@@ -37,7 +38,7 @@ from typing import Any
 
 import zmq
 
-from . import endpoint, protocol, security, shm
+from . import codeship, endpoint, protocol, security, shm
 from .broker_state import BrokerState, PeerInfo
 from .config import DEFAULT_ADDRESS, Config
 from .errors import ProtocolError
@@ -53,7 +54,7 @@ _RECV_BURST = 2000  # messages handled before we dispatch and send
 _STEAL_CHECK_S = 0.02  # how often to look for stalled workers while another idles
 # Messages whose sender's key must be admitted for the role they speak for (a HELLO names its
 # role; a worker process's supervisor and control socket speak for workers).
-_ROLE_BOUND = frozenset({Msg.HELLO, Msg.EXITED, Msg.KEEPALIVE})
+_ROLE_BOUND = frozenset({Msg.HELLO, Msg.EXITED, Msg.KEEPALIVE, Msg.OUTPUT})  # OUTPUT: a worker process's lines
 
 
 class Broker:
@@ -82,6 +83,9 @@ class Broker:
         if "[" in address:
             self.sock.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:PORT (only then: IPv4 addresses stay AF_INET)
         self._bind(address)
+        self.code = codeship.CodeStore(config.code_store_bytes)  # drivers' code packages, by hash
+        # (slot, task key) -> (driver, its task id), for lines that arrive after the task's result
+        self._output_routes: collections.OrderedDict[tuple[bytes, int], tuple[bytes, int]] = collections.OrderedDict()
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.state = BrokerState(config, time.monotonic())
         self.metrics = BrokerMetrics(self.state)
@@ -249,6 +253,9 @@ class Broker:
             elif kind is Msg.RESULTS and p.role == "worker":
                 entries = protocol.decode_batch(frames, body)
                 self.metrics.results_in(p, entries, now)
+                for e in entries:
+                    if e.flags & Flag.OUTPUT:  # its last lines may come after it, by another socket
+                        self._route_output(p, e.id)
                 self.state.results(p, entries)
             elif kind is Msg.HEARTBEAT:
                 pass
@@ -270,12 +277,20 @@ class Broker:
                 self.state.bye(peer, now)
             elif kind is Msg.STATUS:
                 self._send(peer, protocol.encode_json(Msg.STATUS_REPLY, self._status(now)))
+            elif kind is Msg.CODE and p.role == "driver":
+                self._code_in(frames, body)
+            elif kind is Msg.CODE_GET:
+                self._code_out(peer, body)
             else:
                 raise ProtocolError(f"{kind.name} from a {p.role}")
         elif kind is Msg.HELLO:
             self._hello(peer, body, now)
         elif kind is Msg.STATUS:
             self._send(peer, protocol.encode_json(Msg.STATUS_REPLY, self._status(now)))
+        elif kind is Msg.CODE_GET:  # a worker slot's fetch socket: authenticated, never registered
+            self._code_out(peer, body)
+        elif kind is Msg.OUTPUT:  # a worker process's control socket: what its running tasks print
+            self._output(peer, protocol.decode_json(body))
         elif kind is Msg.KEEPALIVE:
             self._call(self.state.keepalive, peer, protocol.decode_json(body), now)
         elif kind is Msg.EXITED:
@@ -317,6 +332,50 @@ class Broker:
         self.state.bye(peer, time.monotonic())  # a registered peer that says hello in another role
         self._send(peer, protocol.encode_json(Msg.REJECT, {"reason": why, "refused": True}))
         return True
+
+    def _output(self, control: bytes, body: dict[str, Any]) -> None:
+        """Forward a task's lines to its driver, if the slot they name runs it and belongs to the sender."""
+        peer, key = body.get("peer"), body.get("key")
+        if not isinstance(peer, str) or not isinstance(key, int) or not isinstance(body.get("lines"), list):
+            raise ProtocolError("OUTPUT without peer, key or lines")
+        try:
+            w = self.state.workers.get(bytes.fromhex(peer))
+        except ValueError:
+            raise ProtocolError(f"OUTPUT names peer {peer[:40]!r}") from None
+        if w is None or w.control not in (None, control):
+            raise ProtocolError("OUTPUT for a slot of another process")
+        route = self._output_routes.get((w.id, key)) or self._route_output(w, key)
+        if route is None:
+            return  # the task is gone (its result already went, or it was cancelled)
+        driver, task_id = route
+        info = w.info
+        out = {"id": task_id, "lines": body["lines"], "dropped": body.get("dropped", 0),
+               "final": bool(body.get("final")), "worker": info.get("name"), "host": info.get("host"),
+               "pid": info.get("pid")}
+        self._send(driver, protocol.encode_json(Msg.OUTPUT, out))
+        if out["final"]:
+            self._output_routes.pop((w.id, key), None)
+
+    def _route_output(self, w: PeerInfo, key: int) -> tuple[bytes, int] | None:
+        """Remember whose task ``key`` on slot ``w`` is, for its lines (kept for the last 10,000)."""
+        task = w.assigned.get(key)
+        if task is None:
+            return None
+        route = self._output_routes[(w.id, key)] = (task.driver, task.task_id)
+        while len(self._output_routes) > 10_000:
+            self._output_routes.popitem(last=False)
+        return route
+
+    def _code_in(self, frames: list[Any], body: memoryview) -> None:
+        code_hash, data = protocol.decode_code(frames, body)
+        if data is None or not self.code.put(code_hash, bytes(data)):
+            raise ProtocolError(f"code package {code_hash[:12]} without data, or whose bytes have another hash")
+
+    def _code_out(self, peer: bytes, body: memoryview) -> None:
+        code_hash = protocol.decode_json(body).get("hash")
+        if not isinstance(code_hash, str) or len(code_hash) != 64:
+            raise ProtocolError(f"CODE_GET names package {code_hash!r}")
+        self._send(peer, protocol.encode_code(code_hash, self.code.get(code_hash)))
 
     def _status(self, now: float) -> dict[str, Any]:
         snap = self.state.status(now)

@@ -39,9 +39,20 @@ import signal
 from collections.abc import Sequence
 from typing import Any
 
+from . import resources
 from .config import Config
 from .errors import ProtocolError
-from .protocol import DEFAULT_RETRIES, Entry, Flag, Frame, Status, decode_deps, encode_dep_counts
+from .protocol import (
+    DEFAULT_RETRIES,
+    Entry,
+    Flag,
+    Frame,
+    Status,
+    decode_deps,
+    decode_request,
+    encode_dep_counts,
+    encode_devices,
+)
 from .shm import segment_of
 
 __all__ = ["BrokerState", "Hold", "PeerInfo", "Task", "TaskState"]
@@ -88,9 +99,19 @@ class Task:
     missing: int = 0  # of those, not done yet (state WAITING while > 0)
     dependents: list[Task] | None = None  # tasks that take this one's result (some may be gone)
     fetch: bool = False  # the driver asked for the value while it ran: send it even if held
+    # What it asks of the worker (options(resources=..., labels=...)): distfork/resources.py places it.
+    needs: dict[str, float] | None = None
+    labels: dict[str, str] | None = None
+    devices: list[int] | None = None  # the GPU ids it was given where it runs
 
     def wire(self) -> tuple[Sequence[Frame], int]:
         """The payload to hand a worker, and the flags it needs: held dependency values first."""
+        if self.devices is not None:  # its GPUs go first (Flag.RESOURCES), then what follows
+            frames, flags = self._wire()
+            return [encode_devices(self.devices), *frames], flags | Flag.RESOURCES
+        return self._wire()
+
+    def _wire(self) -> tuple[Sequence[Frame], int]:
         if not self.deps:
             return self.frames, 0
         counts: list[int] = []
@@ -166,6 +187,8 @@ class BrokerState:
         # Tasks whose arguments sit in a domain's shared memory wait here for a
         # worker of that domain.
         self.pinned: dict[str, collections.deque[Task]] = {}
+        # Tasks that ask for resources or labels: placed by resources.place, never prefetched.
+        self.resource_queue: collections.deque[Task] = collections.deque()
         self.peers: dict[bytes, PeerInfo] = {}
         self.workers: dict[bytes, PeerInfo] = {}
         # Keys start at a random point: after a broker restart, a result for a task
@@ -358,9 +381,12 @@ class BrokerState:
         self._next_key += 1
         task.state = TaskState.QUEUED
         task.worker = None
+        task.devices = None
         self._queue_of(task).appendleft(task)
 
     def _queue_of(self, task: Task) -> collections.deque[Task]:
+        if task.needs is not None or task.labels is not None:
+            return self.resource_queue
         if task.pinned and task.domain is not None:
             q = self.pinned.get(task.domain)
             if q is None:
@@ -379,6 +405,13 @@ class BrokerState:
             if e.id in tasks or e.id in driver.holds:
                 continue  # re-submitted after a reconnect: we still have it
             frames, dep_ids, bad = e.frames, None, None
+            needs = labels = None
+            if e.flags & Flag.RESOURCES:
+                try:
+                    needs, labels = decode_request(frames[0]) if frames else (None, None)
+                except ProtocolError as exc:
+                    bad = str(exc)
+                frames = frames[1:]
             if e.flags & Flag.DEPS:
                 try:
                     dep_ids = decode_deps(frames[0]) if frames else []
@@ -386,7 +419,8 @@ class BrokerState:
                     bad = str(exc)
                 frames = frames[1:]
             task = Task(self._next_key, driver.id, e.id, e.code, e.extra, frames, domain, bool(e.flags & Flag.PINNED),
-                        owner_pid=owner_pid, nested=bool(e.flags & Flag.NESTED), submitted=at)
+                        owner_pid=owner_pid, nested=bool(e.flags & Flag.NESTED), submitted=at,
+                        needs=needs, labels=labels)
             self._next_key += 1
             tasks[e.id] = task
             if bad is not None or (dep_ids is not None and not dep_ids):
@@ -680,8 +714,10 @@ class BrokerState:
         if now is not None:
             self._now = now
             self._steal(now)
-        if not (self.queue or any(self.pinned.values())):
+        if not (self.queue or any(self.pinned.values()) or self.resource_queue):
             return out
+        if self.resource_queue:  # first: a slot that frees up goes to a task that needs its process's resources
+            resources.place(self, out, self._now, self.config.resource_grace_s)
         for w in self.workers.values():  # free slots
             while len(w.assigned) < w.slots and self._assign(w, out, prefetch=False):
                 pass
@@ -702,15 +738,23 @@ class BrokerState:
         task = self._next_for(w, prefetch)
         if task is None:
             return False
-        if not w.assigned:
-            w.progress_at = self._now
         if prefetch:
             w.batched = True
+        self._give(w, task, out)
+        return True
+
+    def _give(self, w: PeerInfo, task: Task, out: dict[bytes, list[Task]]) -> None:
+        if not w.assigned:
+            w.progress_at = self._now
         task.state = TaskState.ASSIGNED
         task.worker = w.id
         w.assigned[task.key] = task
         out.setdefault(w.id, []).append(task)
-        return True
+
+    def _fail_unplaceable(self, task: Task, text: str) -> None:
+        """A task that asks for more than any worker of the cluster has (resources.place)."""
+        self.counters["tasks_unplaceable"] += 1
+        self._finish(task, Status.FAILED, 0.0, [text.encode()])
 
     def _steal(self, now: float) -> None:
         if not any(len(w.assigned) < w.slots for w in self.workers.values()):
@@ -774,7 +818,9 @@ class BrokerState:
 
     def status(self, now: float) -> dict[str, Any]:
         """A JSON-able snapshot for ``distfork status``."""
-        queued = sum(1 for q in (self.queue, *self.pinned.values()) for t in q if t.state is TaskState.QUEUED)
+        queued = sum(1 for q in (self.queue, self.resource_queue, *self.pinned.values())
+                     for t in q if t.state is TaskState.QUEUED)
+        held_resources = resources.status(self.workers.values())
         workers = [
             {
                 "id": w.id.hex(),
@@ -788,6 +834,7 @@ class BrokerState:
                 "done": w.done,
                 "failed": w.failed,
                 "rss_bytes": w.rss_bytes,
+                "resources": held_resources.get(w.id),
                 "last_seen_s": round(now - w.last_seen, 3),
             }
             for w in self.workers.values()

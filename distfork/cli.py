@@ -159,11 +159,27 @@ def broker(bind: str, insecure: bool, parent_pid: int | None, session: str | Non
 @click.option("--nanny/--no-nanny", default=True, show_default=True,
               help="Run the worker as a child that is replaced when it dies (a crash, or a cancelled task).")
 @click.option("--parent-pid", type=int, default=None, hidden=True, help="Stop when this process is gone.")
+@click.option("--resources", "resource_spec", default=None, metavar="NAME=N,...",
+              help="What tasks may ask for beyond slots, cpu, memory_gb and CUDA gpus, found by themselves: "
+                   "gpu=2,ram_gb=64,ssd=1 (also DISTFORK_RESOURCES).")
+@click.option("--label", "label_specs", multiple=True, metavar="NAME=VALUE",
+              help="A label tasks can select: --label zone=a (repeatable; also DISTFORK_LABELS).")
 def worker(address: str, slots: int | None, processes: int, name: str | None, nanny: bool,
-           parent_pid: int | None) -> None:
+           parent_pid: int | None, resource_spec: str | None, label_specs: tuple[str, ...]) -> None:
     """Run a worker that takes tasks from the broker at --connect."""
+    from . import resources
     from .security import client_keys
 
+    try:  # through the environment: the nanny's worker processes inherit them
+        if resource_spec is not None:
+            resources.parse_resources(resource_spec)
+            os.environ["DISTFORK_RESOURCES"] = resource_spec
+        if label_specs:
+            os.environ["DISTFORK_LABELS"] = ",".join(label_specs)
+        resources.parse_labels(os.environ.get("DISTFORK_LABELS", ""))
+        resources.parse_resources(os.environ.get("DISTFORK_RESOURCES", ""))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
     cfg = _config.load()
     try:
         client_keys(cfg, address, role="worker")  # bad key files: say so once, before any process starts

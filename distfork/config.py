@@ -87,6 +87,40 @@ class Config:
     local_workers: int = 0
     #: Task slots per worker process (tasks run at once in threads).
     slots: int = 1
+    #: Ship the driver's own modules (imported from outside site-packages and
+    #: the standard library) to the workers of a cluster it connects to
+    #: (distfork/codeship.py). ``DISTFORK_CODE_SHIP=0``: install them there instead.
+    code_ship: bool = True
+    #: More code to ship: paths or module names, separated by commas or
+    #: ``os.pathsep`` (``distfork.init(code=[...])`` adds to it).
+    code: str = ""
+    #: Largest code package a driver ships, in bytes (0: no limit).
+    code_max_bytes: int = 64 * 1024 * 1024
+    #: Bytes of code packages the broker keeps (least recently used dropped).
+    code_store_bytes: int = 512 * 1024 * 1024
+    #: Where a worker host caches code packages (empty: ``$XDG_CACHE_HOME/distfork/code``,
+    #: else ``~/.cache/distfork/code``); private to its user (0700).
+    code_cache_dir: str = ""
+    #: Seconds a worker waits for the broker to hand it a code package.
+    code_fetch_timeout_s: float = 30.0
+    #: Where a driver shows what its tasks print and log (distfork/output.py):
+    #: ``terminal`` (its stdout and stderr, each line prefixed with the task,
+    #: worker, host and pid), ``off``, or the path of a file to append to.
+    #: Each future keeps its task's lines either way (``fut.output``).
+    output: str = "terminal"
+    #: Bytes of output one task may send to its driver; further lines are
+    #: dropped and counted ("N lines dropped"). 0: no limit.
+    output_task_bytes: int = 8 * 1024 * 1024
+    #: What a worker process has beyond what it finds itself (slots, cpu,
+    #: memory_gb, gpu from visible CUDA devices): ``gpu=2,ram_gb=64,ssd=1``
+    #: (``distfork worker --resources``). Tasks ask with ``options(resources=...)``.
+    resources: str = ""
+    #: A worker's labels, ``zone=a,rack=3`` (``distfork worker --label``); tasks
+    #: select with ``options(labels=...)``.
+    labels: str = ""
+    #: Seconds a task that fits on no worker of the cluster waits for one to
+    #: join before it fails (broker).
+    resource_grace_s: float = 3.0
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Config:

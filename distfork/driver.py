@@ -47,7 +47,7 @@ from typing import Any, NamedTuple
 
 import zmq
 
-from . import protocol, security, serialize, shm
+from . import output, protocol, security, serialize, shm
 from .config import Config
 from .errors import (
     AuthenticationError,
@@ -76,6 +76,7 @@ class Call(NamedTuple):
     kwargs: dict[str, Any]
     deps: list[Future[Any]]  # the futures it names, in the order of the task's dependency frame
     tries: int = 1
+    request: Any = None  # what it asks of its worker: (resources, labels), or None
 
 
 class _Held(NamedTuple):
@@ -108,6 +109,12 @@ class Driver:
         self.nested = nested
         self._reclaims: collections.deque[int] = collections.deque()
         self._recycles: collections.deque[str] = collections.deque()
+        # Code packages to send before the tasks that need them (codeship.Shipper), and the latest
+        # one, sent again after every hello (a restarted broker lost it).
+        self._codes: collections.deque[Any] = collections.deque()
+        self.code_package: Any = None
+        self.shipper: Any = None  # codeship.Shipper, when this driver ships its code
+        self._display = output.Display(config.output)  # where our tasks' lines are shown
         self._reclaim_waiters: dict[int, tuple[threading.Event, list[bool]]] = {}
         self.config = config
         self.name = name or f"driver-{socket.gethostname()}-{os.getpid()}"
@@ -186,7 +193,7 @@ class Driver:
 
     def submit(
         self, frames: list[Any], max_retries: int = protocol.DEFAULT_RETRIES, timeout_s: float = 0.0,
-        call: Call | None = None, fut: Future[Any] | None = None,
+        call: Call | None = None, fut: Future[Any] | None = None, request: Any = None,
     ) -> Future[Any]:
         """Send a pickled call (``serialize.dumps_call`` output); its future completes with the result.
 
@@ -219,6 +226,9 @@ class Driver:
             frames = [protocol.encode_deps([d.task_id for d in call.deps]), *frames]
             flags |= Flag.DEPS
             self._calls[task_id] = call
+        if request is not None:  # (resources, labels): its frame goes first
+            frames = [protocol.encode_request(*request), *frames]
+            flags |= Flag.RESOURCES
         entry = Entry(task_id, max_retries, timeout_s, frames, flags)
         self._inflight[task_id] = (fut, entry, segment, nbytes)
         if self._closing:
@@ -279,6 +289,7 @@ class Driver:
         os.close(self._wake_r)
         os.close(self._wake_w)
         self._ctx.term()
+        self._display.close()
         for held in self._held.values():
             self._free_segment(held.segment)
         self._held.clear()
@@ -387,6 +398,17 @@ class Driver:
         self._cancels.append(fut.task_id)
         self._wake()
 
+    def ship_code(self, package: Any) -> None:
+        """Send a ``codeship.Package`` to the broker ahead of any task submitted after this call."""
+        self.code_package = package
+        self._codes.append(package)
+        self._wake()
+
+    def _send_codes(self, sock: zmq.Socket[Any]) -> None:
+        while self._codes:
+            pkg = self._codes.popleft()
+            sock.send_multipart(protocol.encode_code(pkg.hash, pkg.data), copy=False)
+
     def _wake(self, force: bool = False) -> None:
         if self._wake_pending and not force:
             return
@@ -408,6 +430,9 @@ class Driver:
             "heartbeat_s": self.config.heartbeat_s,
         }
         sock.send_multipart(protocol.encode_json(Msg.HELLO, info))
+        if self.code_package is not None:
+            self._codes.appendleft(self.code_package)
+            self._send_codes(sock)
 
     def _run(self) -> None:
         sock = self._ctx.socket(zmq.DEALER)
@@ -441,7 +466,7 @@ class Driver:
                 if watch is not None and watch.monitor in events:
                     self._handshake(watch)
                 if self._outgoing or self._cancels or self._reclaims or self._recycles or self._fetches \
-                        or self._releases:
+                        or self._releases or self._codes:
                     self._flush(sock)
                     last_sent = now
                 if sock in events:
@@ -495,8 +520,10 @@ class Driver:
 
     def _flush(self, sock: zmq.Socket[Any]) -> None:
         out = self._outgoing
+        self._send_codes(sock)
         while out:
             batch = [out.popleft() for _ in range(min(len(out), _BATCH_MAX))]
+            self._send_codes(sock)  # a package shipped just before a task of this batch was appended
             sock.send_multipart(protocol.encode_batch(Msg.SUBMIT, batch), copy=False)
         if self._reclaims:
             ids = [self._reclaims.popleft() for _ in range(len(self._reclaims))]
@@ -540,6 +567,8 @@ class Driver:
                 self._welcomed.set()
             elif kind is Msg.CLUSTER:
                 self._cluster_facts(protocol.decode_json(body))
+            elif kind is Msg.OUTPUT:
+                self._output(protocol.decode_json(body))
             elif kind is Msg.RECLAIMED:
                 self._reclaimed(protocol.decode_json(body))
             elif kind is Msg.REJECT:
@@ -558,6 +587,19 @@ class Driver:
         except ProtocolError as exc:
             log.warning("dropped a message from the broker: %s", exc)
         return False
+
+    def _output(self, body: dict[str, Any]) -> None:
+        """Lines a task printed: onto its future, and shown (output.Display)."""
+        task_id, raw = body.get("id"), body.get("lines")
+        if not isinstance(task_id, int) or not isinstance(raw, list):
+            raise ProtocolError("OUTPUT without id or lines")
+        lines = [(str(x[0]), str(x[1])) for x in raw if isinstance(x, list) and len(x) == 2]
+        dropped = body.get("dropped")
+        dropped = dropped if isinstance(dropped, int) else 0
+        item = self._inflight.get(task_id)
+        if item is not None:
+            item[0].add_output([text for _, text in lines], dropped)
+        self._display.show(body, task_id, lines, dropped)
 
     def _reclaimed(self, reply: dict[str, Any]) -> None:
         granted = set(reply.get("granted") or ())
@@ -669,9 +711,11 @@ class Driver:
                 else:
                     deps: list[Future[Any]] = []
                     frames = serialize.dumps_call(call.func, call.args, call.kwargs, self.config.oob_threshold_bytes,
-                                                  self.referrer(deps))
-                    again_call = Call(call.func, call.args, call.kwargs, deps, call.tries + 1) if deps else None
-                    self.submit(frames, max_retries, timeout_s, call=again_call, fut=fut)
+                                                  self.referrer(deps),
+                                                  self.shipper.ref() if self.shipper is not None else None)
+                    again_call = (Call(call.func, call.args, call.kwargs, deps, call.tries + 1, call.request)
+                                  if deps else None)
+                    self.submit(frames, max_retries, timeout_s, call=again_call, fut=fut, request=call.request)
             except InvalidStateError:
                 pass  # cancelled meanwhile
             except BaseException as exc:  # noqa: BLE001 - it belongs to the future

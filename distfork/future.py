@@ -87,6 +87,20 @@ class Future(concurrent.futures.Future, Generic[T]):  # type: ignore[type-arg]
         #: broker holds (result REMOTE) is fetched through ``driver._fetch``.
         self.task_id = 0
         self.driver: Any = None
+        self._output: list[str] | None = None  # lines the task printed or logged (distfork/output.py)
+
+    @property
+    def output(self) -> str:
+        """What the task printed and logged so far, one line per line (``""``: nothing, or inline mode)."""
+        return "".join(line + "\n" for line in self._output or ())
+
+    def add_output(self, lines: list[str], dropped: int = 0) -> None:
+        """The driver's I/O thread: more lines of the task (``dropped``: lines the worker did not send)."""
+        if self._output is None:
+            self._output = []
+        self._output.extend(lines)
+        if dropped:
+            self._output.append(f"[{dropped} lines dropped: over output_task_bytes]")
 
     def _reclaim(self, local: bool = True) -> None:
         """Inside a worker: if the task has not started, run it in this thread.

@@ -43,6 +43,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from . import resources
 from .protocol import Entry, Flag, Status
 
 _INF = float("inf")
@@ -208,7 +209,8 @@ class _Collector:
         yield counter("messages_dropped", "Malformed or unexpected messages dropped.",
                       counters.get("messages_dropped", 0))
 
-        queued = len(state.queue) + sum(len(q) for q in list(state.pinned.values())) - state.stale_queued
+        queued = (len(state.queue) + len(state.resource_queue) + sum(len(q) for q in list(state.pinned.values()))
+                  - state.stale_queued)
         yield GaugeMetricFamily("distfork_queue_depth", "Tasks waiting for a worker.", value=queued)
         drivers = [p for p in list(state.peers.values()) if p.role == "driver"]
         yield GaugeMetricFamily("distfork_values_held", "Results kept for the tasks that take them as arguments.",
@@ -226,6 +228,15 @@ class _Collector:
                                 value=sum(rss.values()))
         yield GaugeMetricFamily("distfork_drivers_connected", "Drivers registered.",
                                 value=sum(1 for p in peers if p.role == "driver"))
+        amounts = GaugeMetricFamily("distfork_worker_resources",
+                                    "What each worker process has (state=total) and its running tasks hold (held).",
+                                    labels=["worker", "host", "resource", "state"])
+        for proc in resources.processes(workers):
+            host = str(proc.slots[0].info.get("host"))
+            for name, total in sorted(proc.total.items()):
+                amounts.add_metric([proc.name, host, name, "total"], total)
+                amounts.add_metric([proc.name, host, name, "held"], proc.held.get(name, 0.0))
+        yield amounts
 
         for name, doc, buckets, total in (
             ("task_latency_seconds", "From the task's arrival at the broker to its result's.",

@@ -9,7 +9,7 @@ Every message is one ZeroMQ multipart message. Its first frame is the header::
 Bodies:
 
 * control messages (HELLO, WELCOME, STATUS_REPLY, REJECT, KEEPALIVE, CLUSTER,
-  EXITED, RECLAIMED, RECYCLE): UTF-8 JSON
+  EXITED, RECLAIMED, RECYCLE, CODE_GET, OUTPUT): UTF-8 JSON
   object;
 * batches (SUBMIT, TASKS, RESULTS, DISCARD): ``u32 count`` then ``count``
   entries of ``struct "!QHBBfI"`` = (id, nframes, code, flags, extra, pid),
@@ -21,6 +21,9 @@ Bodies:
   driver's pid, whose death frees the result's shared-memory segment.
   With ``Flag.DEPS``, a task's payload starts with a dependency frame (see
   :class:`Flag` and :func:`encode_deps`);
+* CODE: a JSON object ``{"hash": sha256 hex}`` and, as a second frame,
+  the package's zip bytes (absent in the broker's answer when it does not
+  have that package); CODE_GET: JSON ``{"hash": ...}``;
 * CANCEL, RECLAIM, FETCH, RELEASE: ``u32 count`` then ``count`` u64 task ids;
 * HEARTBEAT, BYE, STATUS: empty.
 
@@ -52,14 +55,20 @@ __all__ = [
     "Status",
     "decode",
     "decode_cancel",
+    "decode_code",
     "decode_batch",
     "decode_json",
     "decode_dep_counts",
     "decode_deps",
+    "decode_devices",
+    "decode_request",
     "encode_dep_counts",
     "encode_deps",
+    "encode_devices",
+    "encode_request",
     "encode_batch",
     "encode_cancel",
+    "encode_code",
     "encode_json",
     "encode_signal",
 ]
@@ -95,6 +104,9 @@ class Msg(enum.IntEnum):
     RECYCLE = 18  # D -> B -> W: result segments nobody maps any more, back to their maker (JSON: names)
     FETCH = 19  # D -> B: send me the values of these held results (ids, as CANCEL)
     RELEASE = 20  # D -> B: I dropped the futures of these held results unfetched (ids, as CANCEL)
+    CODE = 21  # D -> B: a package of the driver's code; B -> asker: the one asked for (see encode_code)
+    CODE_GET = 22  # W (any peer) -> B: send me the code package of this hash (JSON: hash)
+    OUTPUT = 23  # W control -> B -> D: lines a running task printed or logged (JSON, see distfork/output.py)
 
 
 class Flag:
@@ -115,6 +127,12 @@ class Flag:
     # RESULTS (B -> D): the value stays in the broker for tasks that take it; FETCH it. Payload:
     # nothing, or the name of the shared-memory segment it is in.
     HELD = 32
+    # RESULTS (W -> B): the task printed; its lines travel in OUTPUT from the worker's control socket
+    # and may reach the broker after this result: keep routing them to its driver.
+    OUTPUT = 64
+    # SUBMIT: the payload starts with a frame of what the task asks for (encode_request), before any
+    # DEPS frame. TASKS: the payload starts with a frame of the GPU ids it was given (encode_devices).
+    RESOURCES = 128
 
 
 class Status(enum.IntEnum):
@@ -270,3 +288,52 @@ def decode_dep_counts(frames: Sequence[Frame]) -> tuple[list[Sequence[Frame]], S
     if at >= len(frames):
         raise ProtocolError("a task with dependencies but no call")
     return deps, frames[at:]
+
+
+def encode_code(code_hash: str, data: Frame | None) -> list[Frame]:
+    """A code package (driver -> broker), or the broker's answer to CODE_GET (``data`` None: it has none)."""
+    head = encode_json(Msg.CODE, {"hash": code_hash})
+    return head if data is None else [*head, data]
+
+
+def decode_code(frames: Sequence[Frame], body: memoryview) -> tuple[str, Frame | None]:
+    """(hash, zip bytes or None) of a CODE message whose header was already decoded."""
+    code_hash = decode_json(body).get("hash")
+    if not isinstance(code_hash, str) or len(code_hash) != 64:
+        raise ProtocolError(f"CODE message names package {code_hash!r}, expected a sha256 hex digest")
+    if len(frames) > 2:
+        raise ProtocolError(f"CODE message of {len(frames)} frames, expected at most 2")
+    return code_hash, (frames[1] if len(frames) == 2 else None)
+
+
+def encode_request(needs: dict[str, float] | None, labels: dict[str, str] | None) -> bytes:
+    """SUBMIT's resource frame (``Flag.RESOURCES``): what a task asks of the worker that runs it."""
+    return json.dumps({"resources": needs or {}, "labels": labels or {}}, separators=(",", ":")).encode()
+
+
+def decode_request(frame: Frame) -> tuple[dict[str, float] | None, dict[str, str] | None]:
+    body = decode_json(memoryview(frame))
+    needs, labels = body.get("resources"), body.get("labels")
+    if not isinstance(needs, dict) or not isinstance(labels, dict):
+        raise ProtocolError("resource frame without resources and labels objects")
+    for k, v in needs.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
+            raise ProtocolError(f"resource {k!r} asks for {v!r}")
+    if not all(isinstance(v, str) for v in labels.values()):
+        raise ProtocolError("labels must be strings")
+    return ({str(k): float(v) for k, v in needs.items()} or None), (dict(labels) or None)
+
+
+def encode_devices(ids: Sequence[int]) -> bytes:
+    """TASKS' resource frame (``Flag.RESOURCES``): the GPU ids the task was given."""
+    return json.dumps(list(ids)).encode()
+
+
+def decode_devices(frame: Frame) -> list[int]:
+    try:
+        ids = json.loads(bytes(frame))
+    except ValueError:
+        raise ProtocolError("device frame is not JSON") from None
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ProtocolError(f"device frame {ids!r} is not a list of ids")
+    return ids

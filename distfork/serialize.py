@@ -41,6 +41,8 @@ from typing import Any, cast
 import cloudpickle
 
 from . import shm
+from .codeship import CodeRef as _CodeRef
+from .codeship import _activate as _activate_code
 from .errors import SerializationError
 from .future import Future as _Future
 
@@ -99,6 +101,10 @@ def _value(x: Any) -> Any:
 # cloudpickle has no type information, so its Pickler is Any to mypy.
 class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
     def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is _CodeRef:  # first in every shipped fork's pickle: the short way
+            return _activate_code, (obj.hash,)
+        if obj is _activate_code:
+            return NotImplemented  # by reference, without cloudpickle's lookup
         if isinstance(obj, _Future):
             # A future passed as an argument stands for its value: a reference the
             # broker resolves (see dumps_call), or the value itself once it is here.
@@ -415,17 +421,19 @@ def describe(obj: Any) -> str:
 
 def dumps_call(
     func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], oob_threshold_bytes: int,
-    refer: Callable[[Any], int | None] | None = None,
+    refer: Callable[[Any], int | None] | None = None, code: Any = None,
 ) -> list[Any]:
     """Pickle a call ``(func, args, kwargs)``; name the culprit if it cannot be pickled.
 
     ``refer(future)``: for each distfork future among the arguments, the
     index under which it goes as a reference (the broker hands the task its
     value, see :func:`unpack_call`), or None to pickle its value here.
+    ``code``: a ``codeship.CodeRef``, pickled first so that the worker puts
+    the driver's modules in place before it resolves anything else.
     """
     _local.refer = refer
     try:
-        return dumps((func, args, kwargs), oob_threshold_bytes)
+        return dumps((func, args, kwargs) if code is None else (code, func, args, kwargs), oob_threshold_bytes)
     except FutureArgument:
         raise
     except Exception as exc:  # noqa: BLE001 - any pickling failure is the user's object
@@ -454,6 +462,8 @@ def unpack_call(
         call = unpack(frames, private=True, leases=leases)
     finally:
         _local.deps = None
+    if len(call) == 4:  # (CodeRef, func, args, kwargs): the code package was put in place first
+        call = call[1:]
     func, args, kwargs = call
     return func, args, kwargs
 

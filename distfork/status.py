@@ -70,6 +70,17 @@ def format_bytes(n: float | None) -> str:
     raise AssertionError("unreachable")
 
 
+def format_resources(entry: Any) -> str:
+    """A worker process's resources as ``gpu 0/1 · cpu 2/2 · zone=a`` (free/total), ``-`` if unknown."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("total"), dict):
+        return "-"
+    free = entry.get("free") or {}
+    parts = [f"{name} {free.get(name, total):g}/{total:g}" for name, total in sorted(entry["total"].items())
+             if name != "slots"]
+    parts += [f"{k}={v}" for k, v in sorted((entry.get("labels") or {}).items())]
+    return " · ".join(parts) or "-"
+
+
 def render_status(snap: dict[str, Any], address: str) -> list[Any]:
     """The status snapshot as rich renderables: a summary line, the workers table, the queues table."""
     from rich.table import Table
@@ -88,13 +99,13 @@ def render_status(snap: dict[str, Any], address: str) -> list[Any]:
     wt = Table(title="workers", title_justify="left", show_edge=False, pad_edge=False)
     for name, justify in (("worker", "left"), ("host", "left"), ("pid", "right"), ("slots", "right"),
                           ("busy", "right"), ("done", "right"), ("failed", "right"), ("rss", "right"),
-                          ("heartbeat", "right")):
+                          ("heartbeat", "right"), ("resources free/total", "left")):
         wt.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for w in sorted(workers, key=lambda w: (str(w.get("host")), w.get("pid") or 0, str(w.get("name")))):
         wt.add_row(
             str(w.get("name")), str(w.get("host")), str(w.get("pid")), str(w["slots"]),
             str(w["busy"]), str(w["done"]), Text(str(w["failed"]), style="red" if w["failed"] else ""),
-            format_bytes(w.get("rss_bytes")), f"{w['last_seen_s']:.1f} s ago",
+            format_bytes(w.get("rss_bytes")), f"{w['last_seen_s']:.1f} s ago", format_resources(w.get("resources")),
         )
 
     qt = Table(title="queues", title_justify="left", show_edge=False, pad_edge=False)

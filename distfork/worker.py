@@ -38,7 +38,7 @@ from typing import Any
 
 import zmq
 
-from . import protocol, security, serialize, shm
+from . import codeship, output, protocol, resources, security, serialize, shm
 from .config import Config
 from .errors import ProtocolError, SerializationError
 from .protocol import Entry, Flag, Msg, Status
@@ -79,11 +79,12 @@ def _call(
     leases: list[serialize.Lease], before_call: Callable[[Any], None] | None, deps: Sequence[Sequence[Any]],
 ) -> tuple[int, list[Any]]:
     try:
-        func, args, kwargs = serialize.unpack_call(frames, deps, leases)
+        with codeship.unpickling():  # another slot's swap of the driver's modules must not meet ours
+            func, args, kwargs = serialize.unpack_call(frames, deps, leases)
     except BaseException as exc:  # noqa: BLE001 - reported to the driver
         err = SerializationError(
             f"the worker could not unpickle the task's function or arguments: {type(exc).__name__}: {exc}. "
-            "Is every module the task needs installed on the worker?"
+            + codeship.missing_module_hint(exc)
         )
         err.__cause__ = exc
         return Status.RAISED, serialize.dumps_exception(err, where, oob_threshold_bytes)
@@ -128,11 +129,18 @@ class Worker:
         self.name = name or f"{self.host}-{os.getpid()}"
         self.parent_pid = parent_pid
         self.where = f"worker {self.name} (host {self.host}, pid {os.getpid()})"
+        # What tasks may ask of this process (distfork/resources.py): bad --resources/--label fail here.
+        self.resources, self.gpu_ids = resources.detect(slots, config.resources)
+        self.labels = resources.parse_labels(config.labels)
         prefix = b"W" + os.urandom(7)
         self.slot_ids = [prefix + bytes([i % 256, i // 256]) for i in range(slots)]
         self._stopping = False
         # Readable once we stop: every thread polls it next to its socket.
         self._stop_r, self._stop_w = os.pipe()
+        # Written when a running task printed something: the control thread sends it (distfork/output.py).
+        self._out_r, self._out_w = os.pipe()
+        os.set_blocking(self._out_r, False)
+        os.set_blocking(self._out_w, False)
         self._ctx = zmq.Context()
         self.shm_domain = shm.domain() if config.shm else None
         self.session: str | None = None  # the broker's, from its WELCOME
@@ -195,6 +203,23 @@ class Worker:
         except OSError:
             pass
 
+    def _wake_output(self) -> None:
+        try:
+            os.write(self._out_w, b"\0")
+        except OSError:
+            pass  # pipe full: a wake-up is pending anyway
+
+    def _send_output(self, control: zmq.Socket[Any]) -> None:
+        try:
+            os.read(self._out_r, 4096)
+        except BlockingIOError:
+            pass
+        for body in output.drain():
+            try:
+                control.send_multipart(protocol.encode_json(Msg.OUTPUT, body), zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # no connection to the broker: the lines are lost, the task is not held up
+
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop())
@@ -214,6 +239,9 @@ class Worker:
     def serve_forever(self) -> None:
         os.environ["DISTFORK_ADDRESS"] = self.address  # nested forks reach our broker
         os.environ["DISTFORK_IN_WORKER"] = "1"  # ... and may take their queued children back
+        codeship.configure_worker(self.address, self._keys, self.config.code_cache_dir,
+                                  self.config.code_fetch_timeout_s)
+        output.install(self._wake_output)
         self.slots_ = [_Slot(self, i, ident) for i, ident in enumerate(self.slot_ids)]
         threads = [threading.Thread(target=s.run, name=f"distfork-slot-{s.index}", daemon=True) for s in self.slots_]
         for t in threads:
@@ -259,6 +287,7 @@ class Worker:
         poller = zmq.Poller()
         poller.register(control, zmq.POLLIN)
         poller.register(self._stop_r, zmq.POLLIN)
+        poller.register(self._out_r, zmq.POLLIN)
         watch = security.HandshakeWatch(monitor, self.address) if monitor is not None else None
         if monitor is not None:
             poller.register(monitor, zmq.POLLIN)
@@ -291,6 +320,8 @@ class Worker:
                 if text is not None:
                     log.error("%s: %s", self.where, text)
                     self._exit(security.EXIT_REFUSED)  # a supervisor does not restart a refused worker
+            if self._out_r in events:
+                self._send_output(control)
             if control in events:
                 self._control_messages(control)
             now = time.monotonic()
@@ -398,6 +429,9 @@ class _Slot:
             "slots": 1,
             "shm_domain": w.shm_domain,
             "heartbeat_s": w.config.heartbeat_s,
+            "resources": w.resources,
+            "gpu_ids": w.gpu_ids,
+            "labels": w.labels,
         }
         sock.send_multipart(protocol.encode_json(Msg.HELLO, info))
 
@@ -441,19 +475,36 @@ class _Slot:
                 self.sock = sock
                 frames: Sequence[Any] = e.frames
                 deps: Sequence[Sequence[Any]] = ()
+                output.begin(e.id, self.identity.hex(), w.config.output_task_bytes)
+                printed = False
+                visible = None
                 try:
+                    if e.flags & Flag.RESOURCES:  # the GPUs the broker gave it: the only ones it sees
+                        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+                        if not frames:
+                            raise ProtocolError("a task with resources but no payload")
+                        ids = protocol.decode_devices(frames[0])
+                        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in ids)
+                        frames = frames[1:]
                     if e.flags & Flag.DEPS:
                         deps, frames = protocol.decode_dep_counts(frames)
                     status, out, retained = run_task(frames, w.where, threshold, pool, e.pid, self._before_call, deps)
                 except ProtocolError as exc:
                     status, out, retained = Status.FAILED, [f"{w.where} got a malformed task: {exc}".encode()], False
                 finally:
+                    printed = output.end()  # its last lines go out before its result
+                    if e.flags & Flag.RESOURCES:
+                        if visible is None:
+                            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+                        else:
+                            os.environ["CUDA_VISIBLE_DEVICES"] = visible
                     self.running = None
                 finished = time.perf_counter()
                 self._learn(finished - started)
                 if not self.done:
                     self.first_done = finished
-                self.done.append(Entry(e.id, status, finished - started, out, Flag.RETAINED if retained else 0))
+                flags = (Flag.RETAINED if retained else 0) | (Flag.OUTPUT if printed else 0)
+                self.done.append(Entry(e.id, status, finished - started, out, flags))
                 if not local or len(self.done) >= _FLUSH_COUNT or finished - self.first_done > _FLUSH_S:
                     self._flush()
                     self._drain(sock)
