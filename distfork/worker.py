@@ -42,6 +42,7 @@ from . import protocol, security, serialize, shm
 from .config import Config
 from .errors import ProtocolError, SerializationError
 from .protocol import Entry, Flag, Msg, Status
+from .slurm import slurm_job_id
 
 __all__ = ["ABORT_EXIT_CODE", "Worker", "run_task"]
 
@@ -366,6 +367,7 @@ class _Slot:
             "slots": 1,
             "shm_domain": w.shm_domain,
             "heartbeat_s": w.config.heartbeat_s,
+            "slurm_job": slurm_job_id(),  # shown by `distfork status`
         }
         sock.send_multipart(protocol.encode_json(Msg.HELLO, info))
 
