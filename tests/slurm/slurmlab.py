@@ -152,6 +152,17 @@ class SlurmLab:
         out = self.run("squeue", "--array", "--noheader", "--format=%i|%T|%N").stdout
         return [tuple(line.split("|", 2)) for line in out.splitlines() if line.strip()]  # type: ignore[misc]
 
+    def shm_segments(self) -> dict[str, list[str]]:
+        """The distfork segments in each node's own /dev/shm (entered through its slurmd's mount namespace)."""
+        out = {}
+        for h, p in zip(self.nodes, self.slurmds, strict=True):
+            done = subprocess.run(["nsenter", "-t", str(p.pid), "-m", "ls", "/dev/shm"], capture_output=True,
+                                  text=True, timeout=10)
+            if done.returncode != 0:
+                raise RuntimeError(f"cannot list {h.hostname}'s /dev/shm: {done.stderr.strip()}")
+            out[h.hostname] = [n for n in done.stdout.split() if n.startswith("df-")]
+        return out
+
     def log(self, name: str = "slurmctld") -> str:
         path = self.dir / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else f"(no {path})"
