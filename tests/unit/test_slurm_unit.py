@@ -1,0 +1,99 @@
+"""SlurmCluster's parts without Slurm: the adapt policy, the job script, the worker's Slurm job id, status."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from rich.console import Console
+
+from distfork.broker_state import BrokerState
+from distfork.config import Config
+from distfork.slurm import AdaptPolicy, SlurmCluster, SlurmError, slurm_job_id
+from distfork.status import render_status
+
+
+def test_adapt_scales_up_at_once_to_the_queue_depth_within_the_bounds() -> None:
+    p = AdaptPolicy(minimum=1, maximum=4)
+    assert p.decide(queued=0, running=0, current=0) == 1  # the minimum even when idle
+    assert p.decide(queued=2, running=1, current=1) == 3
+    assert p.decide(queued=50, running=3, current=3) == 4  # never past the maximum
+
+
+def test_adapt_counts_tasks_per_worker_by_its_slots() -> None:
+    p = AdaptPolicy(minimum=0, maximum=10, slots_per_worker=4)
+    assert p.decide(queued=9, running=0, current=0) == 3  # 9 tasks on 4-slot workers: 3 workers
+
+
+def test_adapt_scales_down_only_after_wait_count_low_decisions_in_a_row() -> None:
+    p = AdaptPolicy(minimum=0, maximum=8, wait_count=3)
+    assert p.decide(0, 0, current=4) == 4
+    assert p.decide(0, 2, current=4) == 4
+    assert p.decide(0, 1, current=4) == 1  # the third low decision in a row: down to the demand
+    assert p.decide(0, 0, current=1) == 1
+    # a burst between lulls starts the count again
+    assert p.decide(0, 0, current=2) == 2
+    assert p.decide(5, 0, current=2) == 5
+    assert p.decide(0, 0, current=5) == 5
+    assert p.decide(0, 0, current=5) == 5
+
+
+@pytest.mark.parametrize(("minimum", "maximum"), [(-1, 2), (3, 2)])
+def test_adapt_refuses_bounds_that_make_no_sense(minimum: int, maximum: int) -> None:
+    with pytest.raises(ValueError, match="minimum <= maximum"):
+        AdaptPolicy(minimum, maximum)
+
+
+def test_the_slurm_job_id_of_an_array_task_a_plain_job_and_no_job() -> None:
+    assert slurm_job_id({"SLURM_JOB_ID": "130", "SLURM_ARRAY_JOB_ID": "123", "SLURM_ARRAY_TASK_ID": "7"}) == "123_7"
+    assert slurm_job_id({"SLURM_JOB_ID": "130"}) == "130"
+    assert slurm_job_id({}) is None
+
+
+def test_the_job_script_asks_slurm_for_the_resources_and_gives_the_cpus_as_slots() -> None:
+    c = SlurmCluster(partition="gpu", time="2:00:00", account="proj", cpus_per_worker=6, gpus_per_worker=2,
+                     memory="16G", extra_sbatch=["--qos=low"], setup=["module load cuda"], python="/opt/py/bin/python")
+    c.directory, c.keys_dir, c.address = "/shared/c", "/shared/c/keys", "tcp://10.0.0.5:7000"
+    script = c.job_script(3)
+    options = [line.removeprefix("#SBATCH ") for line in script.splitlines() if line.startswith("#SBATCH ")]
+    assert options == ["--job-name=distfork-worker", "--array=0-2", "--ntasks=1", "--cpus-per-task=6",
+                       "--output=/shared/c/logs/%A_%a.out", "--partition=gpu", "--time=2:00:00", "--account=proj",
+                       "--mem=16G", "--gres=gpu:2", "--qos=low"]
+    last = script.strip().splitlines()[-1]
+    assert last == ("exec /opt/py/bin/python -m distfork --keys-dir /shared/c/keys worker --connect "
+                    'tcp://10.0.0.5:7000 --slots "${SLURM_CPUS_PER_TASK:-6}"')
+    assert "module load cuda" in script
+    assert subprocess.run(["sh", "-n"], input=script, text=True).returncode == 0  # valid shell
+
+
+@pytest.mark.parametrize("bad", [["qos=low"], ["--qos=low\n#SBATCH --x"]])
+def test_extra_sbatch_options_must_be_options_one_per_item(bad: list[str]) -> None:
+    with pytest.raises(ValueError, match="extra_sbatch takes sbatch options"):
+        SlurmCluster(extra_sbatch=bad)
+
+
+def test_scaling_a_cluster_that_is_not_started_says_so() -> None:
+    with pytest.raises(SlurmError, match="not running"):
+        SlurmCluster().scale(2)
+
+
+def test_status_lists_the_slurm_job_of_each_worker_and_shows_a_column_only_then() -> None:
+    state = BrokerState(Config(), now=0.0)
+    info = {"role": "worker", "name": "n1", "host": "node-a", "pid": 5, "slots": 1}
+    state.hello(b"W1", {**info, "slurm_job": "123_4"}, now=0.0)
+    state.hello(b"W2", {**info, "name": "n2", "pid": 6}, now=0.0)
+    snap = state.status(now=1.0)
+    assert sorted((w["name"], w["slurm_job"]) for w in snap["workers"]) == [("n1", "123_4"), ("n2", None)]
+
+    def text(s: dict) -> str:  # type: ignore[type-arg]
+        console = Console(width=200)
+        with console.capture() as out:
+            for r in render_status(s, "tcp://x:1"):
+                console.print(r)
+        return out.get()
+
+    shown = text(snap)
+    assert "slurm job" in shown and "123_4" in shown
+    for w in snap["workers"]:
+        w["slurm_job"] = None
+    assert "slurm job" not in text(snap)
