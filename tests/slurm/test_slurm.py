@@ -282,6 +282,39 @@ def test_scancel_of_a_worker_mid_task_retries_the_task_elsewhere(lab: SlurmLab, 
         d.close()
 
 
+def test_adapt_follows_the_queue_up_to_its_maximum_and_back_to_its_minimum(lab: SlurmLab, tmp_path: Path) -> None:
+    d = Driver(lab, tmp_path, "driver")
+    try:
+        directory = d(f"""
+            c = distfork.SlurmCluster(workers=0, host={lab.login.ip!r}, directory={str(tmp_path / 'c')!r})
+            c.start()
+            distfork.init(c.address, keys_dir=c.keys_dir)
+            c.adapt(0, 3, interval_s=0.3, wait_count=2)
+            futs = [distfork.fork(where, i, 1.0) for i in range(9)]
+            _ = c.directory
+        """)
+        seen: set[str] = set()
+
+        def all_done() -> bool:
+            jobs = d("_ = c.jobs")
+            seen.update(j for j, s, _ in lab.squeue() if j.split("_")[0] in jobs and s in ("RUNNING", "PENDING"))
+            return bool(d("_ = all(f.done() for f in futs)"))
+
+        wait_until(all_done, 60, interval_s=0.2, what="the nine tasks on adaptively started workers")
+        ran = d("_ = [f.result() for f in futs]")
+        assert sorted(r["i"] for r in ran) == list(range(9))
+        assert 1 < len({r["job"] for r in ran}) <= 3  # more workers came for the queue, at most the maximum
+        assert len(seen) <= 3
+        pids = [w["pid"] for w in d("_ = c.status()")["workers"]]
+        jobs = d("_ = c.jobs")
+        wait_until(lambda: not [j for j, s, _ in lab.squeue() if j.split("_")[0] in jobs], 30, interval_s=0.2,
+                   what="adapt to cancel the idle workers (minimum 0)")
+        d("c.close(); distfork.shutdown()")
+        _cleaned_up(lab, jobs, pids, directory)
+    finally:
+        d.close()
+
+
 def test_the_driver_exiting_cancels_its_jobs(lab: SlurmLab, tmp_path: Path) -> None:
     d = Driver(lab, tmp_path, "driver")
     jobs = d(f"""
@@ -297,6 +330,46 @@ def test_the_driver_exiting_cancels_its_jobs(lab: SlurmLab, tmp_path: Path) -> N
                what="the dead driver's jobs to leave the queue")
     wait_until(lambda: not os.path.exists(directory), 10, interval_s=0.1, what="the reaper to remove the keys")
     _cleaned_up(lab, jobs, [], directory)
+
+
+SBATCH_DRIVER = """
+import json, os, socket, time
+import distfork
+from distfork.status import query_status
+
+def where(i):
+    time.sleep(0.05)
+    return socket.gethostname()
+
+address = os.environ["DISTFORK_ADDRESS"]
+deadline = time.monotonic() + 30
+while len(query_status(address)["workers"]) < 2 and time.monotonic() < deadline:
+    time.sleep(0.1)
+hosts = distfork.wait_all([distfork.fork(where, i) for i in range(20)], timeout=60)
+workers = query_status(address)["workers"]
+print("RESULT", json.dumps({"hosts": sorted(set(hosts)), "driver": socket.gethostname(),
+                            "jobs": sorted(w["slurm_job"] for w in workers), "keys": os.environ["DISTFORK_KEYS_DIR"]}))
+"""
+
+
+def test_the_sbatch_template_runs_broker_workers_and_driver_in_one_allocation(lab: SlurmLab, tmp_path: Path) -> None:
+    driver = tmp_path / "driver.py"
+    driver.write_text(SBATCH_DRIVER)
+    out = tmp_path / "job.out"
+    template = Path(__file__).resolve().parents[2] / "deploy" / "slurm" / "distfork.sbatch"
+    env = lab.env(cli_env(DISTFORK_PYTHON=sys.executable, DISTFORK_SLURM_DIR=str(tmp_path / "keys"),
+                          DISTFORK_HEARTBEAT_S="0.2"))
+    done = lab.run("sbatch", "--parsable", "--wait", "--nodes=2", f"--output={out}", str(template), str(driver),
+                   env=env, timeout_s=120, check=False)
+    text = out.read_text() if out.exists() else "(no output)"
+    assert done.returncode == 0, f"the job failed ({done.returncode}): {done.stderr}\n{text}"
+    job = done.stdout.strip().split(";")[0]
+    result = json.loads(next(line for line in text.splitlines() if line.startswith("RESULT ")).split(" ", 1)[1])
+    assert result["hosts"] == ["node-a", "node-b"]  # a worker on each node of the allocation
+    assert result["driver"] == "node-a"  # the driver (and the broker) on its first node
+    assert result["jobs"] == [job] * 4  # status: both workers' slots (2 CPUs each) belong to this job
+    assert not any(j.split("_")[0] == job for j, _, _ in lab.squeue())
+    assert not os.path.exists(Path(result["keys"]).parent), "the job's keys were not removed"
 
 
 def test_a_time_limit_ending_a_worker_loses_no_task(lab: SlurmLab, time_limited: tuple[Driver, Path]) -> None:
