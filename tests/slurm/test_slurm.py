@@ -151,13 +151,15 @@ def time_limited(lab: SlurmLab, tmp_path_factory: pytest.TempPathFactory) -> Ite
         d.close()
 
 
-def _cleaned_up(lab: SlurmLab, jobs: list[str], pids: list[int], directory: str) -> None:
-    """Nothing of the cluster is left: no job in squeue, no worker process, no segment, no directory."""
+def _cleaned_up(lab: SlurmLab, jobs: list[str], pids: list[int], directory: str, marker: str = "") -> None:
+    """Nothing of the cluster is left: no job in squeue, no worker process, no segment, no directory.
+
+    A process of the cluster is one whose command line names ``marker`` (default: its directory)."""
     queued = [row for row in lab.squeue() if row[0].split("_")[0] in jobs]
     assert queued == [], f"jobs left in the queue: {queued}"
     alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert alive == [], f"worker processes left: {alive}"
-    ours = [p.pid for p in psutil.process_iter() if directory in " ".join(_cmdline(p))]
+    ours = [p.pid for p in psutil.process_iter() if (marker or directory) in " ".join(_cmdline(p))]
     assert ours == [], f"processes of the cluster left: {ours}"
     segments = {node: [n for n in names if int(n.split("-")[2]) in pids]
                 for node, names in lab.shm_segments().items()}
@@ -330,6 +332,40 @@ def test_the_driver_exiting_cancels_its_jobs(lab: SlurmLab, tmp_path: Path) -> N
                what="the dead driver's jobs to leave the queue")
     wait_until(lambda: not os.path.exists(directory), 10, interval_s=0.1, what="the reaper to remove the keys")
     _cleaned_up(lab, jobs, [], directory)
+
+
+def test_distfork_slurm_command_with_the_users_keys_runs_until_sigterm_then_cancels(
+        lab: SlurmLab, tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    env = lab.env(cli_env(DISTFORK_HEARTBEAT_S="0.2"))
+    lab.run(sys.executable, "-m", "distfork", "keygen", str(keys), env=env)
+    cmd = lab.start_on_login(sys.executable, "-m", "distfork", "--keys-dir", str(keys), "slurm", "--workers", "2",
+                             "--host", lab.login.ip, "--directory", str(tmp_path / "c"), env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert cmd.stdout is not None
+    address = cmd.stdout.readline().strip()
+    assert address.startswith(f"tcp://{lab.login.ip}:"), address
+
+    def status(*extra: str) -> Any:
+        return json.loads(lab.run(sys.executable, "-m", "distfork", *extra, "status", "--address", address, "--json",
+                                  env=env).stdout)
+
+    snap = wait_until(lambda: (s := status("--keys-dir", str(keys))) and len(s["workers"]) == 2 and s, 40,
+                      interval_s=0.3, what="the two Slurm workers to register")
+    jobs = sorted(w["slurm_job"] for w in snap["workers"])
+    assert {j for j, s, _ in lab.squeue() if s == "RUNNING"} >= set(jobs)
+    # the user's keys, not some other: a status query without them is refused
+    nokeys = lab.run(sys.executable, "-m", "distfork", "status", "--address", address, "--timeout", "1",
+                     env=env, check=False)
+    assert nokeys.returncode == 1
+    (directory,) = (tmp_path / "c").iterdir()  # the command's own (job logs; no keys: it was given them)
+    assert sorted(p.name for p in directory.iterdir()) == ["jobs", "logs"]
+    cmd.terminate()
+    _, err = cmd.communicate(timeout=60)
+    assert cmd.returncode == 0, err
+    _cleaned_up(lab, [j.split("_")[0] for j in jobs], [w["pid"] for w in snap["workers"]], str(directory),
+                marker=str(keys))
+    assert (keys / "client.key_secret").exists()  # the user's keys are the user's: kept
 
 
 SBATCH_DRIVER = """
