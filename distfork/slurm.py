@@ -350,7 +350,12 @@ class SlurmCluster:
         jobs = list(self.jobs if jobs is None else jobs)
         if not jobs:
             return {}
-        out = _run(["squeue", "--array", "--noheader", "--format=%i|%T", f"--jobs={','.join(jobs)}"])
+        try:
+            out = _run(["squeue", "--array", "--noheader", "--format=%i|%T", f"--jobs={','.join(jobs)}"])
+        except SlurmError as exc:
+            if "Invalid job id" not in str(exc):
+                raise
+            out = ""  # every one of them has ended and left slurmctld's memory (MinJobAge)
         rows = dict(line.strip().split("|", 1) for line in out.splitlines() if "|" in line)
         if live_only:
             rows = {j: s for j, s in rows.items() if s in _LIVE and j not in self._cancelled}
