@@ -317,7 +317,8 @@ def test_adapt_follows_the_queue_up_to_its_maximum_and_back_to_its_minimum(lab: 
         d.close()
 
 
-def test_the_driver_exiting_cancels_its_jobs(lab: SlurmLab, tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["exits", "is killed"])
+def test_the_driver_ending_cancels_its_jobs(lab: SlurmLab, tmp_path: Path, how: str) -> None:
     d = Driver(lab, tmp_path, "driver")
     jobs = d(f"""
         c = distfork.SlurmCluster(workers=2, host={lab.login.ip!r}, directory={str(tmp_path / 'c')!r})
@@ -326,11 +327,17 @@ def test_the_driver_exiting_cancels_its_jobs(lab: SlurmLab, tmp_path: Path) -> N
     """)
     directory = d("_ = c.directory")
     assert len([j for j, _, _ in lab.squeue() if j.split("_")[0] in jobs]) == 2
-    d.proc.kill()  # SIGKILL: no atexit, no close(); the reaper cancels the jobs
-    d.close()
-    wait_until(lambda: not [j for j, _, _ in lab.squeue() if j.split("_")[0] in jobs], 30, interval_s=0.2,
-               what="the dead driver's jobs to leave the queue")
-    wait_until(lambda: not os.path.exists(directory), 10, interval_s=0.1, what="the reaper to remove the keys")
+    if how == "exits":  # end of input: the script ends without close(); atexit cancels, and waits for it
+        d.close()
+        assert d.proc.returncode == 0
+        assert not [j for j, _, _ in lab.squeue() if j.split("_")[0] in jobs]
+        assert not os.path.exists(directory)
+    else:  # SIGKILL: no atexit, no close(); the reaper cancels the jobs
+        d.proc.kill()
+        d.close()
+        wait_until(lambda: not [j for j, _, _ in lab.squeue() if j.split("_")[0] in jobs], 30, interval_s=0.2,
+                   what="the dead driver's jobs to leave the queue")
+        wait_until(lambda: not os.path.exists(directory), 10, interval_s=0.1, what="the reaper to remove the keys")
     _cleaned_up(lab, jobs, [], directory)
 
 

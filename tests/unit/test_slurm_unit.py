@@ -97,3 +97,26 @@ def test_status_lists_the_slurm_job_of_each_worker_and_shows_a_column_only_then(
     for w in snap["workers"]:
         w["slurm_job"] = None
     assert "slurm job" not in text(snap)
+
+
+@pytest.mark.parametrize("bad", ["8", "5:2", "a:b", "-1:3"])
+def test_distfork_slurm_refuses_an_adapt_range_that_is_not_min_max(bad: str) -> None:
+    from click.testing import CliRunner
+
+    from distfork.cli import cli
+
+    result = CliRunner().invoke(cli, ["slurm", "--adapt", bad])
+    assert result.exit_code == 2
+    assert "give MIN:MAX workers" in result.output
+
+
+def test_distfork_slurm_is_a_command_with_the_slurm_options() -> None:
+    from click.testing import CliRunner
+
+    from distfork.cli import cli
+
+    result = CliRunner().invoke(cli, ["slurm", "--help"])
+    assert result.exit_code == 0
+    for option in ("--workers", "--adapt", "--partition", "--time", "--cpus-per-worker", "--gpus-per-worker",
+                   "--memory", "--extra-sbatch", "--host"):
+        assert option in result.output
