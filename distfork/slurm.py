@@ -196,8 +196,9 @@ class SlurmCluster:
         self.port = port
         self.python = python
         self.start_timeout_s = start_timeout_s
-        self._given_keys = keys_dir
-        self._given_dir = directory
+        # absolute: the job script runs on other nodes, in the job's working directory
+        self._given_keys = os.path.abspath(keys_dir) if keys_dir else None
+        self._given_dir = os.path.abspath(directory) if directory else None
         self.directory = ""
         self.keys_dir = ""
         self.address = ""
