@@ -157,7 +157,7 @@ def _cleaned_up(lab: SlurmLab, jobs: list[str], pids: list[int], directory: str,
     A process of the cluster is one whose command line names ``marker`` (default: its directory)."""
     queued = [row for row in lab.squeue() if row[0].split("_")[0] in jobs]
     assert queued == [], f"jobs left in the queue: {queued}"
-    alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    alive = [p for p in pids if _alive(p)]
     assert alive == [], f"worker processes left: {alive}"
     ours = [p.pid for p in psutil.process_iter() if (marker or directory) in " ".join(_cmdline(p))]
     assert ours == [], f"processes of the cluster left: {ours}"
@@ -165,6 +165,13 @@ def _cleaned_up(lab: SlurmLab, jobs: list[str], pids: list[int], directory: str,
                 for node, names in lab.shm_segments().items()}
     assert all(not names for names in segments.values()), f"segments left: {segments}"
     assert not os.path.exists(directory), "the cluster's keys and logs directory is still there"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _cmdline(p: psutil.Process) -> list[str]:
@@ -420,6 +427,7 @@ def test_a_time_limit_ending_a_worker_loses_no_task(lab: SlurmLab, time_limited:
     result = d("_ = fut.result(timeout=150)", timeout_s=160)
     first, again = marks.read_text().split()
     assert result == again != first
+    assert again.split("_")[0] != first.split("_")[0]  # a new array: adapt replaced the worker Slurm ended
     log = d(f"_ = open(os.path.join(c.directory, 'logs', {first + '.out'!r})).read()")
     assert "DUE TO TIME LIMIT" in log
     counters = d("_ = c.status()['counters']")
