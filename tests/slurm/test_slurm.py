@@ -157,10 +157,13 @@ def _cleaned_up(lab: SlurmLab, jobs: list[str], pids: list[int], directory: str,
     A process of the cluster is one whose command line names ``marker`` (default: its directory)."""
     queued = [row for row in lab.squeue() if row[0].split("_")[0] in jobs]
     assert queued == [], f"jobs left in the queue: {queued}"
-    alive = [p for p in pids if _alive(p)]
-    assert alive == [], f"worker processes left: {alive}"
-    ours = [p.pid for p in psutil.process_iter() if (marker or directory) in " ".join(_cmdline(p))]
-    assert ours == [], f"processes of the cluster left: {ours}"
+
+    def gone() -> bool:  # processes that were told to stop may take a moment to exit
+        alive = [p for p in pids if _alive(p)]
+        ours = [p.pid for p in psutil.process_iter() if (marker or directory) in " ".join(_cmdline(p))]
+        return not alive and not [p for p in ours if _alive(p)]
+
+    wait_until(gone, 15, interval_s=0.1, what="the cluster's worker, broker and reaper processes to exit")
     segments = {node: [n for n in names if int(n.split("-")[2]) in pids]
                 for node, names in lab.shm_segments().items()}
     assert all(not names for names in segments.values()), f"segments left: {segments}"
