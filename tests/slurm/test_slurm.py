@@ -284,7 +284,8 @@ def test_scancel_of_a_worker_mid_task_retries_the_task_elsewhere(lab: SlurmLab, 
         result = d("_ = fut.result(timeout=60)")
         assert result != victim  # ran again, on the other worker, and succeeded
         assert marks.read_text().split() == [victim, result]
-        assert not any(j == victim for j, _, _ in lab.squeue())
+        wait_until(lambda: not any(j == victim for j, _, _ in lab.squeue()), 15, interval_s=0.2,
+                   what="the cancelled job to leave the queue")
         counters = d("_ = c.status()['counters']")
         assert counters.get("tasks_failed", 0) == 0 and counters.get("tasks_succeeded", 0) == 1
         jobs = d("_ = c.jobs")
