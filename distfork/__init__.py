@@ -19,6 +19,7 @@ from .errors import (
 )
 from .executor import Executor
 from .future import Future, as_completed, collect_all, wait_all
+from .slurm import SlurmCluster
 
 __version__ = "0.1.0"
 
@@ -33,6 +34,7 @@ __all__ = [
     "RemoteError",
     "RemoteTraceback",
     "SerializationError",
+    "SlurmCluster",
     "WorkerLostError",
     "as_completed",
     "collect_all",

@@ -828,6 +828,7 @@ class BrokerState:
                 "host": w.info.get("host"),
                 "pid": w.info.get("pid"),
                 "shm": w.domain is not None,
+                "slurm_job": w.info.get("slurm_job"),  # "123_4": its Slurm job (array task), if it is one
                 "slots": w.slots,
                 "busy": min(len(w.assigned), w.slots),
                 "assigned": len(w.assigned),

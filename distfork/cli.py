@@ -413,3 +413,8 @@ def _loadtest_table(report: Any, plot_path: str | None) -> Any:
 
 def main() -> None:
     cli(prog_name="distfork")
+
+
+from .cli_slurm import slurm as _slurm  # noqa: E402 - `distfork slurm`, in its own module
+
+cli.add_command(_slurm)

@@ -9,15 +9,15 @@ from typing import Any
 import zmq
 
 from . import protocol, security
-from .config import load
+from .config import Config, load
 from .errors import AuthenticationError, ProtocolError
 from .protocol import Msg
 
 __all__ = ["format_bytes", "query_status", "render_status"]
 
 
-def query_status(address: str, timeout_s: float = 5.0) -> dict[str, Any]:
-    """The broker's status snapshot.
+def query_status(address: str, timeout_s: float = 5.0, config: Config | None = None) -> dict[str, Any]:
+    """The broker's status snapshot (keys from ``config``, default this process's).
 
     Raises builtin ``TimeoutError`` if no broker answers in time, and
     :class:`~distfork.errors.AuthenticationError` if it refuses our key.
@@ -28,7 +28,7 @@ def query_status(address: str, timeout_s: float = 5.0) -> dict[str, Any]:
     sock.setsockopt(zmq.ROUTING_ID, b"S" + os.urandom(8))
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
-    keys = security.client_keys(load(), address)
+    keys = security.client_keys(config or load(), address)
     monitor = security.watch_handshake(sock) if security.secure_client(sock, keys) else None
     if monitor is not None:
         poller.register(monitor, zmq.POLLIN)
@@ -97,15 +97,18 @@ def render_status(snap: dict[str, Any], address: str) -> list[Any]:
         summary.append(f" · metrics {snap['metrics_url']}")
 
     wt = Table(title="workers", title_justify="left", show_edge=False, pad_edge=False)
+    slurm = any(w.get("slurm_job") for w in workers)  # a column only when some worker is a Slurm job
     for name, justify in (("worker", "left"), ("host", "left"), ("pid", "right"), ("slots", "right"),
                           ("busy", "right"), ("done", "right"), ("failed", "right"), ("rss", "right"),
-                          ("heartbeat", "right"), ("resources free/total", "left")):
+                          ("heartbeat", "right"), ("resources free/total", "left"),
+                          *([("slurm job", "left")] if slurm else [])):
         wt.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for w in sorted(workers, key=lambda w: (str(w.get("host")), w.get("pid") or 0, str(w.get("name")))):
         wt.add_row(
             str(w.get("name")), str(w.get("host")), str(w.get("pid")), str(w["slots"]),
             str(w["busy"]), str(w["done"]), Text(str(w["failed"]), style="red" if w["failed"] else ""),
             format_bytes(w.get("rss_bytes")), f"{w['last_seen_s']:.1f} s ago", format_resources(w.get("resources")),
+            *([str(w.get("slurm_job") or "-")] if slurm else []),
         )
 
     qt = Table(title="queues", title_justify="left", show_edge=False, pad_edge=False)

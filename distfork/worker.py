@@ -42,6 +42,7 @@ from . import codeship, output, protocol, resources, security, serialize, shm
 from .config import Config
 from .errors import ProtocolError, SerializationError
 from .protocol import Entry, Flag, Msg, Status
+from .slurm import slurm_job_id
 
 __all__ = ["ABORT_EXIT_CODE", "Worker", "run_task"]
 
@@ -432,6 +433,7 @@ class _Slot:
             "resources": w.resources,
             "gpu_ids": w.gpu_ids,
             "labels": w.labels,
+            "slurm_job": slurm_job_id(),  # shown by `distfork status`
         }
         sock.send_multipart(protocol.encode_json(Msg.HELLO, info))
 
