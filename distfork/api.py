@@ -10,6 +10,7 @@ or starts the embedded cluster; it is shut down at interpreter exit.
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import dataclasses
 import logging
 import os
@@ -78,6 +79,7 @@ def init(
     Other keyword arguments override fields of :class:`distfork.config.Config`.
     """
     global _runtime, _atexit_registered
+    check_address(address, "distfork.init(address)")
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: choose one of {', '.join(MODES)}")
     with _lock:
@@ -99,9 +101,24 @@ def init(
                 raise
         _runtime = rt
         if not _atexit_registered:
-            atexit.register(shutdown)
+            atexit.register(_at_exit)
             _atexit_registered = True
         log.info("distfork initialized: %s", _describe(rt))
+
+
+def check_address(address: object, where: str) -> None:
+    """Refuse an address that is not a string such as ``"tcp://host:7340"``."""
+    if address is None:
+        return
+    if not isinstance(address, str):
+        raise TypeError(
+            f"{where}: an address is a string such as 'tcp://host:7340', got {type(address).__name__}: "
+            f"{address!r:.80}"
+        )
+    if "://" not in address:
+        raise ValueError(
+            f"{where}: {address!r} is not an address; give one such as 'tcp://host:7340' (scheme://host:port)"
+        )
 
 
 def _describe(rt: _Runtime) -> str:
@@ -124,12 +141,33 @@ def _current() -> _Runtime:
 
 
 def shutdown() -> None:
-    """Close the connection and stop the embedded cluster; unfinished futures are cancelled."""
+    """Close the connection and stop the embedded cluster; unfinished futures are cancelled.
+
+    At interpreter exit, unfinished forks are waited for first (see ``_at_exit``).
+    """
     global _runtime
     with _lock:
         rt, _runtime = _runtime, None
     if rt is not None and rt.pid == os.getpid():
         rt.close()
+
+
+def _at_exit() -> None:
+    """At interpreter exit: let the unfinished forks finish, then shut down (Ctrl-C cancels them).
+
+    As ``concurrent.futures`` executors do at exit. A runtime inside a task
+    (nested) does not wait: its worker process ends it.
+    """
+    rt = _runtime
+    driver = rt.driver if rt is not None and rt.pid == os.getpid() else None
+    if driver is not None and not driver.nested:
+        try:
+            while pending := driver.pending():
+                log.info("waiting at exit for %d unfinished forks (Ctrl-C cancels them)", len(pending))
+                concurrent.futures.wait(pending)
+        except KeyboardInterrupt:
+            log.warning("interrupted at exit: cancelling %d unfinished forks", len(driver.pending()))
+    shutdown()
 
 
 def _check_callable(func: Any) -> None:
@@ -239,6 +277,12 @@ def wait(fut: Future[T], timeout: float | None = None) -> T:
     task is not done by then; the task goes on.
     """
     if not isinstance(fut, Future):
+        if type(fut).__module__.startswith("torch"):
+            raise TypeError(
+                f"distfork.wait() takes a distfork Future (what distfork.fork returns), got a torch future "
+                f"{serialize.describe(fut)}; wait for it with torch.jit.wait() (and for distfork futures "
+                "with distfork.wait(): torch.jit.wait cannot take them)"
+            )
         raise TypeError(f"wait() takes a distfork Future (what fork returns), got {serialize.describe(fut)}")
     return fut.result(timeout)
 

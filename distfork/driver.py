@@ -246,6 +246,10 @@ class Driver:
     def unfinished(self) -> int:
         return len(self._inflight)
 
+    def pending(self) -> list[Future[Any]]:
+        """The futures of this driver's unfinished tasks (a snapshot)."""
+        return [item[0] for item in list(self._inflight.values()) if not item[0].done()]
+
     def close(self, cancel: bool = True) -> None:
         """Stop the I/O thread; unfinished futures are cancelled."""
         if self._closing:

@@ -32,8 +32,10 @@ import json
 import logging
 import mmap
 import pickle
+import re
 import sys
 import threading
+import types
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, cast
@@ -84,6 +86,17 @@ def _reduce_tensor(t: Any) -> Any:
     return _rebuild_tensor, (raw.detach().numpy(), str(t.dtype).removeprefix("torch."), shape, stride, t.requires_grad)
 
 
+def _code_reduce(code: types.CodeType) -> Any:
+    """cloudpickle's reduction of a code object, keeping its file name.
+
+    cloudpickle names every code it pickles by value ``<dynamic-code>``; with
+    the real name, the remote traceback can show the source line where the
+    worker has the file, and the driver fills it in where only it has it.
+    """
+    rebuild, args = cloudpickle.cloudpickle._code_reduce(code)
+    return rebuild, tuple(code.co_filename if a == "<dynamic-code>" else a for a in args)
+
+
 class FutureArgument(Exception):
     """Pickling met a distfork Future among the arguments that is not done yet (or failed)."""
 
@@ -109,6 +122,8 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
             if not obj.done() or obj.cancelled() or obj.exception() is not None:
                 raise FutureArgument(obj)
             return _value, (obj.result(),)
+        if type(obj) is types.CodeType:
+            return _code_reduce(obj)
         # getattr: another thread (the driver's I/O thread unpickling a first array) may be
         # importing the module right now; until it has the class, no instance exists.
         tensor = getattr(sys.modules.get("torch"), "Tensor", None)
@@ -444,8 +459,31 @@ class _RemoteException:
 def _rebuild_remote_exception(exc: BaseException, tb: str) -> BaseException:
     from .errors import RemoteTraceback
 
-    exc.__cause__ = RemoteTraceback(tb)
+    exc.__cause__ = RemoteTraceback(_with_source(tb))
     return exc
+
+
+_FRAME = re.compile(r'^(?P<indent> *)File "(?P<file>[^"]+)", line (?P<line>\d+), in ')
+
+
+def _with_source(tb: str) -> str:
+    """The remote traceback text with the source lines the task's host lacked, where we have them."""
+    import linecache
+
+    lines = tb.split("\n")
+    out: list[str] = []
+    for i, line in enumerate(lines):
+        out.append(line)
+        m = _FRAME.match(line)
+        if m is None:
+            continue
+        following = lines[i + 1] if i + 1 < len(lines) else ""
+        if following.startswith(m["indent"] + "  ") and not _FRAME.match(following):
+            continue  # the remote side printed the source line
+        source = linecache.getline(m["file"], int(m["line"])).strip()
+        if source:
+            out.append(f"{m['indent']}    {source}")
+    return "\n".join(out)
 
 
 def dumps_exception(exc: BaseException, where: str, oob_threshold_bytes: int) -> list[Any]:
