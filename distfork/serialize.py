@@ -97,6 +97,53 @@ def _code_reduce(code: types.CodeType) -> Any:
     return rebuild, tuple(code.co_filename if a == "<dynamic-code>" else a for a in args)
 
 
+_SCRIPT_TYPES: tuple[type, ...] | None = None
+
+
+def _script_types(torch: Any) -> tuple[type, ...]:
+    """TorchScript's compiled callables: ``ScriptModule`` (scripted or traced), ``ScriptFunction``,
+    and a ScriptModule's bound ``ScriptMethod`` (``scripted.forward``)."""
+    global _SCRIPT_TYPES
+    if _SCRIPT_TYPES is None:
+        jit = getattr(torch, "jit", None)
+        module, function = getattr(jit, "ScriptModule", None), getattr(jit, "ScriptFunction", None)
+        method = getattr(getattr(torch, "_C", None), "ScriptMethod", None)
+        owner = getattr(getattr(torch, "_C", None), "ScriptModule", None)  # what a ScriptMethod is bound to
+        if module is None or function is None or method is None or owner is None:  # torch is still importing
+            return ()
+        _SCRIPT_TYPES = (module, function, method, owner)
+    return _SCRIPT_TYPES
+
+
+def _reduce_script(obj: Any) -> Any:
+    """A ScriptModule or ScriptFunction as its TorchScript archive, out of band.
+
+    TorchScript objects do not pickle; ``torch.jit.save`` / ``save_to_buffer``
+    writes the code and the tensors (stored, not compressed) into one zip
+    archive, which travels as one large buffer (shared memory or a frame of
+    its own, never through the pickle stream).
+    """
+    import torch
+
+    if isinstance(obj, torch._C.ScriptMethod):  # its module's archive, and the method's name
+        return getattr, (obj.owner, obj.name)
+    if isinstance(obj, (torch.jit.ScriptFunction, torch._C.ScriptModule)):
+        data = cast(Any, obj).save_to_buffer()  # typeshed-less pybind methods
+    else:
+        buf = io.BytesIO()
+        torch.jit.save(obj, buf)
+        data = buf.getbuffer()
+    return _load_script, (_LargeBytes(data),)
+
+
+def _load_script(data: Any) -> Any:
+    """Unpickling: the TorchScript archive back as a ScriptModule (a ScriptFunction comes back as a
+    module whose ``forward`` is that function, called the same way)."""
+    import torch
+
+    return torch.jit.load(io.BytesIO(data), map_location="cpu")  # type: ignore[no-untyped-call]
+
+
 class FutureArgument(Exception):
     """Pickling met a distfork Future among the arguments that is not done yet (or failed)."""
 
@@ -126,11 +173,14 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
             return _code_reduce(obj)
         # getattr: another thread (the driver's I/O thread unpickling a first array) may be
         # importing the module right now; until it has the class, no instance exists.
-        tensor = getattr(sys.modules.get("torch"), "Tensor", None)
+        torch = sys.modules.get("torch")
+        tensor = getattr(torch, "Tensor", None)
         if tensor is not None and type(obj) is tensor:
             reduced = _reduce_tensor(obj)
             if reduced is not NotImplemented:
                 return reduced
+        elif tensor is not None and isinstance(obj, _script_types(torch)):
+            return _reduce_script(obj)
         np = sys.modules.get("numpy")
         if type(obj) is getattr(np, "ndarray", None) and not (obj.flags.c_contiguous or obj.flags.f_contiguous) \
                 and not obj.dtype.hasobject:
