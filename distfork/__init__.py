@@ -19,6 +19,7 @@ from .errors import (
 )
 from .executor import Executor
 from .future import Future, as_completed, collect_all, wait_all
+from .shared import Shared, share
 
 __version__ = "0.1.0"
 
@@ -33,12 +34,14 @@ __all__ = [
     "RemoteError",
     "RemoteTraceback",
     "SerializationError",
+    "Shared",
     "WorkerLostError",
     "as_completed",
     "collect_all",
     "fork",
     "init",
     "options",
+    "share",
     "shutdown",
     "wait",
     "wait_all",
