@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from . import config as _config
-from . import protocol, serialize
+from . import protocol, serialize, shared
 from .cluster import LocalCluster
 from .driver import Call, Driver, complete
 from .errors import DistforkError
@@ -42,6 +42,19 @@ class _Runtime:
     pid: int
     driver: Driver | None = None
     cluster: LocalCluster | None = None
+    #: Copies of large parameters / read-only arrays forked before (see distfork/shared.py).
+    copies: shared.ParamCache | None = None
+
+    def share_copy(self) -> Callable[[Any], Any] | None:
+        """The reducer that sends large parameters forked before as references, if workers share our /dev/shm."""
+        driver = self.driver
+        if driver is None or driver._pool is None or driver._session is None or not self.config.share_min_bytes:
+            return None
+        if self.copies is None or self.copies.session != driver._session:
+            if self.copies is not None:
+                self.copies.close()
+            self.copies = shared.ParamCache(driver._session, self.config.share_min_bytes)
+        return self.copies.reduce
 
     @property
     def address(self) -> str | None:
@@ -49,6 +62,8 @@ class _Runtime:
 
     def close(self) -> None:
         try:
+            if self.copies is not None:
+                self.copies.close()
             if self.driver is not None:
                 self.driver.close()
         finally:
@@ -185,15 +200,19 @@ def _fork(
     rt = _current()
     driver = rt.driver
     deps: list[Future[Any]] = []
+    pins = shared.pins()
+    serialize._local.share_copy = rt.share_copy()
     try:
         frames = serialize.dumps_call(
             func, args, kwargs, rt.config.oob_threshold_bytes, driver.referrer(deps) if driver is not None else None
         )
     except serialize.FutureArgument as arg:
         return _fork_after(arg.future, func, args, kwargs, max_retries, timeout_s)
+    finally:
+        serialize._local.share_copy = None
     if driver is not None:
         call = Call(func, args, kwargs, deps) if deps else None
-        return driver.submit(frames, max_retries, timeout_s, call=call)
+        return driver.submit(frames, max_retries, timeout_s, call=call, pinned=shared.pins() != pins)
     fut: Future[T] = Future()
     frames, _ = serialize.route(frames, None)
     code, out, _ = run_task(frames, f"inline mode (pid {os.getpid()})", rt.config.oob_threshold_bytes, None)

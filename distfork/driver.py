@@ -186,9 +186,12 @@ class Driver:
 
     def submit(
         self, frames: list[Any], max_retries: int = protocol.DEFAULT_RETRIES, timeout_s: float = 0.0,
-        call: Call | None = None, fut: Future[Any] | None = None,
+        call: Call | None = None, fut: Future[Any] | None = None, pinned: bool = False,
     ) -> Future[Any]:
         """Send a pickled call (``serialize.dumps_call`` output); its future completes with the result.
+
+        ``pinned``: the call names shared-memory segments of ours (distfork/shared.py) although it
+        has no argument segment: only workers that see our /dev/shm may run it.
 
         ``call``: the call, if its arguments name futures of ours (pickled as
         references, in the order of ``call.deps``). ``fut``: the future to
@@ -210,7 +213,7 @@ class Driver:
                 self._bytes_inflight += nbytes
         self._window.acquire()
         frames, segment = serialize.route(frames, self._pool)
-        flags = (Flag.PINNED if segment is not None else 0) | (Flag.NESTED if self.nested else 0)
+        flags = (Flag.PINNED if segment is not None or pinned else 0) | (Flag.NESTED if self.nested else 0)
         if fut is None:
             fut = Future(self._cancel, self._reclaim if self.nested else None)
             fut.driver = self

@@ -181,6 +181,11 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
                 return reduced
         elif tensor is not None and isinstance(obj, _script_types(torch)):
             return _reduce_script(obj)
+        share_copy = _local.share_copy
+        if share_copy is not None:  # a large nn.Parameter or read-only array forked before (shared.py)
+            reduced = share_copy(obj)
+            if reduced is not NotImplemented:
+                return reduced
         np = sys.modules.get("numpy")
         if type(obj) is getattr(np, "ndarray", None) and not (obj.flags.c_contiguous or obj.flags.f_contiguous) \
                 and not obj.dtype.hasobject:
@@ -231,6 +236,8 @@ class _Local(threading.local):
     refer: Callable[[Any], int | None] | None = None
     # While unpickling a call: the values of its dependencies, by index.
     deps: list[Any] | None = None
+    # While pickling a call for workers that share our /dev/shm: shared.ParamCache.reduce.
+    share_copy: Callable[[Any], Any] | None = None
 
 
 _local = _Local()

@@ -41,9 +41,10 @@ import os
 import pickle
 import sys
 import threading
+import time
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 from . import serialize, shm
@@ -56,6 +57,19 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _ALIGN = 64
+
+
+class _Pins(threading.local):
+    count = 0  # references to segments of this driver pickled by this thread
+
+
+_pins = _Pins()
+
+
+def pins() -> int:
+    """How many shared-memory references this thread has pickled: a fork that pickled any is
+    pinned to the workers of the driver's host (``Flag.PINNED``), the only ones that can map them."""
+    return _pins.count
 
 
 class Shared(Generic[T]):
@@ -126,6 +140,7 @@ class Shared(Generic[T]):
             )
         if self.name is None:
             return _by_value, (self.value,)
+        _pins.count += 1
         return _attach, (self.name, self.nbytes, tuple(self._extents), self._stream, self._domain)
 
 
@@ -156,6 +171,139 @@ def _by_value(obj: T) -> T:
     return obj
 
 
+# -- forks of the same parameters (or read-only arrays) again and again --------------------
+
+
+class _Copy:
+    """Driver side: the segment holding a copy of one parameter's (or array's) bytes."""
+
+    __slots__ = ("name", "size", "ref", "address", "version", "sample", "finalizer")
+
+    def __init__(self, name: str, size: int, ref: Any, address: int, version: int, sample: bytes) -> None:
+        self.name, self.size, self.ref, self.address, self.version, self.sample = \
+            name, size, ref, address, version, sample
+        self.finalizer: weakref.finalize | None = None  # type: ignore[type-arg]
+
+
+class ParamCache:
+    """What a driver copied into shared memory for forks of its ``nn.Parameter``s and read-only arrays.
+
+    The first fork of a large parameter (``Config.share_min_bytes``) copies its
+    bytes into a segment of its own; later forks of it, unchanged, pickle a
+    reference (as a :class:`Shared` handle does) and each worker reuses the
+    tensor it built. Unchanged means: the same storage address, the same
+    version counter (every in-place op bumps it), and the same sample of 256
+    bytes spread over it (which catches most writes that bypass the counter,
+    through ``.data`` or a numpy view). A read-only numpy array is its own
+    marker (no counter): its address and sample. A changed one is copied
+    again (the old segment is unlinked). The segment goes with the
+    parameter (a finalizer), at exit, or with the cluster's session.
+    """
+
+    def __init__(self, session: str, min_bytes: int) -> None:
+        self.session = session
+        self.min_bytes = min_bytes
+        self._lock = threading.RLock()  # a finalizer (forget) may run under it: a change, or the GC
+        self._copies: dict[int, _Copy] = {}
+
+    def reduce(self, obj: Any) -> Any:
+        """The reduction of ``obj`` as a reference to its copy, or NotImplemented (pickle it as usual)."""
+        raw, rebuild = _raw_bytes(obj)
+        if raw is None or raw.nbytes < self.min_bytes:
+            return NotImplemented
+        address = raw.__array_interface__["data"][0]
+        version = getattr(obj, "_version", 0)
+        sample = _sample(raw)
+        with self._lock:
+            copy = self._copies.get(id(obj))
+            if copy is None or copy.ref() is not obj or copy.address != address or copy.version != version \
+                    or copy.sample != sample:
+                if copy is not None and copy.finalizer is not None:
+                    copy.finalizer()  # changed (or another object at that id): its old copy goes
+                copy = self._copy(obj, raw, address, version, sample)
+        _pins.count += 1
+        return _attach_one, (copy.name, copy.size, rebuild, shm.domain())
+
+    def _copy(self, obj: Any, raw: Any, address: int, version: int, sample: bytes) -> _Copy:
+        seg = shm.Segment(self.session, raw.nbytes)
+        try:
+            seg.view[: raw.nbytes] = memoryview(raw).cast("B")
+        except BaseException:
+            seg.release()
+            seg.unlink()
+            raise
+        seg.release()
+        copy = _Copy(seg.name, raw.nbytes, weakref.ref(obj), address, version, sample)
+        key = id(obj)
+
+        def forget(name: str = seg.name) -> None:
+            shm.unlink(name)
+            with self._lock:
+                if self._copies.get(key) is copy:
+                    del self._copies[key]
+
+        copy.finalizer = weakref.finalize(obj, forget)
+        self._copies[key] = copy
+        log.debug("copied %s into %s for later forks", serialize.describe(obj), seg.name)
+        return copy
+
+    def names(self) -> set[str]:
+        """The segments holding copies now."""
+        with self._lock:
+            return {c.name for c in self._copies.values()}
+
+    def close(self) -> None:
+        """Unlink every copy (the runtime shuts down)."""
+        with self._lock:
+            copies = list(self._copies.values())
+        for copy in copies:
+            if copy.finalizer is not None:
+                copy.finalizer()
+
+
+def _raw_bytes(obj: Any) -> tuple[Any, bytes]:
+    """``obj``'s bytes as a uint8 numpy array, and a pickle of how to rebuild ``obj`` on them; or (None, b"")."""
+    np = sys.modules.get("numpy")
+    if np is not None and type(obj) is np.ndarray:
+        if obj.flags.writeable or obj.dtype.hasobject or not obj.flags.c_contiguous:
+            return None, b""
+        return obj.reshape(-1).view(np.uint8), pickle.dumps(("ndarray", obj.dtype.str, obj.shape))
+    torch = sys.modules.get("torch")
+    if torch is None or type(obj) is not torch.nn.Parameter:
+        return None, b""
+    reduced = serialize._reduce_tensor(obj.data)
+    if reduced is NotImplemented:
+        return None, b""
+    raw, dtype, shape, stride, _ = reduced[1]
+    return raw, pickle.dumps(("parameter", dtype, shape, stride, obj.requires_grad))
+
+
+def _sample(raw: Any) -> bytes:
+    """64 words of 8 bytes spread over ``raw`` (whole words: a change of any byte of a value shows)."""
+    n = raw.nbytes
+    if n <= 512:
+        return bytes(raw)
+    import numpy as np
+
+    starts = np.linspace(0, n - 8, 64).astype(np.int64) & ~7
+    return bytes(raw[starts[:, None] + np.arange(8)])
+
+
+def _rebuild(rebuild: bytes, buf: Any) -> Any:
+    """Worker side: the array or parameter ``rebuild`` describes, on the read-only buffer ``buf``."""
+    import numpy as np
+
+    kind, *spec = pickle.loads(rebuild)
+    if kind == "ndarray":
+        dtype, shape = spec
+        return np.frombuffer(buf, dtype=np.dtype(dtype)).reshape(shape)
+    import torch
+
+    dtype, shape, stride, requires_grad = spec
+    tensor = serialize._rebuild_tensor(np.frombuffer(buf, np.uint8), dtype, shape, stride, False)
+    return torch.nn.Parameter(tensor, requires_grad)
+
+
 # -- the worker's side ------------------------------------------------------------------
 
 
@@ -175,21 +323,39 @@ class _Entry:
 
 _lock = threading.Lock()
 _cache: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
-_CACHE_MAX = 16  # shared objects a process keeps; the least recently used goes first
+_CACHE_MAX = 4096  # shared objects (or parameters) a process keeps; the least recently used goes first
+_SWEEP_S = 0.5  # how often a lookup checks which cached segments their drivers unlinked
+_last_sweep = 0.0
 
 
 def _attach(name: str, size: int, extents: tuple[tuple[int, int], ...], stream: bytes, domain: str | None) -> Any:
-    """Unpickling a handle: the object, from this process's cache or from the segment."""
+    """Unpickling a :class:`Shared` handle: the object, from this process's cache or from the segment."""
+
+    def load(bufs: list[memoryview]) -> Any:
+        return pickle.loads(stream, buffers=bufs)
+
+    return _cached(name, size, extents, domain, load)
+
+
+def _attach_one(name: str, size: int, rebuild: bytes, domain: str | None) -> Any:
+    """Unpickling a :class:`ParamCache` reference: the parameter or array, cached or from the segment."""
+    return _cached(name, size, ((0, size),), domain, lambda bufs: _rebuild(rebuild, bufs[0]))
+
+
+def _cached(
+    name: str, size: int, extents: tuple[tuple[int, int], ...], domain: str | None,
+    load: Callable[[list[memoryview]], Any],
+) -> Any:
     with _lock:
-        _drop_released()
+        _drop_released(time.monotonic())
         entry = _cache.get(name)
         if entry is not None and entry.unchanged():
             _cache.move_to_end(name)
             return entry.obj
         if domain is None or domain != shm.domain():
             raise DistforkError(
-                f"a distfork.share() handle ({name}) reached a process on another host: shared values "
-                "reach workers on the driver's host only; pass the object itself to forks that may run elsewhere"
+                f"a shared-memory reference ({name}) reached a process on another host; tasks that take "
+                "shared values run on the driver's host only (the broker pins them there)"
             )
         try:
             view = shm.attach(name, size, private=True)
@@ -198,7 +364,7 @@ def _attach(name: str, size: int, extents: tuple[tuple[int, int], ...], stream: 
         bufs = [view[off : off + n].toreadonly() for off, n in extents]
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*not writable.*")  # torch on read-only arrays
-            obj = pickle.loads(stream, buffers=bufs)
+            obj = load(bufs)
         _cache[name] = _Entry(obj)
         _cache.move_to_end(name)
         while len(_cache) > _CACHE_MAX:
@@ -206,8 +372,14 @@ def _attach(name: str, size: int, extents: tuple[tuple[int, int], ...], stream: 
         return obj
 
 
-def _drop_released() -> None:
-    """Forget cached objects whose segment the driver unlinked (released, or the driver is gone)."""
+def _drop_released(now: float | None = None) -> None:
+    """Forget cached objects whose segment the driver unlinked (released, or the driver is gone);
+    at most every ``_SWEEP_S`` seconds unless ``now`` is None."""
+    global _last_sweep
+    if now is not None:
+        if now - _last_sweep < _SWEEP_S:
+            return
+        _last_sweep = now
     for name in [n for n in _cache if not os.path.exists(os.path.join(shm.SHM_DIR, n))]:
         del _cache[name]
 

@@ -159,3 +159,81 @@ def test_a_shared_value_survives_a_killed_worker_and_nothing_is_left_after_exit(
     wait_until(lambda: not [n for n in os.listdir("/dev/shm") if n.startswith(f"df-{session}-")], 10.0,
                what="the script's segments to go")
     assert not segment_exists(lines["segment"].strip())
+
+
+# -- forks of the same parameters again and again, without share() ----------------------
+
+
+def copies() -> set[str]:
+    """The driver's copies of parameters / read-only arrays that exist in /dev/shm."""
+    rt = distfork.api._runtime
+    assert rt is not None
+    return {n for n in (rt.copies.names() if rt.copies else set()) if segment_exists(n)}
+
+
+def forward_and_ident(m: Any, x: Any) -> tuple[Any, int, list[int]]:
+    return m(x), os.getpid(), [id(p) for p in m.parameters()]
+
+
+def test_forking_an_unchanged_model_again_copies_its_weights_once() -> None:
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    m = torch.nn.Linear(800, 800)  # 2.5 MB of weights: above share_min_bytes
+    x = torch.randn(2, 800)
+    before = copies()
+    first = distfork.wait(distfork.fork(forward_and_ident, m, x), T)
+    made = copies() - before
+    assert len(made) == 1, made  # the weight (the bias is small: it travels as before)
+    rt = distfork.api._runtime
+    assert rt is not None and rt.copies is not None
+    reducer = rt.share_copy()
+    assert reducer is not None
+    serialize._local.share_copy = reducer
+    try:
+        frames = serialize.dumps_call(forward_and_ident, (m, x), {}, THRESHOLD)
+    finally:
+        serialize._local.share_copy = None
+    assert serialize.oob_bytes(frames) == 0  # a reference, not the 2.5 MB
+    outs = [distfork.wait(distfork.fork(forward_and_ident, m, x), T) for _ in range(6)]
+    assert copies() - before == made  # no new copy
+    assert all(torch.allclose(o[0], m(x)) for o in [first, *outs])
+    weight_ids: dict[int, set[int]] = {}
+    for _, pid, ids in [first, *outs]:
+        weight_ids.setdefault(pid, set()).add(ids[0])
+    assert all(len(ids) == 1 for ids in weight_ids.values())  # each worker reused its tensor
+
+
+def test_a_model_changed_between_forks_is_copied_again_and_the_task_sees_the_change() -> None:
+    torch = pytest.importorskip("torch")
+    m = torch.nn.Linear(800, 800, bias=False)
+    x = torch.ones(1, 800)
+    before = copies()
+    a = distfork.wait(distfork.fork(m, x), T)
+    first = copies() - before
+    with torch.no_grad():
+        m.weight.add_(1.0)  # bumps the version counter
+    b = distfork.wait(distfork.fork(m, x), T)
+    assert torch.allclose(b, m(x)) and not torch.allclose(a, b)
+    second = copies() - before
+    assert len(second) == 1 and second != first  # the old copy was unlinked, a new one made
+    m.weight.data.mul_(2.0)  # bypasses the version counter: the byte sample catches it
+    c = distfork.wait(distfork.fork(m, x), T)
+    assert torch.allclose(c, m(x))
+    del m
+    import gc
+
+    gc.collect()
+    assert copies() - before == set()  # the copy went with the parameter
+
+
+def test_a_read_only_array_is_copied_once_and_a_writable_one_every_time() -> None:
+    ro = np.arange(300_000, dtype=np.float64)
+    ro.flags.writeable = False
+    before = copies()
+    assert distfork.wait_all([distfork.fork(writeable, ro) for _ in range(4)], timeout=T) == [False] * 4
+    assert len(copies() - before) == 1
+    rw = np.arange(300_000, dtype=np.float64)
+    assert distfork.wait(distfork.fork(np.sum, rw), T) == rw.sum()
+    assert len(copies() - before) == 1  # the writable one was not kept
+    del ro
+    assert copies() - before == set()
