@@ -179,10 +179,28 @@ def _at_exit() -> None:
         try:
             while pending := driver.pending():
                 log.info("waiting at exit for %d unfinished forks (Ctrl-C cancels them)", len(pending))
-                concurrent.futures.wait(pending)
+                done, _ = concurrent.futures.wait(
+                    pending, timeout=rt.config.peer_timeout_s, return_when=concurrent.futures.FIRST_COMPLETED
+                )
+                if not done and not _broker_answers(driver.address, min(5.0, rt.config.peer_timeout_s)):
+                    log.warning("the broker at %s does not answer: cancelling %d unfinished forks at exit",
+                                driver.address, len(pending))
+                    break
         except KeyboardInterrupt:
             log.warning("interrupted at exit: cancelling %d unfinished forks", len(driver.pending()))
     shutdown()
+
+
+def _broker_answers(address: str, timeout_s: float) -> bool:
+    """Whether a broker answers at ``address`` within ``timeout_s`` (a driver waits for a lost broker
+    for ever; exit must not)."""
+    from .status import query_status
+
+    try:
+        query_status(address, timeout_s)
+    except Exception:  # noqa: BLE001 - any failure to get an answer
+        return False
+    return True
 
 
 def _check_callable(func: Any) -> None:

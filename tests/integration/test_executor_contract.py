@@ -268,3 +268,36 @@ def assert_gone(procs: list[psutil.Process]) -> None:
     pids = {str(p.pid) for p in procs}
     left = [n for n in os.listdir("/dev/shm") if n.startswith("df-") and n.split("-")[2] in pids]
     assert not left, f"the script's cluster left segments: {left}"
+
+
+LOST_BROKER_SCRIPT = """
+import logging, sys
+import distfork
+import tasks
+
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+distfork.init(sys.argv[1])
+distfork.fork(tasks.slow_identity, None, 60.0)
+print("main done", flush=True)
+"""
+
+
+def test_exit_does_not_wait_for_ever_on_a_broker_that_is_gone(tmp_path: Path, cli_cluster: Any) -> None:
+    """The driver waits for a lost broker to come back; at exit it gives up once none answers."""
+    script = tmp_path / "lost_broker.py"
+    script.write_text(LOST_BROKER_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), cli_cluster.address], env=cli_cluster.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    try:
+        for line in proc.stderr:
+            if "waiting at exit for" in line:
+                break
+        else:
+            pytest.fail("the script never waited at exit")
+        cli_cluster.kill_broker()
+        _, err = proc.communicate(timeout=T)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "does not answer: cancelling 1 unfinished forks at exit" in err
