@@ -175,7 +175,7 @@ def _at_exit() -> None:
     """
     rt = _runtime
     driver = rt.driver if rt is not None and rt.pid == os.getpid() else None
-    if driver is not None and not driver.nested:
+    if rt is not None and driver is not None and not driver.nested:
         try:
             while pending := driver.pending():
                 log.info("waiting at exit for %d unfinished forks (Ctrl-C cancels them)", len(pending))
