@@ -48,7 +48,7 @@ class _Runtime:
     def share_copy(self) -> Callable[[Any], Any] | None:
         """The reducer that sends large parameters forked before as references, if workers share our /dev/shm."""
         driver = self.driver
-        if driver is None or driver._pool is None or driver._session is None or not self.config.share_min_bytes:
+        if driver is None or driver._pool is None or driver._session is None:
             return None
         if self.copies is None or self.copies.session != driver._session:
             if self.copies is not None:

@@ -79,47 +79,56 @@ class Shared(Generic[T]):
     argument, inside a list...): the task gets the object. Calling the
     handle calls the object here. ``release()`` (or ``with``) frees the
     segment; a released handle cannot be forked.
+
+    The copy is made by the first fork that goes to workers sharing our
+    /dev/shm (a fork elsewhere pickles the object by value).
     """
 
-    def __init__(self, obj: T, session: str | None, oob_threshold_bytes: int) -> None:
+    def __init__(self, obj: T, oob_threshold_bytes: int) -> None:
         self.value = obj
         self.name: str | None = None
         self.nbytes = 0
-        self._extents: list[tuple[int, int]] = []
+        self._threshold = oob_threshold_bytes
+        self._extents: tuple[tuple[int, int], ...] = ()
         self._stream = b""
         self._domain = shm.domain()
+        self._lock = threading.Lock()
+        self._copied = False
         self._released = False
         self._finalizer: weakref.finalize | None = None  # type: ignore[type-arg]
-        if session is None or self._domain is None:
-            return  # no worker shares our /dev/shm: pickled by value
-        frames = serialize.dumps(obj, oob_threshold_bytes)
+
+    def _copy(self, session: str) -> None:
+        """Pickle the object once; its large buffers go to a segment of ours (caller holds ``_lock``)."""
+        self._copied = True
+        frames = serialize.dumps(self.value, self._threshold)
         bufs = [memoryview(b).cast("B") for b in frames[1:]]
-        if not bufs:
+        if not bufs or self._domain is None:
             return  # nothing large: by value is as cheap
-        total = 0
+        extents, total = [], 0
         for b in bufs:
             total = -(-total // _ALIGN) * _ALIGN
-            self._extents.append((total, b.nbytes))
+            extents.append((total, b.nbytes))
             total += b.nbytes
         seg = shm.Segment(session, total)
         try:
-            for (off, n), b in zip(self._extents, bufs, strict=True):
+            for (off, n), b in zip(extents, bufs, strict=True):
                 seg.view[off : off + n] = b
         except BaseException:
             seg.release()
             seg.unlink()
             raise
         seg.release()  # we own it, but need no mapping of it: the object itself stays ours
-        self.name, self.nbytes, self._stream = seg.name, total, bytes(frames[0])
+        self.name, self.nbytes, self._extents, self._stream = seg.name, total, tuple(extents), bytes(frames[0])
         self._finalizer = weakref.finalize(self, shm.unlink, seg.name)
-        log.debug("shared %s as %s (%d bytes)", serialize.describe(obj), seg.name, total)
+        log.debug("shared %s as %s (%d bytes)", serialize.describe(self.value), seg.name, total)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.value(*args, **kwargs)  # type: ignore[operator]
 
     def release(self) -> None:
         """Unlink the segment; workers drop their copies at their next share lookup."""
-        self._released = True
+        with self._lock:
+            self._released = True
         if self._finalizer is not None:
             self._finalizer()
 
@@ -130,41 +139,40 @@ class Shared(Generic[T]):
         self.release()
 
     def __repr__(self) -> str:
-        where = f"segment {self.name}, {self.nbytes} bytes" if self.name else "by value"
+        where = f"segment {self.name}, {self.nbytes} bytes" if self.name else (
+            "by value" if self._copied else "not copied yet")
         return f"<distfork.Shared {serialize.describe(self.value)}: {where}{', released' if self._released else ''}>"
 
     def __reduce__(self) -> Any:
-        if self._released:
-            raise DistforkError(
-                f"{self!r} was released; fork with the object itself, or share it again"
-            )
-        if self.name is None:
-            return _by_value, (self.value,)
+        with self._lock:
+            if self._released:
+                raise DistforkError(f"{self!r} was released; fork with the object itself, or share it again")
+            cache = getattr(serialize._local.share_copy, "__self__", None)  # set while forking to our host
+            if isinstance(cache, ParamCache) and not self._copied:
+                self._copy(cache.session)
+            if self.name is None or not isinstance(cache, ParamCache):
+                return _by_value, (self.value,)
         _pins.count += 1
-        return _attach, (self.name, self.nbytes, tuple(self._extents), self._stream, self._domain)
+        return _attach, (self.name, self.nbytes, self._extents, self._stream, self._domain)
 
 
 def share(obj: T) -> Shared[T]:
-    """Copy ``obj``'s large buffers into shared memory once; fork with the handle many times.
+    """A handle that sends ``obj``'s large buffers to each host once; fork with it many times.
 
     >>> h = distfork.share(model)              # 100 MB of weights: copied once
     >>> futs = [distfork.fork(h, x) for x in batches]   # each sends ~1 KB
 
-    Each worker on this host maps the segment and unpickles the object once,
-    then reuses it for later tasks while it is unchanged (see the module
-    docstring: the value is read-only by contract). Release the handle with
-    ``h.release()`` or a ``with`` block; it is also released when garbage-
-    collected and at exit. Without shared memory to the workers, the handle
-    pickles ``obj`` by value on every fork.
+    The first fork to the driver's host copies the buffers into shared
+    memory; each worker there maps the segment and unpickles the object
+    once, then reuses it for later tasks while it is unchanged (see the
+    module docstring: the value is read-only by contract). Release the
+    handle with ``h.release()`` or a ``with`` block; it is also released
+    when garbage-collected and at exit. Forks that cannot use shared memory
+    pickle ``obj`` by value.
     """
     from . import api
 
-    rt = api._current()
-    driver = rt.driver
-    session = None
-    if driver is not None and driver._pool is not None:  # a worker shares our /dev/shm
-        session = driver._session
-    return Shared(obj, session, rt.config.oob_threshold_bytes)
+    return Shared(obj, api._current().config.oob_threshold_bytes)
 
 
 def _by_value(obj: T) -> T:
@@ -208,6 +216,8 @@ class ParamCache:
 
     def reduce(self, obj: Any) -> Any:
         """The reduction of ``obj`` as a reference to its copy, or NotImplemented (pickle it as usual)."""
+        if not self.min_bytes:
+            return NotImplemented
         raw, rebuild = _raw_bytes(obj)
         if raw is None or raw.nbytes < self.min_bytes:
             return NotImplemented
@@ -318,7 +328,11 @@ class _Entry:
         self.versions = [t._version for t in self.tensors]
 
     def unchanged(self) -> bool:
-        return all(t._version == v for t, v in zip(self.tensors, self.versions, strict=True))
+        """No task changed a tensor in place, gave it a gradient or hooked it: the next may have it."""
+        return all(
+            t._version == v and t.grad is None and not t._backward_hooks
+            for t, v in zip(self.tensors, self.versions, strict=True)
+        )
 
 
 _lock = threading.Lock()

@@ -63,13 +63,25 @@ def cached_on_each(gate_dir: str, n: int) -> tuple[int, list[str]]:
     return os.getpid(), share_mod.cached_names()
 
 
+def pickled_call(func: Any, *args: Any) -> list[Any]:
+    """The frames ``fork(func, *args)`` sends from here (to workers that share our /dev/shm)."""
+    rt = distfork.api._runtime
+    assert rt is not None
+    serialize._local.share_copy = rt.share_copy()
+    assert serialize._local.share_copy is not None, "the shared cluster's workers share our /dev/shm"
+    try:
+        return serialize.dumps_call(func, args, {}, THRESHOLD)
+    finally:
+        serialize._local.share_copy = None
+
+
 def test_forks_of_a_shared_value_send_a_reference_not_its_bytes() -> None:
     a = np.arange(200_000, dtype=np.float64)  # 1.6 MB
     with distfork.share(a) as h:
-        assert segment_exists(h.name) and h.nbytes >= a.nbytes
-        frames = serialize.dumps_call(np.sum, (h,), {}, THRESHOLD)
-        assert serialize.oob_bytes(frames) == 0 and len(frames[0]) < 4096
         assert distfork.wait_all([distfork.fork(np.sum, h) for _ in range(6)], timeout=T) == [a.sum()] * 6
+        assert segment_exists(h.name) and h.nbytes >= a.nbytes
+        frames = pickled_call(np.sum, h)
+        assert serialize.oob_bytes(frames) == 0 and len(frames[0]) < 4096
     assert not segment_exists(h.name)
 
 
@@ -124,8 +136,8 @@ def test_a_released_value_cannot_be_forked_and_workers_drop_it(tmp_path: Path) -
 
 def test_a_small_value_is_passed_by_value() -> None:
     h = distfork.share([1, 2, 3])
-    assert h.name is None and "by value" in repr(h)
     assert distfork.wait(distfork.fork(sum, h), T) == 6
+    assert h.name is None and "by value" in repr(h)
 
 
 SCRIPT = textwrap.dedent("""
@@ -186,13 +198,7 @@ def test_forking_an_unchanged_model_again_copies_its_weights_once() -> None:
     assert len(made) == 1, made  # the weight (the bias is small: it travels as before)
     rt = distfork.api._runtime
     assert rt is not None and rt.copies is not None
-    reducer = rt.share_copy()
-    assert reducer is not None
-    serialize._local.share_copy = reducer
-    try:
-        frames = serialize.dumps_call(forward_and_ident, (m, x), {}, THRESHOLD)
-    finally:
-        serialize._local.share_copy = None
+    frames = pickled_call(forward_and_ident, m, x)
     assert serialize.oob_bytes(frames) == 0  # a reference, not the 2.5 MB
     outs = [distfork.wait(distfork.fork(forward_and_ident, m, x), T) for _ in range(6)]
     assert copies() - before == made  # no new copy
@@ -237,3 +243,18 @@ def test_a_read_only_array_is_copied_once_and_a_writable_one_every_time() -> Non
     assert len(copies() - before) == 1  # the writable one was not kept
     del ro
     assert copies() - before == set()
+
+
+def grad_of_weight(m: Any, x: Any) -> tuple[int, Any]:
+    m(x).sum().backward()
+    return os.getpid(), m.weight.grad
+
+
+def test_gradients_a_task_computes_on_a_reused_parameter_do_not_accumulate_into_the_next_task() -> None:
+    torch = pytest.importorskip("torch")
+    m = torch.nn.Linear(800, 800)
+    x = torch.ones(1, 800)
+    results = [distfork.wait(distfork.fork(grad_of_weight, m, x), T) for _ in range(6)]
+    assert len({pid for pid, _ in results}) <= 2
+    assert all(torch.equal(g, results[0][1]) for _, g in results)
+    assert torch.equal(results[0][1], torch.ones(800, 800))
