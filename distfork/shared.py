@@ -100,7 +100,11 @@ class Shared(Generic[T]):
     def _copy(self, session: str) -> None:
         """Pickle the object once; its large buffers go to a segment of ours (caller holds ``_lock``)."""
         self._copied = True
-        frames = serialize.dumps(self.value, self._threshold)
+        copier, serialize._local.share_copy = serialize._local.share_copy, None  # all bytes in our segment
+        try:
+            frames = serialize.dumps(self.value, self._threshold)
+        finally:
+            serialize._local.share_copy = copier
         bufs = [memoryview(b).cast("B") for b in frames[1:]]
         if not bufs or self._domain is None:
             return  # nothing large: by value is as cheap
@@ -335,7 +339,7 @@ class _Entry:
         )
 
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # a value's unpickling may look up another (re-entrant)
 _cache: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
 _CACHE_MAX = 4096  # shared objects (or parameters) a process keeps; the least recently used goes first
 _SWEEP_S = 0.5  # how often a lookup checks which cached segments their drivers unlinked

@@ -258,3 +258,14 @@ def test_gradients_a_task_computes_on_a_reused_parameter_do_not_accumulate_into_
     assert len({pid for pid, _ in results}) <= 2
     assert all(torch.equal(g, results[0][1]) for _, g in results)
     assert torch.equal(results[0][1], torch.ones(800, 800))
+
+
+def test_sharing_a_model_forked_before_puts_all_its_bytes_in_the_handles_segment() -> None:
+    torch = pytest.importorskip("torch")
+    m = torch.nn.Linear(800, 800)  # its weight has a copy of its own once forked
+    x = torch.ones(1, 800)
+    distfork.wait(distfork.fork(m, x), T)
+    with distfork.share(m) as h:
+        outs = [distfork.wait(distfork.fork(h, x), T) for _ in range(3)]
+        assert h.name is not None and h.nbytes >= 800 * 800 * 4  # not references to the other copy
+    assert all(torch.allclose(o, m(x)) for o in outs)
