@@ -187,29 +187,35 @@ def _by_value(obj: T) -> T:
 
 
 class _Copy:
-    """Driver side: the segment holding a copy of one parameter's (or array's) bytes."""
+    """Driver side: what a parameter (or array) looked like when last forked, and the segment
+    holding a copy of its bytes once it was forked unchanged twice (``name``; None before)."""
 
     __slots__ = ("name", "size", "ref", "address", "version", "sample", "finalizer")
 
-    def __init__(self, name: str, size: int, ref: Any, address: int, version: int, sample: bytes) -> None:
-        self.name, self.size, self.ref, self.address, self.version, self.sample = \
-            name, size, ref, address, version, sample
+    def __init__(self, ref: Any, address: int, version: int, sample: bytes) -> None:
+        self.name: str | None = None
+        self.size = 0
+        self.ref, self.address, self.version, self.sample = ref, address, version, sample
         self.finalizer: weakref.finalize | None = None  # type: ignore[type-arg]
 
 
 class ParamCache:
     """What a driver copied into shared memory for forks of its ``nn.Parameter``s and read-only arrays.
 
-    The first fork of a large parameter (``Config.share_min_bytes``) copies its
-    bytes into a segment of its own; later forks of it, unchanged, pickle a
-    reference (as a :class:`Shared` handle does) and each worker reuses the
-    tensor it built. Unchanged means: the same storage address, the same
-    version counter (every in-place op bumps it), and the same sample of 256
-    bytes spread over it (which catches most writes that bypass the counter,
-    through ``.data`` or a numpy view). A read-only numpy array is its own
-    marker (no counter): its address and sample. A changed one is copied
-    again (the old segment is unlinked). The segment goes with the
-    parameter (a finalizer), at exit, or with the cluster's session.
+    A large parameter (``Config.share_min_bytes``) forked a second time
+    unchanged has its bytes copied into a segment of its own; that fork and
+    later ones, while it stays unchanged, pickle a reference (as a
+    :class:`Shared` handle does) and each worker reuses the tensor it built.
+    A parameter that changes between forks (training) keeps the usual path
+    (a warm argument segment each fork): no copy is made for it.
+
+    Unchanged means: the same storage address, the same version counter
+    (every in-place op bumps it), and the same sample of 64 words spread
+    over it (which catches most writes that bypass the counter, through
+    ``.data`` or a numpy view). A read-only numpy array is its own marker
+    (no counter): its address and sample. On a change the copy is unlinked.
+    The segment goes with the parameter (a finalizer), at exit, or with the
+    cluster's session.
     """
 
     def __init__(self, session: str, min_bytes: int) -> None:
@@ -233,12 +239,30 @@ class ParamCache:
             if copy is None or copy.ref() is not obj or copy.address != address or copy.version != version \
                     or copy.sample != sample:
                 if copy is not None and copy.finalizer is not None:
-                    copy.finalizer()  # changed (or another object at that id): its old copy goes
-                copy = self._copy(obj, raw, address, version, sample)
+                    copy.finalizer()  # changed (or another object at that id): its copy goes
+                self._remember(obj, address, version, sample)
+                return NotImplemented  # first sight (or changed): the usual path
+            if copy.name is None:
+                self._fill(copy, obj, raw)
+            name, size = copy.name, copy.size
         _pins.count += 1
-        return _attach_one, (copy.name, copy.size, rebuild, shm.domain())
+        return _attach_one, (name, size, rebuild, shm.domain())
 
-    def _copy(self, obj: Any, raw: Any, address: int, version: int, sample: bytes) -> _Copy:
+    def _remember(self, obj: Any, address: int, version: int, sample: bytes) -> None:
+        copy = _Copy(weakref.ref(obj), address, version, sample)
+        key = id(obj)
+
+        def forget() -> None:
+            if copy.name is not None:
+                shm.unlink(copy.name)
+            with self._lock:
+                if self._copies.get(key) is copy:
+                    del self._copies[key]
+
+        copy.finalizer = weakref.finalize(obj, forget)
+        self._copies[key] = copy
+
+    def _fill(self, copy: _Copy, obj: Any, raw: Any) -> None:
         seg = shm.Segment(self.session, raw.nbytes)
         try:
             seg.view[: raw.nbytes] = memoryview(raw).cast("B")
@@ -247,24 +271,13 @@ class ParamCache:
             seg.unlink()
             raise
         seg.release()
-        copy = _Copy(seg.name, raw.nbytes, weakref.ref(obj), address, version, sample)
-        key = id(obj)
-
-        def forget(name: str = seg.name) -> None:
-            shm.unlink(name)
-            with self._lock:
-                if self._copies.get(key) is copy:
-                    del self._copies[key]
-
-        copy.finalizer = weakref.finalize(obj, forget)
-        self._copies[key] = copy
+        copy.name, copy.size = seg.name, raw.nbytes
         log.debug("copied %s into %s for later forks", serialize.describe(obj), seg.name)
-        return copy
 
     def names(self) -> set[str]:
         """The segments holding copies now."""
         with self._lock:
-            return {c.name for c in self._copies.values()}
+            return {c.name for c in self._copies.values() if c.name is not None}
 
     def close(self) -> None:
         """Unlink every copy (the runtime shuts down)."""

@@ -193,9 +193,11 @@ def test_forking_an_unchanged_model_again_copies_its_weights_once() -> None:
     m = torch.nn.Linear(800, 800)  # 2.5 MB of weights: above share_min_bytes
     x = torch.randn(2, 800)
     before = copies()
+    distfork.wait(distfork.fork(forward_and_ident, m, x), T)
+    assert copies() == before  # first sight: the usual path
     first = distfork.wait(distfork.fork(forward_and_ident, m, x), T)
     made = copies() - before
-    assert len(made) == 1, made  # the weight (the bias is small: it travels as before)
+    assert len(made) == 1, made  # the weight, unchanged since (the bias is small: it travels as before)
     rt = distfork.api._runtime
     assert rt is not None and rt.copies is not None
     frames = pickled_call(forward_and_ident, m, x)
@@ -214,17 +216,22 @@ def test_a_model_changed_between_forks_is_copied_again_and_the_task_sees_the_cha
     m = torch.nn.Linear(800, 800, bias=False)
     x = torch.ones(1, 800)
     before = copies()
+    distfork.wait(distfork.fork(m, x), T)
     a = distfork.wait(distfork.fork(m, x), T)
     first = copies() - before
+    assert len(first) == 1
     with torch.no_grad():
         m.weight.add_(1.0)  # bumps the version counter
     b = distfork.wait(distfork.fork(m, x), T)
     assert torch.allclose(b, m(x)) and not torch.allclose(a, b)
+    assert copies() - before == set()  # the old copy was unlinked; a changed weight takes the usual path
+    distfork.wait(distfork.fork(m, x), T)
     second = copies() - before
-    assert len(second) == 1 and second != first  # the old copy was unlinked, a new one made
+    assert len(second) == 1 and second != first  # unchanged again: a new copy
     m.weight.data.mul_(2.0)  # bypasses the version counter: the byte sample catches it
     c = distfork.wait(distfork.fork(m, x), T)
     assert torch.allclose(c, m(x))
+    assert copies() - before == set()
     del m
     import gc
 
