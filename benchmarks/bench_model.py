@@ -10,6 +10,8 @@ local call timed right before it in this run:
   jit.fork     ``torch.jit.wait(torch.jit.fork(m, x))``
   sequential   ``distfork.wait(distfork.fork(m, x))`` in a loop
   in flight    ``--inflight`` forks submitted, then ``wait_all`` (wall / forks)
+  changed      sequential, with an in-place op on the weights before each
+               fork (training in the driver: no copy can be reused)
   shared       ``distfork.share(m)`` once, then the handle as the function
                (the same loop, and in flight); skipped if there is no share()
   memory       growth of this cluster's /dev/shm bytes plus the workers'
@@ -110,6 +112,15 @@ def main() -> None:
         fly = paired(lambda: distfork.wait_all([distfork.fork(m, x) for _ in range(a.inflight)]), local,
                      max(3, a.rounds // 2), per=a.inflight)
         plain_mem = session_shm_bytes(session) - shm0 + sum(private_dirty(p) for p in pids) - dirty0
+        pool = rt.driver._segments if rt.driver is not None else None
+        spares = pool.stats()["spare_bytes"] if pool is not None else 0  # warm segments of the argument path
+
+        def changed_then_fork() -> Any:
+            with torch.no_grad():
+                m.weight.add_(0.0)  # an in-place op: the version counter moves, as in training
+            return distfork.wait(distfork.fork(m, x))
+
+        changed = paired(changed_then_fork, local, max(3, a.rounds // 2))
         share = getattr(distfork, "share", None)
         shared = shared_fly = None
         if share is not None:
@@ -133,8 +144,11 @@ def main() -> None:
     line("torch.jit.fork/wait", (jit_s, jit_r))
     line("fork(m, x)+wait, in a loop", seq, "(target <= 1.3x)")
     line(f"fork(m, x): {a.inflight} in flight, per fork", fly, "(target <= 0.75x)")
+    line("fork(m, x), m changed before each", changed)
     print(f"{'memory of fork(m, x) beyond the driver':<36}{plain_mem / 1e6:8.0f} MB   "
           f"{plain_mem / weights:5.2f} copies of the weights (shm + workers' private pages; target <= 1)")
+    print(f"{'  of which warm argument spares':<36}{spares / 1e6:8.0f} MB   "
+          f"{spares / weights:5.2f} (the driver's pool, up to shm_spare_bytes, from the first fork's transfer)")
     if shared is not None and shared_fly is not None:
         line("share(m), fork(h, x)+wait, in a loop", shared, "(target <= 1.3x)")
         line(f"share(m), {a.inflight} in flight, per fork", shared_fly, "(target <= 0.75x)")
