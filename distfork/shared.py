@@ -3,7 +3,7 @@
 ::
 
     driver                                   worker (any on the driver's host)
-    share(m) ─ pickle once ─▶ segment df-<session>-<driver pid>-<n>  (read-only by contract)
+    share(m); first fork ─ pickle once ─▶ segment df-<session>-<driver pid>-<n>  (read-only by contract)
     fork(h, x) ─ pickles h as (name, layout, small pickle stream) ─▶ _attach(...)
                                                 ├─ cached? same object, if unchanged
                                                 └─ else map (private), unpickle, cache
@@ -11,7 +11,7 @@
 
 A fork whose arguments (or function) hold a :class:`Shared` handle sends a
 few hundred bytes instead of the object's buffers: its bytes were copied
-into one segment when the handle was made, and every worker on that host
+into one segment by the first such fork, and every worker on that host
 maps that segment and unpickles it once, then keeps the object in a cache
 for the next tasks. What a task gets is the same object each time on a
 worker, so the value is read-only by contract:
@@ -30,7 +30,12 @@ released segment goes at its next share lookup, or with the worker.
 
 Without shared memory to the workers (inline mode, a cluster on other
 hosts, ``DISTFORK_SHM=0``) a handle pickles its object by value, as if it
-were passed directly: correct, without the saving.
+were passed directly: correct, without the saving. A fork that pickled a
+reference is pinned to the workers of the driver's host (:func:`pins`).
+
+The same machinery serves forks of plain modules: :class:`ParamCache`
+sends a large ``nn.Parameter`` (or read-only array) forked again unchanged
+as a reference to a copy of its bytes.
 """
 
 from __future__ import annotations
