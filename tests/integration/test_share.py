@@ -262,7 +262,6 @@ def test_gradients_a_task_computes_on_a_reused_parameter_do_not_accumulate_into_
     m = torch.nn.Linear(800, 800)
     x = torch.ones(1, 800)
     results = [distfork.wait(distfork.fork(grad_of_weight, m, x), T) for _ in range(6)]
-    assert len({pid for pid, _ in results}) <= 2
     assert all(torch.equal(g, results[0][1]) for _, g in results)
     assert torch.equal(results[0][1], torch.ones(800, 800))
 
