@@ -19,6 +19,7 @@ from .errors import (
 )
 from .executor import Executor
 from .future import Future, as_completed, collect_all, wait_all
+from .shared import Shared, share
 from .slurm import SlurmCluster
 
 __version__ = "0.1.0"
@@ -34,6 +35,7 @@ __all__ = [
     "RemoteError",
     "RemoteTraceback",
     "SerializationError",
+    "Shared",
     "SlurmCluster",
     "WorkerLostError",
     "as_completed",
@@ -41,6 +43,7 @@ __all__ = [
     "fork",
     "init",
     "options",
+    "share",
     "shutdown",
     "wait",
     "wait_all",

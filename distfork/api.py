@@ -10,6 +10,7 @@ or starts the embedded cluster; it is shut down at interpreter exit.
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import dataclasses
 import logging
 import os
@@ -17,7 +18,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from . import codeship, protocol, serialize
+from . import codeship, protocol, serialize, shared
 from . import config as _config
 from . import resources as resources_
 from .cluster import LocalCluster
@@ -44,6 +45,19 @@ class _Runtime:
     pid: int
     driver: Driver | None = None
     cluster: LocalCluster | None = None
+    #: Copies of large parameters / read-only arrays forked before (see distfork/shared.py).
+    copies: shared.ParamCache | None = None
+
+    def share_copy(self) -> Callable[[Any], Any] | None:
+        """The reducer that sends large parameters forked before as references, if workers share our /dev/shm."""
+        driver = self.driver
+        if driver is None or driver._pool is None or driver._session is None:
+            return None
+        if self.copies is None or self.copies.session != driver._session:
+            if self.copies is not None:
+                self.copies.close()
+            self.copies = shared.ParamCache(driver._session, self.config.share_min_bytes)
+        return self.copies.reduce
 
     @property
     def address(self) -> str | None:
@@ -51,6 +65,8 @@ class _Runtime:
 
     def close(self) -> None:
         try:
+            if self.copies is not None:
+                self.copies.close()
             if self.driver is not None:
                 self.driver.close()
         finally:
@@ -88,6 +104,7 @@ def init(
     Other keyword arguments override fields of :class:`distfork.config.Config`.
     """
     global _runtime, _atexit_registered
+    check_address(address, "distfork.init(address)")
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: choose one of {', '.join(MODES)}")
     with _lock:
@@ -113,9 +130,24 @@ def init(
                 raise
         _runtime = rt
         if not _atexit_registered:
-            atexit.register(shutdown)
+            atexit.register(_at_exit)
             _atexit_registered = True
         log.info("distfork initialized: %s", _describe(rt))
+
+
+def check_address(address: object, where: str) -> None:
+    """Refuse an address that is not a string such as ``"tcp://host:7340"``."""
+    if address is None:
+        return
+    if not isinstance(address, str):
+        raise TypeError(
+            f"{where}: an address is a string such as 'tcp://host:7340', got {type(address).__name__}: "
+            f"{address!r:.80}"
+        )
+    if "://" not in address:
+        raise ValueError(
+            f"{where}: {address!r} is not an address; give one such as 'tcp://host:7340' (scheme://host:port)"
+        )
 
 
 def _describe(rt: _Runtime) -> str:
@@ -138,12 +170,51 @@ def _current() -> _Runtime:
 
 
 def shutdown() -> None:
-    """Close the connection and stop the embedded cluster; unfinished futures are cancelled."""
+    """Close the connection and stop the embedded cluster; unfinished futures are cancelled.
+
+    At interpreter exit, unfinished forks are waited for first (see ``_at_exit``).
+    """
     global _runtime
     with _lock:
         rt, _runtime = _runtime, None
     if rt is not None and rt.pid == os.getpid():
         rt.close()
+
+
+def _at_exit() -> None:
+    """At interpreter exit: let the unfinished forks finish, then shut down (Ctrl-C cancels them).
+
+    As ``concurrent.futures`` executors do at exit. A runtime inside a task
+    (nested) does not wait: its worker process ends it.
+    """
+    rt = _runtime
+    driver = rt.driver if rt is not None and rt.pid == os.getpid() else None
+    if rt is not None and driver is not None and not driver.nested:
+        try:
+            while pending := driver.pending():
+                log.info("waiting at exit for %d unfinished forks (Ctrl-C cancels them)", len(pending))
+                done, _ = concurrent.futures.wait(
+                    pending, timeout=rt.config.peer_timeout_s, return_when=concurrent.futures.FIRST_COMPLETED
+                )
+                if not done and not _broker_answers(driver.address, min(5.0, rt.config.peer_timeout_s)):
+                    log.warning("the broker at %s does not answer: cancelling %d unfinished forks at exit",
+                                driver.address, len(pending))
+                    break
+        except KeyboardInterrupt:
+            log.warning("interrupted at exit: cancelling %d unfinished forks", len(driver.pending()))
+    shutdown()
+
+
+def _broker_answers(address: str, timeout_s: float) -> bool:
+    """Whether a broker answers at ``address`` within ``timeout_s`` (a driver waits for a lost broker
+    for ever; exit must not)."""
+    from .status import query_status
+
+    try:
+        query_status(address, timeout_s)
+    except Exception:  # noqa: BLE001 - any failure to get an answer
+        return False
+    return True
 
 
 def _check_callable(func: Any) -> None:
@@ -162,6 +233,8 @@ def _fork(
     rt = _current()
     driver = rt.driver
     deps: list[Future[Any]] = []
+    pins = shared.pins()
+    serialize._local.share_copy = rt.share_copy()
     try:
         frames = serialize.dumps_call(
             func, args, kwargs, rt.config.oob_threshold_bytes, driver.referrer(deps) if driver is not None else None,
@@ -169,9 +242,12 @@ def _fork(
         )
     except serialize.FutureArgument as arg:
         return _fork_after(arg.future, func, args, kwargs, max_retries, timeout_s, request)
+    finally:
+        serialize._local.share_copy = None
     if driver is not None:
         call = Call(func, args, kwargs, deps, request=request) if deps else None
-        return driver.submit(frames, max_retries, timeout_s, call=call, request=request)
+        return driver.submit(frames, max_retries, timeout_s, call=call, request=request,
+                             pinned=shared.pins() != pins)
     fut: Future[T] = Future()
     frames, _ = serialize.route(frames, None)
     code, out, _ = run_task(frames, f"inline mode (pid {os.getpid()})", rt.config.oob_threshold_bytes, None)
@@ -255,6 +331,12 @@ def wait(fut: Future[T], timeout: float | None = None) -> T:
     task is not done by then; the task goes on.
     """
     if not isinstance(fut, Future):
+        if type(fut).__module__.startswith("torch"):
+            raise TypeError(
+                f"distfork.wait() takes a distfork Future (what distfork.fork returns), got a torch future "
+                f"{serialize.describe(fut)}; wait for it with torch.jit.wait() (and for distfork futures "
+                "with distfork.wait(): torch.jit.wait cannot take them)"
+            )
         raise TypeError(f"wait() takes a distfork Future (what fork returns), got {serialize.describe(fut)}")
     return fut.result(timeout)
 

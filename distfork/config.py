@@ -48,6 +48,10 @@ class Config:
     #: Bytes of pre-touched shared-memory segments a process keeps ready, so
     #: a large copy runs at memory bandwidth instead of page-fault speed.
     shm_spare_bytes: int = 512 * 1024 * 1024
+    #: A ``torch.nn.Parameter`` or read-only numpy array of at least this
+    #: many bytes is copied into shared memory once and later forks of it,
+    #: unchanged, send a reference (see distfork/shared.py; 0: never).
+    share_min_bytes: int = 1024 * 1024
     #: Bytes of large arguments a driver may have in flight at once; ``fork``
     #: blocks beyond it (one task is always let through, whatever its size).
     window_bytes: int = 1024 * 1024 * 1024

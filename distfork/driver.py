@@ -193,9 +193,12 @@ class Driver:
 
     def submit(
         self, frames: list[Any], max_retries: int = protocol.DEFAULT_RETRIES, timeout_s: float = 0.0,
-        call: Call | None = None, fut: Future[Any] | None = None, request: Any = None,
+        call: Call | None = None, fut: Future[Any] | None = None, request: Any = None, pinned: bool = False,
     ) -> Future[Any]:
         """Send a pickled call (``serialize.dumps_call`` output); its future completes with the result.
+
+        ``pinned``: the call names shared-memory segments of ours (distfork/shared.py) although it
+        has no argument segment: only workers that see our /dev/shm may run it.
 
         ``call``: the call, if its arguments name futures of ours (pickled as
         references, in the order of ``call.deps``). ``fut``: the future to
@@ -217,7 +220,7 @@ class Driver:
                 self._bytes_inflight += nbytes
         self._window.acquire()
         frames, segment = serialize.route(frames, self._pool)
-        flags = (Flag.PINNED if segment is not None else 0) | (Flag.NESTED if self.nested else 0)
+        flags = (Flag.PINNED if segment is not None or pinned else 0) | (Flag.NESTED if self.nested else 0)
         if fut is None:
             fut = Future(self._cancel, self._reclaim if self.nested else None)
             fut.driver = self
@@ -266,6 +269,10 @@ class Driver:
     @property
     def unfinished(self) -> int:
         return len(self._inflight)
+
+    def pending(self) -> list[Future[Any]]:
+        """The futures of this driver's unfinished tasks (a snapshot)."""
+        return [item[0] for item in list(self._inflight.values()) if not item[0].done()]
 
     def close(self, cancel: bool = True) -> None:
         """Stop the I/O thread; unfinished futures are cancelled."""

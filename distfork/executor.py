@@ -46,8 +46,9 @@ class Executor(concurrent.futures.Executor):
     - ``Executor()``: the process's current runtime; if there is none yet,
       start it as the first ``fork`` would (``DISTFORK_ADDRESS`` /
       ``DISTFORK_MODE``, else the embedded local cluster);
-    - ``Executor("tcp://host:7340")``: connect this process to the cluster
-      at that address. A process has one runtime: if it is already connected
+    - ``Executor(address="tcp://host:7340")``: connect this process to the
+      cluster at that address (keyword only: the first positional argument
+      is ``max_workers``, as for ``ThreadPoolExecutor(5)``). A process has one runtime: if it is already connected
       elsewhere (or in inline mode), this raises ``DistforkError``.
 
     ``max_workers``: when this executor starts the embedded cluster, the
@@ -65,7 +66,15 @@ class Executor(concurrent.futures.Executor):
     shuts the runtime down only if this executor started it.
     """
 
-    def __init__(self, address: str | None = None, max_workers: int | None = None, **config: Any) -> None:
+    def __init__(self, max_workers: int | None = None, *, address: str | None = None, **config: Any) -> None:
+        if isinstance(max_workers, str):
+            raise TypeError(
+                f"Executor({max_workers!r}): the first argument is max_workers, a number; "
+                f"give a cluster's address by name: Executor(address={max_workers!r})"
+            )
+        if max_workers is not None and (isinstance(max_workers, bool) or not isinstance(max_workers, int)):
+            raise TypeError(f"max_workers must be an int or None, got {type(max_workers).__name__}: {max_workers!r}")
+        api.check_address(address, "Executor(address=...)")
         if max_workers is not None and max_workers <= 0:
             raise ValueError("max_workers must be greater than 0")
         self._cond = threading.Condition()
@@ -181,7 +190,9 @@ class Executor(concurrent.futures.Executor):
         ``cancel_futures=True`` cancels every unfinished task of this
         executor: a driver cannot tell a queued task from a running one, and
         cancelling a running distfork task stops it (its worker process is
-        replaced). ``wait=False`` returns at once; the tasks go on. A runtime
+        replaced). ``wait=False`` returns at once; the tasks go on, and at
+        interpreter exit they are waited for before the runtime stops (as
+        ``concurrent.futures`` executors do; Ctrl-C cancels them). A runtime
         this executor started is shut down once its tasks are done.
         """
         with self._cond:
@@ -235,24 +246,28 @@ def _chunks(items: Iterator[tuple[Any, ...]], size: int) -> Iterator[tuple[tuple
 
 
 def _in_order(futures: list[Future[Any]], end: float | None, timeout: float | None) -> Iterator[Any]:
-    """The futures' results in order; on failure, timeout or close, cancel those not yet reached."""
+    """The futures' results in order; on failure, timeout or close, cancel those not yet reached.
+
+    Neither a future nor a value stays in this generator's frame once handed
+    out: the caller's dropping a result frees it (CPython's test_free_reference).
+    """
     futures.reverse()
     try:
         while futures:
-            fut = futures.pop()
-            try:
-                value = fut.result(None if end is None else end - time.monotonic())
-            except TimeoutError as exc:
-                if fut.done() and fut.exception() is exc:
-                    raise  # the task itself failed with TimeoutError
-                fut.cancel()
-                raise TimeoutError(f"Executor.map: a result was not ready {timeout} s after the call") from None
-            del fut  # hold no future of a result already handed out
-            yield value
-            del value
+            yield _result_or_cancel(futures.pop(), end, timeout)
     finally:
         for fut in futures:
             fut.cancel()
+
+
+def _result_or_cancel(fut: Future[Any], end: float | None, timeout: float | None) -> Any:
+    try:
+        return fut.result(None if end is None else end - time.monotonic())
+    except TimeoutError as exc:
+        if fut.done() and fut.exception() is exc:
+            raise  # the task itself failed with TimeoutError
+        fut.cancel()
+        raise TimeoutError(f"Executor.map: a result was not ready {timeout} s after the call") from None
 
 
 def _flatten(chunks: Iterator[list[T]]) -> Iterator[T]:

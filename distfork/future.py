@@ -16,6 +16,7 @@ import collections
 import concurrent.futures
 import threading
 import time
+import weakref
 from collections.abc import Callable, Generator, Iterable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
@@ -138,7 +139,13 @@ class Future(concurrent.futures.Future, Generic[T]):  # type: ignore[type-arg]
         return self._result is REMOTE and self._state == "FINISHED"
 
     def cancel(self) -> bool:
-        """Cancel the task: queued, it never runs; already done, ``False``."""
+        """Cancel the task: queued, it never runs; already done, ``False``.
+
+        No executor thread ever picks a distfork future up, so a cancelled
+        future is marked notified at once (``concurrent.futures.wait`` sees
+        it done); a later ``set_running_or_notify_cancel()`` returns False,
+        as for a cancelled ``concurrent.futures.Future``.
+        """
         if not super().cancel():
             return False
         with self._condition:  # a second cancel() also returns True: recall the task once
@@ -148,6 +155,19 @@ class Future(concurrent.futures.Future, Generic[T]):  # type: ignore[type-arg]
         if canceller is not None:
             canceller(self)
         return True
+
+    def set_running_or_notify_cancel(self) -> bool:
+        """As ``concurrent.futures.Future``: False if cancelled (also once notified), else mark it running."""
+        with self._condition:
+            if self._state == "CANCELLED_AND_NOTIFIED":  # cancel() notified the waiters already
+                return False
+        return super().set_running_or_notify_cancel()
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            f"a distfork.Future cannot be pickled ({self!r}): pass it as an argument of fork() (it "
+            "stands for its value there), or pickle its value, fut.result()"
+        )
 
     def _invoke_callbacks(self) -> None:
         # _done_callbacks: CPython's private list of callbacks, not in typeshed
@@ -231,9 +251,32 @@ def settle(fut: concurrent.futures.Future[Any], result: Any = None, exception: B
         pass
 
 
+def _check_futures(futures: list[Any], caller: str) -> None:
+    """Refuse anything that is not a ``concurrent.futures.Future``, naming the right call for torch's."""
+    for f in futures:
+        if isinstance(f, concurrent.futures.Future):
+            continue
+        if type(f).__module__.startswith("torch"):
+            raise TypeError(
+                f"distfork.{caller}() takes distfork futures (what distfork.fork returns), got a torch future "
+                f"{type(f).__module__}.{type(f).__qualname__}; wait for torch futures with torch.jit.wait() / "
+                "torch.futures.wait_all(), and for distfork futures with distfork.wait() / distfork.wait_all()"
+            )
+        raise TypeError(
+            f"distfork.{caller}() takes futures (what distfork.fork returns), got {type(f).__module__}."
+            f"{type(f).__qualname__}: {f!r:.80}"
+        )
+
+
 def collect_all(futures: Iterable[Future[Any]]) -> Future[list[Future[Any]]]:
-    """A future that completes with the list of ``futures`` once all are done."""
+    """A future of the list of ``futures``, done once all of them are.
+
+    As ``torch.futures.collect_all``: if any failed (or was cancelled), the
+    combined future holds the first failure in list order (a cancelled one
+    as ``concurrent.futures.CancelledError``); otherwise its value is the list.
+    """
     futures = list(futures)
+    _check_futures(futures, "collect_all")
     combined: Future[list[Future[Any]]] = Future()
     remaining = len(futures)
     lock = threading.Lock()
@@ -246,8 +289,17 @@ def collect_all(futures: Iterable[Future[Any]]) -> Future[list[Future[Any]]]:
         with lock:
             remaining -= 1
             last = remaining == 0
-        if last:
-            combined.set_result(futures)
+        if not last:
+            return
+        for f in futures:
+            if f.cancelled():
+                combined.set_exception(concurrent.futures.CancelledError(f"{f!r} was cancelled"))
+                return
+            failure = f.exception()
+            if failure is not None:
+                combined.set_exception(failure)
+                return
+        combined.set_result(futures)
 
     for fut in futures:
         fut.add_done_callback(one_done)
@@ -257,11 +309,14 @@ def collect_all(futures: Iterable[Future[Any]]) -> Future[list[Future[Any]]]:
 def wait_all(futures: Iterable[Future[Any]], timeout: float | None = None) -> list[Any]:
     """Wait for every future; return their values in order.
 
-    As ``torch.futures.wait_all``: the first failure is raised as soon as it
-    happens, without waiting for the rest; builtin ``TimeoutError`` if not
-    all are done after ``timeout`` seconds.
+    The first failure is raised as soon as it happens, without waiting for
+    the rest (``torch.futures.wait_all`` waits for all, then raises: a
+    cluster's tasks may run for long, and a failure should not wait for
+    them); builtin ``TimeoutError`` if not all are done after ``timeout``
+    seconds.
     """
     futures = list(futures)
+    _check_futures(futures, "wait_all")
     for f in futures:  # inside a worker: run the children still queued here, in order
         if isinstance(f, Future) and f._reclaimer is not None:
             f._reclaim()
@@ -296,6 +351,16 @@ def as_completed(futures: Iterable[F], timeout: float | None = None) -> _AsCompl
     return _AsCompleted(futures, timeout)
 
 
+def _remove_callback(futures: list[Any], callback: Callable[[Any], None]) -> None:
+    """Take ``callback`` off each future's done callbacks (CPython's private list: no public remover)."""
+    for fut in futures:
+        with fut._condition:
+            try:
+                fut._done_callbacks.remove(callback)
+            except ValueError:
+                pass  # a future listed twice, or removed already
+
+
 class _AsCompleted(Generic[F]):
     """What :func:`as_completed` returns: an iterator, or an async iterator, of finished futures.
 
@@ -317,8 +382,18 @@ class _AsCompleted(Generic[F]):
         self._reclaimable: collections.deque[Future[Any]] = collections.deque(
             f for f in unique if isinstance(f, Future) and f._reclaimer is not None
         )
+        # The futures hold only a weak reference to this iterator, and lose their callback when it
+        # ends (done, timed out) or is dropped: a caller that stops iterating leaves nothing behind.
+        ref = weakref.ref(self)
+
+        def on_done(done: concurrent.futures.Future[Any]) -> None:
+            it = ref()
+            if it is not None:
+                it._on_done(done)
+
+        self._detach = weakref.finalize(self, _remove_callback, unique, on_done)
         for fut in unique:
-            fut.add_done_callback(self._on_done)
+            fut.add_done_callback(on_done)
 
     def _on_done(self, done: concurrent.futures.Future[Any]) -> None:
         fut = cast(F, done)
@@ -337,6 +412,7 @@ class _AsCompleted(Generic[F]):
         return None if self._end is None else max(0.0, self._end - time.monotonic())
 
     def _timed_out(self) -> TimeoutError:
+        self._detach()
         return TimeoutError(f"{self._left} (of {self._total}) futures unfinished after {self._timeout} s")
 
     def __iter__(self) -> _AsCompleted[F]:
@@ -348,6 +424,7 @@ class _AsCompleted(Generic[F]):
                 if self._loop is not None:
                     raise RuntimeError("this as_completed() is being iterated with `async for`; use one or the other")
                 if self._left == 0:
+                    self._detach()
                     raise StopIteration
                 if self._finished or not self._reclaimable:
                     if not self._cond.wait_for(lambda: self._finished, self._remaining_s()):
@@ -378,6 +455,7 @@ class _AsCompleted(Generic[F]):
         queue = self._queue if self._queue is not None else self.__aiter__()._queue
         assert queue is not None
         if self._left == 0:
+            self._detach()
             raise StopAsyncIteration
         try:
             fut = queue.get_nowait()

@@ -32,8 +32,10 @@ import json
 import logging
 import mmap
 import pickle
+import re
 import sys
 import threading
+import types
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, cast
@@ -86,6 +88,64 @@ def _reduce_tensor(t: Any) -> Any:
     return _rebuild_tensor, (raw.detach().numpy(), str(t.dtype).removeprefix("torch."), shape, stride, t.requires_grad)
 
 
+def _code_reduce(code: types.CodeType) -> Any:
+    """cloudpickle's reduction of a code object, keeping its file name.
+
+    cloudpickle names every code it pickles by value ``<dynamic-code>``; with
+    the real name, the remote traceback can show the source line where the
+    worker has the file, and the driver fills it in where only it has it.
+    """
+    rebuild, args = cloudpickle.cloudpickle._code_reduce(code)
+    return rebuild, tuple(code.co_filename if a == "<dynamic-code>" else a for a in args)
+
+
+_SCRIPT_TYPES: tuple[type, ...] | None = None
+
+
+def _script_types(torch: Any) -> tuple[type, ...]:
+    """TorchScript's compiled callables: ``ScriptModule`` (scripted or traced), ``ScriptFunction``,
+    and a ScriptModule's bound ``ScriptMethod`` (``scripted.forward``)."""
+    global _SCRIPT_TYPES
+    if _SCRIPT_TYPES is None:
+        jit = getattr(torch, "jit", None)
+        module, function = getattr(jit, "ScriptModule", None), getattr(jit, "ScriptFunction", None)
+        method = getattr(getattr(torch, "_C", None), "ScriptMethod", None)
+        owner = getattr(getattr(torch, "_C", None), "ScriptModule", None)  # what a ScriptMethod is bound to
+        if module is None or function is None or method is None or owner is None:  # torch is still importing
+            return ()
+        _SCRIPT_TYPES = (module, function, method, owner)
+    return _SCRIPT_TYPES
+
+
+def _reduce_script(obj: Any) -> Any:
+    """A ScriptModule or ScriptFunction as its TorchScript archive, out of band.
+
+    TorchScript objects do not pickle; ``torch.jit.save`` / ``save_to_buffer``
+    writes the code and the tensors (stored, not compressed) into one zip
+    archive, which travels as one large buffer (shared memory or a frame of
+    its own, never through the pickle stream).
+    """
+    import torch
+
+    if isinstance(obj, torch._C.ScriptMethod):  # its module's archive, and the method's name
+        return getattr, (obj.owner, obj.name)
+    if isinstance(obj, (torch.jit.ScriptFunction, torch._C.ScriptModule)):
+        data = cast(Any, obj).save_to_buffer()  # typeshed-less pybind methods
+    else:
+        buf = io.BytesIO()
+        torch.jit.save(obj, buf)
+        data = buf.getbuffer()
+    return _load_script, (_LargeBytes(data),)
+
+
+def _load_script(data: Any) -> Any:
+    """Unpickling: the TorchScript archive back as a ScriptModule (a ScriptFunction comes back as a
+    module whose ``forward`` is that function, called the same way)."""
+    import torch
+
+    return torch.jit.load(io.BytesIO(data), map_location="cpu")  # type: ignore[no-untyped-call]
+
+
 class FutureArgument(Exception):
     """Pickling met a distfork Future among the arguments that is not done yet (or failed)."""
 
@@ -115,11 +175,21 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
             if not obj.done() or obj.cancelled() or obj.exception() is not None:
                 raise FutureArgument(obj)
             return _value, (obj.result(),)
+        if type(obj) is types.CodeType:
+            return _code_reduce(obj)
         # getattr: another thread (the driver's I/O thread unpickling a first array) may be
         # importing the module right now; until it has the class, no instance exists.
-        tensor = getattr(sys.modules.get("torch"), "Tensor", None)
+        torch = sys.modules.get("torch")
+        tensor = getattr(torch, "Tensor", None)
         if tensor is not None and type(obj) is tensor:
             reduced = _reduce_tensor(obj)
+            if reduced is not NotImplemented:
+                return reduced
+        elif tensor is not None and isinstance(obj, _script_types(torch)):
+            return _reduce_script(obj)
+        share_copy = _local.share_copy
+        if share_copy is not None:  # a large nn.Parameter or read-only array forked before (shared.py)
+            reduced = share_copy(obj)
             if reduced is not NotImplemented:
                 return reduced
         np = sys.modules.get("numpy")
@@ -172,6 +242,8 @@ class _Local(threading.local):
     refer: Callable[[Any], int | None] | None = None
     # While unpickling a call: the values of its dependencies, by index.
     deps: list[Any] | None = None
+    # While pickling a call for workers that share our /dev/shm: shared.ParamCache.reduce.
+    share_copy: Callable[[Any], Any] | None = None
 
 
 _local = _Local()
@@ -513,8 +585,31 @@ def _rebuild_remote_exception(inner: bytes, type_name: str, message: str, tb: st
             f"the task raised {type_name}: {message} (that exception cannot be rebuilt in this process: "
             f"{type(err).__name__}: {err}; the remote traceback is the cause)", type_name=type_name,
         )
-    exc.__cause__ = RemoteTraceback(tb)
+    exc.__cause__ = RemoteTraceback(_with_source(tb))
     return exc
+
+
+_FRAME = re.compile(r'^(?P<indent> *)File "(?P<file>[^"]+)", line (?P<line>\d+), in ')
+
+
+def _with_source(tb: str) -> str:
+    """The remote traceback text with the source lines the task's host lacked, where we have them."""
+    import linecache
+
+    lines = tb.split("\n")
+    out: list[str] = []
+    for i, line in enumerate(lines):
+        out.append(line)
+        m = _FRAME.match(line)
+        if m is None:
+            continue
+        following = lines[i + 1] if i + 1 < len(lines) else ""
+        if following.startswith(m["indent"] + "  ") and not _FRAME.match(following):
+            continue  # the remote side printed the source line
+        source = linecache.getline(m["file"], int(m["line"])).strip()
+        if source:
+            out.append(f"{m['indent']}    {source}")
+    return "\n".join(out)
 
 
 def dumps_exception(exc: BaseException, where: str, oob_threshold_bytes: int) -> list[Any]:

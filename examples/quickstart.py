@@ -71,6 +71,40 @@ class Mod(Base):  # type: ignore[misc, valid-type]
     __call__ = forward if torch is None else Base.__call__
 
 
+# -- The same examples scripted, as on the page: TorchScript code travels too ----
+
+if torch is not None:
+
+    def jit_bar(a):
+        fut = torch.jit.fork(foo, a, b=2)
+        return torch.jit.wait(fut)
+
+    class JitMod(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mod = AddMod()
+
+        def forward(self, input):
+            fut = torch.jit.fork(self.mod, input, b=2)
+            return torch.jit.wait(fut)
+
+
+def scripted_examples(input) -> None:
+    """The page's ``script_bar`` and ``torch.jit.script(mod)``, each run in a worker by distfork."""
+    script_bar = torch.jit.script(jit_bar)
+    out = distfork.wait(distfork.fork(script_bar, input))
+    assert out == jit_bar(input) == 4, out
+    print(f"scripted example 1: fork(torch.jit.script(bar), {input!r}) = {out!r}")
+    scripted = torch.jit.script(JitMod())
+    out = distfork.wait(distfork.fork(scripted, input))
+    assert out == JitMod()(input) == 4, out
+    print(f"scripted example 2: fork(torch.jit.script(mod), {input!r}) = {out!r}")
+    traced = torch.jit.trace(JitMod(), (input,))
+    out = distfork.wait(distfork.fork(traced, input))
+    assert out == 4, out
+    print(f"traced example 2: fork(torch.jit.trace(mod, ...), {input!r}) = {out!r}")
+
+
 def where() -> tuple[str, int]:
     return os.uname().nodename, os.getpid()
 
@@ -100,6 +134,9 @@ def main() -> None:
               f"(at {os.path.basename(frame.filename)}:{frame.lineno}: {frame.line})")
     else:
         raise AssertionError("the docs' example should raise NameError")
+
+    if torch is not None:
+        scripted_examples(input)
 
     futs = [distfork.fork(where) for _ in range(8)]
     hosts = sorted({pid for _, pid in distfork.wait_all(futs)})

@@ -331,14 +331,14 @@ class TestOnTheCurrentRuntime:
     def test_an_executor_for_the_current_address_uses_the_runtime_and_leaves_it(self) -> None:
         runtime = distfork.api._runtime
         assert runtime is not None
-        with distfork.Executor(runtime.address) as ex:
+        with distfork.Executor(address=runtime.address) as ex:
             assert ex.submit(tasks.add, 1, 1).result(T) == 2
         assert distfork.api._runtime is runtime
 
     def test_an_executor_for_another_address_is_refused_while_a_runtime_runs(self) -> None:
         runtime = distfork.api._runtime
         with pytest.raises(distfork.DistforkError, match="tcp://127.0.0.1:9.*distfork.shutdown"):
-            distfork.Executor("tcp://127.0.0.1:9")
+            distfork.Executor(address="tcp://127.0.0.1:9")
         with pytest.raises(distfork.DistforkError, match="heartbeat_s"):
             distfork.Executor(heartbeat_s=0.5)
         assert distfork.api._runtime is runtime
@@ -404,7 +404,7 @@ def test_an_executor_at_an_address_connects_this_process_and_leaves_that_cluster
     cluster.start()
     try:
         wait_for_workers(cluster.address, 2)
-        with distfork.Executor(cluster.address, max_workers=1) as ex:
+        with distfork.Executor(1, address=cluster.address) as ex:
             runtime = distfork.api._runtime
             assert runtime is not None and runtime.cluster is None and runtime.address == cluster.address
             # The cluster has two free workers; max_workers=1 bounds our tasks in flight.

@@ -149,12 +149,13 @@ def test_collect_all() -> None:
     assert [f.value() for f in done] == [2 * i for i in range(10)]
 
 
-def test_collect_all_completes_despite_a_failure() -> None:
+def test_collect_all_with_a_failure_completes_once_all_are_done_with_that_failure() -> None:
+    """As torch.futures.collect_all: the combined future raises the first failure (issue 14)."""
     futs = [distfork.fork(tasks.add, 1, 1), distfork.fork(tasks.fail, "boom"), distfork.fork(tasks.add, 2, 2)]
-    done = distfork.collect_all(futs).result(T)
-    assert done[0].value() == 2 and done[2].value() == 4
-    with pytest.raises(tasks.CustomError):
-        done[1].value()
+    with pytest.raises(tasks.CustomError, match="boom"):
+        distfork.collect_all(futs).result(T)
+    assert all(f.done() for f in futs)
+    assert futs[0].value() == 2 and futs[2].value() == 4
 
 
 def test_collect_all_of_nothing() -> None:

@@ -163,12 +163,20 @@ def test_collect_all_completes_with_the_futures_once_all_are_done() -> None:
     futs: list[Future[Any]] = [Future(), Future(), Future()]
     combined = collect_all(futs)
     futs[2].set_result("c")
-    futs[0].set_exception(Boom())
+    futs[0].set_result("a")
     assert not combined.done()
     futs[1].set_result("b")
     got = combined.wait()
     assert got == futs and all(a is b for a, b in zip(got, futs, strict=True))
     assert got[2].value() == "c"
+    # One failed: as torch's, the combined future raises it once all are done (issue 14).
+    failing: list[Future[Any]] = [Future(), Future()]
+    combined = collect_all(failing)
+    failing[0].set_exception(Boom())
+    assert not combined.done()
+    failing[1].set_result("b")
+    with pytest.raises(Boom):
+        combined.wait()
 
 
 def test_collect_all_of_nothing_is_done() -> None:
