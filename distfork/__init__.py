@@ -19,6 +19,7 @@ from .errors import (
 )
 from .executor import Executor
 from .future import Future, as_completed, collect_all, wait_all
+from .tracing import Trace, trace
 
 __version__ = "0.1.0"
 
@@ -33,6 +34,7 @@ __all__ = [
     "RemoteError",
     "RemoteTraceback",
     "SerializationError",
+    "Trace",
     "WorkerLostError",
     "as_completed",
     "collect_all",
@@ -40,6 +42,7 @@ __all__ = [
     "init",
     "options",
     "shutdown",
+    "trace",
     "wait",
     "wait_all",
 ]

@@ -38,6 +38,7 @@ from typing import Any
 import zmq
 
 from . import protocol, security, shm
+from . import tracing as _trace
 from .broker_state import BrokerState, PeerInfo
 from .config import Config
 from .errors import ProtocolError
@@ -192,6 +193,8 @@ class Broker:
                 entries = protocol.decode_batch(frames, body)
                 self.state.submit(p, entries, now)
                 self.metrics.tasks_in(entries)
+            elif kind is Msg.TRACE and p.role == "worker":  # timings of traced tasks, just before their RESULTS
+                self._call(self._trace, p, protocol.decode_json(body), now)
             elif kind is Msg.RESULTS and p.role == "worker":
                 entries = protocol.decode_batch(frames, body)
                 self.metrics.results_in(p, entries, now)
@@ -253,6 +256,10 @@ class Broker:
                 self._send(w.id, protocol.encode_json(Msg.RECYCLE, {"names": names}))
         # Their maker is gone: nobody reuses them.
         self.state.orphaned([name for names in by_pid.values() for name in names], driver.domain)
+
+    def _trace(self, worker: PeerInfo, body: dict[str, Any], now: float) -> None:
+        for driver, out in _trace.forward(worker, body, now).items():
+            self._send(driver, protocol.encode_json(Msg.TRACE, out))
 
     def _exited(self, info: dict[str, Any], now: float) -> None:
         self.state.exited(str(info["host"]), int(info["pid"]), int(info["code"]), now)

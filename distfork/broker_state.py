@@ -88,11 +88,13 @@ class Task:
     missing: int = 0  # of those, not done yet (state WAITING while > 0)
     dependents: list[Task] | None = None  # tasks that take this one's result (some may be gone)
     fetch: bool = False  # the driver asked for the value while it ran: send it even if held
+    trace: int = 0  # Flag.TRACE if forked inside distfork.trace(): passed on to the worker
+    dispatched: float = 0.0  # when it was last handed to a worker (monotonic s), for traces
 
     def wire(self) -> tuple[Sequence[Frame], int]:
         """The payload to hand a worker, and the flags it needs: held dependency values first."""
         if not self.deps:
-            return self.frames, 0
+            return self.frames, self.trace
         counts: list[int] = []
         values: list[Frame] = []
         for dep in self.deps:
@@ -100,7 +102,7 @@ class Task:
                 raise RuntimeError(f"task {self.key} dispatched with a dependency not done")
             counts.append(len(dep.frames))
             values.extend(dep.frames)
-        return [encode_dep_counts(counts), *values, *self.frames], Flag.DEPS
+        return [encode_dep_counts(counts), *values, *self.frames], Flag.DEPS | self.trace
 
 
 @dataclasses.dataclass(eq=False)
@@ -383,7 +385,8 @@ class BrokerState:
                     bad = str(exc)
                 frames = frames[1:]
             task = Task(self._next_key, driver.id, e.id, e.code, e.extra, frames, domain, bool(e.flags & Flag.PINNED),
-                        owner_pid=owner_pid, nested=bool(e.flags & Flag.NESTED), submitted=at)
+                        owner_pid=owner_pid, nested=bool(e.flags & Flag.NESTED), submitted=at,
+                        trace=e.flags & Flag.TRACE)
             self._next_key += 1
             tasks[e.id] = task
             if bad is not None or (dep_ids is not None and not dep_ids):
@@ -705,6 +708,7 @@ class BrokerState:
             w.batched = True
         task.state = TaskState.ASSIGNED
         task.worker = w.id
+        task.dispatched = self._now
         w.assigned[task.key] = task
         out.setdefault(w.id, []).append(task)
         return True

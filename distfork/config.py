@@ -78,6 +78,8 @@ class Config:
     local_workers: int = 0
     #: Task slots per worker process (tasks run at once in threads).
     slots: int = 1
+    #: Top-level forks a ``distfork.trace()`` keeps (a ring: the oldest drop out).
+    trace_capacity: int = 100_000
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Config:

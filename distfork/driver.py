@@ -48,6 +48,7 @@ from typing import Any, NamedTuple
 import zmq
 
 from . import protocol, security, serialize, shm
+from . import tracing as _trace
 from .config import Config
 from .errors import (
     AuthenticationError,
@@ -122,6 +123,8 @@ class Driver:
         self._calls: dict[int, Call] = {}
         # Results the broker holds: task id -> (its future, entry and argument segment, kept to run it again).
         self._held: dict[int, _Held] = {}
+        # Tasks forked inside distfork.trace(): their Records, until their results arrive (distfork/tracing.py).
+        self._traced: dict[int, _trace.Record] = {}
         self._fetching: dict[int, _Fetch] = {}
         self._fetch_lock = threading.Lock()
         self._fetches: collections.deque[int] = collections.deque()
@@ -186,7 +189,7 @@ class Driver:
 
     def submit(
         self, frames: list[Any], max_retries: int = protocol.DEFAULT_RETRIES, timeout_s: float = 0.0,
-        call: Call | None = None, fut: Future[Any] | None = None,
+        call: Call | None = None, fut: Future[Any] | None = None, traced: _trace.Record | None = None,
     ) -> Future[Any]:
         """Send a pickled call (``serialize.dumps_call`` output); its future completes with the result.
 
@@ -219,6 +222,10 @@ class Driver:
             frames = [protocol.encode_deps([d.task_id for d in call.deps]), *frames]
             flags |= Flag.DEPS
             self._calls[task_id] = call
+        if traced is not None:
+            flags |= Flag.TRACE
+            traced.bind(self.name, task_id)
+            self._traced[task_id] = traced
         entry = Entry(task_id, max_retries, timeout_s, frames, flags)
         self._inflight[task_id] = (fut, entry, segment, nbytes)
         self._outgoing.append(entry)
@@ -304,10 +311,14 @@ class Driver:
             return
         from .worker import run_task  # a driver inside a worker runs what it took back
 
-        code, out, retained = run_task(
-            item[1].frames, f"reclaimed by pid {os.getpid()}", self.config.oob_threshold_bytes, None
-        )
+        rec = self._traced.pop(task_id, None) if self._traced else None
+        with _trace.run_here(rec, "reclaimed"):
+            code, out, retained = run_task(
+                item[1].frames, f"reclaimed by pid {os.getpid()}", self.config.oob_threshold_bytes, None
+            )
         complete(fut, code, out)
+        if rec is not None:
+            rec.finish(code, 0, fut)
         self._release(item[2], item[3], reusable=not retained)
 
     def _fetch(self, fut: Future[Any], timeout: float | None) -> Any:
@@ -501,6 +512,9 @@ class Driver:
                 item = self._inflight.pop(task_id, None)
                 if item is not None:
                     self._calls.pop(task_id, None)
+                    rec = self._traced.pop(task_id, None) if self._traced else None
+                    if rec is not None:
+                        rec.finish(Status.CANCELLED, 0, item[0])
                     self._release(item[2], item[3])
                     ids.append(task_id)
             if ids:
@@ -518,6 +532,8 @@ class Driver:
                 self._welcomed.set()
             elif kind is Msg.CLUSTER:
                 self._cluster_facts(protocol.decode_json(body))
+            elif kind is Msg.TRACE:
+                _trace.received(self._traced, protocol.decode_json(body))
             elif kind is Msg.RECLAIMED:
                 self._reclaimed(protocol.decode_json(body))
             elif kind is Msg.REJECT:
@@ -580,14 +596,18 @@ class Driver:
                     serialize.free(e.frames)  # cancelled meanwhile, or a duplicate
                 continue
             call = self._calls.pop(e.id, None) if self._calls else None
+            rec = self._traced.pop(e.id, None) if self._traced else None
             if e.code == Status.RESUBMIT and call is not None:
                 release(item[2], item[3])
                 self._send_again(item[0], call, item[1].code, item[1].extra)
+                rec = None  # sent again under a new id, untraced
             elif e.flags & Flag.HELD:
                 self._hold(item, e)
             else:
                 complete(item[0], e.code, e.frames, self._recycle)
                 release(item[2], item[3], not e.flags & Flag.RETAINED)
+            if rec is not None:
+                rec.finish(e.code, e.flags, item[0])
 
     def _hold(self, item: tuple[Future[Any], Entry, shm.Segment | None, int], e: Entry) -> None:
         """Tasks took this result as an argument: the broker keeps it; the future is done, its value remote."""

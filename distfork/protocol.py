@@ -9,7 +9,7 @@ Every message is one ZeroMQ multipart message. Its first frame is the header::
 Bodies:
 
 * control messages (HELLO, WELCOME, STATUS_REPLY, REJECT, KEEPALIVE, CLUSTER,
-  EXITED, RECLAIMED, RECYCLE): UTF-8 JSON
+  EXITED, RECLAIMED, RECYCLE, TRACE): UTF-8 JSON
   object;
 * batches (SUBMIT, TASKS, RESULTS, DISCARD): ``u32 count`` then ``count``
   entries of ``struct "!QHBBfI"`` = (id, nframes, code, flags, extra, pid),
@@ -95,6 +95,9 @@ class Msg(enum.IntEnum):
     RECYCLE = 18  # D -> B -> W: result segments nobody maps any more, back to their maker (JSON: names)
     FETCH = 19  # D -> B: send me the values of these held results (ids, as CANCEL)
     RELEASE = 20  # D -> B: I dropped the futures of these held results unfetched (ids, as CANCEL)
+    # W -> B: timings of traced tasks, sent just before their RESULTS (JSON: r, see distfork/tracing.py);
+    # B -> D: the same with the broker's times and the worker's name, before the RESULTS it precedes.
+    TRACE = 21
 
 
 class Flag:
@@ -115,6 +118,8 @@ class Flag:
     # RESULTS (B -> D): the value stays in the broker for tasks that take it; FETCH it. Payload:
     # nothing, or the name of the shared-memory segment it is in.
     HELD = 32
+    # SUBMIT, TASKS: forked inside distfork.trace(): the worker and the broker report its timings (Msg.TRACE).
+    TRACE = 64
 
 
 class Status(enum.IntEnum):

@@ -39,6 +39,7 @@ from typing import Any
 import zmq
 
 from . import protocol, security, serialize, shm
+from . import tracing as _trace
 from .config import Config
 from .errors import ProtocolError, SerializationError
 from .protocol import Entry, Flag, Msg, Status
@@ -355,6 +356,9 @@ class _Slot:
         # the next task is quick enough to keep holding finished results for.
         self.run_s: dict[tuple[Any, Any], float] = {}
         self.key: tuple[Any, Any] | None = None
+        # Traced tasks (Flag.TRACE): when each arrived, and the rows to send before the next RESULTS.
+        self.received: dict[int, float] = {}
+        self.traces: list[list[Any]] = []
 
     def _hello(self, sock: zmq.Socket[Any]) -> None:
         w = self.worker
@@ -410,14 +414,21 @@ class _Slot:
                 self.sock = sock
                 frames: Sequence[Any] = e.frames
                 deps: Sequence[Sequence[Any]] = ()
+                scope: list[_trace.Record] | None = [] if e.flags & Flag.TRACE else None
+                wall = time.time() if scope is not None else 0.0
                 try:
                     if e.flags & Flag.DEPS:
                         deps, frames = protocol.decode_dep_counts(frames)
-                    status, out, retained = run_task(frames, w.where, threshold, pool, e.pid, self._before_call, deps)
+                    with _trace.scoped(scope):
+                        status, out, retained = run_task(frames, w.where, threshold, pool, e.pid, self._before_call,
+                                                         deps)
                 except ProtocolError as exc:
                     status, out, retained = Status.FAILED, [f"{w.where} got a malformed task: {exc}".encode()], False
                 finally:
                     self.current = self.deadline = None
+                if scope is not None:
+                    self.traces.append(_trace.worker_row(e.id, self.received.pop(e.id, wall), wall, time.time(),
+                                                         frames, out, scope))
                 finished = time.perf_counter()
                 self._learn(finished - started)
                 if not self.done:
@@ -432,6 +443,9 @@ class _Slot:
         if self.done:
             if self.sock is None:  # set before the first task runs, so before any result
                 raise RuntimeError("results to send but no task socket: _flush before _serve ran a task")
+            if self.traces:  # first: the broker forwards it to the driver before the results
+                self.sock.send_multipart(protocol.encode_json(Msg.TRACE, {"r": self.traces}))
+                self.traces = []
             self.sock.send_multipart(protocol.encode_batch(Msg.RESULTS, self.done), copy=False)
             self.done = []
 
@@ -467,7 +481,13 @@ class _Slot:
             try:
                 kind, body = protocol.decode(frames)
                 if kind is Msg.TASKS:
-                    self.local.extend(protocol.decode_batch(frames, body))
+                    batch = protocol.decode_batch(frames, body)
+                    self.local.extend(batch)
+                    if batch and batch[0].flags & Flag.TRACE:  # a batch is traced or not as a whole, mostly
+                        if len(self.received) > 100_000:  # cancelled before they ran: forget them
+                            self.received.clear()
+                        now_wall = time.time()
+                        self.received.update((e.id, now_wall) for e in batch if e.flags & Flag.TRACE)
                 elif kind is Msg.CANCEL:
                     gone = set(protocol.decode_cancel(body))
                     self.worker.remember_cancelled(gone)

@@ -1,0 +1,632 @@
+"""``distfork.trace()``: record every fork, where and when its task ran, and what it waited for.
+
+::
+
+    driver process                    broker                          worker process
+    fork() ─ Record(submit) ─ SUBMIT+TRACE ─▶ Task(submitted,  ─ TASKS+TRACE ─▶ slot: recv, start, end,
+      │                                         dispatched)                  bytes in/out; forks made
+      │   ◀── TRACE {w, r: [task id, broker times, losses, ◀── TRACE ──────  while it ran (nested
+      │          worker times, bytes, nested records]}                        Records, JSON)
+      ▼   ◀── RESULTS (after the TRACE) ──────────────────◀── RESULTS
+    Record(done, status)    ─▶ Trace: a ring of Records ─▶ tasks(), graph, save() (Chrome trace), report()
+
+Only tasks forked inside a ``with distfork.trace()`` block (or inside a task
+that was) carry ``Flag.TRACE``: the broker and the worker add timings to
+those alone, and an untraced fork pays one module-level flag check
+(``ACTIVE``). A task that forks while it runs collects the Records of its
+forks in a thread-local scope; they travel to the driver inside its own
+worker record, so a nested run arrives as one tree.
+
+Clocks: every process stamps wall-clock time (``time.time()``). On one host
+that is one clock. Across hosts, a receiver checks the remote stamps against
+its own for the same task (a worker cannot start a task before the broker
+sent it, nor finish after the broker got the result); when they contradict
+causality, it shifts the remote clock to the midpoint of the round trip (as
+NTP does), per task, down the tree.
+
+Memory: a trace keeps at most ``capacity`` top-level forks (a ring; the
+oldest drop out and are counted in ``Trace.dropped``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from .errors import ProtocolError, RemoteTraceback
+from .protocol import Entry, Flag, Status
+
+if TYPE_CHECKING:
+    from .broker_state import PeerInfo
+
+__all__ = ["ACTIVE", "Record", "TaskInfo", "Trace", "trace"]
+
+#: True while this process has an open trace or runs a traced task: the only check an untraced fork pays.
+ACTIVE = False
+
+_lock = threading.Lock()
+_tracers: list[Trace] = []
+_running = 0  # traced tasks running in this process (slots, reclaimed children)
+_local = threading.local()  # .scope: list the forks of this thread's running traced task go to
+
+_STATUS = {int(s): s.name.lower() for s in Status}
+
+
+def _refresh() -> None:
+    global ACTIVE
+    ACTIVE = bool(_tracers) or _running > 0
+
+
+class Record:
+    """One fork as this process saw it, with what the broker and worker reported (times: this clock)."""
+
+    __slots__ = ("gid", "func", "deps", "submit", "done", "start", "end", "where", "status", "held", "remote",
+                 "children", "error")
+
+    def __init__(self, func: str, deps: list[str], submit: float) -> None:
+        self.gid = ""  # driver name # task id, once submitted
+        self.func = func
+        self.deps = deps  # gids of the futures among its arguments
+        self.submit = submit
+        self.done = 0.0  # when its result (or notice) arrived here
+        self.start = 0.0  # set when it ran in this process (inline mode, or reclaimed by a waiting task)
+        self.end = 0.0
+        self.where = ""  # "", "inline" or "reclaimed"
+        self.status = "pending"
+        self.held = False
+        # [worker, host, pid, b_recv, b_disp, b_ret, losses, w_recv, w_start, w_end, in_b, in_path, out_b, out_path]
+        self.remote: list[Any] | None = None
+        self.children: list[Record] = []  # forks made while its task ran
+        self.error = ""
+
+    def bind(self, driver_name: str, task_id: int) -> None:
+        self.gid = f"{driver_name}#{task_id}"
+
+    def finish(self, code: int, flags: int, fut: Any) -> None:
+        """Its result arrived (I/O thread), after the future was completed."""
+        self.done = time.time()
+        self.status = _STATUS.get(code, str(code))
+        self.held = bool(flags & Flag.HELD)
+        if code not in (Status.OK, Status.CANCELLED):
+            self.error = _error_text(fut)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"g": self.gid, "f": self.func, "d": self.deps, "s": self.submit, "e": self.done, "a": self.start,
+                "b": self.end, "w": self.where, "o": self.status, "h": self.held, "r": self.remote,
+                "c": [c.to_json() for c in self.children], "x": self.error}
+
+    @classmethod
+    def from_json(cls, d: Any, depth: int = 0) -> Record:
+        if not isinstance(d, dict) or depth > 200:
+            raise TypeError("a trace record must be an object")
+        rec = cls(str(d["f"]), [str(x) for x in d["d"]], float(d["s"]))
+        rec.gid, rec.done, rec.start, rec.end = str(d["g"]), float(d["e"]), float(d["a"]), float(d["b"])
+        rec.where, rec.status, rec.held, rec.error = str(d["w"]), str(d["o"]), bool(d["h"]), str(d["x"])
+        remote = d["r"]
+        rec.remote = _remote_row(remote) if remote is not None else None
+        rec.children = [cls.from_json(c, depth + 1) for c in d["c"]]
+        return rec
+
+
+def _remote_row(row: Any) -> list[Any]:
+    if not isinstance(row, list) or len(row) != 14:
+        raise TypeError("a remote trace row has 14 fields")
+    return [str(row[0]), str(row[1]), int(row[2]), *(float(x) for x in row[3:6]), int(row[6]),
+            *(float(x) for x in row[7:10]), int(row[10]), str(row[11]), int(row[12]), str(row[13])]
+
+
+def _error_text(fut: Any) -> str:
+    try:
+        exc = fut.exception(0)
+    except BaseException as err:  # noqa: BLE001 - cancelled, or not done: say so
+        return f"{type(err).__name__}: {err}"
+    if exc is None:
+        return ""
+    text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    cause = exc.__cause__
+    if isinstance(cause, RemoteTraceback):
+        text = f"{cause.tb.rstrip()}\n{text}"
+    return text
+
+
+def _name_of(func: Any) -> str:
+    name = getattr(func, "__qualname__", None) or type(func).__qualname__
+    return str(name)
+
+
+def _gid_of(fut: Any) -> str | None:
+    driver = getattr(fut, "driver", None)
+    task_id: int = getattr(fut, "task_id", 0)
+    if driver is not None and task_id:
+        return f"{driver.name}#{task_id}"
+    return getattr(fut, "_trace_gid", None)
+
+
+def _deps_of(args: Sequence[Any], kwargs: dict[str, Any]) -> list[str]:
+    from .future import Future
+
+    out: list[str] = []
+
+    def look(x: Any, depth: int) -> None:
+        if isinstance(x, Future):
+            gid = _gid_of(x)
+            if gid is not None:
+                out.append(gid)
+        elif depth < 2 and isinstance(x, (list, tuple)) and len(x) <= 1000:
+            for y in x:
+                look(y, depth + 1)
+        elif depth < 2 and isinstance(x, dict) and len(x) <= 1000:
+            for y in x.values():
+                look(y, depth + 1)
+
+    for a in args:
+        look(a, 0)
+    for a in kwargs.values():
+        look(a, 0)
+    return out
+
+
+# -- hooks called by api.py, driver.py, worker.py and broker.py --------------------------------------------
+
+
+def begin(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Record | None:
+    """A fork is about to be submitted: its Record, if a trace wants it (call only when ``ACTIVE``)."""
+    scope: list[Record] | None = getattr(_local, "scope", None)
+    if scope is None and not _tracers:
+        return None
+    rec = Record(_name_of(func), _deps_of(args, kwargs), time.time())
+    if scope is not None:
+        scope.append(rec)
+    else:
+        for t in list(_tracers):
+            t._add(rec)
+    return rec
+
+
+def capture() -> list[Record] | None:
+    """The scope of the running traced task in this thread (to fork into it from a callback later)."""
+    return getattr(_local, "scope", None) if ACTIVE else None
+
+
+@contextlib.contextmanager
+def scoped(scope: list[Record] | None) -> Iterator[None]:
+    """Forks made in this thread inside the block go to ``scope`` (None: nothing changes)."""
+    global _running
+    if scope is None:
+        yield
+        return
+    prev = getattr(_local, "scope", None)
+    _local.scope = scope
+    with _lock:
+        _running += 1
+        _refresh()
+    try:
+        yield
+    finally:
+        _local.scope = prev
+        with _lock:
+            _running -= 1
+            _refresh()
+
+
+@contextlib.contextmanager
+def run_here(rec: Record | None, where: str) -> Iterator[None]:
+    """A traced task runs in this thread (inline mode, or reclaimed by a waiting task)."""
+    if rec is None:
+        yield
+        return
+    rec.where = where
+    rec.start = time.time()
+    try:
+        with scoped(rec.children):
+            yield
+    finally:
+        rec.end = rec.done = time.time()
+
+
+def payload(frames: Sequence[Any]) -> tuple[int, str]:
+    """Bytes of a payload and the path it took (inline / shm / frames), from its frame layout."""
+    from .metrics import PATHS, classify
+
+    nbytes, counts = classify([Entry(0, 0, 0.0, frames)])
+    path = next((p for p, n in zip(PATHS, counts, strict=True) if n), "none")
+    return sum(nbytes), path
+
+
+def worker_row(key: int, recv: float, start: float, end: float, frames_in: Sequence[Any],
+               frames_out: Sequence[Any], children: list[Record]) -> list[Any]:
+    """What a worker reports of a traced task it ran (Msg.TRACE, W -> B)."""
+    in_b, in_path = payload(frames_in)
+    out_b, out_path = payload(frames_out)
+    return [key, recv, start, end, in_b, in_path, out_b, out_path, [c.to_json() for c in children]]
+
+
+def forward(worker: PeerInfo, body: dict[str, Any], now: float) -> dict[bytes, dict[str, Any]]:
+    """The broker's part (W -> B -> D): name the driver's task, add its own times and the worker.
+
+    ``now`` is the broker's monotonic clock; its times go out as wall-clock.
+    Rows for tasks this worker does not hold are ignored. Malformed bodies
+    raise ValueError / TypeError / KeyError (the broker drops them).
+    """
+    rows = body["r"]
+    if not isinstance(rows, list):
+        raise TypeError("TRACE rows must be a list")
+    wall = time.time() - time.monotonic()
+    out: dict[bytes, list[Any]] = {}
+    for r in rows:
+        if not isinstance(r, list) or len(r) != 9:
+            raise TypeError("a TRACE row has 9 fields")
+        task = worker.assigned.get(int(r[0]))
+        if task is None or not task.trace:
+            continue
+        children = r[8] if isinstance(r[8], list) else []
+        out.setdefault(task.driver, []).append([
+            task.task_id, task.submitted + wall, task.dispatched + wall, now + wall, task.losses,
+            float(r[1]), float(r[2]), float(r[3]), int(r[4]), str(r[5]), int(r[6]), str(r[7]), children,
+        ])
+    info = worker.info
+    who = [str(info.get("name")), str(info.get("host")), int(info.get("pid") or 0)]
+    return {driver: {"w": who, "r": recs} for driver, recs in out.items()}
+
+
+def received(traced: dict[int, Record], body: dict[str, Any]) -> None:
+    """The driver's part: attach what the broker forwarded to the Records of our traced tasks."""
+    try:
+        who = body["w"]
+        for row in body["r"]:
+            rec = traced.get(int(row[0]))
+            if rec is None:
+                continue
+            rec.remote = _remote_row([who[0], who[1], who[2], *row[1:12]])
+            rec.children.extend(Record.from_json(c) for c in row[12])
+    except (ValueError, TypeError, KeyError, IndexError) as exc:
+        raise ProtocolError(f"bad TRACE message: {exc!r}") from None
+
+
+# -- the user's side ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TaskInfo:
+    """One traced task, times in seconds since the trace started (the tracing process's clock)."""
+
+    id: int  # 1, 2, ... in the order of forks (parents before their children)
+    func: str
+    parent: int | None  # the task that forked it (None: the driver)
+    deps: list[int]  # tasks whose futures it took as arguments
+    submitted: float  # fork() returned
+    dispatched: float | None  # the broker handed it to a worker
+    started: float | None  # the function was called
+    finished: float | None  # the function returned
+    done: float | None  # its result reached the process that forked it
+    worker: str  # worker slot name ("" if unknown; "inline"; a reclaimed child: its parent's worker)
+    host: str
+    pid: int
+    run_s: float | None
+    bytes_in: int
+    path_in: str
+    bytes_out: int
+    path_out: str  # inline / shm / frames / held (kept in the broker for the tasks that take it)
+    retries: int
+    status: str  # ok, raised, lost, cancelled, timed_out, failed, pending
+    error: str  # the failure with its remote traceback
+    where: str  # "" (a worker), "inline", "reclaimed" (run by the task that waited for it)
+
+    @property
+    def queued_s(self) -> float | None:
+        return None if self.started is None else self.started - self.submitted
+
+
+class Trace:
+    """What ``distfork.trace()`` returns: the forks made while it was open."""
+
+    def __init__(self, capacity: int | None = None) -> None:
+        if capacity is None:
+            from .config import load
+
+            capacity = load().trace_capacity
+        if capacity < 1:
+            raise ValueError(f"capacity={capacity}: a trace keeps at least one fork")
+        self.capacity = capacity
+        self._records: deque[Record] = deque(maxlen=capacity)
+        self.dropped = 0
+        self.started = time.time()
+        self.stopped: float | None = None
+
+    def _add(self, rec: Record) -> None:
+        if len(self._records) == self.capacity:
+            self.dropped += 1
+        self._records.append(rec)
+
+    def __enter__(self) -> Trace:
+        self.started = time.time()
+        with _lock:
+            _tracers.append(self)
+            _refresh()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop recording new forks (tasks already forked still report when they finish)."""
+        with _lock:
+            if self in _tracers:
+                _tracers.remove(self)
+            _refresh()
+        self.stopped = time.time()
+
+    def __len__(self) -> int:
+        return len(self.tasks())
+
+    def tasks(self) -> list[TaskInfo]:
+        """Every recorded task, parents before children, times aligned to this process's clock."""
+        out: list[TaskInfo] = []
+        ids: dict[str, int] = {}
+        pending_deps: list[tuple[TaskInfo, list[str]]] = []
+        for rec in list(self._records):
+            self._flatten(rec, 0.0, None, None, out, ids, pending_deps)
+        for info, gids in pending_deps:
+            info.deps = [ids[g] for g in gids if g in ids]
+        return out
+
+    def _flatten(self, rec: Record, offset: float, parent: TaskInfo | None, enclosing: tuple[str, str, int] | None,
+                 out: list[TaskInfo], ids: dict[str, int], pending: list[tuple[TaskInfo, list[str]]]) -> None:
+        t0 = self.started
+        r = rec.remote
+        child_offset = offset
+        dispatched = started = finished = None
+        worker, host, pid = enclosing or ("", "", 0)
+        in_b = out_b = retries = 0
+        in_path = out_path = ""
+        if r is not None:
+            b_off = _shift(rec.submit, rec.done, r[3], r[5])
+            w_off = b_off + _shift(r[4], r[5], r[7], r[9])
+            dispatched = r[4] + b_off + offset - t0
+            started = r[8] + w_off + offset - t0
+            finished = r[9] + w_off + offset - t0
+            worker, host, pid = r[0], r[1], r[2]
+            retries, in_b, in_path, out_b, out_path = r[6], r[10], r[11], r[12], r[13]
+            child_offset = offset + w_off  # its forks were stamped by the worker's clock
+        elif rec.where:
+            started, finished = rec.start + offset - t0, rec.end + offset - t0
+            if rec.where == "inline":
+                worker, host, pid = "inline", "", os.getpid()
+        if rec.held:
+            out_path = "held"
+        info = TaskInfo(
+            id=len(out) + 1, func=rec.func, parent=parent.id if parent else None, deps=[],
+            submitted=rec.submit + offset - t0, dispatched=dispatched, started=started, finished=finished,
+            done=rec.done + offset - t0 if rec.done else None, worker=worker, host=host, pid=pid,
+            run_s=None if started is None or finished is None else finished - started,
+            bytes_in=in_b, path_in=in_path, bytes_out=out_b, path_out=out_path, retries=retries,
+            status=rec.status, error=rec.error, where=rec.where,
+        )
+        out.append(info)
+        if rec.gid:
+            ids[rec.gid] = info.id
+        if rec.deps:
+            pending.append((info, rec.deps))
+        here = (worker, host, pid) if worker else enclosing
+        for child in list(rec.children):
+            self._flatten(child, child_offset, info, here, out, ids, pending)
+
+    @property
+    def graph(self) -> Graph:
+        """The fork graph; ``print(t.graph)`` shows it as text."""
+        return Graph(self.tasks(), self)
+
+    def chrome(self) -> dict[str, Any]:
+        """The trace in Chrome's trace event format (a dict; :meth:`save` writes it)."""
+        return chrome_trace(self.tasks())
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write a Chrome trace (JSON; open it in https://ui.perfetto.dev or chrome://tracing)."""
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.chrome(), f, separators=(",", ":"))
+
+    def report(self, path: str | os.PathLike[str], title: str = "distfork run") -> None:
+        """Write one self-contained HTML page (no network needed) with the task stream, the fork graph,
+        run times, throughput, bytes by path and the failures."""
+        from .report import write_report
+
+        write_report(self.tasks(), path, title=title, dropped=self.dropped)
+
+
+def _shift(sent: float, back: float, r_in: float, r_out: float) -> float:
+    """What to add to a remote clock's times so that [r_in, r_out] lies within [sent, back] (our clock).
+
+    Nothing if it already does (one host, or clocks in step); else the
+    midpoint offset of the round trip.
+    """
+    if back <= 0 or (r_in >= sent and r_out <= back):
+        return 0.0
+    return ((sent + back) - (r_in + r_out)) / 2
+
+
+def trace(capacity: int | None = None) -> Trace:
+    """Record every fork made until the block ends, from this process and from the tasks it forks.
+
+    ::
+
+        with distfork.trace() as t:
+            distfork.wait(distfork.fork(fib, 10))
+        print(t.graph)
+        t.save("run.json")      # Chrome trace: Perfetto, chrome://tracing
+        t.report("run.html")    # one self-contained page
+
+    ``capacity``: top-level forks kept (a ring; default
+    ``Config.trace_capacity``, ``DISTFORK_TRACE_CAPACITY``).
+    """
+    return Trace(capacity)
+
+
+class Graph:
+    """The fork graph, printed in the spirit of TorchScript's IR (``%n`` values, ``fork``, ``with`` blocks)."""
+
+    def __init__(self, tasks: list[TaskInfo], trace_: Trace | None = None) -> None:
+        self.tasks = tasks
+        self._trace = trace_
+
+    def edges(self) -> list[tuple[int, int, str]]:
+        """(from, to, kind): "fork" from a parent task to its child, "value" from a producer to a taker."""
+        out = [(t.parent, t.id, "fork") for t in self.tasks if t.parent is not None]
+        out += [(d, t.id, "value") for t in self.tasks for d in t.deps]
+        return out
+
+    def __str__(self) -> str:
+        kids: dict[int | None, list[TaskInfo]] = {}
+        for t in self.tasks:
+            kids.setdefault(t.parent, []).append(t)
+        workers = {t.worker for t in self.tasks if t.worker}
+        end = max((t.done or t.finished or t.submitted for t in self.tasks), default=0.0)
+        lines = [f"graph(driver pid {os.getpid()}): {len(self.tasks)} forks on {len(workers)} workers, {end:.3f} s"]
+        if self._trace is not None and self._trace.dropped:
+            lines.append(f"  # {self._trace.dropped} earlier forks dropped (capacity {self._trace.capacity})")
+        self._block(kids, None, "  ", lines)
+        return "\n".join(lines)
+
+    def _block(self, kids: dict[int | None, list[TaskInfo]], parent: int | None, indent: str,
+               lines: list[str]) -> None:
+        for t in kids.get(parent, ()):
+            args = "".join(f", %{d}" for d in t.deps)
+            lines.append(f"{indent}%{t.id} : Future = fork({t.func}{args})  # {_describe(t)}")
+        for t in kids.get(parent, ()):
+            waits = " ".join(f"%{d}" for d in t.deps)
+            line = f"{indent}%{t.id}.value = wait(%{t.id})"
+            if t.status != "ok":
+                line += f"  # {t.status.upper()}"
+                if t.error:
+                    line += ": " + t.error.strip().splitlines()[-1]
+            lines.append(line)
+            if t.id in kids:
+                lines.append(f"{indent}with %{t.id} = task {t.func}({waits}) on {t.worker or '?'}:")
+                self._block(kids, t.id, indent + "  ", lines)
+
+    def __repr__(self) -> str:
+        return f"<distfork fork graph of {len(self.tasks)} tasks>"
+
+
+def _describe(t: TaskInfo) -> str:
+    parts = []
+    if t.where == "reclaimed":
+        parts.append("ran in its waiting parent")
+    elif t.where == "inline":
+        parts.append("ran inline")
+    elif t.worker:
+        parts.append(f"on {t.worker} ({t.host}, pid {t.pid})")
+    if t.started is not None and t.run_s is not None:
+        parts.append(f"+{t.started * 1000:.1f} ms, ran {_ms(t.run_s)}")
+    if t.queued_s is not None and t.where == "":
+        parts.append(f"waited {_ms(t.queued_s)}")
+    if t.deps:
+        parts.append("took " + ", ".join(f"%{d}" for d in t.deps))
+    if t.bytes_in or t.bytes_out:
+        parts.append(f"in {t.bytes_in} B {t.path_in}, out {t.bytes_out} B {t.path_out}")
+    if t.retries:
+        parts.append(f"{t.retries} retries")
+    parts.append(t.status)
+    return ", ".join(parts)
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1000:.2f} ms" if s < 1 else f"{s:.3f} s"
+
+
+def chrome_trace(tasks: list[TaskInfo]) -> dict[str, Any]:
+    """Chrome trace event format: a process per host, a thread (track) per worker slot, the driver's
+    forks on their own track, flow arrows fork -> task and producer -> taker."""
+    events: list[dict[str, Any]] = []
+    hosts: dict[str, int] = {}
+    tracks: dict[tuple[str, str], tuple[int, int]] = {}
+
+    def track(host: str, name: str) -> tuple[int, int]:
+        key = (host, name)
+        if key not in tracks:
+            if host not in hosts:
+                hosts[host] = len(hosts) + 1
+                events.append({"ph": "M", "name": "process_name", "pid": hosts[host], "tid": 0,
+                               "args": {"name": host}})
+            tid = len(tracks) + 1
+            tracks[key] = (hosts[host], tid)
+            events.append({"ph": "M", "name": "thread_name", "pid": hosts[host], "tid": tid, "args": {"name": name}})
+            events.append({"ph": "M", "name": "thread_sort_index", "pid": hosts[host], "tid": tid,
+                           "args": {"sort_index": tid}})
+        return tracks[key]
+
+    def us(s: float) -> float:
+        return round(s * 1e6, 3)
+
+    driver = track("driver", f"driver (pid {os.getpid()})")
+    where: dict[int, tuple[int, int]] = {}
+    by_id = {t.id: t for t in tasks}
+    flow = 0
+    for t in tasks:
+        if t.started is not None and t.finished is not None:
+            where[t.id] = track(t.host or "local", t.worker or "?")
+    for t in tasks:
+        src = where.get(t.parent) if t.parent is not None else driver
+        if src is None:
+            src = driver
+        # the fork itself: a short slice on the forking track, where its flow arrow starts
+        events.append({"ph": "X", "name": f"fork {t.func}", "cat": "fork", "pid": src[0], "tid": src[1],
+                       "ts": us(t.submitted), "dur": 1, "args": {"task": t.id}})
+        if t.id not in where or t.started is None or t.finished is None:
+            continue
+        pid, tid = where[t.id]
+        args = {"task": t.id, "parent": t.parent, "status": t.status, "retries": t.retries,
+                "bytes_in": t.bytes_in, "path_in": t.path_in, "bytes_out": t.bytes_out, "path_out": t.path_out,
+                "queued_ms": round((t.started - t.submitted) * 1000, 3)}
+        if t.error:
+            args["error"] = t.error
+        events.append({"ph": "X", "name": t.func, "cat": "task", "pid": pid, "tid": tid, "ts": us(t.started),
+                       "dur": max(us(t.finished - t.started), 1.0), "args": args})
+        flow += 1
+        events.append({"ph": "s", "name": "fork", "cat": "fork", "id": flow, "pid": src[0], "tid": src[1],
+                       "ts": us(t.submitted)})
+        events.append({"ph": "f", "bp": "e", "name": "fork", "cat": "fork", "id": flow, "pid": pid, "tid": tid,
+                       "ts": us(t.started)})
+        for d in t.deps:
+            producer = by_id.get(d)
+            if producer is None or producer.finished is None or d not in where:
+                continue
+            flow += 1
+            ppid, ptid = where[d]
+            events.append({"ph": "s", "name": "value", "cat": "value", "id": flow, "pid": ppid, "tid": ptid,
+                           "ts": us(max(producer.started or producer.finished, producer.finished - 1e-6))})
+            events.append({"ph": "f", "bp": "e", "name": "value", "cat": "value", "id": flow, "pid": pid,
+                           "tid": tid, "ts": us(t.started)})
+    return {"traceEvents": events, "displayTimeUnit": "ms",
+            "otherData": {"tool": "distfork", "tasks": len(tasks)}}
+
+
+def from_env(environ: dict[str, str] | os._Environ[str] = os.environ) -> Trace | None:
+    """``distfork trace -- cmd``: a trace for the whole process, written at exit (not in workers)."""
+    out = environ.get("DISTFORK_TRACE_OUT")
+    if not out or environ.get("DISTFORK_IN_WORKER") == "1" or _tracers:
+        return None
+    t = Trace().__enter__()
+    import atexit
+
+    def write() -> None:
+        t.close()
+        t.save(out)
+        html = environ.get("DISTFORK_TRACE_HTML")
+        if html:
+            t.report(html)
+        summary = environ.get("DISTFORK_TRACE_GRAPH")
+        if summary:
+            with open(summary, "w", encoding="utf-8") as f:
+                f.write(str(t.graph) + "\n")
+
+    atexit.register(write)
+    return t
+
