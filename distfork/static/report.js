@@ -80,12 +80,18 @@ document.getElementById("summary").innerHTML =
     for (const p of t.deps) if (depth.has(p)) d = Math.max(d, depth.get(p) + 1);
     depth.set(t.id, d); }
   const layers = []; for (const t of shown) { const d = depth.get(t.id); (layers[d] = layers[d] || []).push(t); }
-  const nodeW = 96, nodeH = 30, gapX = 14, gapY = 46, widest = Math.max(1, ...layers.map(l => l.length));
-  const W = Math.max(600, Math.min(widest, 60) * (nodeW + gapX) + 40), H = layers.length * (nodeH + gapY) + 20;
-  const s = svg("graph", W, H); const pos = new Map();
-  layers.forEach((layer, d) => { const per = Math.floor((W - 40) / (nodeW + gapX));
-    layer.forEach((t, i) => { const row = Math.floor(i / per), col = i % per, n = Math.min(per, layer.length - row * per);
-      const x0 = (W - n * (nodeW + gapX)) / 2; pos.set(t.id, [x0 + col * (nodeW + gapX), 10 + d * (nodeH + gapY) + row * 6]); }); });
+  const nodeW = 96, nodeH = 30, gapX = 12, gapY = 40, rowGap = 8, widest = Math.max(1, ...layers.map(l => l.length));
+  const W = Math.max(600, Math.min(1100, widest * (nodeW + gapX) + 20)), per = Math.floor((W - 20) / (nodeW + gapX));
+  const pos = new Map(); let y = 10;
+  layers.forEach(layer => {  // a wide layer wraps onto several rows
+    for (let row = 0; row * per < layer.length; row++) {
+      const part = layer.slice(row * per, (row + 1) * per), x0 = (W - part.length * (nodeW + gapX) + gapX) / 2;
+      part.forEach((t, i) => pos.set(t.id, [x0 + i * (nodeW + gapX), y]));
+      y += nodeH + rowGap;
+    }
+    y += gapY - rowGap;
+  });
+  const H = y - gapY + nodeH, s = svg("graph", W, H);
   const defs = el("defs", {}, s);
   const mk = el("marker", {id: "arrow", viewBox: "0 0 10 10", refX: 10, refY: 5, markerWidth: 6, markerHeight: 6, orient: "auto"}, defs);
   el("path", {d: "M0,0 L10,5 L0,10 z", fill: "#888"}, mk);
@@ -104,7 +110,7 @@ document.getElementById("summary").innerHTML =
 
 // -- bar charts ---------------------------------------------------------------------------------------
 function bars(id, labels, values, fmt, xlabel) {
-  const W = 360, H = 200, left = 46, bottom = 44, s = svg(id, W, H), max = Math.max(1e-9, ...values);
+  const W = 360, H = 200, left = 62, bottom = 44, s = svg(id, W, H), max = Math.max(1e-9, ...values);
   const bw = (W - left - 10) / Math.max(1, values.length);
   for (const v of ticks(max, 4)) { const y = H - bottom - (H - bottom - 10) * v / max;
     el("line", {x1: left, x2: W - 8, y1: y, y2: y, stroke: "#eee"}, s);
@@ -112,8 +118,11 @@ function bars(id, labels, values, fmt, xlabel) {
   values.forEach((v, i) => { const h = (H - bottom - 10) * v / max;
     const r = el("rect", {x: left + i * bw + 1, y: H - bottom - h, width: Math.max(1, bw - 2), height: h, fill: "#4a7fc1", class: "bar"}, s);
     hover(r, `${labels[i]}: ${fmt(v)}`); });
-  const every = Math.ceil(labels.length / Math.floor((W - left) / 56));
-  labels.forEach((l, i) => { if (i % every === 0) el("text", {x: left + i * bw + bw / 2, y: H - bottom + 14, "text-anchor": "middle"}, s, l); });
+  const every = Math.ceil(labels.length / Math.floor((W - left) / 64));
+  labels.forEach((l, i) => {  // centred under their bar, never past the edges
+    if (i % every) return; const cx = left + i * bw + bw / 2;
+    el("text", {x: Math.min(W - 4, Math.max(4, cx)), y: H - bottom + 14,
+      "text-anchor": cx < 30 ? "start" : cx > W - 30 ? "end" : "middle"}, s, l); });
   el("text", {x: (W + left) / 2, y: H - 8, "text-anchor": "middle", class: "muted"}, s, xlabel);
   return s;
 }

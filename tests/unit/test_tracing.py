@@ -1,0 +1,158 @@
+"""Trace records without processes: clock alignment, the broker's forwarding, hostile TRACE bodies, exports."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from distfork import tracing
+from distfork.broker_state import BrokerState, PeerInfo
+from distfork.config import Config
+from distfork.errors import ProtocolError
+from distfork.protocol import Entry, Flag
+
+
+def _remote(b: tuple[float, float, float], w: tuple[float, float, float], worker: str = "w/0") -> list[Any]:
+    return [worker, "hostA", 42, *b, 0, *w, 10, "inline", 20, "shm"]
+
+
+def _trace_with(*records: tracing.Record, started: float = 100.0) -> tracing.Trace:
+    t = tracing.Trace(capacity=10)
+    t.started = started
+    for r in records:
+        t._add(r)
+    return t
+
+
+def test_remote_times_on_the_same_clock_are_taken_as_they_are() -> None:
+    rec = tracing.Record("f", [], 100.0)
+    rec.done = 100.010
+    rec.remote = _remote((100.001, 100.002, 100.009), (100.003, 100.004, 100.008))
+    (info,) = _trace_with(rec).tasks()
+    assert info.dispatched == pytest.approx(0.002)
+    assert info.started == pytest.approx(0.004) and info.finished == pytest.approx(0.008)
+    assert info.run_s == pytest.approx(0.004)
+
+
+def test_a_worker_clock_an_hour_ahead_is_shifted_into_the_round_trip() -> None:
+    rec = tracing.Record("f", [], 100.0)
+    rec.done = 100.010
+    skew = 3600.0
+    # broker in step; the worker's clock is an hour ahead, its task ran 2 ms in the middle of the trip
+    rec.remote = _remote((100.001, 100.002, 100.009), (100.004 + skew, 100.0045 + skew, 100.0065 + skew))
+    (info,) = _trace_with(rec).tasks()
+    assert info.dispatched is not None and info.started is not None and info.finished is not None
+    assert 0.002 <= info.started <= info.finished <= 0.009  # causal again, in the driver's clock
+    assert info.run_s == pytest.approx(0.002)
+
+
+def test_nested_records_are_aligned_through_their_parents_worker_clock() -> None:
+    skew = -50.0  # the parent's worker runs 50 s behind
+    child = tracing.Record("g", [], 100.003 + skew)
+    child.gid = "inner#1"
+    child.done = 100.005 + skew
+    child.remote = _remote((100.0031 + skew, 100.0032 + skew, 100.0048 + skew),
+                           (100.0033 + skew, 100.0034 + skew, 100.0046 + skew), worker="w/1")
+    parent = tracing.Record("f", [], 100.0)
+    parent.gid = "outer#1"
+    parent.done = 100.010
+    parent.remote = _remote((100.001, 100.002, 100.009), (100.002 + skew, 100.0025 + skew, 100.006 + skew))
+    parent.children.append(child)
+    p, c = _trace_with(parent).tasks()
+    assert c.parent == p.id == 1 and c.worker == "w/1"
+    assert p.started is not None and p.finished is not None and c.started is not None and c.finished is not None
+    assert p.started <= c.submitted <= c.started <= c.finished <= p.finished
+
+
+def test_records_cross_processes_as_json_unchanged() -> None:
+    rec = tracing.Record("f", ["d#1"], 1.5)
+    rec.gid, rec.done, rec.status, rec.error, rec.held = "d#2", 2.5, "raised", "boom", True
+    rec.remote = _remote((1.6, 1.7, 2.4), (1.8, 1.9, 2.3))
+    kid = tracing.Record("g", [], 1.85)
+    kid.where, kid.start, kid.end = "reclaimed", 1.86, 1.87
+    rec.children.append(kid)
+    back = tracing.Record.from_json(json.loads(json.dumps(rec.to_json())))
+    assert back.to_json() == rec.to_json()
+
+
+@pytest.mark.parametrize("body", [
+    {}, {"w": ["w", "h", 1]}, {"w": ["w", "h", 1], "r": 5}, {"w": ["w", "h", 1], "r": [[1, 2]]},
+    {"w": ["w", "h", "x"], "r": [[1, 0, 0, 0, 0, 0, 0, 0, 1, "inline", 1, "inline", []]]},
+    {"w": ["w", "h", 1], "r": [[1, 0, 0, 0, 0, 0, 0, 0, 1, "inline", 1, "inline", [{"f": "x"}]]]},
+    {"w": ["w", "h", 1], "r": [[1, 0, 0, 0, 0, 0, 0, 0, 1, "inline", 1, "inline", [[[[]]]]]]},
+])
+def test_a_malformed_trace_message_is_a_protocol_error_for_the_driver(body: dict[str, Any]) -> None:
+    rec = tracing.Record("f", [], 0.0)
+    with pytest.raises(ProtocolError):
+        tracing.received({1: rec}, body)
+
+
+def test_a_deeply_nested_record_is_refused_not_a_recursion_error() -> None:
+    d: dict[str, Any] = {"f": "x", "d": [], "s": 0, "g": "", "e": 0, "a": 0, "b": 0, "w": "", "o": "ok", "h": False,
+                         "x": "", "r": None, "c": []}
+    for _ in range(300):
+        d = {**d, "c": [d]}
+    with pytest.raises(ProtocolError):
+        tracing.received({1: tracing.Record("f", [], 0.0)},
+                         {"w": ["w", "h", 1], "r": [[1, 0, 0, 0, 0, 0, 0, 0, 1, "inline", 1, "inline", [d]]]})
+
+
+def _broker_with_a_traced_task() -> tuple[BrokerState, PeerInfo, PeerInfo]:
+    state = BrokerState(Config(), 0.0)
+    driver = state.hello(b"D1", {"role": "driver", "pid": 7}, 0.0)
+    worker = state.hello(b"W1", {"role": "worker", "slots": 2, "name": "w/0", "host": "h", "pid": 9}, 0.0)
+    state.submit(driver, [Entry(5, 255, 0.0, [b"call"], Flag.TRACE), Entry(6, 255, 0.0, [b"call"])], 1.0)
+    out = state.dispatch(2.0)
+    assert [t.task_id for t in out[b"W1"]] == [5, 6]
+    assert out[b"W1"][0].wire()[1] & Flag.TRACE and not out[b"W1"][1].wire()[1] & Flag.TRACE
+    return state, driver, worker
+
+
+def test_the_broker_forwards_worker_rows_to_the_driver_of_each_traced_task_only() -> None:
+    state, driver, worker = _broker_with_a_traced_task()
+    keys = list(worker.assigned)
+    rows = [[k, 1.0, 2.0, 3.0, 10, "inline", 20, "inline", []] for k in [*keys, 999]]
+    out = tracing.forward(worker, {"r": rows}, 3.0)
+    assert list(out) == [b"D1"]  # the untraced task and the unknown key are not forwarded
+    (row,) = out[b"D1"]["r"]
+    assert row[0] == 5 and out[b"D1"]["w"] == ["w/0", "h", 9]
+    assert row[2] - row[1] == pytest.approx(1.0)  # dispatched 1 s after it arrived (monotonic -> wall)
+    rec = tracing.Record("f", [], 0.0)
+    tracing.received({5: rec}, out[b"D1"])
+    assert rec.remote is not None and rec.remote[0] == "w/0" and rec.remote[7:10] == [1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize("body", [{}, {"r": 1}, {"r": [[1, 2]]}, {"r": [["x", 0, 0, 0, 0, "", 0, "", []]]}])
+def test_a_malformed_worker_trace_raises_what_the_broker_drops(body: dict[str, Any]) -> None:
+    _, _, worker = _broker_with_a_traced_task()
+    with pytest.raises((ValueError, TypeError, KeyError)):
+        tracing.forward(worker, body, 3.0)
+
+
+def test_the_ring_keeps_the_latest_forks_and_counts_the_rest() -> None:
+    t = tracing.Trace(capacity=3)
+    for i in range(5):
+        t._add(tracing.Record(f"f{i}", [], float(i)))
+    assert [x.func for x in t.tasks()] == ["f2", "f3", "f4"] and t.dropped == 2
+    assert "2 earlier forks dropped" in str(t.graph)
+    with pytest.raises(ValueError, match="capacity"):
+        tracing.Trace(capacity=0)
+
+
+def test_the_chrome_trace_of_a_producer_and_a_taker_has_slices_flows_and_names() -> None:
+    a = tracing.Record("make", [], 100.0)
+    a.gid, a.done, a.status = "d#1", 100.01, "ok"
+    a.remote = _remote((100.001, 100.002, 100.009), (100.003, 100.004, 100.005), worker="w/0")
+    b = tracing.Record("take", ["d#1"], 100.0005)
+    b.gid, b.done, b.status = "d#2", 100.02, "ok"
+    b.remote = _remote((100.001, 100.006, 100.019), (100.007, 100.008, 100.009), worker="w/1")
+    ev = _trace_with(a, b, started=100.0).chrome()["traceEvents"]
+    tasks = [e for e in ev if e["ph"] == "X" and e["cat"] == "task"]
+    assert [(e["name"], e["ts"], e["dur"]) for e in tasks] == [("take", 8000.0, 1000.0), ("make", 4000.0, 1000.0)][::-1]
+    flows = [(e["ph"], e["cat"]) for e in ev if e["ph"] in "sf"]
+    assert flows.count(("s", "value")) == 1 and flows.count(("f", "fork")) == 2
+    names = {e["args"]["name"] for e in ev if e["ph"] == "M" and e["name"] == "thread_name"}
+    assert {"w/0", "w/1"} <= names
+    assert json.loads(json.dumps(ev)) == ev
