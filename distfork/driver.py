@@ -533,7 +533,7 @@ class Driver:
             elif kind is Msg.CLUSTER:
                 self._cluster_facts(protocol.decode_json(body))
             elif kind is Msg.TRACE:
-                _trace.received(self._traced, protocol.decode_json(body))
+                _trace.received(self._traced, frames, body)
             elif kind is Msg.RECLAIMED:
                 self._reclaimed(protocol.decode_json(body))
             elif kind is Msg.REJECT:

@@ -22,6 +22,9 @@ Bodies:
   With ``Flag.DEPS``, a task's payload starts with a dependency frame (see
   :class:`Flag` and :func:`encode_deps`);
 * CANCEL, RECLAIM, FETCH, RELEASE: ``u32 count`` then ``count`` u64 task ids;
+* TRACE: ``u32 count`` then ``count`` fixed rows (:data:`TRACE_WORKER_ROW`
+  from a worker, :data:`TRACE_DRIVER_ROW` from the broker), and a second
+  frame of JSON (the worker's name; the nested forks' records by task);
 * HEARTBEAT, BYE, STATUS: empty.
 
 The ROUTER socket of the broker prepends the sender's routing id; the
@@ -44,6 +47,9 @@ from .errors import ProtocolError
 
 __all__ = [
     "DEFAULT_RETRIES",
+    "TRACE_DRIVER_ROW",
+    "TRACE_PATHS",
+    "TRACE_WORKER_ROW",
     "VERSION",
     "Entry",
     "Flag",
@@ -56,12 +62,14 @@ __all__ = [
     "decode_json",
     "decode_dep_counts",
     "decode_deps",
+    "decode_trace",
     "encode_dep_counts",
     "encode_deps",
     "encode_batch",
     "encode_cancel",
     "encode_json",
     "encode_signal",
+    "encode_trace",
 ]
 
 VERSION = 1
@@ -275,3 +283,29 @@ def decode_dep_counts(frames: Sequence[Frame]) -> tuple[list[Sequence[Frame]], S
     if at >= len(frames):
         raise ProtocolError("a task with dependencies but no call")
     return deps, frames[at:]
+
+
+#: TRACE rows. Worker: (task key, received, started, finished, bytes in, bytes out, path in, path out),
+#: wall-clock seconds of the worker. Broker -> driver: (driver task id, reached the broker, dispatched,
+#: result back, losses, then the worker's fields from received on); the broker's times are its wall clock.
+TRACE_WORKER_ROW = struct.Struct("!QdddQQBB")
+TRACE_DRIVER_ROW = struct.Struct("!QdddHdddQQBB")
+#: How a payload travelled, as a TRACE row's path byte.
+TRACE_PATHS = ("none", "inline", "shm", "frames")
+
+
+def encode_trace(rows: Sequence[Sequence[Any]], extra: dict[str, Any], row: struct.Struct) -> list[Frame]:
+    """A TRACE message: fixed rows (``row``: one of the TRACE_*_ROW layouts) and a JSON object."""
+    pack = row.pack
+    return [_SIGNALS[Msg.TRACE] + _COUNT.pack(len(rows)) + b"".join(pack(*r) for r in rows),
+            json.dumps(extra, separators=(",", ":")).encode()]
+
+
+def decode_trace(frames: Sequence[Frame], body: memoryview, row: struct.Struct) -> tuple[list[tuple[Any, ...]],
+                                                                                          dict[str, Any]]:
+    if len(frames) != 2 or body.nbytes < _COUNT.size:
+        raise ProtocolError("TRACE needs a count and a JSON frame")
+    (count,) = _COUNT.unpack_from(body)
+    if body.nbytes != _COUNT.size + count * row.size:
+        raise ProtocolError(f"TRACE of {count} rows has {body.nbytes} bytes")
+    return list(row.iter_unpack(body[_COUNT.size :])), decode_json(memoryview(frames[1]))

@@ -42,7 +42,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .errors import ProtocolError, RemoteTraceback
-from .protocol import Entry, Flag, Status
+from .protocol import TRACE_DRIVER_ROW, TRACE_PATHS, TRACE_WORKER_ROW, Entry, Flag, Status, decode_trace, encode_trace
 
 if TYPE_CHECKING:
     from .broker_state import PeerInfo
@@ -54,7 +54,7 @@ ACTIVE = False
 
 _lock = threading.Lock()
 _tracers: list[Trace] = []
-_running = 0  # traced tasks running in this process (slots, reclaimed children)
+_scoped = False  # a traced task ran in this process (a worker): its forks may be traced from now on
 _local = threading.local()  # .scope: list the forks of this thread's running traced task go to
 
 _STATUS = {int(s): s.name.lower() for s in Status}
@@ -62,7 +62,7 @@ _STATUS = {int(s): s.name.lower() for s in Status}
 
 def _refresh() -> None:
     global ACTIVE
-    ACTIVE = bool(_tracers) or _running > 0
+    ACTIVE = bool(_tracers) or _scoped
 
 
 class Record:
@@ -116,7 +116,7 @@ class Record:
         return rec
 
 
-def _remote_row(row: Any) -> list[Any]:
+def _remote_row(row: Any) -> list[Any]:  # from JSON: a nested record's
     if not isinstance(row, list) or len(row) != 14:
         raise TypeError("a remote trace row has 14 fields")
     return [str(row[0]), str(row[1]), int(row[2]), *(float(x) for x in row[3:6]), int(row[6]),
@@ -151,6 +151,8 @@ def _gid_of(fut: Any) -> str | None:
 
 
 def _deps_of(args: Sequence[Any], kwargs: dict[str, Any]) -> list[str]:
+    if not args and not kwargs:
+        return []
     from .future import Future
 
     out: list[str] = []
@@ -196,25 +198,30 @@ def capture() -> list[Record] | None:
     return getattr(_local, "scope", None) if ACTIVE else None
 
 
+def enter(scope: list[Record]) -> list[Record] | None:
+    """Forks made in this thread go to ``scope`` until :func:`leave` (given what this returned)."""
+    global ACTIVE, _scoped
+    prev: list[Record] | None = getattr(_local, "scope", None)
+    _local.scope = scope
+    _scoped = ACTIVE = True
+    return prev
+
+
+def leave(prev: list[Record] | None) -> None:
+    _local.scope = prev
+
+
 @contextlib.contextmanager
 def scoped(scope: list[Record] | None) -> Iterator[None]:
     """Forks made in this thread inside the block go to ``scope`` (None: nothing changes)."""
-    global _running
     if scope is None:
         yield
         return
-    prev = getattr(_local, "scope", None)
-    _local.scope = scope
-    with _lock:
-        _running += 1
-        _refresh()
+    prev = enter(scope)
     try:
         yield
     finally:
-        _local.scope = prev
-        with _lock:
-            _running -= 1
-            _refresh()
+        leave(prev)
 
 
 @contextlib.contextmanager
@@ -232,63 +239,87 @@ def run_here(rec: Record | None, where: str) -> Iterator[None]:
         rec.end = rec.done = time.time()
 
 
-def payload(frames: Sequence[Any]) -> tuple[int, str]:
-    """Bytes of a payload and the path it took (inline / shm / frames), from its frame layout."""
-    from .metrics import PATHS, classify
+def payload(frames: Sequence[Any]) -> tuple[int, int]:
+    """Bytes of a payload and the path it took (an index of ``TRACE_PATHS``), from its frame layout."""
+    n = len(frames)
+    if n == 1:
+        return len(frames[0]), 1
+    if n == 2:  # the buffers' bytes are in the shared-memory manifest
+        from .metrics import classify
 
-    nbytes, counts = classify([Entry(0, 0, 0.0, frames)])
-    path = next((p for p, n in zip(PATHS, counts, strict=True) if n), "none")
-    return sum(nbytes), path
+        return sum(classify([Entry(0, 0, 0.0, frames)])[0]), 2
+    return sum(map(len, frames)), 3 if n else 0
 
 
 def worker_row(key: int, recv: float, start: float, end: float, frames_in: Sequence[Any],
-               frames_out: Sequence[Any], children: list[Record]) -> list[Any]:
-    """What a worker reports of a traced task it ran (Msg.TRACE, W -> B)."""
+               frames_out: Sequence[Any]) -> tuple[Any, ...]:
+    """What a worker reports of a traced task it ran (a ``TRACE_WORKER_ROW``)."""
     in_b, in_path = payload(frames_in)
     out_b, out_path = payload(frames_out)
-    return [key, recv, start, end, in_b, in_path, out_b, out_path, [c.to_json() for c in children]]
+    return key, recv, start, end, in_b, out_b, in_path, out_path
 
 
-def forward(worker: PeerInfo, body: dict[str, Any], now: float) -> dict[bytes, dict[str, Any]]:
-    """The broker's part (W -> B -> D): name the driver's task, add its own times and the worker.
+def worker_message(rows: list[tuple[Any, ...]], children: dict[str, list[Record]]) -> list[Any]:
+    """Msg.TRACE from a worker: its rows, and the records of forks its tasks made, by task key."""
+    extra = {"c": {k: [c.to_json() for c in v] for k, v in children.items()}} if children else {}
+    return encode_trace(rows, extra, TRACE_WORKER_ROW)
 
-    ``now`` is the broker's monotonic clock; its times go out as wall-clock.
-    Rows for tasks this worker does not hold are ignored. Malformed bodies
-    raise ValueError / TypeError / KeyError (the broker drops them).
+
+def forward(worker: PeerInfo, frames: Sequence[Any], body: memoryview, now: float) -> dict[bytes, list[Any]]:
+    """The broker's part (W -> B -> D): per driver, the TRACE message for its traced tasks among these.
+
+    Names each driver's task, adds the broker's times (``now`` and the
+    task's are monotonic; they go out as wall-clock), its losses and the
+    worker's name. Rows for tasks this worker does not hold are ignored.
+    Malformed input raises ProtocolError, ValueError or TypeError.
     """
-    rows = body["r"]
-    if not isinstance(rows, list):
-        raise TypeError("TRACE rows must be a list")
+    rows, extra = decode_trace(frames, body, TRACE_WORKER_ROW)
+    children = extra.get("c") or {}
+    if not isinstance(children, dict):
+        raise TypeError("TRACE children must be an object")
     wall = time.time() - time.monotonic()
-    out: dict[bytes, list[Any]] = {}
-    for r in rows:
-        if not isinstance(r, list) or len(r) != 9:
-            raise TypeError("a TRACE row has 9 fields")
-        task = worker.assigned.get(int(r[0]))
+    out: dict[bytes, tuple[list[tuple[Any, ...]], dict[str, Any]]] = {}
+    assigned = worker.assigned
+    for key, recv, start, end, in_b, out_b, in_path, out_path in rows:
+        task = assigned.get(key)
         if task is None or not task.trace:
             continue
-        children = r[8] if isinstance(r[8], list) else []
-        out.setdefault(task.driver, []).append([
-            task.task_id, task.submitted + wall, task.dispatched + wall, now + wall, task.losses,
-            float(r[1]), float(r[2]), float(r[3]), int(r[4]), str(r[5]), int(r[6]), str(r[7]), children,
-        ])
+        mine = out.get(task.driver)
+        if mine is None:
+            mine = out[task.driver] = ([], {})
+        mine[0].append((task.task_id, task.submitted + wall, task.dispatched + wall, now + wall,
+                        min(task.losses, 65535), recv, start, end, in_b, out_b, in_path, out_path))
+        kids = children.get(str(key))
+        if kids:
+            mine[1][str(task.task_id)] = kids
     info = worker.info
     who = [str(info.get("name")), str(info.get("host")), int(info.get("pid") or 0)]
-    return {driver: {"w": who, "r": recs} for driver, recs in out.items()}
+    return {driver: encode_trace(rows_, {"w": who, "c": kids_}, TRACE_DRIVER_ROW)
+            for driver, (rows_, kids_) in out.items()}
 
 
-def received(traced: dict[int, Record], body: dict[str, Any]) -> None:
+def received(traced: dict[int, Record], frames: Sequence[Any], body: memoryview) -> None:
     """The driver's part: attach what the broker forwarded to the Records of our traced tasks."""
+    rows, extra = decode_trace(frames, body, TRACE_DRIVER_ROW)
     try:
-        who = body["w"]
-        for row in body["r"]:
-            rec = traced.get(int(row[0]))
+        who = extra["w"]
+        name, host, pid = str(who[0]), str(who[1]), int(who[2])
+        children = extra.get("c") or {}
+        for task_id, b_recv, b_disp, b_ret, losses, w_recv, w_start, w_end, in_b, out_b, in_p, out_p in rows:
+            rec = traced.get(task_id)
             if rec is None:
                 continue
-            rec.remote = _remote_row([who[0], who[1], who[2], *row[1:12]])
-            rec.children.extend(Record.from_json(c) for c in row[12])
-    except (ValueError, TypeError, KeyError, IndexError) as exc:
+            rec.remote = [name, host, pid, b_recv, b_disp, b_ret, losses, w_recv, w_start, w_end,
+                          in_b, _path(in_p), out_b, _path(out_p)]
+            kids = children.get(str(task_id))
+            if kids:
+                rec.children.extend(Record.from_json(c) for c in kids)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
         raise ProtocolError(f"bad TRACE message: {exc!r}") from None
+
+
+def _path(i: int) -> str:
+    return TRACE_PATHS[i] if i < len(TRACE_PATHS) else "?"
 
 
 # -- the user's side ----------------------------------------------------------------------------------------

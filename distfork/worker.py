@@ -358,7 +358,8 @@ class _Slot:
         self.key: tuple[Any, Any] | None = None
         # Traced tasks (Flag.TRACE): when each arrived, and the rows to send before the next RESULTS.
         self.received: dict[int, float] = {}
-        self.traces: list[list[Any]] = []
+        self.traces: list[tuple[Any, ...]] = []
+        self.trace_children: dict[str, list[_trace.Record]] = {}  # forks traced tasks made, by task key
 
     def _hello(self, sock: zmq.Socket[Any]) -> None:
         w = self.worker
@@ -414,21 +415,25 @@ class _Slot:
                 self.sock = sock
                 frames: Sequence[Any] = e.frames
                 deps: Sequence[Sequence[Any]] = ()
-                scope: list[_trace.Record] | None = [] if e.flags & Flag.TRACE else None
-                wall = time.time() if scope is not None else 0.0
+                scope: list[_trace.Record] | None = None
+                if e.flags & Flag.TRACE:
+                    scope = []
+                    outer = _trace.enter(scope)  # forks the task makes are its children
+                    wall = time.time()
                 try:
                     if e.flags & Flag.DEPS:
                         deps, frames = protocol.decode_dep_counts(frames)
-                    with _trace.scoped(scope):
-                        status, out, retained = run_task(frames, w.where, threshold, pool, e.pid, self._before_call,
-                                                         deps)
+                    status, out, retained = run_task(frames, w.where, threshold, pool, e.pid, self._before_call, deps)
                 except ProtocolError as exc:
                     status, out, retained = Status.FAILED, [f"{w.where} got a malformed task: {exc}".encode()], False
                 finally:
                     self.current = self.deadline = None
                 if scope is not None:
+                    _trace.leave(outer)
                     self.traces.append(_trace.worker_row(e.id, self.received.pop(e.id, wall), wall, time.time(),
-                                                         frames, out, scope))
+                                                         frames, out))
+                    if scope:
+                        self.trace_children[str(e.id)] = scope
                 finished = time.perf_counter()
                 self._learn(finished - started)
                 if not self.done:
@@ -444,8 +449,8 @@ class _Slot:
             if self.sock is None:  # set before the first task runs, so before any result
                 raise RuntimeError("results to send but no task socket: _flush before _serve ran a task")
             if self.traces:  # first: the broker forwards it to the driver before the results
-                self.sock.send_multipart(protocol.encode_json(Msg.TRACE, {"r": self.traces}))
-                self.traces = []
+                self.sock.send_multipart(_trace.worker_message(self.traces, self.trace_children))
+                self.traces, self.trace_children = [], {}
             self.sock.send_multipart(protocol.encode_batch(Msg.RESULTS, self.done), copy=False)
             self.done = []
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from distfork import tracing
+from distfork import protocol, tracing
 from distfork.broker_state import BrokerState, PeerInfo
 from distfork.config import Config
 from distfork.errors import ProtocolError
@@ -77,16 +77,32 @@ def test_records_cross_processes_as_json_unchanged() -> None:
     assert back.to_json() == rec.to_json()
 
 
-@pytest.mark.parametrize("body", [
-    {}, {"w": ["w", "h", 1]}, {"w": ["w", "h", 1], "r": 5}, {"w": ["w", "h", 1], "r": [[1, 2]]},
-    {"w": ["w", "h", "x"], "r": [[1, 0, 0, 0, 0, 0, 0, 0, 1, "inline", 1, "inline", []]]},
-    {"w": ["w", "h", 1], "r": [[1, 0, 0, 0, 0, 0, 0, 0, 1, "inline", 1, "inline", [{"f": "x"}]]]},
-    {"w": ["w", "h", 1], "r": [[1, 0, 0, 0, 0, 0, 0, 0, 1, "inline", 1, "inline", [[[[]]]]]]},
+def _driver_message(rows: list[tuple[Any, ...]], extra: dict[str, Any]) -> tuple[list[Any], memoryview]:
+    frames = protocol.encode_trace(rows, extra, protocol.TRACE_DRIVER_ROW)
+    kind, body = protocol.decode(frames)
+    assert kind is protocol.Msg.TRACE
+    return frames, body
+
+
+_ROW = (1, 0.0, 0.0, 0.0, 0, 0.0, 0.0, 0.0, 1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("extra", [
+    {}, {"w": 5}, {"w": ["w", "h"]}, {"w": ["w", "h", "x"]}, {"w": ["w", "h", 1], "c": {"1": [{"f": "x"}]}},
+    {"w": ["w", "h", 1], "c": {"1": [[[[]]]]}}, {"w": ["w", "h", 1], "c": [1]},
 ])
-def test_a_malformed_trace_message_is_a_protocol_error_for_the_driver(body: dict[str, Any]) -> None:
-    rec = tracing.Record("f", [], 0.0)
+def test_a_malformed_trace_message_is_a_protocol_error_for_the_driver(extra: dict[str, Any]) -> None:
+    frames, body = _driver_message([_ROW], extra)
     with pytest.raises(ProtocolError):
-        tracing.received({1: rec}, body)
+        tracing.received({1: tracing.Record("f", [], 0.0)}, frames, body)
+
+
+def test_a_trace_message_of_the_wrong_length_is_a_protocol_error() -> None:
+    frames, body = _driver_message([_ROW], {"w": ["w", "h", 1]})
+    with pytest.raises(ProtocolError):
+        tracing.received({}, frames, body[:-1])
+    with pytest.raises(ProtocolError):
+        tracing.received({}, frames[:1], body)
 
 
 def test_a_deeply_nested_record_is_refused_not_a_recursion_error() -> None:
@@ -94,9 +110,9 @@ def test_a_deeply_nested_record_is_refused_not_a_recursion_error() -> None:
                          "x": "", "r": None, "c": []}
     for _ in range(300):
         d = {**d, "c": [d]}
+    frames, body = _driver_message([_ROW], {"w": ["w", "h", 1], "c": {"1": [d]}})
     with pytest.raises(ProtocolError):
-        tracing.received({1: tracing.Record("f", [], 0.0)},
-                         {"w": ["w", "h", 1], "r": [[1, 0, 0, 0, 0, 0, 0, 0, 1, "inline", 1, "inline", [d]]]})
+        tracing.received({1: tracing.Record("f", [], 0.0)}, frames, body)
 
 
 def _broker_with_a_traced_task() -> tuple[BrokerState, PeerInfo, PeerInfo]:
@@ -110,25 +126,38 @@ def _broker_with_a_traced_task() -> tuple[BrokerState, PeerInfo, PeerInfo]:
     return state, driver, worker
 
 
+def _worker_message(rows: list[tuple[Any, ...]], children: dict[str, Any] | None = None) -> tuple[list[Any],
+                                                                                                   memoryview]:
+    frames = protocol.encode_trace(rows, {"c": children} if children else {}, protocol.TRACE_WORKER_ROW)
+    return frames, protocol.decode(frames)[1]
+
+
 def test_the_broker_forwards_worker_rows_to_the_driver_of_each_traced_task_only() -> None:
     state, driver, worker = _broker_with_a_traced_task()
     keys = list(worker.assigned)
-    rows = [[k, 1.0, 2.0, 3.0, 10, "inline", 20, "inline", []] for k in [*keys, 999]]
-    out = tracing.forward(worker, {"r": rows}, 3.0)
+    kid = tracing.Record("g", [], 1.5).to_json()
+    rows = [(k, 1.0, 2.0, 3.0, 10, 20, 1, 2) for k in [*keys, 999]]
+    out = tracing.forward(worker, *_worker_message(rows, {str(keys[0]): [kid]}), 3.0)
     assert list(out) == [b"D1"]  # the untraced task and the unknown key are not forwarded
-    (row,) = out[b"D1"]["r"]
-    assert row[0] == 5 and out[b"D1"]["w"] == ["w/0", "h", 9]
-    assert row[2] - row[1] == pytest.approx(1.0)  # dispatched 1 s after it arrived (monotonic -> wall)
+    frames = out[b"D1"]
+    kind, body = protocol.decode(frames)
+    assert kind is protocol.Msg.TRACE
     rec = tracing.Record("f", [], 0.0)
-    tracing.received({5: rec}, out[b"D1"])
-    assert rec.remote is not None and rec.remote[0] == "w/0" and rec.remote[7:10] == [1.0, 2.0, 3.0]
+    tracing.received({5: rec}, frames, body)
+    assert rec.remote is not None
+    assert rec.remote[:3] == ["w/0", "h", 9] and rec.remote[7:] == [1.0, 2.0, 3.0, 10, "inline", 20, "shm"]
+    assert rec.remote[4] - rec.remote[3] == pytest.approx(1.0)  # dispatched 1 s after it arrived (monotonic -> wall)
+    assert [c.func for c in rec.children] == ["g"]
 
 
-@pytest.mark.parametrize("body", [{}, {"r": 1}, {"r": [[1, 2]]}, {"r": [["x", 0, 0, 0, 0, "", 0, "", []]]}])
-def test_a_malformed_worker_trace_raises_what_the_broker_drops(body: dict[str, Any]) -> None:
+@pytest.mark.parametrize("children", [5, [1]])
+def test_a_malformed_worker_trace_raises_what_the_broker_drops(children: Any) -> None:
     _, _, worker = _broker_with_a_traced_task()
-    with pytest.raises((ValueError, TypeError, KeyError)):
-        tracing.forward(worker, body, 3.0)
+    frames = protocol.encode_trace([], {"c": children}, protocol.TRACE_WORKER_ROW)
+    with pytest.raises((ProtocolError, ValueError, TypeError, KeyError)):
+        tracing.forward(worker, frames, protocol.decode(frames)[1], 3.0)
+    with pytest.raises(ProtocolError):
+        tracing.forward(worker, frames[:1], protocol.decode(frames)[1], 3.0)
 
 
 def test_the_ring_keeps_the_latest_forks_and_counts_the_rest() -> None:
