@@ -193,10 +193,8 @@ class Broker:
                 entries = protocol.decode_batch(frames, body)
                 self.state.submit(p, entries, now)
                 self.metrics.tasks_in(entries)
-            elif kind is Msg.TRACE and p.role == "worker":  # timings of traced tasks, just before their RESULTS
-                self._call(self._trace, p, frames, body, now)
             elif kind is Msg.RESULTS and p.role == "worker":
-                entries = protocol.decode_batch(frames, body)
+                entries = _trace.take_notes(p, protocol.decode_batch(frames, body), now)
                 self.metrics.results_in(p, entries, now)
                 self.state.results(p, entries)
             elif kind is Msg.HEARTBEAT:
@@ -256,10 +254,6 @@ class Broker:
                 self._send(w.id, protocol.encode_json(Msg.RECYCLE, {"names": names}))
         # Their maker is gone: nobody reuses them.
         self.state.orphaned([name for names in by_pid.values() for name in names], driver.domain)
-
-    def _trace(self, worker: PeerInfo, frames: list[Any], body: memoryview, now: float) -> None:
-        for driver, out in _trace.forward(worker, frames, body, now).items():
-            self._send(driver, out)
 
     def _exited(self, info: dict[str, Any], now: float) -> None:
         self.state.exited(str(info["host"]), int(info["pid"]), int(info["code"]), now)

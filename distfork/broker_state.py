@@ -90,6 +90,7 @@ class Task:
     fetch: bool = False  # the driver asked for the value while it ran: send it even if held
     trace: int = 0  # Flag.TRACE if forked inside distfork.trace(): passed on to the worker
     dispatched: float = 0.0  # when it was last handed to a worker (monotonic s), for traces
+    note: bytes | None = None  # traced: the trace note for its driver, sent with its result (tracing.take_notes)
 
     def wire(self) -> tuple[Sequence[Frame], int]:
         """The payload to hand a worker, and the flags it needs: held dependency values first."""
@@ -586,6 +587,8 @@ class BrokerState:
             self._send_result(driver, Entry(task.task_id, status, extra, frames, flags))
             return
         driver.done += 1
+        if task.note is not None:  # traced: the broker's and worker's times go first
+            frames, flags = [task.note, *frames], flags | Flag.TRACE
         if status == Status.OK:
             self.counters["tasks_succeeded"] += 1
         else:

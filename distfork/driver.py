@@ -532,8 +532,6 @@ class Driver:
                 self._welcomed.set()
             elif kind is Msg.CLUSTER:
                 self._cluster_facts(protocol.decode_json(body))
-            elif kind is Msg.TRACE:
-                _trace.received(self._traced, frames, body)
             elif kind is Msg.RECLAIMED:
                 self._reclaimed(protocol.decode_json(body))
             elif kind is Msg.REJECT:
@@ -588,6 +586,9 @@ class Driver:
         inflight = self._inflight
         release = self._release
         for e in entries:
+            if e.flags & Flag.TRACE:  # a traced task's: where and when it ran comes first
+                _trace.note_received(self._traced.get(e.id), e.frames[0] if e.frames else b"")
+                e = Entry(e.id, e.code, e.extra, e.frames[1:], e.flags & ~Flag.TRACE, e.pid)
             item = inflight.pop(e.id, None)
             if item is None:
                 if e.id in self._held and not e.flags & Flag.HELD:
@@ -599,8 +600,8 @@ class Driver:
             rec = self._traced.pop(e.id, None) if self._traced else None
             if e.code == Status.RESUBMIT and call is not None:
                 release(item[2], item[3])
-                self._send_again(item[0], call, item[1].code, item[1].extra)
-                rec = None  # sent again under a new id, untraced
+                self._send_again(item[0], call, item[1].code, item[1].extra, rec)
+                rec = None  # sent again under a new id
             elif e.flags & Flag.HELD:
                 self._hold(item, e)
             else:
@@ -640,7 +641,8 @@ class Driver:
             waiter.value, waiter.error = value, error
             waiter.event.set()
 
-    def _send_again(self, fut: Future[Any], call: Call, max_retries: int, timeout_s: float) -> None:
+    def _send_again(self, fut: Future[Any], call: Call, max_retries: int, timeout_s: float,
+                    traced: _trace.Record | None = None) -> None:
         """The broker no longer has a future the call names: pickle it again, with the values we have.
 
         From the callback thread, once every future it names is done: that
@@ -665,7 +667,7 @@ class Driver:
                     frames = serialize.dumps_call(call.func, call.args, call.kwargs, self.config.oob_threshold_bytes,
                                                   self.referrer(deps))
                     again_call = Call(call.func, call.args, call.kwargs, deps, call.tries + 1) if deps else None
-                    self.submit(frames, max_retries, timeout_s, call=again_call, fut=fut)
+                    self.submit(frames, max_retries, timeout_s, call=again_call, fut=fut, traced=traced)
             except InvalidStateError:
                 pass  # cancelled meanwhile
             except BaseException as exc:  # noqa: BLE001 - it belongs to the future

@@ -9,7 +9,7 @@ Every message is one ZeroMQ multipart message. Its first frame is the header::
 Bodies:
 
 * control messages (HELLO, WELCOME, STATUS_REPLY, REJECT, KEEPALIVE, CLUSTER,
-  EXITED, RECLAIMED, RECYCLE, TRACE): UTF-8 JSON
+  EXITED, RECLAIMED, RECYCLE): UTF-8 JSON
   object;
 * batches (SUBMIT, TASKS, RESULTS, DISCARD): ``u32 count`` then ``count``
   entries of ``struct "!QHBBfI"`` = (id, nframes, code, flags, extra, pid),
@@ -22,9 +22,6 @@ Bodies:
   With ``Flag.DEPS``, a task's payload starts with a dependency frame (see
   :class:`Flag` and :func:`encode_deps`);
 * CANCEL, RECLAIM, FETCH, RELEASE: ``u32 count`` then ``count`` u64 task ids;
-* TRACE: ``u32 count`` then ``count`` fixed rows (:data:`TRACE_WORKER_ROW`
-  from a worker, :data:`TRACE_DRIVER_ROW` from the broker), and a second
-  frame of JSON (the worker's name; the nested forks' records by task);
 * HEARTBEAT, BYE, STATUS: empty.
 
 The ROUTER socket of the broker prepends the sender's routing id; the
@@ -47,9 +44,7 @@ from .errors import ProtocolError
 
 __all__ = [
     "DEFAULT_RETRIES",
-    "TRACE_DRIVER_ROW",
     "TRACE_PATHS",
-    "TRACE_WORKER_ROW",
     "VERSION",
     "Entry",
     "Flag",
@@ -62,14 +57,16 @@ __all__ = [
     "decode_json",
     "decode_dep_counts",
     "decode_deps",
-    "decode_trace",
+    "decode_driver_note",
+    "decode_worker_note",
     "encode_dep_counts",
     "encode_deps",
     "encode_batch",
     "encode_cancel",
     "encode_json",
+    "encode_driver_note",
     "encode_signal",
-    "encode_trace",
+    "encode_worker_note",
 ]
 
 VERSION = 1
@@ -103,9 +100,6 @@ class Msg(enum.IntEnum):
     RECYCLE = 18  # D -> B -> W: result segments nobody maps any more, back to their maker (JSON: names)
     FETCH = 19  # D -> B: send me the values of these held results (ids, as CANCEL)
     RELEASE = 20  # D -> B: I dropped the futures of these held results unfetched (ids, as CANCEL)
-    # W -> B: timings of traced tasks, sent just before their RESULTS (JSON: r, see distfork/tracing.py);
-    # B -> D: the same with the broker's times and the worker's name, before the RESULTS it precedes.
-    TRACE = 21
 
 
 class Flag:
@@ -126,7 +120,9 @@ class Flag:
     # RESULTS (B -> D): the value stays in the broker for tasks that take it; FETCH it. Payload:
     # nothing, or the name of the shared-memory segment it is in.
     HELD = 32
-    # SUBMIT, TASKS: forked inside distfork.trace(): the worker and the broker report its timings (Msg.TRACE).
+    # SUBMIT, TASKS: forked inside distfork.trace(): the worker and the broker report its timings.
+    # RESULTS: the entry's first frame is a trace note (encode_worker_note from a worker,
+    # encode_driver_note from the broker), then the usual payload.
     TRACE = 64
 
 
@@ -285,27 +281,45 @@ def decode_dep_counts(frames: Sequence[Frame]) -> tuple[list[Sequence[Frame]], S
     return deps, frames[at:]
 
 
-#: TRACE rows. Worker: (task key, received, started, finished, bytes in, bytes out, path in, path out),
-#: wall-clock seconds of the worker. Broker -> driver: (driver task id, reached the broker, dispatched,
-#: result back, losses, then the worker's fields from received on); the broker's times are its wall clock.
-TRACE_WORKER_ROW = struct.Struct("!QdddQQBB")
-TRACE_DRIVER_ROW = struct.Struct("!QdddHdddQQBB")
-#: How a payload travelled, as a TRACE row's path byte.
+
+# Trace notes: the first frame of a RESULTS entry with Flag.TRACE.
+# Worker's: (received, started, finished, bytes in, bytes out, path in, path out), its wall-clock seconds,
+# then the JSON list of the records of the forks the task made (or nothing).
+_WORKER_NOTE = struct.Struct("!dddQQBB")
+# Broker's, to the driver: (reached the broker, dispatched, result back: the broker's wall clock; losses;
+# the worker's seven fields; length of the JSON naming the worker), that JSON, then the worker's JSON list.
+_DRIVER_NOTE = struct.Struct("!dddHdddQQBBH")
+#: How a payload travelled, as a trace note's path byte.
 TRACE_PATHS = ("none", "inline", "shm", "frames")
 
 
-def encode_trace(rows: Sequence[Sequence[Any]], extra: dict[str, Any], row: struct.Struct) -> list[Frame]:
-    """A TRACE message: fixed rows (``row``: one of the TRACE_*_ROW layouts) and a JSON object."""
-    pack = row.pack
-    return [_SIGNALS[Msg.TRACE] + _COUNT.pack(len(rows)) + b"".join(pack(*r) for r in rows),
-            json.dumps(extra, separators=(",", ":")).encode()]
+def encode_worker_note(recv: float, start: float, end: float, in_bytes: int, out_bytes: int, in_path: int,
+                       out_path: int, children: bytes = b"") -> bytes:
+    return _WORKER_NOTE.pack(recv, start, end, in_bytes, out_bytes, in_path, out_path) + children
 
 
-def decode_trace(frames: Sequence[Frame], body: memoryview, row: struct.Struct) -> tuple[list[tuple[Any, ...]],
-                                                                                          dict[str, Any]]:
-    if len(frames) != 2 or body.nbytes < _COUNT.size:
-        raise ProtocolError("TRACE needs a count and a JSON frame")
-    (count,) = _COUNT.unpack_from(body)
-    if body.nbytes != _COUNT.size + count * row.size:
-        raise ProtocolError(f"TRACE of {count} rows has {body.nbytes} bytes")
-    return list(row.iter_unpack(body[_COUNT.size :])), decode_json(memoryview(frames[1]))
+def decode_worker_note(frame: Frame) -> tuple[tuple[Any, ...], memoryview]:
+    """(the worker's seven fields, the JSON bytes of its nested records, maybe empty)."""
+    view = memoryview(frame)
+    if view.nbytes < _WORKER_NOTE.size:
+        raise ProtocolError(f"trace note of {view.nbytes} bytes, need {_WORKER_NOTE.size}")
+    return _WORKER_NOTE.unpack_from(view), view[_WORKER_NOTE.size :]
+
+
+def encode_driver_note(broker: tuple[float, float, float, int], worker: tuple[Any, ...], who: bytes,
+                       children: Frame) -> bytes:
+    if len(who) > 65535:
+        raise ValueError("worker description too long for a trace note")
+    return _DRIVER_NOTE.pack(*broker, *worker, len(who)) + who + bytes(children)
+
+
+def decode_driver_note(frame: Frame) -> tuple[tuple[Any, ...], dict[str, Any], bytes]:
+    """(the broker's four and the worker's seven fields, who ran it, the JSON bytes of nested records)."""
+    view = memoryview(frame)
+    if view.nbytes < _DRIVER_NOTE.size:
+        raise ProtocolError(f"trace note of {view.nbytes} bytes, need {_DRIVER_NOTE.size}")
+    *fields, n = _DRIVER_NOTE.unpack_from(view)
+    end = _DRIVER_NOTE.size + n
+    if view.nbytes < end:
+        raise ProtocolError(f"trace note of {view.nbytes} bytes names {end}")
+    return tuple(fields), decode_json(view[_DRIVER_NOTE.size : end]), bytes(view[end:])

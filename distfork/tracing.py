@@ -42,7 +42,16 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .errors import ProtocolError, RemoteTraceback
-from .protocol import TRACE_DRIVER_ROW, TRACE_PATHS, TRACE_WORKER_ROW, Entry, Flag, Status, decode_trace, encode_trace
+from .protocol import (
+    TRACE_PATHS,
+    Entry,
+    Flag,
+    Status,
+    decode_driver_note,
+    decode_worker_note,
+    encode_driver_note,
+    encode_worker_note,
+)
 
 if TYPE_CHECKING:
     from .broker_state import PeerInfo
@@ -68,11 +77,12 @@ def _refresh() -> None:
 class Record:
     """One fork as this process saw it, with what the broker and worker reported (times: this clock)."""
 
-    __slots__ = ("gid", "func", "deps", "submit", "done", "start", "end", "where", "status", "held", "remote",
+    __slots__ = ("gid", "aliases", "func", "deps", "submit", "done", "start", "end", "where", "status", "held", "remote",
                  "children", "error")
 
     def __init__(self, func: str, deps: list[str], submit: float) -> None:
         self.gid = ""  # driver name # task id, once submitted
+        self.aliases: list[str] = []  # earlier gids: sent again under a new id (the broker asked: RESUBMIT)
         self.func = func
         self.deps = deps  # gids of the futures among its arguments
         self.submit = submit
@@ -88,6 +98,8 @@ class Record:
         self.error = ""
 
     def bind(self, driver_name: str, task_id: int) -> None:
+        if self.gid:
+            self.aliases.append(self.gid)
         self.gid = f"{driver_name}#{task_id}"
 
     def finish(self, code: int, flags: int, fut: Any) -> None:
@@ -251,71 +263,62 @@ def payload(frames: Sequence[Any]) -> tuple[int, int]:
     return sum(map(len, frames)), 3 if n else 0
 
 
-def worker_row(key: int, recv: float, start: float, end: float, frames_in: Sequence[Any],
-               frames_out: Sequence[Any]) -> tuple[Any, ...]:
-    """What a worker reports of a traced task it ran (a ``TRACE_WORKER_ROW``)."""
+def worker_note(recv: float, start: float, end: float, frames_in: Sequence[Any], frames_out: Sequence[Any],
+                children: list[Record]) -> bytes:
+    """What a worker reports of a traced task it ran: the first frame of its RESULTS entry."""
     in_b, in_path = payload(frames_in)
     out_b, out_path = payload(frames_out)
-    return key, recv, start, end, in_b, out_b, in_path, out_path
+    kids = json.dumps([c.to_json() for c in children], separators=(",", ":")).encode() if children else b""
+    return encode_worker_note(recv, start, end, in_b, out_b, in_path, out_path, kids)
 
 
-def worker_message(rows: list[tuple[Any, ...]], children: dict[str, list[Record]]) -> list[Any]:
-    """Msg.TRACE from a worker: its rows, and the records of forks its tasks made, by task key."""
-    extra = {"c": {k: [c.to_json() for c in v] for k, v in children.items()}} if children else {}
-    return encode_trace(rows, extra, TRACE_WORKER_ROW)
+def take_notes(worker: PeerInfo, entries: list[Entry], now: float) -> list[Entry]:
+    """The broker's part, on RESULTS from a worker: take the worker's trace notes off the entries and
+    leave on each traced task the note for its driver (``Task.note``), with the broker's times.
 
-
-def forward(worker: PeerInfo, frames: Sequence[Any], body: memoryview, now: float) -> dict[bytes, list[Any]]:
-    """The broker's part (W -> B -> D): per driver, the TRACE message for its traced tasks among these.
-
-    Names each driver's task, adds the broker's times (``now`` and the
-    task's are monotonic; they go out as wall-clock), its losses and the
-    worker's name. Rows for tasks this worker does not hold are ignored.
-    Malformed input raises ProtocolError, ValueError or TypeError.
+    ``now`` and the task's times are monotonic; they go out as wall-clock. A
+    malformed note raises ProtocolError. Entries without Flag.TRACE cost one
+    flag test each.
     """
-    rows, extra = decode_trace(frames, body, TRACE_WORKER_ROW)
-    children = extra.get("c") or {}
-    if not isinstance(children, dict):
-        raise TypeError("TRACE children must be an object")
-    wall = time.time() - time.monotonic()
-    out: dict[bytes, tuple[list[tuple[Any, ...]], dict[str, Any]]] = {}
-    assigned = worker.assigned
-    for key, recv, start, end, in_b, out_b, in_path, out_path in rows:
-        task = assigned.get(key)
-        if task is None or not task.trace:
-            continue
-        mine = out.get(task.driver)
-        if mine is None:
-            mine = out[task.driver] = ([], {})
-        mine[0].append((task.task_id, task.submitted + wall, task.dispatched + wall, now + wall,
-                        min(task.losses, 65535), recv, start, end, in_b, out_b, in_path, out_path))
-        kids = children.get(str(key))
-        if kids:
-            mine[1][str(task.task_id)] = kids
+    for e in entries:
+        if e[4] & Flag.TRACE:  # Entry.flags
+            break
+    else:
+        return entries
     info = worker.info
-    who = [str(info.get("name")), str(info.get("host")), int(info.get("pid") or 0)]
-    return {driver: encode_trace(rows_, {"w": who, "c": kids_}, TRACE_DRIVER_ROW)
-            for driver, (rows_, kids_) in out.items()}
+    who = json.dumps({"name": str(info.get("name")), "host": str(info.get("host")), "pid": info.get("pid")}).encode()
+    wall = time.time() - time.monotonic()
+    out = []
+    for e in entries:
+        if e.flags & Flag.TRACE:
+            if not e.frames:
+                raise ProtocolError("a traced result without its trace note")
+            fields, kids = decode_worker_note(e.frames[0])
+            task = worker.assigned.get(e.id)
+            if task is not None and task.trace:
+                broker = (task.submitted + wall, task.dispatched + wall, now + wall, min(task.losses, 65535))
+                task.note = encode_driver_note(broker, fields, who, kids)
+            e = Entry(e.id, e.code, e.extra, e.frames[1:], e.flags & ~Flag.TRACE, e.pid)
+        out.append(e)
+    return out
 
 
-def received(traced: dict[int, Record], frames: Sequence[Any], body: memoryview) -> None:
-    """The driver's part: attach what the broker forwarded to the Records of our traced tasks."""
-    rows, extra = decode_trace(frames, body, TRACE_DRIVER_ROW)
+def note_received(rec: Record | None, frame: Any) -> None:
+    """The driver's part: what the broker and worker said of one of our traced tasks."""
+    fields, who, kids = decode_driver_note(frame)
+    if rec is None:
+        return
     try:
-        who = extra["w"]
-        name, host, pid = str(who[0]), str(who[1]), int(who[2])
-        children = extra.get("c") or {}
-        for task_id, b_recv, b_disp, b_ret, losses, w_recv, w_start, w_end, in_b, out_b, in_p, out_p in rows:
-            rec = traced.get(task_id)
-            if rec is None:
-                continue
-            rec.remote = [name, host, pid, b_recv, b_disp, b_ret, losses, w_recv, w_start, w_end,
-                          in_b, _path(in_p), out_b, _path(out_p)]
-            kids = children.get(str(task_id))
-            if kids:
-                rec.children.extend(Record.from_json(c) for c in kids)
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
-        raise ProtocolError(f"bad TRACE message: {exc!r}") from None
+        b_recv, b_disp, b_ret, losses, w_recv, w_start, w_end, in_b, out_b, in_p, out_p = fields
+        rec.remote = [str(who["name"]), str(who["host"]), int(who["pid"] or 0), b_recv, b_disp, b_ret, losses, w_recv, w_start, w_end,
+                      in_b, _path(in_p), out_b, _path(out_p)]
+        if kids:
+            children = json.loads(kids)
+            if not isinstance(children, list):
+                raise TypeError("nested records must be a list")
+            rec.children.extend(Record.from_json(c) for c in children)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError) as exc:
+        raise ProtocolError(f"bad trace note: {exc!r}") from None
 
 
 def _path(i: int) -> str:
@@ -444,6 +447,8 @@ class Trace:
         out.append(info)
         if rec.gid:
             ids[rec.gid] = info.id
+            for alias in rec.aliases:
+                ids[alias] = info.id
         if rec.deps:
             pending.append((info, rec.deps))
         here = (worker, host, pid) if worker else enclosing

@@ -356,10 +356,8 @@ class _Slot:
         # the next task is quick enough to keep holding finished results for.
         self.run_s: dict[tuple[Any, Any], float] = {}
         self.key: tuple[Any, Any] | None = None
-        # Traced tasks (Flag.TRACE): when each arrived, and the rows to send before the next RESULTS.
+        # Traced tasks (Flag.TRACE): when each arrived.
         self.received: dict[int, float] = {}
-        self.traces: list[tuple[Any, ...]] = []
-        self.trace_children: dict[str, list[_trace.Record]] = {}  # forks traced tasks made, by task key
 
     def _hello(self, sock: zmq.Socket[Any]) -> None:
         w = self.worker
@@ -428,17 +426,17 @@ class _Slot:
                     status, out, retained = Status.FAILED, [f"{w.where} got a malformed task: {exc}".encode()], False
                 finally:
                     self.current = self.deadline = None
-                if scope is not None:
+                flags = Flag.RETAINED if retained else 0
+                if scope is not None:  # its trace note goes first: where and when it ran, what it forked
                     _trace.leave(outer)
-                    self.traces.append(_trace.worker_row(e.id, self.received.pop(e.id, wall), wall, time.time(),
-                                                         frames, out))
-                    if scope:
-                        self.trace_children[str(e.id)] = scope
+                    out = [_trace.worker_note(self.received.pop(e.id, wall), wall, time.time(), frames, out, scope),
+                           *out]
+                    flags |= Flag.TRACE
                 finished = time.perf_counter()
                 self._learn(finished - started)
                 if not self.done:
                     self.first_done = finished
-                self.done.append(Entry(e.id, status, finished - started, out, Flag.RETAINED if retained else 0))
+                self.done.append(Entry(e.id, status, finished - started, out, flags))
                 if not local or len(self.done) >= _FLUSH_COUNT or finished - self.first_done > _FLUSH_S:
                     self._flush()
                     self._drain(sock)
@@ -448,9 +446,6 @@ class _Slot:
         if self.done:
             if self.sock is None:  # set before the first task runs, so before any result
                 raise RuntimeError("results to send but no task socket: _flush before _serve ran a task")
-            if self.traces:  # first: the broker forwards it to the driver before the results
-                self.sock.send_multipart(_trace.worker_message(self.traces, self.trace_children))
-                self.traces, self.trace_children = [], {}
             self.sock.send_multipart(protocol.encode_batch(Msg.RESULTS, self.done), copy=False)
             self.done = []
 

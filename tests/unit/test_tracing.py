@@ -77,32 +77,29 @@ def test_records_cross_processes_as_json_unchanged() -> None:
     assert back.to_json() == rec.to_json()
 
 
-def _driver_message(rows: list[tuple[Any, ...]], extra: dict[str, Any]) -> tuple[list[Any], memoryview]:
-    frames = protocol.encode_trace(rows, extra, protocol.TRACE_DRIVER_ROW)
-    kind, body = protocol.decode(frames)
-    assert kind is protocol.Msg.TRACE
-    return frames, body
+_BROKER = (1.0, 2.0, 3.0, 0)
+_WORKER = (2.1, 2.2, 2.9, 10, 20, 1, 2)
+_WHO = b'{"name":"w/0","host":"h","pid":9}'
 
 
-_ROW = (1, 0.0, 0.0, 0.0, 0, 0.0, 0.0, 0.0, 1, 1, 1, 1)
-
-
-@pytest.mark.parametrize("extra", [
-    {}, {"w": 5}, {"w": ["w", "h"]}, {"w": ["w", "h", "x"]}, {"w": ["w", "h", 1], "c": {"1": [{"f": "x"}]}},
-    {"w": ["w", "h", 1], "c": {"1": [[[[]]]]}}, {"w": ["w", "h", 1], "c": [1]},
+@pytest.mark.parametrize("who,kids", [
+    (b"{}", b""), (b"5", b""), (b'{"name":"w","host":"h"}', b""), (b'{"name":"w","host":"h","pid":"x"}', b""),
+    (b'["w","h",1]', b""), (_WHO, b'[{"f":"x"}]'),
+    (_WHO, b"[[[[]]]]"), (_WHO, b"not json"), (_WHO, b"{}"), (b"\xff", b""),
 ])
-def test_a_malformed_trace_message_is_a_protocol_error_for_the_driver(extra: dict[str, Any]) -> None:
-    frames, body = _driver_message([_ROW], extra)
+def test_a_malformed_trace_note_is_a_protocol_error_for_the_driver(who: bytes, kids: bytes) -> None:
+    note = protocol.encode_driver_note(_BROKER, _WORKER, who, kids)
     with pytest.raises(ProtocolError):
-        tracing.received({1: tracing.Record("f", [], 0.0)}, frames, body)
+        tracing.note_received(tracing.Record("f", [], 0.0), note)
 
 
-def test_a_trace_message_of_the_wrong_length_is_a_protocol_error() -> None:
-    frames, body = _driver_message([_ROW], {"w": ["w", "h", 1]})
+@pytest.mark.parametrize("cut", [1, 10, 40])
+def test_a_truncated_trace_note_is_a_protocol_error(cut: int) -> None:
+    note = protocol.encode_driver_note(_BROKER, _WORKER, _WHO, b"")
     with pytest.raises(ProtocolError):
-        tracing.received({}, frames, body[:-1])
+        tracing.note_received(tracing.Record("f", [], 0.0), note[:-cut])
     with pytest.raises(ProtocolError):
-        tracing.received({}, frames[:1], body)
+        protocol.decode_worker_note(protocol.encode_worker_note(*_WORKER)[:-cut])
 
 
 def test_a_deeply_nested_record_is_refused_not_a_recursion_error() -> None:
@@ -110,9 +107,9 @@ def test_a_deeply_nested_record_is_refused_not_a_recursion_error() -> None:
                          "x": "", "r": None, "c": []}
     for _ in range(300):
         d = {**d, "c": [d]}
-    frames, body = _driver_message([_ROW], {"w": ["w", "h", 1], "c": {"1": [d]}})
+    note = protocol.encode_driver_note(_BROKER, _WORKER, _WHO, json.dumps([d]).encode())
     with pytest.raises(ProtocolError):
-        tracing.received({1: tracing.Record("f", [], 0.0)}, frames, body)
+        tracing.note_received(tracing.Record("f", [], 0.0), note)
 
 
 def _broker_with_a_traced_task() -> tuple[BrokerState, PeerInfo, PeerInfo]:
@@ -126,38 +123,40 @@ def _broker_with_a_traced_task() -> tuple[BrokerState, PeerInfo, PeerInfo]:
     return state, driver, worker
 
 
-def _worker_message(rows: list[tuple[Any, ...]], children: dict[str, Any] | None = None) -> tuple[list[Any],
-                                                                                                   memoryview]:
-    frames = protocol.encode_trace(rows, {"c": children} if children else {}, protocol.TRACE_WORKER_ROW)
-    return frames, protocol.decode(frames)[1]
-
-
-def test_the_broker_forwards_worker_rows_to_the_driver_of_each_traced_task_only() -> None:
+def test_the_broker_passes_a_traced_tasks_note_to_its_driver_with_its_own_times() -> None:
     state, driver, worker = _broker_with_a_traced_task()
-    keys = list(worker.assigned)
-    kid = tracing.Record("g", [], 1.5).to_json()
-    rows = [(k, 1.0, 2.0, 3.0, 10, 20, 1, 2) for k in [*keys, 999]]
-    out = tracing.forward(worker, *_worker_message(rows, {str(keys[0]): [kid]}), 3.0)
-    assert list(out) == [b"D1"]  # the untraced task and the unknown key are not forwarded
-    frames = out[b"D1"]
-    kind, body = protocol.decode(frames)
-    assert kind is protocol.Msg.TRACE
+    k5, k6 = list(worker.assigned)
+    kid = json.dumps([tracing.Record("g", [], 1.5).to_json()]).encode()
+    results = [Entry(k5, 0, 0.1, [protocol.encode_worker_note(*_WORKER, kid), b"value"], Flag.TRACE),
+               Entry(k6, 0, 0.1, [b"value"])]
+    entries = tracing.take_notes(worker, results, 3.0)
+    assert [(e.frames, e.flags) for e in entries] == [([b"value"], 0), ([b"value"], 0)]  # notes taken off
+    state.results(worker, entries)
+    sent, _ = state.take_outbox()
+    e5, e6 = sent[b"D1"]
+    assert e6.flags == 0 and e6.frames == [b"value"]
+    assert e5.flags & Flag.TRACE and e5.frames[1:] == [b"value"]
     rec = tracing.Record("f", [], 0.0)
-    tracing.received({5: rec}, frames, body)
+    tracing.note_received(rec, e5.frames[0])
     assert rec.remote is not None
-    assert rec.remote[:3] == ["w/0", "h", 9] and rec.remote[7:] == [1.0, 2.0, 3.0, 10, "inline", 20, "shm"]
+    assert rec.remote[:3] == ["w/0", "h", 9] and rec.remote[7:] == [2.1, 2.2, 2.9, 10, "inline", 20, "shm"]
     assert rec.remote[4] - rec.remote[3] == pytest.approx(1.0)  # dispatched 1 s after it arrived (monotonic -> wall)
+    assert rec.remote[5] - rec.remote[4] == pytest.approx(1.0)  # its result came back 1 s later
     assert [c.func for c in rec.children] == ["g"]
 
 
-@pytest.mark.parametrize("children", [5, [1]])
-def test_a_malformed_worker_trace_raises_what_the_broker_drops(children: Any) -> None:
+def test_results_without_trace_notes_pass_the_broker_untouched() -> None:
     _, _, worker = _broker_with_a_traced_task()
-    frames = protocol.encode_trace([], {"c": children}, protocol.TRACE_WORKER_ROW)
-    with pytest.raises((ProtocolError, ValueError, TypeError, KeyError)):
-        tracing.forward(worker, frames, protocol.decode(frames)[1], 3.0)
+    results = [Entry(k, 0, 0.1, [b"value"]) for k in worker.assigned]
+    assert tracing.take_notes(worker, results, 3.0) is results
+
+
+def test_a_traced_result_without_its_note_is_a_protocol_error_for_the_broker() -> None:
+    _, _, worker = _broker_with_a_traced_task()
     with pytest.raises(ProtocolError):
-        tracing.forward(worker, frames[:1], protocol.decode(frames)[1], 3.0)
+        tracing.take_notes(worker, [Entry(list(worker.assigned)[0], 0, 0.1, [], Flag.TRACE)], 3.0)
+    with pytest.raises(ProtocolError):
+        tracing.take_notes(worker, [Entry(list(worker.assigned)[0], 0, 0.1, [b"short"], Flag.TRACE)], 3.0)
 
 
 def test_the_ring_keeps_the_latest_forks_and_counts_the_rest() -> None:
