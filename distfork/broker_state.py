@@ -41,7 +41,7 @@ from typing import Any
 
 from .config import Config
 from .errors import ProtocolError
-from .protocol import DEFAULT_RETRIES, Entry, Flag, Frame, Status, decode_deps, encode_dep_counts
+from .protocol import DEFAULT_RETRIES, Entry, Flag, Frame, Status, decode_deps, encode_dep_counts, encode_notes
 from .shm import segment_of
 
 __all__ = ["BrokerState", "Hold", "PeerInfo", "Task", "TaskState"]
@@ -177,6 +177,7 @@ class BrokerState:
         self.counters: collections.Counter[str] = collections.Counter()
         # What the socket loop must send next.
         self._results: dict[bytes, list[Entry]] = {}
+        self._notes: dict[bytes, list[tuple[int, bytes]]] = {}  # trace notes per driver, sent with the results
         self._cancels: dict[bytes, list[int]] = {}
         self._discards: dict[bytes, list[Entry]] = {}
         self._aborts: dict[bytes, list[int]] = {}
@@ -587,8 +588,8 @@ class BrokerState:
             self._send_result(driver, Entry(task.task_id, status, extra, frames, flags))
             return
         driver.done += 1
-        if task.note is not None:  # traced: the broker's and worker's times go first
-            frames, flags = [task.note, *frames], flags | Flag.TRACE
+        if task.note is not None:  # traced: where and when it ran goes with the result
+            self._notes.setdefault(driver.id, []).append((task.task_id, task.note))
         if status == Status.OK:
             self.counters["tasks_succeeded"] += 1
         else:
@@ -755,6 +756,10 @@ class BrokerState:
         """Results per driver and cancels per worker to send now."""
         results, cancels = self._results, self._cancels
         self._results, self._cancels = {}, {}
+        if self._notes:  # first in the batch, so that the driver has them before it completes the futures
+            for driver, notes in self._notes.items():
+                results.setdefault(driver, []).insert(0, encode_notes(notes))
+            self._notes = {}
         return results, cancels
 
     def take_aborts(self) -> dict[bytes, list[int]]:

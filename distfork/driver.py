@@ -585,10 +585,10 @@ class Driver:
     def _results(self, entries: Sequence[Entry]) -> None:
         inflight = self._inflight
         release = self._release
+        notes, entries = protocol.decode_notes(entries)
+        for task_id, note in notes:  # traced tasks: where and when they ran
+            _trace.note_received(self._traced.get(task_id), note)
         for e in entries:
-            if e.flags & Flag.TRACE:  # a traced task's: where and when it ran comes first
-                _trace.note_received(self._traced.get(e.id), e.frames[0] if e.frames else b"")
-                e = Entry(e.id, e.code, e.extra, e.frames[1:], e.flags & ~Flag.TRACE, e.pid)
             item = inflight.pop(e.id, None)
             if item is None:
                 if e.id in self._held and not e.flags & Flag.HELD:

@@ -58,6 +58,7 @@ __all__ = [
     "decode_dep_counts",
     "decode_deps",
     "decode_driver_note",
+    "decode_notes",
     "decode_worker_note",
     "encode_dep_counts",
     "encode_deps",
@@ -65,6 +66,7 @@ __all__ = [
     "encode_cancel",
     "encode_json",
     "encode_driver_note",
+    "encode_notes",
     "encode_signal",
     "encode_worker_note",
 ]
@@ -121,8 +123,8 @@ class Flag:
     # nothing, or the name of the shared-memory segment it is in.
     HELD = 32
     # SUBMIT, TASKS: forked inside distfork.trace(): the worker and the broker report its timings.
-    # RESULTS: the entry's first frame is a trace note (encode_worker_note from a worker,
-    # encode_driver_note from the broker), then the usual payload.
+    # RESULTS: on the entry of id 0 that comes first in a batch with traced results: it carries
+    # their trace notes (see encode_notes).
     TRACE = 64
 
 
@@ -282,7 +284,41 @@ def decode_dep_counts(frames: Sequence[Frame]) -> tuple[list[Sequence[Frame]], S
 
 
 
-# Trace notes: the first frame of a RESULTS entry with Flag.TRACE.
+# Trace notes: what the worker (then the broker) adds to the result of a traced task. A RESULTS batch
+# with traced results starts with an entry of id 0 and Flag.TRACE whose one frame holds, for each,
+# u64 id (worker: the task key; broker: the driver's task id), u32 length, the note.
+_NOTE_HEAD = struct.Struct("!QI")
+
+
+def encode_notes(notes: Sequence[tuple[int, bytes]]) -> Entry:
+    """The entry that carries a batch's trace notes; it goes first in the batch."""
+    pack = _NOTE_HEAD.pack
+    return Entry(0, 0, 0.0, [b"".join(pack(i, len(n)) + n for i, n in notes)], Flag.TRACE)
+
+
+def decode_notes(entries: Sequence[Entry]) -> tuple[list[tuple[int, memoryview]], Sequence[Entry]]:
+    """(the trace notes of a RESULTS batch, its other entries); one test when it has none."""
+    if not entries or entries[0].id != 0 or not entries[0].flags & Flag.TRACE:
+        return [], entries
+    head = entries[0]
+    if len(head.frames) != 1:
+        raise ProtocolError(f"trace notes in {len(head.frames)} frames, expected 1")
+    view = memoryview(head.frames[0])
+    notes = []
+    at = 0
+    while at < view.nbytes:
+        if at + _NOTE_HEAD.size > view.nbytes:
+            raise ProtocolError("a trace note cut short")
+        i, n = _NOTE_HEAD.unpack_from(view, at)
+        at += _NOTE_HEAD.size
+        if at + n > view.nbytes:
+            raise ProtocolError(f"a trace note of {n} bytes at {at} of {view.nbytes}")
+        notes.append((i, view[at : at + n]))
+        at += n
+    return notes, entries[1:]
+
+
+# Each note.
 # Worker's: (received, started, finished, bytes in, bytes out, path in, path out), its wall-clock seconds,
 # then the JSON list of the records of the forks the task made (or nothing).
 _WORKER_NOTE = struct.Struct("!dddQQBB")
@@ -313,8 +349,9 @@ def encode_driver_note(broker: tuple[float, float, float, int], worker: tuple[An
     return _DRIVER_NOTE.pack(*broker, *worker, len(who)) + who + bytes(children)
 
 
-def decode_driver_note(frame: Frame) -> tuple[tuple[Any, ...], dict[str, Any], bytes]:
-    """(the broker's four and the worker's seven fields, who ran it, the JSON bytes of nested records)."""
+def decode_driver_note(frame: Frame) -> tuple[tuple[Any, ...], memoryview, memoryview]:
+    """(the broker's four and the worker's seven fields, the JSON naming the worker, the JSON of nested
+    records or nothing); the JSON is the caller's to parse."""
     view = memoryview(frame)
     if view.nbytes < _DRIVER_NOTE.size:
         raise ProtocolError(f"trace note of {view.nbytes} bytes, need {_DRIVER_NOTE.size}")
@@ -322,4 +359,4 @@ def decode_driver_note(frame: Frame) -> tuple[tuple[Any, ...], dict[str, Any], b
     end = _DRIVER_NOTE.size + n
     if view.nbytes < end:
         raise ProtocolError(f"trace note of {view.nbytes} bytes names {end}")
-    return tuple(fields), decode_json(view[_DRIVER_NOTE.size : end]), bytes(view[end:])
+    return tuple(fields), view[_DRIVER_NOTE.size : end], view[end:]

@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
+import logging
 import os
 import threading
 import time
@@ -48,6 +50,7 @@ from .protocol import (
     Flag,
     Status,
     decode_driver_note,
+    decode_notes,
     decode_worker_note,
     encode_driver_note,
     encode_worker_note,
@@ -61,12 +64,16 @@ __all__ = ["ACTIVE", "Record", "TaskInfo", "Trace", "trace"]
 #: True while this process has an open trace or runs a traced task: the only check an untraced fork pays.
 ACTIVE = False
 
+log = logging.getLogger(__name__)
+
 _lock = threading.Lock()
 _tracers: list[Trace] = []
 _scoped = False  # a traced task ran in this process (a worker): its forks may be traced from now on
 _local = threading.local()  # .scope: list the forks of this thread's running traced task go to
 
 _STATUS = {int(s): s.name.lower() for s in Status}
+_NO_CHILDREN: list[Record] = []  # shared: never appended to (Record.kids())
+_NO_DEPS: list[str] = []  # shared: never appended to
 
 
 def _refresh() -> None:
@@ -77,14 +84,14 @@ def _refresh() -> None:
 class Record:
     """One fork as this process saw it, with what the broker and worker reported (times: this clock)."""
 
-    __slots__ = ("gid", "aliases", "func", "deps", "submit", "done", "start", "end", "where", "status", "held", "remote",
-                 "children", "error")
+    __slots__ = ("gid", "aliases", "func", "deps", "submit", "done", "start", "end", "where", "status", "held",
+                 "note", "remote", "children", "error")
 
     def __init__(self, func: str, deps: list[str], submit: float) -> None:
         self.gid = ""  # driver name # task id, once submitted
-        self.aliases: list[str] = []  # earlier gids: sent again under a new id (the broker asked: RESUBMIT)
+        self.aliases: tuple[str, ...] = ()  # earlier gids: sent again under a new id (the broker asked: RESUBMIT)
         self.func = func
-        self.deps = deps  # gids of the futures among its arguments
+        self.deps = deps  # gids of the futures among its arguments (shared empty list when none)
         self.submit = submit
         self.done = 0.0  # when its result (or notice) arrived here
         self.start = 0.0  # set when it ran in this process (inline mode, or reclaimed by a waiting task)
@@ -93,14 +100,23 @@ class Record:
         self.status = "pending"
         self.held = False
         # [worker, host, pid, b_recv, b_disp, b_ret, losses, w_recv, w_start, w_end, in_b, in_path, out_b, out_path]
-        self.remote: list[Any] | None = None
-        self.children: list[Record] = []  # forks made while its task ran
+        self.remote: tuple[Any, ...] | None = None
+        self.note: bytes | None = None  # the broker's trace note, parsed into remote and children when asked
+        # Forks made while its task ran. Tuples and one shared empty list keep a million records cheap
+        # for the garbage collector; a record that gets children gets its own list (kids()).
+        self.children: list[Record] = _NO_CHILDREN
         self.error = ""
 
     def bind(self, driver_name: str, task_id: int) -> None:
         if self.gid:
-            self.aliases.append(self.gid)
+            self.aliases += (self.gid,)
         self.gid = f"{driver_name}#{task_id}"
+
+    def kids(self) -> list[Record]:
+        """Its children list, to add to."""
+        if self.children is _NO_CHILDREN:
+            self.children = []
+        return self.children
 
     def finish(self, code: int, flags: int, fut: Any) -> None:
         """Its result arrived (I/O thread), after the future was completed."""
@@ -110,7 +126,15 @@ class Record:
         if code not in (Status.OK, Status.CANCELLED):
             self.error = _error_text(fut)
 
+    def resolve(self) -> None:
+        """Parse the trace note that arrived with its result (kept as bytes until needed: cheap on the
+        I/O thread, and bytes are nothing for the garbage collector to scan)."""
+        note, self.note = self.note, None
+        if note is not None:
+            _parse_note(self, note)
+
     def to_json(self) -> dict[str, Any]:
+        self.resolve()
         return {"g": self.gid, "f": self.func, "d": self.deps, "s": self.submit, "e": self.done, "a": self.start,
                 "b": self.end, "w": self.where, "o": self.status, "h": self.held, "r": self.remote,
                 "c": [c.to_json() for c in self.children], "x": self.error}
@@ -124,15 +148,17 @@ class Record:
         rec.where, rec.status, rec.held, rec.error = str(d["w"]), str(d["o"]), bool(d["h"]), str(d["x"])
         remote = d["r"]
         rec.remote = _remote_row(remote) if remote is not None else None
-        rec.children = [cls.from_json(c, depth + 1) for c in d["c"]]
+        kids = [cls.from_json(c, depth + 1) for c in d["c"]]
+        if kids:
+            rec.children = kids
         return rec
 
 
-def _remote_row(row: Any) -> list[Any]:  # from JSON: a nested record's
+def _remote_row(row: Any) -> tuple[Any, ...]:  # from JSON: a nested record's
     if not isinstance(row, list) or len(row) != 14:
         raise TypeError("a remote trace row has 14 fields")
-    return [str(row[0]), str(row[1]), int(row[2]), *(float(x) for x in row[3:6]), int(row[6]),
-            *(float(x) for x in row[7:10]), int(row[10]), str(row[11]), int(row[12]), str(row[13])]
+    return (str(row[0]), str(row[1]), int(row[2]), *(float(x) for x in row[3:6]), int(row[6]),
+            *(float(x) for x in row[7:10]), int(row[10]), str(row[11]), int(row[12]), str(row[13]))
 
 
 def _error_text(fut: Any) -> str:
@@ -164,7 +190,7 @@ def _gid_of(fut: Any) -> str | None:
 
 def _deps_of(args: Sequence[Any], kwargs: dict[str, Any]) -> list[str]:
     if not args and not kwargs:
-        return []
+        return _NO_DEPS
     from .future import Future
 
     out: list[str] = []
@@ -185,7 +211,7 @@ def _deps_of(args: Sequence[Any], kwargs: dict[str, Any]) -> list[str]:
         look(a, 0)
     for a in kwargs.values():
         look(a, 0)
-    return out
+    return out or _NO_DEPS
 
 
 # -- hooks called by api.py, driver.py, worker.py and broker.py --------------------------------------------
@@ -245,7 +271,7 @@ def run_here(rec: Record | None, where: str) -> Iterator[None]:
     rec.where = where
     rec.start = time.time()
     try:
-        with scoped(rec.children):
+        with scoped(rec.kids()):
             yield
     finally:
         rec.end = rec.done = time.time()
@@ -273,52 +299,54 @@ def worker_note(recv: float, start: float, end: float, frames_in: Sequence[Any],
 
 
 def take_notes(worker: PeerInfo, entries: list[Entry], now: float) -> list[Entry]:
-    """The broker's part, on RESULTS from a worker: take the worker's trace notes off the entries and
-    leave on each traced task the note for its driver (``Task.note``), with the broker's times.
+    """The broker's part, on RESULTS from a worker: take the batch's trace notes off and leave on each
+    traced task the note for its driver (``Task.note``), with the broker's times and the worker's name.
 
     ``now`` and the task's times are monotonic; they go out as wall-clock. A
-    malformed note raises ProtocolError. Entries without Flag.TRACE cost one
-    flag test each.
+    batch without notes costs one test. Malformed notes raise ProtocolError.
     """
-    for e in entries:
-        if e[4] & Flag.TRACE:  # Entry.flags
-            break
-    else:
+    notes, rest = decode_notes(entries)
+    if not notes:
         return entries
     info = worker.info
     who = json.dumps({"name": str(info.get("name")), "host": str(info.get("host")), "pid": info.get("pid")}).encode()
     wall = time.time() - time.monotonic()
-    out = []
-    for e in entries:
-        if e.flags & Flag.TRACE:
-            if not e.frames:
-                raise ProtocolError("a traced result without its trace note")
-            fields, kids = decode_worker_note(e.frames[0])
-            task = worker.assigned.get(e.id)
-            if task is not None and task.trace:
-                broker = (task.submitted + wall, task.dispatched + wall, now + wall, min(task.losses, 65535))
-                task.note = encode_driver_note(broker, fields, who, kids)
-            e = Entry(e.id, e.code, e.extra, e.frames[1:], e.flags & ~Flag.TRACE, e.pid)
-        out.append(e)
-    return out
+    for key, note in notes:
+        fields, kids = decode_worker_note(note)
+        task = worker.assigned.get(key)
+        if task is not None and task.trace:
+            broker = (task.submitted + wall, task.dispatched + wall, now + wall, min(task.losses, 65535))
+            task.note = encode_driver_note(broker, fields, who, kids)
+    return list(rest)
 
 
 def note_received(rec: Record | None, frame: Any) -> None:
-    """The driver's part: what the broker and worker said of one of our traced tasks."""
-    fields, who, kids = decode_driver_note(frame)
-    if rec is None:
-        return
+    """The driver's part: what the broker and worker said of one of our traced tasks (parsed later)."""
+    if rec is not None:
+        rec.note = bytes(frame)
+
+
+def _parse_note(rec: Record, note: bytes) -> None:
+    fields, who_json, kids = decode_driver_note(note)
     try:
+        who = _who(bytes(who_json))
         b_recv, b_disp, b_ret, losses, w_recv, w_start, w_end, in_b, out_b, in_p, out_p = fields
-        rec.remote = [str(who["name"]), str(who["host"]), int(who["pid"] or 0), b_recv, b_disp, b_ret, losses, w_recv, w_start, w_end,
-                      in_b, _path(in_p), out_b, _path(out_p)]
+        rec.remote = (*who, b_recv, b_disp, b_ret, losses, w_recv, w_start, w_end, in_b, _path(in_p), out_b,
+                      _path(out_p))
         if kids:
-            children = json.loads(kids)
+            children = json.loads(bytes(kids))
             if not isinstance(children, list):
                 raise TypeError("nested records must be a list")
-            rec.children.extend(Record.from_json(c) for c in children)
+            rec.kids().extend(Record.from_json(c) for c in children)
     except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError) as exc:
         raise ProtocolError(f"bad trace note: {exc!r}") from None
+
+
+@functools.lru_cache(maxsize=256)
+def _who(raw: bytes) -> tuple[str, str, int]:
+    """(name, host, pid) of a worker from a note's JSON; the same few workers ran most tasks."""
+    who = json.loads(raw)
+    return str(who["name"]), str(who["host"]), int(who["pid"] or 0)
 
 
 def _path(i: int) -> str:
@@ -372,6 +400,7 @@ class Trace:
         self.capacity = capacity
         self._records: deque[Record] = deque(maxlen=capacity)
         self.dropped = 0
+        self.bad_notes = 0
         self.started = time.time()
         self.stopped: float | None = None
 
@@ -408,6 +437,8 @@ class Trace:
         pending_deps: list[tuple[TaskInfo, list[str]]] = []
         for rec in list(self._records):
             self._flatten(rec, 0.0, None, None, out, ids, pending_deps)
+        if self.bad_notes:
+            log.warning("%d trace notes were malformed and left out", self.bad_notes)
         for info, gids in pending_deps:
             info.deps = [ids[g] for g in gids if g in ids]
         return out
@@ -415,6 +446,10 @@ class Trace:
     def _flatten(self, rec: Record, offset: float, parent: TaskInfo | None, enclosing: tuple[str, str, int] | None,
                  out: list[TaskInfo], ids: dict[str, int], pending: list[tuple[TaskInfo, list[str]]]) -> None:
         t0 = self.started
+        try:
+            rec.resolve()
+        except ProtocolError:
+            self.bad_notes += 1
         r = rec.remote
         child_offset = offset
         dispatched = started = finished = None

@@ -356,8 +356,9 @@ class _Slot:
         # the next task is quick enough to keep holding finished results for.
         self.run_s: dict[tuple[Any, Any], float] = {}
         self.key: tuple[Any, Any] | None = None
-        # Traced tasks (Flag.TRACE): when each arrived.
+        # Traced tasks (Flag.TRACE): when each arrived; the notes to send with the next RESULTS.
         self.received: dict[int, float] = {}
+        self.notes: list[tuple[int, bytes]] = []
 
     def _hello(self, sock: zmq.Socket[Any]) -> None:
         w = self.worker
@@ -426,17 +427,15 @@ class _Slot:
                     status, out, retained = Status.FAILED, [f"{w.where} got a malformed task: {exc}".encode()], False
                 finally:
                     self.current = self.deadline = None
-                flags = Flag.RETAINED if retained else 0
-                if scope is not None:  # its trace note goes first: where and when it ran, what it forked
+                if scope is not None:  # its trace note: where and when it ran, what it forked
                     _trace.leave(outer)
-                    out = [_trace.worker_note(self.received.pop(e.id, wall), wall, time.time(), frames, out, scope),
-                           *out]
-                    flags |= Flag.TRACE
+                    self.notes.append((e.id, _trace.worker_note(self.received.pop(e.id, wall), wall, time.time(),
+                                                                frames, out, scope)))
                 finished = time.perf_counter()
                 self._learn(finished - started)
                 if not self.done:
                     self.first_done = finished
-                self.done.append(Entry(e.id, status, finished - started, out, flags))
+                self.done.append(Entry(e.id, status, finished - started, out, Flag.RETAINED if retained else 0))
                 if not local or len(self.done) >= _FLUSH_COUNT or finished - self.first_done > _FLUSH_S:
                     self._flush()
                     self._drain(sock)
@@ -446,6 +445,9 @@ class _Slot:
         if self.done:
             if self.sock is None:  # set before the first task runs, so before any result
                 raise RuntimeError("results to send but no task socket: _flush before _serve ran a task")
+            if self.notes:
+                self.done.insert(0, protocol.encode_notes(self.notes))
+                self.notes = []
             self.sock.send_multipart(protocol.encode_batch(Msg.RESULTS, self.done), copy=False)
             self.done = []
 
