@@ -19,6 +19,7 @@ from .errors import (
 )
 from .executor import Executor
 from .future import Future, as_completed, collect_all, wait_all
+from .progressbar import progress
 from .tracing import Trace, trace
 
 __version__ = "0.1.0"
@@ -41,6 +42,7 @@ __all__ = [
     "fork",
     "init",
     "options",
+    "progress",
     "shutdown",
     "trace",
     "wait",

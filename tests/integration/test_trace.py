@@ -12,7 +12,7 @@ import pytest
 
 import distfork
 import tasks
-from conftest import cli_env
+from conftest import cli_env, wait_until
 from distfork import tracing
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("shared_cluster")]
@@ -145,3 +145,22 @@ def test_a_failing_script_keeps_its_exit_code(tmp_path: Path) -> None:
     assert proc.returncode == 7
     assert not os.path.exists(tmp_path / "x.json")
     assert "never used distfork" in proc.stderr
+
+
+def test_executor_map_with_progress_draws_a_bar_on_a_terminal_and_returns_the_results(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with distfork.Executor() as ex:
+        assert list(ex.map(tasks.add, range(20), range(20), progress=True)) == [2 * i for i in range(20)]
+    assert capsys.readouterr().err == ""  # not a terminal: quiet
+    monkeypatch.setenv("FORCE_COLOR", "1")  # rich then draws as on a terminal
+    with distfork.Executor() as ex:
+        assert list(ex.map(tasks.add, range(20), range(20), progress=True)) == [2 * i for i in range(20)]
+    err = [""]
+
+    def reached() -> bool:  # the last done callback may still be drawing: read until it has
+        err[0] += capsys.readouterr().err
+        return "20/20" in err[0]
+
+    wait_until(reached, 10.0, what="the bar to reach 20/20")
+    assert "add" in err[0]
