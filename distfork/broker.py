@@ -83,6 +83,8 @@ class Broker:
         self.metrics = BrokerMetrics(self.state)
         # Prometheus /metrics, from prometheus_client's own thread (it reads numbers, never the socket).
         self.metrics_server = self.metrics.serve(metrics_port, metrics_host) if metrics_port is not None else None
+        if self.metrics_server is not None:
+            self.metrics_server.dashboard.publish(self.state, time.monotonic())
         self._stopping = False
         self._reload_keys = False
         self._reclaims: list[tuple[PeerInfo, list[int]]] = []
@@ -334,6 +336,8 @@ class Broker:
             self._send(driver.id, protocol.encode_json(Msg.RECLAIMED, {"granted": granted, "asked": ids}))
 
     def _tick(self, now: float) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.dashboard.publish(self.state, now)  # the live page's data, once a heartbeat
         for peer in self.state.peers:
             self._send(peer, protocol.encode_signal(Msg.HEARTBEAT))
         self.state.expire(now)

@@ -178,6 +178,7 @@ class BrokerState:
         # What the socket loop must send next.
         self._results: dict[bytes, list[Entry]] = {}
         self._notes: dict[bytes, list[tuple[int, bytes]]] = {}  # trace notes per driver, sent with the results
+        self.recent_failures: collections.deque[dict[str, Any]] = collections.deque(maxlen=20)  # for the dashboard
         self._cancels: dict[bytes, list[int]] = {}
         self._discards: dict[bytes, list[Entry]] = {}
         self._aborts: dict[bytes, list[int]] = {}
@@ -588,6 +589,8 @@ class BrokerState:
             self._send_result(driver, Entry(task.task_id, status, extra, frames, flags))
             return
         driver.done += 1
+        if status != Status.OK:
+            self._failed(driver, task, status, frames)
         if task.note is not None:  # traced: where and when it ran goes with the result
             self._notes.setdefault(driver.id, []).append((task.task_id, task.note))
         if status == Status.OK:
@@ -597,6 +600,19 @@ class BrokerState:
             self.counters["tasks_failed"] += 1
             self.counters[_FAILED_COUNTERS.get(status, "tasks_failed_other")] += 1  # by reason, for the metrics
         self._send_result(driver, Entry(task.task_id, status, extra, frames, flags))
+
+    def _failed(self, driver: PeerInfo, task: Task, status: int, frames: Sequence[Frame]) -> None:
+        """Remember a failure for the live dashboard: who, what kind, and its text unless it is a pickle."""
+        if status == Status.RAISED:
+            text = "the task raised; its exception and remote traceback went to its driver"
+        else:
+            text = bytes(memoryview(frames[0])[:400]).decode(errors="replace") if frames else ""
+        worker = self.workers.get(task.worker) if task.worker is not None else None
+        self.recent_failures.append({
+            "at_s": round(self._now - self.started, 3), "driver": driver.info.get("name"), "task": task.task_id,
+            "status": Status(status).name.lower() if status in _FAILED_COUNTERS else str(status),
+            "worker": worker.info.get("name") if worker is not None else None, "text": text,
+        })
 
     def _send_result(self, driver: PeerInfo, entry: Entry) -> None:
         out = self._results.get(driver.id)
