@@ -585,9 +585,14 @@ class Driver:
     def _results(self, entries: Sequence[Entry]) -> None:
         inflight = self._inflight
         release = self._release
-        notes, entries = protocol.decode_notes(entries)
-        for task_id, note in notes:  # traced tasks: where and when they ran
-            _trace.note_received(self._traced.get(task_id), note)
+        if entries and entries[0].id == 0 and entries[0].flags & Flag.TRACE:
+            try:
+                notes, entries = protocol.decode_notes(entries)
+            except ProtocolError as exc:  # the results still count
+                log.warning("dropped the trace notes of a message from the broker: %s", exc)
+                notes, entries = [], entries[1:]
+            for task_id, note in notes:  # traced tasks: where and when they ran
+                _trace.note_received(self._traced.get(task_id), note)
         for e in entries:
             item = inflight.pop(e.id, None)
             if item is None:

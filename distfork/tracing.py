@@ -134,7 +134,10 @@ class Record:
             _parse_note(self, note)
 
     def to_json(self) -> dict[str, Any]:
-        self.resolve()
+        try:
+            self.resolve()
+        except ProtocolError as exc:  # a nested task's malformed note: leave it out, keep the record
+            log.warning("dropped a malformed trace note: %s", exc)
         return {"g": self.gid, "f": self.func, "d": self.deps, "s": self.submit, "e": self.done, "a": self.start,
                 "b": self.end, "w": self.where, "o": self.status, "h": self.held, "r": self.remote,
                 "c": [c.to_json() for c in self.children], "x": self.error}
@@ -303,16 +306,25 @@ def take_notes(worker: PeerInfo, entries: list[Entry], now: float) -> list[Entry
     traced task the note for its driver (``Task.note``), with the broker's times and the worker's name.
 
     ``now`` and the task's times are monotonic; they go out as wall-clock. A
-    batch without notes costs one test. Malformed notes raise ProtocolError.
+    batch without notes costs one test. Malformed notes are dropped (and
+    logged); the results they came with go on as usual.
     """
-    notes, rest = decode_notes(entries)
-    if not notes:
+    if not entries or entries[0].id != 0 or not entries[0].flags & Flag.TRACE:
         return entries
+    try:
+        notes, rest = decode_notes(entries)
+    except ProtocolError as exc:
+        log.warning("dropped the trace notes of a RESULTS batch from %s: %s", worker.info.get("name"), exc)
+        return entries[1:]
     info = worker.info
     who = json.dumps({"name": str(info.get("name")), "host": str(info.get("host")), "pid": info.get("pid")}).encode()
     wall = time.time() - time.monotonic()
     for key, note in notes:
-        fields, kids = decode_worker_note(note)
+        try:
+            fields, kids = decode_worker_note(note)
+        except ProtocolError as exc:
+            log.warning("dropped a trace note from %s: %s", worker.info.get("name"), exc)
+            continue
         task = worker.assigned.get(key)
         if task is not None and task.trace:
             broker = (task.submitted + wall, task.dispatched + wall, now + wall, min(task.losses, 65535))

@@ -429,8 +429,11 @@ class _Slot:
                     self.current = self.deadline = None
                 if scope is not None:  # its trace note: where and when it ran, what it forked
                     _trace.leave(outer)
-                    self.notes.append((e.id, _trace.worker_note(self.received.pop(e.id, wall), wall, time.time(),
-                                                                frames, out, scope)))
+                    try:
+                        self.notes.append((e.id, _trace.worker_note(self.received.pop(e.id, wall), wall, time.time(),
+                                                                    frames, out, scope)))
+                    except Exception:  # noqa: BLE001 - a trace must never cost a result
+                        log.exception("%s: could not write the trace note of task %d", w.where, e.id)
                 finished = time.perf_counter()
                 self._learn(finished - started)
                 if not self.done:

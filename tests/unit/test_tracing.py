@@ -170,10 +170,17 @@ def test_results_without_trace_notes_pass_the_broker_untouched() -> None:
 
 @pytest.mark.parametrize("frames", [[], [b"a", b"b"], [b"short"], [b"\0" * 8 + b"\x00\x00\x00\x09x"],
                                     [b"\0" * 8 + b"\x00\x00\x00\x02xx"]])
-def test_malformed_trace_notes_are_a_protocol_error_for_the_broker(frames: list[bytes]) -> None:
-    _, _, worker = _broker_with_a_traced_task()
-    with pytest.raises(ProtocolError):
-        tracing.take_notes(worker, [Entry(0, 0, 0.0, frames, Flag.TRACE)], 3.0)
+def test_malformed_trace_notes_are_dropped_and_their_results_go_on(frames: list[bytes]) -> None:
+    state, _, worker = _broker_with_a_traced_task()
+    k5, k6 = list(worker.assigned)
+    if frames and len(frames[0]) > 8:  # name a task we hold
+        frames = [k5.to_bytes(8, "big") + frames[0][8:]]
+    results = [Entry(0, 0, 0.0, frames, Flag.TRACE), Entry(k5, 0, 0.1, [b"v5"]), Entry(k6, 0, 0.1, [b"v6"])]
+    entries = tracing.take_notes(worker, results, 3.0)
+    assert [e.id for e in entries] == [k5, k6]
+    state.results(worker, entries)
+    sent, _ = state.take_outbox()
+    assert [e.id for e in sent[b"D1"]] == [5, 6]  # no notes, both results
 
 
 def test_the_ring_keeps_the_latest_forks_and_counts_the_rest() -> None:
