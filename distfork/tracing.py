@@ -68,6 +68,7 @@ log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _tracers: list[Trace] = []
+_tracers_now: tuple[Trace, ...] = ()  # the same, as begin() reads it (no copy per fork)
 _scoped = False  # a traced task ran in this process (a worker): its forks may be traced from now on
 _local = threading.local()  # .scope: list the forks of this thread's running traced task go to
 
@@ -77,7 +78,8 @@ _NO_DEPS: list[str] = []  # shared: never appended to
 
 
 def _refresh() -> None:
-    global ACTIVE
+    global ACTIVE, _tracers_now
+    _tracers_now = tuple(_tracers)
     ACTIVE = bool(_tracers) or _scoped
 
 
@@ -85,7 +87,7 @@ class Record:
     """One fork as this process saw it, with what the broker and worker reported (times: this clock)."""
 
     __slots__ = ("gid", "aliases", "func", "deps", "submit", "done", "start", "end", "where", "status", "held",
-                 "note", "remote", "children", "error")
+                 "note", "remote", "children", "error", "sinks")
 
     def __init__(self, func: str, deps: list[str], submit: float) -> None:
         self.gid = ""  # driver name # task id, once submitted
@@ -106,6 +108,7 @@ class Record:
         # for the garbage collector; a record that gets children gets its own list (kids()).
         self.children: list[Record] = _NO_CHILDREN
         self.error = ""
+        self.sinks: tuple[Trace, ...] = ()  # the traces to hand it to, frozen, when it finishes
 
     def bind(self, driver_name: str, task_id: int) -> None:
         if self.gid:
@@ -125,6 +128,27 @@ class Record:
         self.held = bool(flags & Flag.HELD)
         if code not in (Status.OK, Status.CANCELLED):
             self.error = _error_text(fut)
+        sinks = self.sinks
+        if sinks:
+            self.sinks = ()
+            frozen = self.freeze()
+            for t in sinks:
+                t._finished(self, frozen)
+
+    def freeze(self) -> tuple[Any, ...]:
+        """Its fields as a tuple of plain values (the garbage collector stops scanning such tuples)."""
+        return (self.gid, self.aliases, self.func, tuple(self.deps), self.submit, self.done, self.start, self.end,
+                self.where, self.status, self.held, self.note, self.remote,
+                tuple([c.freeze() for c in self.children]) if self.children else (), self.error)
+
+    @classmethod
+    def thaw(cls, t: tuple[Any, ...]) -> Record:
+        rec = cls(t[2], list(t[3]), t[4])
+        (rec.gid, rec.aliases, rec.done, rec.start, rec.end, rec.where, rec.status, rec.held, rec.note, rec.remote,
+         rec.error) = (t[0], t[1], *t[5:13], t[14])
+        if t[13]:
+            rec.children = [cls.thaw(c) for c in t[13]]
+        return rec
 
     def resolve(self) -> None:
         """Parse the trace note that arrived with its result (kept as bytes until needed: cheap on the
@@ -229,7 +253,7 @@ def begin(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Record | No
     if scope is not None:
         scope.append(rec)
     else:
-        for t in list(_tracers):
+        for t in _tracers_now:
             t._add(rec)
     return rec
 
@@ -410,16 +434,24 @@ class Trace:
         if capacity < 1:
             raise ValueError(f"capacity={capacity}: a trace keeps at least one fork")
         self.capacity = capacity
-        self._records: deque[Record] = deque(maxlen=capacity)
+        # Finished forks, frozen (Record.freeze), in the order they finished; unfinished ones apart.
+        self._done: deque[tuple[Any, ...]] = deque(maxlen=capacity)
+        self._pending: set[Record] = set()
+        self._me = (self,)
         self.dropped = 0
         self.bad_notes = 0
         self.started = time.time()
         self.stopped: float | None = None
 
     def _add(self, rec: Record) -> None:
-        if len(self._records) == self.capacity:
+        rec.sinks = self._me if not rec.sinks else (*rec.sinks, self)
+        self._pending.add(rec)
+
+    def _finished(self, rec: Record, frozen: tuple[Any, ...]) -> None:
+        self._pending.discard(rec)
+        if len(self._done) == self.capacity:
             self.dropped += 1
-        self._records.append(rec)
+        self._done.append(frozen)
 
     def __enter__(self) -> Trace:
         self.started = time.time()
@@ -447,7 +479,9 @@ class Trace:
         out: list[TaskInfo] = []
         ids: dict[str, int] = {}
         pending_deps: list[tuple[TaskInfo, list[str]]] = []
-        for rec in list(self._records):
+        records = [Record.thaw(t) for t in list(self._done)] + list(self._pending.copy())
+        records.sort(key=lambda r: r.submit)
+        for rec in records:
             self._flatten(rec, 0.0, None, None, out, ids, pending_deps)
         if self.bad_notes:
             log.warning("%d trace notes were malformed and left out", self.bad_notes)

@@ -186,7 +186,9 @@ def test_malformed_trace_notes_are_dropped_and_their_results_go_on(frames: list[
 def test_the_ring_keeps_the_latest_forks_and_counts_the_rest() -> None:
     t = tracing.Trace(capacity=3)
     for i in range(5):
-        t._add(tracing.Record(f"f{i}", [], float(i)))
+        rec = tracing.Record(f"f{i}", [], float(i))
+        t._add(rec)
+        rec.finish(0, 0, None)
     assert [x.func for x in t.tasks()] == ["f2", "f3", "f4"] and t.dropped == 2
     assert "2 earlier forks dropped" in str(t.graph)
     with pytest.raises(ValueError, match="capacity"):
