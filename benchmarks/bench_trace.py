@@ -17,8 +17,9 @@ import timeit
 from collections.abc import Callable
 from typing import Any
 
-import distfork
 from bench_core import throughput
+
+import distfork
 from bench_tasks import noop
 from distfork import tracing
 
