@@ -134,12 +134,12 @@ function bars(id, labels, values, fmt, xlabel) {
   for (const v of rs) counts[Math.min(n - 1, Math.floor((Math.log10(v) - lo) * 2))]++;
   bars("hist", counts.map((_, i) => fmtS(Math.pow(10, lo + i / 2))), counts, v => String(Math.round(v)), "run time (bin start, log scale)");
 })();
-(function () {  // throughput: tasks finished per second; the last bin is divided by its real width
+(function () {  // throughput: tasks finished per second, in n equal bins that end at the last result (none partial)
   const fin = T.map(t => t.done !== null ? t.done : t.finished).filter(v => v !== null);
   if (!fin.length) { document.getElementById("throughput").textContent = "nothing finished"; return; }
   const span = Math.max(...fin), n = Math.max(1, Math.min(30, Math.ceil(fin.length / 5))), w = span / n || 1e-6;
   const counts = new Array(n).fill(0); for (const v of fin) counts[Math.min(n - 1, Math.floor(v / w))]++;
-  const rates = counts.map((c, i) => c / Math.max(1e-9, Math.min(w, span - i * w) || w));
+  const rates = counts.map(c => c / w);
   bars("throughput", counts.map((_, i) => fmtS(i * w)), rates, v => v >= 100 ? v.toFixed(0) : v.toFixed(1), "time since the first fork (tasks/s)");
 })();
 (function () {  // bytes by path
