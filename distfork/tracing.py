@@ -2,20 +2,22 @@
 
 ::
 
-    driver process                    broker                          worker process
-    fork() ─ Record(submit) ─ SUBMIT+TRACE ─▶ Task(submitted,  ─ TASKS+TRACE ─▶ slot: recv, start, end,
-      │                                         dispatched)                  bytes in/out; forks made
-      │   ◀── TRACE {w, r: [task id, broker times, losses, ◀── TRACE ──────  while it ran (nested
-      │          worker times, bytes, nested records]}                        Records, JSON)
-      ▼   ◀── RESULTS (after the TRACE) ──────────────────◀── RESULTS
-    Record(done, status)    ─▶ Trace: a ring of Records ─▶ tasks(), graph, save() (Chrome trace), report()
+    driver process                     broker                            worker process
+    fork() ─ Record(submit) ─ SUBMIT+TRACE ─▶ Task(submitted,   ─ TASKS+TRACE ─▶ slot: received, started,
+      │                                          dispatched)                     finished, bytes in/out,
+      │                                                                          the forks it made (JSON)
+      │                                       take_notes: + its  ◀── RESULTS ─── [notes entry, results...]
+      │                                       times, the worker
+      ▼   ◀── RESULTS [notes entry (id 0, Flag.TRACE), results...] ──
+    note_received (kept as bytes), finish ─▶ Trace: a ring of frozen records ─▶ tasks(), graph,
+                                                                              save() (Chrome), report()
 
 Only tasks forked inside a ``with distfork.trace()`` block (or inside a task
 that was) carry ``Flag.TRACE``: the broker and the worker add timings to
 those alone, and an untraced fork pays one module-level flag check
 (``ACTIVE``). A task that forks while it runs collects the Records of its
 forks in a thread-local scope; they travel to the driver inside its own
-worker record, so a nested run arrives as one tree.
+trace note, so a nested run arrives as one tree.
 
 Clocks: every process stamps wall-clock time (``time.time()``). On one host
 that is one clock. Across hosts, a receiver checks the remote stamps against
@@ -24,8 +26,10 @@ sent it, nor finish after the broker got the result); when they contradict
 causality, it shifts the remote clock to the midpoint of the round trip (as
 NTP does), per task, down the tree.
 
-Memory: a trace keeps at most ``capacity`` top-level forks (a ring; the
-oldest drop out and are counted in ``Trace.dropped``).
+Memory: a trace keeps at most ``capacity`` finished top-level forks (a
+ring of plain tuples; the oldest drop out and are counted in
+``Trace.dropped``), plus the unfinished ones (bounded by the driver's
+window).
 """
 
 from __future__ import annotations
