@@ -18,9 +18,10 @@ they are in their HELLO, so a cluster has exactly one address. The broker
 reads only headers: payload frames are forwarded as they came, never
 unpickled, so no user code ever runs here.
 
-With ``metrics_port``, prometheus_client serves ``/metrics`` from a thread of
-its own that only reads numbers (distfork/metrics.py); the loop adds to
-them once per message.
+With ``metrics_port``, an HTTP thread serves ``/metrics`` (prometheus_client's
+app, which only reads numbers: distfork/metrics.py) and the live dashboard
+(distfork/dashboard.py, whose data the loop rebuilds once a heartbeat); the
+loop adds to the numbers once per message.
 
 SIGTERM or SIGINT stop the loop; peers are told BYE.
 """

@@ -251,7 +251,8 @@ class _Collector:
 
 
 class MetricsServer:
-    """prometheus_client's HTTP server on its own thread, serving one broker's metrics."""
+    """An HTTP server on its own thread: one broker's metrics (prometheus_client's WSGI app) and its
+    live dashboard (distfork/dashboard.py)."""
 
     def __init__(self, metrics: BrokerMetrics, host: str, port: int) -> None:
         from prometheus_client import CollectorRegistry, make_wsgi_app
