@@ -48,7 +48,7 @@ document.getElementById("summary").innerHTML =
 // -- task stream -------------------------------------------------------------------------------------
 (function () {
   const W = 1100, left = 170, rowH = 22, top = 24, rows = ["driver", ...workers];
-  const s = svg("stream", W, top + rows.length * rowH + 10);
+  const s = svg("stream", W, top + rows.length * rowH + 24);
   const x = v => left + (W - left - 10) * v / end;
   for (const v of ticks(end, 8)) { el("line", {x1: x(v), x2: x(v), y1: top - 4, y2: top + rows.length * rowH, stroke: "#eee"}, s);
     el("text", {x: x(v), y: top - 8, "text-anchor": "middle"}, s, fmtS(v)); }
@@ -63,7 +63,11 @@ document.getElementById("summary").innerHTML =
     hover(m, `fork %${t.id} ${t.func} at +${fmtS(t.submitted)}`);
   }
   const nested = new Set(ran.filter(t => t.where === "reclaimed").map(t => t.id));
-  for (const t of ran) {
+  const LIMIT = 20000;  // more rectangles than pixels help nobody and stall the page
+  if (ran.length > LIMIT) el("text", {x: W - 10, y: top + rows.length * rowH + 16, "text-anchor": "end"}, s,
+                             `the ${LIMIT} longest of ${ran.length} tasks drawn`);
+  const drawn = ran.length > LIMIT ? ran.slice().sort((a, b) => b.run_s - a.run_s).slice(0, LIMIT) : ran;
+  for (const t of drawn) {
     const i = rowOf.get(t.worker || "?"); const inset = nested.has(t.id) ? 6 : 2;
     const r = el("rect", {x: x(t.started), y: top + i * rowH + inset, width: Math.max(1, x(t.finished) - x(t.started)),
       height: rowH - 2 * inset, fill: color(t), stroke: nested.has(t.id) ? "#fff" : "none", "stroke-width": 0.5,
@@ -83,15 +87,18 @@ document.getElementById("summary").innerHTML =
   const nodeW = 96, nodeH = 30, gapX = 12, gapY = 40, rowGap = 8, widest = Math.max(1, ...layers.map(l => l.length));
   const W = Math.max(600, Math.min(1100, widest * (nodeW + gapX) + 20)), per = Math.floor((W - 20) / (nodeW + gapX));
   const pos = new Map(); let y = 10;
-  layers.forEach(layer => {  // a wide layer wraps onto several rows
-    for (let row = 0; row * per < layer.length; row++) {
+  const MAX_ROWS = 4, notes = [];
+  layers.forEach(layer => {  // a wide layer wraps onto a few rows; the rest is counted, not drawn
+    for (let row = 0; row * per < layer.length && row < MAX_ROWS; row++) {
       const part = layer.slice(row * per, (row + 1) * per), x0 = (W - part.length * (nodeW + gapX) + gapX) / 2;
       part.forEach((t, i) => pos.set(t.id, [x0 + i * (nodeW + gapX), y]));
       y += nodeH + rowGap;
     }
+    if (layer.length > MAX_ROWS * per) { notes.push([y + 4, layer.length - MAX_ROWS * per]); y += 16; }
     y += gapY - rowGap;
   });
   const H = y - gapY + nodeH, s = svg("graph", W, H);
+  for (const [ny, more] of notes) el("text", {x: W / 2, y: ny + 6, "text-anchor": "middle"}, s, `\u2026 and ${more} more at this depth`);
   const defs = el("defs", {}, s);
   const mk = el("marker", {id: "arrow", viewBox: "0 0 10 10", refX: 10, refY: 5, markerWidth: 6, markerHeight: 6, orient: "auto"}, defs);
   el("path", {d: "M0,0 L10,5 L0,10 z", fill: "#888"}, mk);
@@ -99,7 +106,7 @@ document.getElementById("summary").innerHTML =
     el("line", {x1: p[0] + nodeW / 2, y1: p[1] + nodeH, x2: q[0] + nodeW / 2, y2: q[1], stroke: dashed ? "#e08a00" : "#999",
       "stroke-dasharray": dashed ? "5,3" : "", "marker-end": "url(#arrow)", class: dashed ? "value-edge" : "fork-edge"}, s); }
   for (const t of shown) { if (t.parent !== null) edge(t.parent, t.id, false); for (const d of t.deps) edge(d, t.id, true); }
-  for (const t of shown) { const [x, y] = pos.get(t.id);
+  for (const t of shown) { if (!pos.has(t.id)) continue; const [x, y] = pos.get(t.id);
     const g = el("g", {class: "node", "data-id": t.id}, s);
     el("rect", {x, y, width: nodeW, height: nodeH, rx: 5, fill: color(t), opacity: 0.9}, g);
     el("text", {x: x + 5, y: y + 12}, g, `%${t.id} ${t.func}`.slice(0, 16));

@@ -210,3 +210,22 @@ def test_the_chrome_trace_of_a_producer_and_a_taker_has_slices_flows_and_names()
     names = {e["args"]["name"] for e in ev if e["ph"] == "M" and e["name"] == "thread_name"}
     assert {"w/0", "w/1"} <= names
     assert json.loads(json.dumps(ev)) == ev
+
+
+def test_inline_mode_forks_are_traced_as_run_in_the_caller() -> None:
+    import distfork
+
+    distfork.init(mode="inline")
+    try:
+        with distfork.trace() as t:
+            a = distfork.fork(sum, [1, 2])
+            assert distfork.fork(pow, a.result(), 2).result() == 9
+            with pytest.raises(ZeroDivisionError):
+                distfork.fork(divmod, 1, 0).result()
+    finally:
+        distfork.shutdown()
+    x, y, z = t.tasks()
+    assert [x.func, y.func, z.func] == ["sum", "pow", "divmod"]
+    assert {x.where, y.worker, z.status} == {"inline", "raised"}
+    assert x.started is not None and x.finished is not None and x.submitted <= x.started <= x.finished
+    assert "ZeroDivisionError" in z.error
