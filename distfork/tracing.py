@@ -74,6 +74,7 @@ _lock = threading.Lock()
 _tracers: list[Trace] = []
 _tracers_now: tuple[Trace, ...] = ()  # the same, as begin() reads it (no copy per fork)
 _scoped = False  # a traced task ran in this process (a worker): its forks may be traced from now on
+_entered = 0  # scopes open now elsewhere (a task reclaimed or run inline, a fork from a callback)
 _local = threading.local()  # .scope: list the forks of this thread's running traced task go to
 
 _STATUS = {int(s): s.name.lower() for s in Status}
@@ -84,7 +85,7 @@ _NO_DEPS: list[str] = []  # shared: never appended to
 def _refresh() -> None:
     global ACTIVE, _tracers_now
     _tracers_now = tuple(_tracers)
-    ACTIVE = bool(_tracers) or _scoped
+    ACTIVE = bool(_tracers) or _scoped or _entered > 0
 
 
 class Record:
@@ -267,17 +268,32 @@ def capture() -> list[Record] | None:
     return getattr(_local, "scope", None) if ACTIVE else None
 
 
-def enter(scope: list[Record]) -> list[Record] | None:
-    """Forks made in this thread go to ``scope`` until :func:`leave` (given what this returned)."""
-    global ACTIVE, _scoped
+def enter(scope: list[Record], sticky: bool = True) -> list[Record] | None:
+    """Forks made in this thread go to ``scope`` until :func:`leave` (given what this returned).
+
+    ``sticky`` (a worker's slot, on its hot path): no lock; the process
+    keeps ``ACTIVE`` on from then on, which costs its untraced forks one
+    lookup. Otherwise (a driver) ``ACTIVE`` goes off again with the last scope.
+    """
+    global ACTIVE, _scoped, _entered
     prev: list[Record] | None = getattr(_local, "scope", None)
     _local.scope = scope
-    _scoped = ACTIVE = True
+    if sticky:
+        _scoped = ACTIVE = True
+    else:
+        with _lock:
+            _entered += 1
+            _refresh()
     return prev
 
 
-def leave(prev: list[Record] | None) -> None:
+def leave(prev: list[Record] | None, sticky: bool = True) -> None:
+    global _entered
     _local.scope = prev
+    if not sticky:
+        with _lock:
+            _entered -= 1
+            _refresh()
 
 
 @contextlib.contextmanager
@@ -286,11 +302,11 @@ def scoped(scope: list[Record] | None) -> Iterator[None]:
     if scope is None:
         yield
         return
-    prev = enter(scope)
+    prev = enter(scope, sticky=False)
     try:
         yield
     finally:
-        leave(prev)
+        leave(prev, sticky=False)
 
 
 @contextlib.contextmanager
@@ -687,6 +703,10 @@ def chrome_trace(tasks: list[TaskInfo]) -> dict[str, Any]:
         return round(s * 1e6, 3)
 
     driver = track("driver", f"driver (pid {os.getpid()})")
+    end = max((max(t.done or 0.0, t.finished or 0.0, t.submitted) for t in tasks), default=0.0)
+    # One slice for the whole run on the driver's track: the flow arrows of its forks start inside it.
+    events.append({"ph": "X", "name": "driver", "cat": "driver", "pid": driver[0], "tid": driver[1], "ts": 0,
+                   "dur": max(us(end), 1.0)})
     where: dict[int, tuple[int, int]] = {}
     by_id = {t.id: t for t in tasks}
     flow = 0
@@ -697,9 +717,10 @@ def chrome_trace(tasks: list[TaskInfo]) -> dict[str, Any]:
         src = where.get(t.parent) if t.parent is not None else driver
         if src is None:
             src = driver
-        # the fork itself: a short slice on the forking track, where its flow arrow starts
-        events.append({"ph": "X", "name": f"fork {t.func}", "cat": "fork", "pid": src[0], "tid": src[1],
-                       "ts": us(t.submitted), "dur": 1, "args": {"task": t.id}})
+        # the fork itself: an instant on the forking track (inside the driver's or the parent's slice,
+        # where its flow arrow starts); a slice of its own could overlap a child's and break the nesting
+        events.append({"ph": "i", "s": "t", "name": f"fork {t.func}", "cat": "fork", "pid": src[0], "tid": src[1],
+                       "ts": us(t.submitted), "args": {"task": t.id}})
         if t.id not in where or t.started is None or t.finished is None:
             continue
         pid, tid = where[t.id]

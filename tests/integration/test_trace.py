@@ -80,7 +80,7 @@ def test_the_chrome_trace_is_json_with_task_slices_flow_arrows_and_track_names(t
     t.save(tmp_path / "run.json")
     events = json.loads((tmp_path / "run.json").read_text())["traceEvents"]
     kinds = {e["ph"] for e in events}
-    assert {"X", "s", "f", "M"} <= kinds
+    assert {"X", "s", "f", "M", "i"} <= kinds
     slices = [e for e in events if e["ph"] == "X" and e["cat"] == "task"]
     assert len(slices) == len(t.tasks()) == 2 + fib_calls(4), [x for x in t.tasks() if x.started is None]
     assert all(e["dur"] > 0 and isinstance(e["ts"], float | int) for e in slices)

@@ -229,3 +229,4 @@ def test_inline_mode_forks_are_traced_as_run_in_the_caller() -> None:
     assert {x.where, y.worker, z.status} == {"inline", "raised"}
     assert x.started is not None and x.finished is not None and x.submitted <= x.started <= x.finished
     assert "ZeroDivisionError" in z.error
+    assert not tracing.ACTIVE  # untraced forks pay the flag test again, nothing more
