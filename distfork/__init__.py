@@ -19,8 +19,10 @@ from .errors import (
 )
 from .executor import Executor
 from .future import Future, as_completed, collect_all, wait_all
+from .progressbar import progress
 from .shared import Shared, share
 from .slurm import SlurmCluster
+from .tracing import Trace, trace
 
 __version__ = "0.1.0"
 
@@ -37,6 +39,7 @@ __all__ = [
     "SerializationError",
     "Shared",
     "SlurmCluster",
+    "Trace",
     "WorkerLostError",
     "as_completed",
     "collect_all",
@@ -44,7 +47,9 @@ __all__ = [
     "init",
     "options",
     "share",
+    "progress",
     "shutdown",
+    "trace",
     "wait",
     "wait_all",
 ]

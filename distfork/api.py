@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from . import codeship, protocol, serialize, shared
 from . import config as _config
 from . import resources as resources_
+from . import tracing as _trace
 from .cluster import LocalCluster
 from .driver import Call, Driver, complete
 from .errors import DistforkError
@@ -132,6 +133,7 @@ def init(
         if not _atexit_registered:
             atexit.register(_at_exit)
             _atexit_registered = True
+        _trace.from_env()  # `distfork trace -- cmd`: after shutdown's atexit, so it runs before it
         log.info("distfork initialized: %s", _describe(rt))
 
 
@@ -244,14 +246,18 @@ def _fork(
         return _fork_after(arg.future, func, args, kwargs, max_retries, timeout_s, request)
     finally:
         serialize._local.share_copy = None
+    rec = _trace.begin(func, args, kwargs) if _trace.ACTIVE else None
     if driver is not None:
         call = Call(func, args, kwargs, deps, request=request) if deps else None
         return driver.submit(frames, max_retries, timeout_s, call=call, request=request,
-                             pinned=shared.pins() != pins)
+                             pinned=shared.pins() != pins, traced=rec)
     fut: Future[T] = Future()
     frames, _ = serialize.route(frames, None)
-    code, out, _ = run_task(frames, f"inline mode (pid {os.getpid()})", rt.config.oob_threshold_bytes, None)
+    with _trace.run_here(rec, "inline"):
+        code, out, _ = run_task(frames, f"inline mode (pid {os.getpid()})", rt.config.oob_threshold_bytes, None)
     complete(fut, code, out)
+    if rec is not None:
+        rec.finish(code, 0, fut)
     return fut
 
 
@@ -268,6 +274,7 @@ def _fork_after(
     can start.
     """
     inner_box: list[Future[T]] = []
+    scope = _trace.capture()  # a traced task's forks stay its own when they start from a callback
 
     def reclaim(_: Future[Any], local: bool) -> None:
         dep._reclaim(local)  # run here: its done callback forks the call, in this thread
@@ -287,7 +294,8 @@ def _fork_after(
             settle(outer, exception=failure)
             return
         try:
-            inner = _fork(func, args, kwargs, max_retries, timeout_s, request)
+            with _trace.scoped(scope):
+                inner = _fork(func, args, kwargs, max_retries, timeout_s, request)
         except BaseException as exc:  # noqa: BLE001 - it belongs to the future
             settle(outer, exception=exc)
             return

@@ -18,9 +18,10 @@ they are in their HELLO, so a cluster has exactly one address. The broker
 reads only headers: payload frames are forwarded as they came, never
 unpickled, so no user code ever runs here.
 
-With ``metrics_port``, prometheus_client serves ``/metrics`` from a thread of
-its own that only reads numbers (distfork/metrics.py); the loop adds to
-them once per message.
+With ``metrics_port``, an HTTP thread serves ``/metrics`` (prometheus_client's
+app, which only reads numbers: distfork/metrics.py) and the live dashboard
+(distfork/dashboard.py, whose data the loop rebuilds once a heartbeat); the
+loop adds to the numbers once per message.
 
 SIGTERM or SIGINT stop the loop; peers are told BYE.
 """
@@ -39,6 +40,7 @@ from typing import Any
 import zmq
 
 from . import codeship, endpoint, protocol, security, shm
+from . import tracing as _trace
 from .broker_state import BrokerState, PeerInfo
 from .config import DEFAULT_ADDRESS, Config
 from .errors import ProtocolError
@@ -96,6 +98,8 @@ class Broker:
         except BaseException:
             self._close_sockets()
             raise
+        if self.metrics_server is not None:
+            self.metrics_server.dashboard.publish(self.state, time.monotonic())
         self._stopping = False
         self._reload_keys = False
         self._reclaims: list[tuple[PeerInfo, list[int]]] = []
@@ -251,7 +255,7 @@ class Broker:
                 self.state.submit(p, entries, now)
                 self.metrics.tasks_in(entries)
             elif kind is Msg.RESULTS and p.role == "worker":
-                entries = protocol.decode_batch(frames, body)
+                entries = _trace.take_notes(p, protocol.decode_batch(frames, body), now)
                 self.metrics.results_in(p, entries, now)
                 for e in entries:
                     if e.flags & Flag.OUTPUT:  # its last lines may come after it, by another socket
@@ -481,6 +485,8 @@ class Broker:
             self._send(driver.id, protocol.encode_json(Msg.RECLAIMED, {"granted": granted, "asked": ids}))
 
     def _tick(self, now: float) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.dashboard.publish(self.state, now)  # the live page's data, once a heartbeat
         for peer in self.state.peers:
             self._send(peer, protocol.encode_signal(Msg.HEARTBEAT))
         self.state.expire(now)

@@ -52,6 +52,7 @@ from .protocol import (
     decode_request,
     encode_dep_counts,
     encode_devices,
+    encode_notes,
 )
 from .shm import segment_of
 
@@ -103,6 +104,9 @@ class Task:
     needs: dict[str, float] | None = None
     labels: dict[str, str] | None = None
     devices: list[int] | None = None  # the GPU ids it was given where it runs
+    trace: int = 0  # Flag.TRACE if forked inside distfork.trace(): passed on to the worker
+    dispatched: float = 0.0  # when it was last handed to a worker (monotonic s), for traces
+    note: bytes | None = None  # traced: the trace note for its driver, sent with its result (tracing.take_notes)
 
     def wire(self) -> tuple[Sequence[Frame], int]:
         """The payload to hand a worker, and the flags it needs: held dependency values first."""
@@ -113,7 +117,7 @@ class Task:
 
     def _wire(self) -> tuple[Sequence[Frame], int]:
         if not self.deps:
-            return self.frames, 0
+            return self.frames, self.trace
         counts: list[int] = []
         values: list[Frame] = []
         for dep in self.deps:
@@ -121,7 +125,7 @@ class Task:
                 raise RuntimeError(f"task {self.key} dispatched with a dependency not done")
             counts.append(len(dep.frames))
             values.extend(dep.frames)
-        return [encode_dep_counts(counts), *values, *self.frames], Flag.DEPS
+        return [encode_dep_counts(counts), *values, *self.frames], Flag.DEPS | self.trace
 
 
 @dataclasses.dataclass(eq=False)
@@ -197,6 +201,8 @@ class BrokerState:
         self.counters: collections.Counter[str] = collections.Counter()
         # What the socket loop must send next.
         self._results: dict[bytes, list[Entry]] = {}
+        self._notes: dict[bytes, list[tuple[int, bytes]]] = {}  # trace notes per driver, sent with the results
+        self.recent_failures: collections.deque[dict[str, Any]] = collections.deque(maxlen=20)  # for the dashboard
         self._cancels: dict[bytes, list[int]] = {}
         self._discards: dict[bytes, list[Entry]] = {}
         self._aborts: dict[bytes, list[int]] = {}
@@ -420,7 +426,7 @@ class BrokerState:
                 frames = frames[1:]
             task = Task(self._next_key, driver.id, e.id, e.code, e.extra, frames, domain, bool(e.flags & Flag.PINNED),
                         owner_pid=owner_pid, nested=bool(e.flags & Flag.NESTED), submitted=at,
-                        needs=needs, labels=labels)
+                        needs=needs, labels=labels, trace=e.flags & Flag.TRACE)
             self._next_key += 1
             tasks[e.id] = task
             if bad is not None or (dep_ids is not None and not dep_ids):
@@ -620,6 +626,10 @@ class BrokerState:
             self._send_result(driver, Entry(task.task_id, status, extra, frames, flags))
             return
         driver.done += 1
+        if status != Status.OK:
+            self._failed(driver, task, status, frames)
+        if task.note is not None:  # traced: where and when it ran goes with the result
+            self._notes.setdefault(driver.id, []).append((task.task_id, task.note))
         if status == Status.OK:
             self.counters["tasks_succeeded"] += 1
         else:
@@ -627,6 +637,19 @@ class BrokerState:
             self.counters["tasks_failed"] += 1
             self.counters[_FAILED_COUNTERS.get(status, "tasks_failed_other")] += 1  # by reason, for the metrics
         self._send_result(driver, Entry(task.task_id, status, extra, frames, flags))
+
+    def _failed(self, driver: PeerInfo, task: Task, status: int, frames: Sequence[Frame]) -> None:
+        """Remember a failure for the live dashboard: who, what kind, and its text unless it is a pickle."""
+        if status == Status.RAISED:
+            text = "the task raised; its exception and remote traceback went to its driver"
+        else:
+            text = bytes(memoryview(frames[0])[:400]).decode(errors="replace") if frames else ""
+        worker = self.workers.get(task.worker) if task.worker is not None else None
+        self.recent_failures.append({
+            "at_s": round(self._now - self.started, 3), "driver": driver.info.get("name"), "task": task.task_id,
+            "status": Status(status).name.lower() if status in _FAILED_COUNTERS else str(status),
+            "worker": worker.info.get("name") if worker is not None else None, "text": text,
+        })
 
     def _send_result(self, driver: PeerInfo, entry: Entry) -> None:
         out = self._results.get(driver.id)
@@ -748,6 +771,7 @@ class BrokerState:
             w.progress_at = self._now
         task.state = TaskState.ASSIGNED
         task.worker = w.id
+        task.dispatched = self._now
         w.assigned[task.key] = task
         out.setdefault(w.id, []).append(task)
 
@@ -795,6 +819,10 @@ class BrokerState:
         """Results per driver and cancels per worker to send now."""
         results, cancels = self._results, self._cancels
         self._results, self._cancels = {}, {}
+        if self._notes:  # first in the batch, so that the driver has them before it completes the futures
+            for driver, notes in self._notes.items():
+                results.setdefault(driver, []).insert(0, encode_notes(notes))
+            self._notes = {}
         return results, cancels
 
     def take_aborts(self) -> dict[bytes, list[int]]:

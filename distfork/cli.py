@@ -411,6 +411,9 @@ def _loadtest_table(report: Any, plot_path: str | None) -> Any:
     return Group(t)
 
 
+cli.add_command(__import__("distfork.cli_trace", fromlist=["trace_command"]).trace_command)
+
+
 def main() -> None:
     cli(prog_name="distfork")
 

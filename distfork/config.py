@@ -125,6 +125,8 @@ class Config:
     #: Seconds a task that fits on no worker of the cluster waits for one to
     #: join before it fails (broker).
     resource_grace_s: float = 3.0
+    #: Top-level forks a ``distfork.trace()`` keeps (a ring: the oldest drop out).
+    trace_capacity: int = 100_000
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Config:

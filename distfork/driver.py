@@ -48,6 +48,7 @@ from typing import Any, NamedTuple
 import zmq
 
 from . import output, protocol, security, serialize, shm
+from . import tracing as _trace
 from .config import Config
 from .errors import (
     AuthenticationError,
@@ -129,6 +130,8 @@ class Driver:
         self._calls: dict[int, Call] = {}
         # Results the broker holds: task id -> (its future, entry and argument segment, kept to run it again).
         self._held: dict[int, _Held] = {}
+        # Tasks forked inside distfork.trace(): their Records, until their results arrive (distfork/tracing.py).
+        self._traced: dict[int, _trace.Record] = {}
         self._fetching: dict[int, _Fetch] = {}
         self._fetch_lock = threading.Lock()
         self._fetches: collections.deque[int] = collections.deque()
@@ -194,6 +197,7 @@ class Driver:
     def submit(
         self, frames: list[Any], max_retries: int = protocol.DEFAULT_RETRIES, timeout_s: float = 0.0,
         call: Call | None = None, fut: Future[Any] | None = None, request: Any = None, pinned: bool = False,
+        traced: _trace.Record | None = None,
     ) -> Future[Any]:
         """Send a pickled call (``serialize.dumps_call`` output); its future completes with the result.
 
@@ -232,6 +236,10 @@ class Driver:
         if request is not None:  # (resources, labels): its frame goes first
             frames = [protocol.encode_request(*request), *frames]
             flags |= Flag.RESOURCES
+        if traced is not None:
+            flags |= Flag.TRACE
+            traced.bind(self.name, task_id)
+            self._traced[task_id] = traced
         entry = Entry(task_id, max_retries, timeout_s, frames, flags)
         self._inflight[task_id] = (fut, entry, segment, nbytes)
         if self._closing:
@@ -338,10 +346,14 @@ class Driver:
             return
         from .worker import run_task  # a driver inside a worker runs what it took back
 
-        code, out, retained = run_task(
-            item[1].frames, f"reclaimed by pid {os.getpid()}", self.config.oob_threshold_bytes, None
-        )
+        rec = self._traced.pop(task_id, None) if self._traced else None
+        with _trace.run_here(rec, "reclaimed"):
+            code, out, retained = run_task(
+                item[1].frames, f"reclaimed by pid {os.getpid()}", self.config.oob_threshold_bytes, None
+            )
         complete(fut, code, out)
+        if rec is not None:
+            rec.finish(code, 0, fut)
         self._release(item[2], item[3], reusable=not retained)
 
     def _fetch(self, fut: Future[Any], timeout: float | None) -> Any:
@@ -557,6 +569,9 @@ class Driver:
                 item = self._inflight.pop(task_id, None)
                 if item is not None:
                     self._calls.pop(task_id, None)
+                    rec = self._traced.pop(task_id, None) if self._traced else None
+                    if rec is not None:
+                        rec.finish(Status.CANCELLED, 0, item[0])
                     self._release(item[2], item[3])
                     ids.append(task_id)
             if ids:
@@ -646,6 +661,14 @@ class Driver:
     def _results(self, entries: Sequence[Entry]) -> None:
         inflight = self._inflight
         release = self._release
+        if entries and entries[0].id == 0 and entries[0].flags & Flag.TRACE:
+            try:
+                notes, entries = protocol.decode_notes(entries)
+            except ProtocolError as exc:  # the results still count
+                log.warning("dropped the trace notes of a message from the broker: %s", exc)
+                notes, entries = [], entries[1:]
+            for task_id, note in notes:  # traced tasks: where and when they ran
+                _trace.note_received(self._traced.get(task_id), note)
         for e in entries:
             item = inflight.pop(e.id, None)
             if item is None:
@@ -655,14 +678,18 @@ class Driver:
                     serialize.free(e.frames)  # cancelled meanwhile, or a duplicate
                 continue
             call = self._calls.pop(e.id, None) if self._calls else None
+            rec = self._traced.pop(e.id, None) if self._traced else None
             if e.code == Status.RESUBMIT and call is not None:
                 release(item[2], item[3])
-                self._send_again(item[0], call, item[1].code, item[1].extra)
+                self._send_again(item[0], call, item[1].code, item[1].extra, rec)
+                rec = None  # sent again under a new id
             elif e.flags & Flag.HELD:
                 self._hold(item, e)
             else:
                 complete(item[0], e.code, e.frames, self._recycle)
                 release(item[2], item[3], not e.flags & Flag.RETAINED)
+            if rec is not None:
+                rec.finish(e.code, e.flags, item[0])
 
     def _hold(self, item: tuple[Future[Any], Entry, shm.Segment | None, int], e: Entry) -> None:
         """Tasks took this result as an argument: the broker keeps it; the future is done, its value remote."""
@@ -695,7 +722,8 @@ class Driver:
             waiter.value, waiter.error = value, error
             waiter.event.set()
 
-    def _send_again(self, fut: Future[Any], call: Call, max_retries: int, timeout_s: float) -> None:
+    def _send_again(self, fut: Future[Any], call: Call, max_retries: int, timeout_s: float,
+                    traced: _trace.Record | None = None) -> None:
         """The broker no longer has a future the call names: pickle it again, with the values we have.
 
         From the callback thread, once every future it names is done: that
@@ -722,7 +750,8 @@ class Driver:
                                                   self.shipper.ref() if self.shipper is not None else None)
                     again_call = (Call(call.func, call.args, call.kwargs, deps, call.tries + 1, call.request)
                                   if deps else None)
-                    self.submit(frames, max_retries, timeout_s, call=again_call, fut=fut, request=call.request)
+                    self.submit(frames, max_retries, timeout_s, call=again_call, fut=fut, request=call.request,
+                                traced=traced)
             except InvalidStateError:
                 pass  # cancelled meanwhile
             except BaseException as exc:  # noqa: BLE001 - it belongs to the future

@@ -152,7 +152,8 @@ class Executor(concurrent.futures.Executor):
         return fut
 
     def map(
-        self, fn: Callable[..., T], *iterables: Iterable[Any], timeout: float | None = None, chunksize: int = 1
+        self, fn: Callable[..., T], *iterables: Iterable[Any], timeout: float | None = None, chunksize: int = 1,
+        progress: bool = False,
     ) -> Iterator[T]:
         """``fn`` over the items of ``iterables``, as ``concurrent.futures.Executor.map``.
 
@@ -164,14 +165,22 @@ class Executor(concurrent.futures.Executor):
         iterator is dropped, the items not yet yielded are cancelled.
         ``chunksize`` > 1 sends that many items per task (as
         ``ProcessPoolExecutor`` does): fewer round trips for small items.
+        ``progress=True`` shows a bar of the tasks as they finish (on a terminal).
         """
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         end = None if timeout is None else time.monotonic() + timeout
         if chunksize == 1:
-            return _in_order(self._submit_all(fn, zip(*iterables)), end, timeout)  # noqa: B905 - shortest wins
-        chunks = _chunks(zip(*iterables), chunksize)  # noqa: B905
-        return _flatten(_in_order(self._submit_all(_run_chunk, ((fn, c) for c in chunks)), end, timeout))
+            futures = self._submit_all(fn, zip(*iterables))  # noqa: B905 - shortest wins
+        else:
+            futures = self._submit_all(_run_chunk, ((fn, c) for c in _chunks(zip(*iterables), chunksize)))  # noqa: B905
+        if progress:
+            from .progressbar import ProgressBar
+
+            ProgressBar(futures, getattr(fn, "__name__", "map"))
+        if chunksize == 1:
+            return _in_order(futures, end, timeout)
+        return _flatten(_in_order(futures, end, timeout))
 
     def _submit_all(self, fn: Callable[..., Any], calls: Iterable[tuple[Any, ...]]) -> list[Future[Any]]:
         futures: list[Future[Any]] = []

@@ -44,11 +44,11 @@ import numpy as np
 
 from .errors import DistforkError
 
-__all__ = ["LoadSpec", "LoadTestError", "Report", "plot_report", "run", "work"]
+__all__ = ["LoadSpec", "LoadTestError", "Report", "figure", "plot_report", "run", "work"]
 
 log = logging.getLogger(__name__)
 
-_TIMELINE_BIN_S = 0.25
+_TIMELINE_MIN_BIN_S = 0.01
 
 
 class LoadTestError(DistforkError):
@@ -137,11 +137,27 @@ class Report:
         return {"min": float(lat.min()), "mean": float(lat.mean()), "p50": float(p50), "p90": float(p90),
                 "p99": float(p99), "max": float(lat.max())}
 
-    def timeline(self, bin_s: float = _TIMELINE_BIN_S) -> list[float]:
-        """Tasks finished per second in consecutive ``bin_s`` bins (the last one as long as the run lasted)."""
+    def timeline_bin_s(self) -> float:
+        """The timeline's bin: about 40 over the run, 1, 2 or 5 times a power of ten, 10 ms at least."""
+        raw = max(self.elapsed_s / 40, _TIMELINE_MIN_BIN_S)
+        power = 10 ** math.floor(math.log10(raw))
+        return float(next(m * power for m in (1, 2, 5, 10) if m * power >= raw * (1 - 1e-9)))
+
+    def timeline(self, bin_s: float | None = None) -> list[float]:
+        """Tasks finished per second in consecutive ``bin_s`` bins (default :meth:`timeline_bin_s`).
+
+        The last bin is as long as the run lasted. One shorter than half a
+        bin is merged into the one before: a few tasks that finished just
+        past a bin's edge, divided by a sliver of time, would draw a spike
+        the run never had.
+        """
         if not self.finish_times_s:
             return []
+        bin_s = bin_s or self.timeline_bin_s()
         counts = np.bincount((np.asarray(self.finish_times_s) / bin_s).astype(int))
+        if len(counts) > 1 and self.elapsed_s - (len(counts) - 1) * bin_s < bin_s / 2:
+            counts[-2] += counts[-1]
+            counts = counts[:-1]
         widths = np.full(len(counts), bin_s)
         widths[-1] = max(self.elapsed_s - (len(counts) - 1) * bin_s, 1e-3)
         return [float(c / w) for c, w in zip(counts, widths, strict=True)]
@@ -161,7 +177,7 @@ class Report:
             "latency_s": self.percentiles(),
             "bytes": {"sent": self.sent_bytes, "received": self.received_bytes, "broker": self.broker_bytes},
             "by_worker": dict(self.by_worker),
-            "throughput_per_s": {"bin_s": _TIMELINE_BIN_S, "values": self.timeline()},
+            "throughput_per_s": {"bin_s": self.timeline_bin_s(), "values": self.timeline()},
         }
 
 
@@ -325,10 +341,20 @@ def _drive(spec: LoadSpec, address: str, registered: int, progress: Callable[[in
 
 def plot_report(report: Report, path: str) -> None:
     """Draw the latency histogram and the throughput over time into ``path`` (PNG); needs matplotlib."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(report)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def figure(report: Report) -> Any:
+    """The loadtest's matplotlib figure: latency histogram (left), throughput over time (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     lat_ms = np.asarray(report.latencies_s) * 1000
@@ -338,6 +364,12 @@ def plot_report(report: Report, path: str) -> None:
         left.hist(lat_ms, bins=bins, color="tab:blue")
         if not isinstance(bins, int):
             left.set_xscale("log")
+            # Labels at 1, 2 and 5 per decade over few decades, at the powers of ten over many, in plain
+            # numbers: matplotlib's default labels minor ticks too, which run into one unreadable row.
+            decades = math.log10(high / low)
+            left.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if decades < 3 else (1.0,)))
+            left.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            left.xaxis.set_minor_formatter(NullFormatter())
         pct = report.percentiles()
         for name, style in (("p50", "-"), ("p99", "--")):
             left.axvline(pct[name] * 1000, color="black", linestyle=style, label=f"{name} {pct[name] * 1000:.2f} ms")
@@ -347,7 +379,7 @@ def plot_report(report: Report, path: str) -> None:
     left.set_title(f"latency of {report.finished} tasks")
     rates = report.timeline()
     if rates:
-        starts = np.arange(len(rates)) * _TIMELINE_BIN_S
+        starts = np.arange(len(rates)) * report.timeline_bin_s()
         edges = np.append(starts, max(report.elapsed_s, starts[-1]))
         right.stairs(rates, edges, color="tab:green")
     right.set_ylim(bottom=0)
@@ -357,5 +389,4 @@ def plot_report(report: Report, path: str) -> None:
     fig.suptitle(f"distfork loadtest: {report.address}, {report.workers} workers, "
                  f"concurrency {report.spec.concurrency}")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig

@@ -262,17 +262,22 @@ class _Collector:
 
 
 class MetricsServer:
-    """prometheus_client's HTTP server on its own thread, serving one broker's metrics."""
+    """An HTTP server on its own thread: one broker's metrics (prometheus_client's WSGI app) and its
+    live dashboard (distfork/dashboard.py)."""
 
     def __init__(self, metrics: BrokerMetrics, host: str, port: int) -> None:
-        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client import CollectorRegistry, make_wsgi_app
+
+        from .dashboard import Dashboard, serve
 
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(metrics))
+        # The same port serves the live dashboard (distfork/dashboard.py): "/" and "/dashboard.json".
+        self.dashboard = Dashboard()
         server: WSGIServer
         thread: threading.Thread
         try:
-            server, thread = start_http_server(port, addr=host, registry=self.registry)
+            server, thread = serve(host, port, self.dashboard.wsgi(make_wsgi_app(self.registry)))
         except OSError as exc:
             raise OSError(exc.errno, f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
         self._server, self._thread = server, thread

@@ -12,7 +12,7 @@ Bodies:
   EXITED, RECLAIMED, RECYCLE, CODE_GET, OUTPUT): UTF-8 JSON
   object;
 * batches (SUBMIT, TASKS, RESULTS, DISCARD): ``u32 count`` then ``count``
-  entries of ``struct "!QHBBfI"`` = (id, nframes, code, flags, extra, pid),
+  entries of ``struct "!QHBHfI"`` = (id, nframes, code, flags, extra, pid),
   followed in the message by the entries' payload frames, ``nframes`` each,
   in order. For a task, ``code`` is max_retries (255: the cluster default),
   ``flags`` are :class:`Flag` bits and ``extra`` its timeout in seconds (0:
@@ -47,6 +47,7 @@ from .errors import ProtocolError
 
 __all__ = [
     "DEFAULT_RETRIES",
+    "TRACE_PATHS",
     "VERSION",
     "Entry",
     "Flag",
@@ -62,6 +63,9 @@ __all__ = [
     "decode_deps",
     "decode_devices",
     "decode_request",
+    "decode_driver_note",
+    "decode_notes",
+    "decode_worker_note",
     "encode_dep_counts",
     "encode_deps",
     "encode_devices",
@@ -70,10 +74,13 @@ __all__ = [
     "encode_cancel",
     "encode_code",
     "encode_json",
+    "encode_driver_note",
+    "encode_notes",
     "encode_signal",
+    "encode_worker_note",
 ]
 
-VERSION = 1
+VERSION = 2  # 2: flags widened to 16 bits (TRACE = 256)
 #: Task ``code`` meaning "use the cluster's default max_retries".
 DEFAULT_RETRIES = 255
 
@@ -133,6 +140,10 @@ class Flag:
     # SUBMIT: the payload starts with a frame of what the task asks for (encode_request), before any
     # DEPS frame. TASKS: the payload starts with a frame of the GPU ids it was given (encode_devices).
     RESOURCES = 128
+    # SUBMIT, TASKS: forked inside distfork.trace(): the worker and the broker report its timings.
+    # RESULTS: on the entry of id 0 that comes first in a batch with traced results: it carries
+    # their trace notes (see encode_notes).
+    TRACE = 256
 
 
 class Status(enum.IntEnum):
@@ -149,7 +160,7 @@ class Status(enum.IntEnum):
 
 _HEADER = struct.Struct("!BB")
 _COUNT = struct.Struct("!I")
-_ENTRY = struct.Struct("!QHBBfI")
+_ENTRY = struct.Struct("!QHBHfI")
 _U64 = struct.Struct("!Q")
 _SIGNALS = {m: _HEADER.pack(VERSION, m) for m in Msg}
 
@@ -337,3 +348,81 @@ def decode_devices(frame: Frame) -> list[int]:
     if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         raise ProtocolError(f"device frame {ids!r} is not a list of ids")
     return ids
+
+
+# Trace notes: what the worker (then the broker) adds to the result of a traced task. A RESULTS batch
+# with traced results starts with an entry of id 0 and Flag.TRACE whose one frame holds, for each,
+# u64 id (worker: the task key; broker: the driver's task id), u32 length, the note.
+_NOTE_HEAD = struct.Struct("!QI")
+
+
+def encode_notes(notes: Sequence[tuple[int, bytes]]) -> Entry:
+    """The entry that carries a batch's trace notes; it goes first in the batch."""
+    pack = _NOTE_HEAD.pack
+    return Entry(0, 0, 0.0, [b"".join(pack(i, len(n)) + n for i, n in notes)], Flag.TRACE)
+
+
+def decode_notes(entries: Sequence[Entry]) -> tuple[list[tuple[int, memoryview]], Sequence[Entry]]:
+    """(the trace notes of a RESULTS batch, its other entries); one test when it has none."""
+    if not entries or entries[0].id != 0 or not entries[0].flags & Flag.TRACE:
+        return [], entries
+    head = entries[0]
+    if len(head.frames) != 1:
+        raise ProtocolError(f"trace notes in {len(head.frames)} frames, expected 1")
+    view = memoryview(head.frames[0])
+    notes = []
+    at = 0
+    while at < view.nbytes:
+        if at + _NOTE_HEAD.size > view.nbytes:
+            raise ProtocolError("a trace note cut short")
+        i, n = _NOTE_HEAD.unpack_from(view, at)
+        at += _NOTE_HEAD.size
+        if at + n > view.nbytes:
+            raise ProtocolError(f"a trace note of {n} bytes at {at} of {view.nbytes}")
+        notes.append((i, view[at : at + n]))
+        at += n
+    return notes, entries[1:]
+
+
+# Each note.
+# Worker's: (received, started, finished, bytes in, bytes out, path in, path out), its wall-clock seconds,
+# then the JSON list of the records of the forks the task made (or nothing).
+_WORKER_NOTE = struct.Struct("!dddQQBB")
+# Broker's, to the driver: (reached the broker, dispatched, result back: the broker's wall clock; losses;
+# the worker's seven fields; length of the JSON naming the worker), that JSON, then the worker's JSON list.
+_DRIVER_NOTE = struct.Struct("!dddHdddQQBBH")
+#: How a payload travelled, as a trace note's path byte.
+TRACE_PATHS = ("none", "inline", "shm", "frames")
+
+
+def encode_worker_note(recv: float, start: float, end: float, in_bytes: int, out_bytes: int, in_path: int,
+                       out_path: int, children: bytes = b"") -> bytes:
+    return _WORKER_NOTE.pack(recv, start, end, in_bytes, out_bytes, in_path, out_path) + children
+
+
+def decode_worker_note(frame: Frame) -> tuple[tuple[Any, ...], memoryview]:
+    """(the worker's seven fields, the JSON bytes of its nested records, maybe empty)."""
+    view = memoryview(frame)
+    if view.nbytes < _WORKER_NOTE.size:
+        raise ProtocolError(f"trace note of {view.nbytes} bytes, need {_WORKER_NOTE.size}")
+    return _WORKER_NOTE.unpack_from(view), view[_WORKER_NOTE.size :]
+
+
+def encode_driver_note(broker: tuple[float, float, float, int], worker: tuple[Any, ...], who: bytes,
+                       children: Frame) -> bytes:
+    if len(who) > 65535:
+        raise ValueError("worker description too long for a trace note")
+    return _DRIVER_NOTE.pack(*broker, *worker, len(who)) + who + bytes(children)
+
+
+def decode_driver_note(frame: Frame) -> tuple[tuple[Any, ...], memoryview, memoryview]:
+    """(the broker's four and the worker's seven fields, the JSON naming the worker, the JSON of nested
+    records or nothing); the JSON is the caller's to parse."""
+    view = memoryview(frame)
+    if view.nbytes < _DRIVER_NOTE.size:
+        raise ProtocolError(f"trace note of {view.nbytes} bytes, need {_DRIVER_NOTE.size}")
+    *fields, n = _DRIVER_NOTE.unpack_from(view)
+    end = _DRIVER_NOTE.size + n
+    if view.nbytes < end:
+        raise ProtocolError(f"trace note of {view.nbytes} bytes names {end}")
+    return tuple(fields), view[_DRIVER_NOTE.size : end], view[end:]

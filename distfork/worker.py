@@ -39,6 +39,7 @@ from typing import Any
 import zmq
 
 from . import codeship, output, protocol, resources, security, serialize, shm
+from . import tracing as _trace
 from .config import Config
 from .errors import ProtocolError, SerializationError
 from .protocol import Entry, Flag, Msg, Status
@@ -419,6 +420,9 @@ class _Slot:
         # the next task is quick enough to keep holding finished results for.
         self.run_s: dict[tuple[Any, Any], float] = {}
         self.key: tuple[Any, Any] | None = None
+        # Traced tasks (Flag.TRACE): when each arrived; the notes to send with the next RESULTS.
+        self.received: dict[int, float] = {}
+        self.notes: list[tuple[int, bytes]] = []
 
     def _hello(self, sock: zmq.Socket[Any]) -> None:
         w = self.worker
@@ -480,6 +484,11 @@ class _Slot:
                 output.begin(e.id, self.identity.hex(), w.config.output_task_bytes)
                 printed = False
                 visible = None
+                scope: list[_trace.Record] | None = None
+                if e.flags & Flag.TRACE:
+                    scope = []
+                    outer = _trace.enter(scope)  # forks the task makes are its children
+                    wall = time.time()
                 try:
                     if e.flags & Flag.RESOURCES:  # the GPUs the broker gave it: the only ones it sees
                         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -501,6 +510,13 @@ class _Slot:
                         else:
                             os.environ["CUDA_VISIBLE_DEVICES"] = visible
                     self.running = None
+                if scope is not None:  # its trace note: where and when it ran, what it forked
+                    _trace.leave(outer)
+                    try:
+                        self.notes.append((e.id, _trace.worker_note(self.received.pop(e.id, wall), wall, time.time(),
+                                                                    frames, out, scope)))
+                    except Exception:  # noqa: BLE001 - a trace must never cost a result
+                        log.exception("%s: could not write the trace note of task %d", w.where, e.id)
                 finished = time.perf_counter()
                 self._learn(finished - started)
                 if not self.done:
@@ -521,6 +537,9 @@ class _Slot:
                     name = shm.segment_of(e.frames)
                     if name is not None:
                         shm.hand_over(name)
+            if self.notes:
+                self.done.insert(0, protocol.encode_notes(self.notes))
+                self.notes = []
             self.sock.send_multipart(protocol.encode_batch(Msg.RESULTS, self.done), copy=False)
             self.done = []
             self.worker.finished_a_task()
@@ -557,7 +576,13 @@ class _Slot:
             try:
                 kind, body = protocol.decode(frames)
                 if kind is Msg.TASKS:
-                    self.local.extend(protocol.decode_batch(frames, body))
+                    batch = protocol.decode_batch(frames, body)
+                    self.local.extend(batch)
+                    if batch and batch[0].flags & Flag.TRACE:  # a batch is traced or not as a whole, mostly
+                        if len(self.received) > 100_000:  # cancelled before they ran: forget them
+                            self.received.clear()
+                        now_wall = time.time()
+                        self.received.update((e.id, now_wall) for e in batch if e.flags & Flag.TRACE)
                 elif kind is Msg.CANCEL:
                     gone = set(protocol.decode_cancel(body))
                     self.worker.remember_cancelled(gone)

@@ -34,7 +34,8 @@ def test_every_public_function_and_class_of_distfork_is_in_all() -> None:
 
 
 def test_the_documented_entry_points_are_exported() -> None:
-    for name in ("fork", "wait", "init", "options", "shutdown", "Future", "collect_all", "wait_all", "share", "Shared"):
+    for name in ("fork", "wait", "init", "options", "shutdown", "Future", "collect_all", "wait_all", "share", "Shared",
+                 "trace", "Trace", "progress", "SlurmCluster"):
         assert name in distfork.__all__
 
 

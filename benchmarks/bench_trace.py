@@ -1,0 +1,66 @@
+"""What tracing costs: no-op fork throughput untraced and inside ``distfork.trace()``, same run.
+
+    python benchmarks/bench_trace.py [--workers 2] [--throughput-n 20000] [--rounds 3]
+
+Untraced and traced rounds alternate (this machine's speed drifts); the best
+round of each is kept. ProcessPoolExecutor runs alongside as the usual
+yardstick. The goal: traced >= 0.9x untraced; untraced unchanged (one flag
+check per fork: the line "flag check" says what it costs per fork).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import time
+import timeit
+from collections.abc import Callable
+from typing import Any
+
+from bench_core import throughput
+
+import distfork
+from bench_tasks import noop
+from distfork import tracing
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--throughput-n", type=int, default=20000)
+    ap.add_argument("--rounds", type=int, default=3)
+    a = ap.parse_args()
+    distfork.init(workers=a.workers)
+    tputs: dict[str, list[float]] = {"ProcessPoolExecutor": [], "untraced": [], "traced": []}
+    recorded = 0
+    with concurrent.futures.ProcessPoolExecutor(a.workers) as pool:
+        ppe: Callable[[], Any] = lambda: pool.submit(noop)  # noqa: E731
+        fork: Callable[[], Any] = lambda: distfork.fork(noop)  # noqa: E731
+        for submit in (ppe, fork):
+            for _ in range(200):
+                submit().result()
+        for _ in range(a.rounds):
+            tputs["ProcessPoolExecutor"].append(throughput(ppe, a.throughput_n))
+            tputs["untraced"].append(throughput(fork, a.throughput_n))
+            with distfork.trace() as t:
+                tputs["traced"].append(throughput(fork, a.throughput_n))
+            tasks = t.tasks()
+            recorded = len(tasks)
+            assert all(x.status == "ok" and x.worker for x in tasks), "a traced task without its worker report"
+    distfork.shutdown()
+    best = {k: max(v) for k, v in tputs.items()}
+    for name, v in best.items():
+        print(f"{name:<20} throughput {v:8.0f} tasks/s ({a.throughput_n} no-op forks, {a.workers} workers, "
+              f"best of {a.rounds})")
+    print(f"ratio traced/untraced: {best['traced'] / best['untraced']:.2f}x   "
+          f"untraced/ProcessPoolExecutor: {best['untraced'] / best['ProcessPoolExecutor']:.2f}x   "
+          f"traced/ProcessPoolExecutor: {best['traced'] / best['ProcessPoolExecutor']:.2f}x")
+    check_s = min(timeit.repeat("tracing.ACTIVE", globals={"tracing": tracing}, number=1_000_000, repeat=3)) / 1e6
+    print(f"flag check of an untraced fork: {check_s * 1e9:.0f} ns = {check_s * best['untraced'] * 100:.3f}% "
+          f"of an untraced fork's share of the throughput; last traced round recorded {recorded} tasks")
+
+
+if __name__ == "__main__":
+    start = time.perf_counter()
+    main()
+    print(f"({time.perf_counter() - start:.1f} s)")

@@ -1,0 +1,774 @@
+"""``distfork.trace()``: record every fork, where and when its task ran, and what it waited for.
+
+::
+
+    driver process                     broker                            worker process
+    fork() ─ Record(submit) ─ SUBMIT+TRACE ─▶ Task(submitted,   ─ TASKS+TRACE ─▶ slot: received, started,
+      │                                          dispatched)                     finished, bytes in/out,
+      │                                                                          the forks it made (JSON)
+      │                                       take_notes: + its  ◀── RESULTS ─── [notes entry, results...]
+      │                                       times, the worker
+      ▼   ◀── RESULTS [notes entry (id 0, Flag.TRACE), results...] ──
+    note_received (kept as bytes), finish ─▶ Trace: a ring of frozen records ─▶ tasks(), graph,
+                                                                              save() (Chrome), report()
+
+Only tasks forked inside a ``with distfork.trace()`` block (or inside a task
+that was) carry ``Flag.TRACE``: the broker and the worker add timings to
+those alone, and an untraced fork pays one module-level flag check
+(``ACTIVE``). A task that forks while it runs collects the Records of its
+forks in a thread-local scope; they travel to the driver inside its own
+trace note, so a nested run arrives as one tree.
+
+Clocks: every process stamps wall-clock time (``time.time()``). On one host
+that is one clock. Across hosts, a receiver checks the remote stamps against
+its own for the same task (a worker cannot start a task before the broker
+sent it, nor finish after the broker got the result); when they contradict
+causality, it shifts the remote clock to the midpoint of the round trip (as
+NTP does), per task, down the tree.
+
+Memory: a trace keeps at most ``capacity`` finished top-level forks (a
+ring of plain tuples; the oldest drop out and are counted in
+``Trace.dropped``), plus the unfinished ones (bounded by the driver's
+window).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import os
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from .errors import ProtocolError, RemoteTraceback
+from .protocol import (
+    TRACE_PATHS,
+    Entry,
+    Flag,
+    Status,
+    decode_driver_note,
+    decode_notes,
+    decode_worker_note,
+    encode_driver_note,
+    encode_worker_note,
+)
+
+if TYPE_CHECKING:
+    from .broker_state import PeerInfo
+
+__all__ = ["ACTIVE", "Record", "TaskInfo", "Trace", "trace"]
+
+#: True while this process has an open trace or runs a traced task: the only check an untraced fork pays.
+ACTIVE = False
+
+log = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_tracers: list[Trace] = []
+_tracers_now: tuple[Trace, ...] = ()  # the same, as begin() reads it (no copy per fork)
+_scoped = False  # a traced task ran in this process (a worker): its forks may be traced from now on
+_entered = 0  # scopes open now elsewhere (a task reclaimed or run inline, a fork from a callback)
+_local = threading.local()  # .scope: list the forks of this thread's running traced task go to
+
+_STATUS = {int(s): s.name.lower() for s in Status}
+_NO_CHILDREN: list[Record] = []  # shared: never appended to (Record.kids())
+_NO_DEPS: list[str] = []  # shared: never appended to
+
+
+def _refresh() -> None:
+    global ACTIVE, _tracers_now
+    _tracers_now = tuple(_tracers)
+    ACTIVE = bool(_tracers) or _scoped or _entered > 0
+
+
+class Record:
+    """One fork as this process saw it, with what the broker and worker reported (times: this clock)."""
+
+    __slots__ = ("gid", "aliases", "func", "deps", "submit", "done", "start", "end", "where", "status", "held",
+                 "note", "remote", "children", "error", "sinks")
+
+    def __init__(self, func: str, deps: list[str], submit: float) -> None:
+        self.gid = ""  # driver name # task id, once submitted
+        self.aliases: tuple[str, ...] = ()  # earlier gids: sent again under a new id (the broker asked: RESUBMIT)
+        self.func = func
+        self.deps = deps  # gids of the futures among its arguments (shared empty list when none)
+        self.submit = submit
+        self.done = 0.0  # when its result (or notice) arrived here
+        self.start = 0.0  # set when it ran in this process (inline mode, or reclaimed by a waiting task)
+        self.end = 0.0
+        self.where = ""  # "", "inline" or "reclaimed"
+        self.status = "pending"
+        self.held = False
+        # [worker, host, pid, b_recv, b_disp, b_ret, losses, w_recv, w_start, w_end, in_b, in_path, out_b, out_path]
+        self.remote: tuple[Any, ...] | None = None
+        self.note: bytes | None = None  # the broker's trace note, parsed into remote and children when asked
+        # Forks made while its task ran. Tuples and one shared empty list keep a million records cheap
+        # for the garbage collector; a record that gets children gets its own list (kids()).
+        self.children: list[Record] = _NO_CHILDREN
+        self.error = ""
+        self.sinks: tuple[Trace, ...] = ()  # the traces to hand it to, frozen, when it finishes
+
+    def bind(self, driver_name: str, task_id: int) -> None:
+        if self.gid:
+            self.aliases += (self.gid,)
+        self.gid = f"{driver_name}#{task_id}"
+
+    def kids(self) -> list[Record]:
+        """Its children list, to add to."""
+        if self.children is _NO_CHILDREN:
+            self.children = []
+        return self.children
+
+    def finish(self, code: int, flags: int, fut: Any) -> None:
+        """Its result arrived (I/O thread), after the future was completed."""
+        self.done = time.time()
+        self.status = _STATUS.get(code, str(code))
+        self.held = bool(flags & Flag.HELD)
+        if code not in (Status.OK, Status.CANCELLED):
+            self.error = _error_text(fut)
+        sinks = self.sinks
+        if sinks:
+            self.sinks = ()
+            frozen = self.freeze()
+            for t in sinks:
+                t._finished(self, frozen)
+
+    def freeze(self) -> tuple[Any, ...]:
+        """Its fields as a tuple of plain values (the garbage collector stops scanning such tuples)."""
+        return (self.gid, self.aliases, self.func, tuple(self.deps), self.submit, self.done, self.start, self.end,
+                self.where, self.status, self.held, self.note, self.remote,
+                tuple([c.freeze() for c in self.children]) if self.children else (), self.error)
+
+    @classmethod
+    def thaw(cls, t: tuple[Any, ...]) -> Record:
+        rec = cls(t[2], list(t[3]), t[4])
+        (rec.gid, rec.aliases, rec.done, rec.start, rec.end, rec.where, rec.status, rec.held, rec.note, rec.remote,
+         rec.error) = (t[0], t[1], *t[5:13], t[14])
+        if t[13]:
+            rec.children = [cls.thaw(c) for c in t[13]]
+        return rec
+
+    def resolve(self) -> None:
+        """Parse the trace note that arrived with its result (kept as bytes until needed: cheap on the
+        I/O thread, and bytes are nothing for the garbage collector to scan)."""
+        note, self.note = self.note, None
+        if note is not None:
+            _parse_note(self, note)
+
+    def to_json(self) -> dict[str, Any]:
+        try:
+            self.resolve()
+        except ProtocolError as exc:  # a nested task's malformed note: leave it out, keep the record
+            log.warning("dropped a malformed trace note: %s", exc)
+        return {"g": self.gid, "f": self.func, "d": self.deps, "s": self.submit, "e": self.done, "a": self.start,
+                "b": self.end, "w": self.where, "o": self.status, "h": self.held, "r": self.remote,
+                "c": [c.to_json() for c in self.children], "x": self.error}
+
+    @classmethod
+    def from_json(cls, d: Any, depth: int = 0) -> Record:
+        if not isinstance(d, dict) or depth > 200:
+            raise TypeError("a trace record must be an object")
+        rec = cls(str(d["f"]), [str(x) for x in d["d"]], float(d["s"]))
+        rec.gid, rec.done, rec.start, rec.end = str(d["g"]), float(d["e"]), float(d["a"]), float(d["b"])
+        rec.where, rec.status, rec.held, rec.error = str(d["w"]), str(d["o"]), bool(d["h"]), str(d["x"])
+        remote = d["r"]
+        rec.remote = _remote_row(remote) if remote is not None else None
+        kids = [cls.from_json(c, depth + 1) for c in d["c"]]
+        if kids:
+            rec.children = kids
+        return rec
+
+
+def _remote_row(row: Any) -> tuple[Any, ...]:  # from JSON: a nested record's
+    if not isinstance(row, list) or len(row) != 14:
+        raise TypeError("a remote trace row has 14 fields")
+    return (str(row[0]), str(row[1]), int(row[2]), *(float(x) for x in row[3:6]), int(row[6]),
+            *(float(x) for x in row[7:10]), int(row[10]), str(row[11]), int(row[12]), str(row[13]))
+
+
+def _error_text(fut: Any) -> str:
+    try:
+        exc = fut.exception(0)
+    except BaseException as err:  # noqa: BLE001 - cancelled, or not done: say so
+        return f"{type(err).__name__}: {err}"
+    if exc is None:
+        return ""
+    text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    cause = exc.__cause__
+    if isinstance(cause, RemoteTraceback):
+        text = f"{cause.tb.rstrip()}\n{text}"
+    return text
+
+
+def _name_of(func: Any) -> str:
+    name = getattr(func, "__qualname__", None) or type(func).__qualname__
+    return str(name)
+
+
+def _gid_of(fut: Any) -> str | None:
+    driver = getattr(fut, "driver", None)
+    task_id: int = getattr(fut, "task_id", 0)
+    if driver is not None and task_id:
+        return f"{driver.name}#{task_id}"
+    return getattr(fut, "_trace_gid", None)
+
+
+def _deps_of(args: Sequence[Any], kwargs: dict[str, Any]) -> list[str]:
+    if not args and not kwargs:
+        return _NO_DEPS
+    from .future import Future
+
+    out: list[str] = []
+
+    def look(x: Any, depth: int) -> None:
+        if isinstance(x, Future):
+            gid = _gid_of(x)
+            if gid is not None:
+                out.append(gid)
+        elif depth < 2 and isinstance(x, (list, tuple)) and len(x) <= 1000:
+            for y in x:
+                look(y, depth + 1)
+        elif depth < 2 and isinstance(x, dict) and len(x) <= 1000:
+            for y in x.values():
+                look(y, depth + 1)
+
+    for a in args:
+        look(a, 0)
+    for a in kwargs.values():
+        look(a, 0)
+    return out or _NO_DEPS
+
+
+# -- hooks called by api.py, driver.py, worker.py and broker.py --------------------------------------------
+
+
+def begin(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Record | None:
+    """A fork is about to be submitted: its Record, if a trace wants it (call only when ``ACTIVE``)."""
+    scope: list[Record] | None = getattr(_local, "scope", None)
+    if scope is None and not _tracers:
+        return None
+    rec = Record(_name_of(func), _deps_of(args, kwargs), time.time())
+    if scope is not None:
+        scope.append(rec)
+    else:
+        for t in _tracers_now:
+            t._add(rec)
+    return rec
+
+
+def capture() -> list[Record] | None:
+    """The scope of the running traced task in this thread (to fork into it from a callback later)."""
+    return getattr(_local, "scope", None) if ACTIVE else None
+
+
+def enter(scope: list[Record], sticky: bool = True) -> list[Record] | None:
+    """Forks made in this thread go to ``scope`` until :func:`leave` (given what this returned).
+
+    ``sticky`` (a worker's slot, on its hot path): no lock; the process
+    keeps ``ACTIVE`` on from then on, which costs its untraced forks one
+    lookup. Otherwise (a driver) ``ACTIVE`` goes off again with the last scope.
+    """
+    global ACTIVE, _scoped, _entered
+    prev: list[Record] | None = getattr(_local, "scope", None)
+    _local.scope = scope
+    if sticky:
+        _scoped = ACTIVE = True
+    else:
+        with _lock:
+            _entered += 1
+            _refresh()
+    return prev
+
+
+def leave(prev: list[Record] | None, sticky: bool = True) -> None:
+    global _entered
+    _local.scope = prev
+    if not sticky:
+        with _lock:
+            _entered -= 1
+            _refresh()
+
+
+@contextlib.contextmanager
+def scoped(scope: list[Record] | None) -> Iterator[None]:
+    """Forks made in this thread inside the block go to ``scope`` (None: nothing changes)."""
+    if scope is None:
+        yield
+        return
+    prev = enter(scope, sticky=False)
+    try:
+        yield
+    finally:
+        leave(prev, sticky=False)
+
+
+@contextlib.contextmanager
+def run_here(rec: Record | None, where: str) -> Iterator[None]:
+    """A traced task runs in this thread (inline mode, or reclaimed by a waiting task)."""
+    if rec is None:
+        yield
+        return
+    rec.where = where
+    rec.start = time.time()
+    try:
+        with scoped(rec.kids()):
+            yield
+    finally:
+        rec.end = rec.done = time.time()
+
+
+def payload(frames: Sequence[Any]) -> tuple[int, int]:
+    """Bytes of a payload and the path it took (an index of ``TRACE_PATHS``), from its frame layout."""
+    n = len(frames)
+    if n == 1:
+        return len(frames[0]), 1
+    if n == 2:  # the buffers' bytes are in the shared-memory manifest
+        from .metrics import classify
+
+        return sum(classify([Entry(0, 0, 0.0, frames)])[0]), 2
+    return sum(map(len, frames)), 3 if n else 0
+
+
+def worker_note(recv: float, start: float, end: float, frames_in: Sequence[Any], frames_out: Sequence[Any],
+                children: list[Record]) -> bytes:
+    """What a worker reports of a traced task it ran: the first frame of its RESULTS entry."""
+    in_b, in_path = payload(frames_in)
+    out_b, out_path = payload(frames_out)
+    kids = json.dumps([c.to_json() for c in children], separators=(",", ":")).encode() if children else b""
+    return encode_worker_note(recv, start, end, in_b, out_b, in_path, out_path, kids)
+
+
+def take_notes(worker: PeerInfo, entries: list[Entry], now: float) -> list[Entry]:
+    """The broker's part, on RESULTS from a worker: take the batch's trace notes off and leave on each
+    traced task the note for its driver (``Task.note``), with the broker's times and the worker's name.
+
+    ``now`` and the task's times are monotonic; they go out as wall-clock. A
+    batch without notes costs one test. Malformed notes are dropped (and
+    logged); the results they came with go on as usual.
+    """
+    if not entries or entries[0].id != 0 or not entries[0].flags & Flag.TRACE:
+        return entries
+    try:
+        notes, rest = decode_notes(entries)
+    except ProtocolError as exc:
+        log.warning("dropped the trace notes of a RESULTS batch from %s: %s", worker.info.get("name"), exc)
+        return entries[1:]
+    info = worker.info
+    who = json.dumps({"name": str(info.get("name")), "host": str(info.get("host")), "pid": info.get("pid")}).encode()
+    wall = time.time() - time.monotonic()
+    for key, note in notes:
+        try:
+            fields, kids = decode_worker_note(note)
+        except ProtocolError as exc:
+            log.warning("dropped a trace note from %s: %s", worker.info.get("name"), exc)
+            continue
+        task = worker.assigned.get(key)
+        if task is not None and task.trace:
+            broker = (task.submitted + wall, task.dispatched + wall, now + wall, min(task.losses, 65535))
+            task.note = encode_driver_note(broker, fields, who, kids)
+    return list(rest)
+
+
+def note_received(rec: Record | None, frame: Any) -> None:
+    """The driver's part: what the broker and worker said of one of our traced tasks (parsed later)."""
+    if rec is not None:
+        rec.note = bytes(frame)
+
+
+def _parse_note(rec: Record, note: bytes) -> None:
+    fields, who_json, kids = decode_driver_note(note)
+    try:
+        who = _who(bytes(who_json))
+        b_recv, b_disp, b_ret, losses, w_recv, w_start, w_end, in_b, out_b, in_p, out_p = fields
+        rec.remote = (*who, b_recv, b_disp, b_ret, losses, w_recv, w_start, w_end, in_b, _path(in_p), out_b,
+                      _path(out_p))
+        if kids:
+            children = json.loads(bytes(kids))
+            if not isinstance(children, list):
+                raise TypeError("nested records must be a list")
+            rec.kids().extend(Record.from_json(c) for c in children)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError) as exc:
+        raise ProtocolError(f"bad trace note: {exc!r}") from None
+
+
+@functools.lru_cache(maxsize=256)
+def _who(raw: bytes) -> tuple[str, str, int]:
+    """(name, host, pid) of a worker from a note's JSON; the same few workers ran most tasks."""
+    who = json.loads(raw)
+    return str(who["name"]), str(who["host"]), int(who["pid"] or 0)
+
+
+def _path(i: int) -> str:
+    return TRACE_PATHS[i] if i < len(TRACE_PATHS) else "?"
+
+
+# -- the user's side ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TaskInfo:
+    """One traced task, times in seconds since the trace started (the tracing process's clock)."""
+
+    id: int  # 1, 2, ... in the order of forks (parents before their children)
+    func: str
+    parent: int | None  # the task that forked it (None: the driver)
+    deps: list[int]  # tasks whose futures it took as arguments
+    submitted: float  # fork() returned
+    dispatched: float | None  # the broker handed it to a worker
+    started: float | None  # the function was called
+    finished: float | None  # the function returned
+    done: float | None  # its result reached the process that forked it
+    worker: str  # worker slot name ("" if unknown; "inline"; a reclaimed child: its parent's worker)
+    host: str
+    pid: int
+    run_s: float | None
+    bytes_in: int
+    path_in: str
+    bytes_out: int
+    path_out: str  # inline / shm / frames / held (kept in the broker for the tasks that take it)
+    retries: int
+    status: str  # ok, raised, lost, cancelled, timed_out, failed, pending
+    error: str  # the failure with its remote traceback
+    where: str  # "" (a worker), "inline", "reclaimed" (run by the task that waited for it)
+
+    @property
+    def queued_s(self) -> float | None:
+        return None if self.started is None else self.started - self.submitted
+
+
+class Trace:
+    """What ``distfork.trace()`` returns: the forks made while it was open."""
+
+    def __init__(self, capacity: int | None = None) -> None:
+        if capacity is None:
+            from .config import load
+
+            capacity = load().trace_capacity
+        if capacity < 1:
+            raise ValueError(f"capacity={capacity}: a trace keeps at least one fork")
+        self.capacity = capacity
+        # Finished forks, frozen (Record.freeze), in the order they finished; unfinished ones apart.
+        self._done: deque[tuple[Any, ...]] = deque(maxlen=capacity)
+        self._pending: set[Record] = set()
+        self._me = (self,)
+        self.dropped = 0
+        self.bad_notes = 0
+        self.started = time.time()
+        self.stopped: float | None = None
+
+    def _add(self, rec: Record) -> None:
+        rec.sinks = self._me if not rec.sinks else (*rec.sinks, self)
+        self._pending.add(rec)
+
+    def _finished(self, rec: Record, frozen: tuple[Any, ...]) -> None:
+        self._pending.discard(rec)
+        if len(self._done) == self.capacity:
+            self.dropped += 1
+        self._done.append(frozen)
+
+    def __enter__(self) -> Trace:
+        self.started = time.time()
+        with _lock:
+            _tracers.append(self)
+            _refresh()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop recording new forks (tasks already forked still report when they finish)."""
+        with _lock:
+            if self in _tracers:
+                _tracers.remove(self)
+            _refresh()
+        self.stopped = time.time()
+
+    def __len__(self) -> int:
+        return len(self.tasks())
+
+    def tasks(self) -> list[TaskInfo]:
+        """Every recorded task, parents before children, times aligned to this process's clock."""
+        out: list[TaskInfo] = []
+        ids: dict[str, int] = {}
+        pending_deps: list[tuple[TaskInfo, list[str]]] = []
+        records = [Record.thaw(t) for t in list(self._done)] + list(self._pending.copy())
+        records.sort(key=lambda r: r.submit)
+        for rec in records:
+            self._flatten(rec, 0.0, None, None, out, ids, pending_deps)
+        if self.bad_notes:
+            log.warning("%d trace notes were malformed and left out", self.bad_notes)
+        for info, gids in pending_deps:
+            info.deps = [ids[g] for g in gids if g in ids]
+        return out
+
+    def _flatten(self, rec: Record, offset: float, parent: TaskInfo | None, enclosing: tuple[str, str, int] | None,
+                 out: list[TaskInfo], ids: dict[str, int], pending: list[tuple[TaskInfo, list[str]]]) -> None:
+        t0 = self.started
+        try:
+            rec.resolve()
+        except ProtocolError:
+            self.bad_notes += 1
+        r = rec.remote
+        child_offset = offset
+        dispatched = started = finished = None
+        worker, host, pid = enclosing or ("", "", 0)
+        in_b = out_b = retries = 0
+        in_path = out_path = ""
+        if r is not None:
+            b_off = _shift(rec.submit, rec.done, r[3], r[5])
+            w_off = b_off + _shift(r[4], r[5], r[7], r[9])
+            dispatched = r[4] + b_off + offset - t0
+            started = r[8] + w_off + offset - t0
+            finished = r[9] + w_off + offset - t0
+            worker, host, pid = r[0], r[1], r[2]
+            retries, in_b, in_path, out_b, out_path = r[6], r[10], r[11], r[12], r[13]
+            child_offset = offset + w_off  # its forks were stamped by the worker's clock
+        elif rec.where:
+            started, finished = rec.start + offset - t0, rec.end + offset - t0
+            if rec.where == "inline":
+                worker, host, pid = "inline", "", os.getpid()
+        if rec.held:
+            out_path = "held"
+        info = TaskInfo(
+            id=len(out) + 1, func=rec.func, parent=parent.id if parent else None, deps=[],
+            submitted=rec.submit + offset - t0, dispatched=dispatched, started=started, finished=finished,
+            done=rec.done + offset - t0 if rec.done else None, worker=worker, host=host, pid=pid,
+            run_s=None if started is None or finished is None else finished - started,
+            bytes_in=in_b, path_in=in_path, bytes_out=out_b, path_out=out_path, retries=retries,
+            status=rec.status, error=rec.error, where=rec.where,
+        )
+        out.append(info)
+        if rec.gid:
+            ids[rec.gid] = info.id
+            for alias in rec.aliases:
+                ids[alias] = info.id
+        if rec.deps:
+            pending.append((info, rec.deps))
+        here = (worker, host, pid) if worker else enclosing
+        for child in list(rec.children):
+            self._flatten(child, child_offset, info, here, out, ids, pending)
+
+    @property
+    def graph(self) -> Graph:
+        """The fork graph; ``print(t.graph)`` shows it as text."""
+        return Graph(self.tasks(), self)
+
+    def chrome(self) -> dict[str, Any]:
+        """The trace in Chrome's trace event format (a dict; :meth:`save` writes it)."""
+        return chrome_trace(self.tasks())
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write a Chrome trace (JSON; open it in https://ui.perfetto.dev or chrome://tracing)."""
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.chrome(), f, separators=(",", ":"))
+
+    def report(self, path: str | os.PathLike[str], title: str = "distfork run") -> None:
+        """Write one self-contained HTML page (no network needed) with the task stream, the fork graph,
+        run times, throughput, bytes by path and the failures."""
+        from .report import write_report
+
+        write_report(self.tasks(), path, title=title, dropped=self.dropped)
+
+
+def _shift(sent: float, back: float, r_in: float, r_out: float) -> float:
+    """What to add to a remote clock's times so that [r_in, r_out] lies within [sent, back] (our clock).
+
+    Nothing if it already does (one host, or clocks in step); else the
+    midpoint offset of the round trip.
+    """
+    if back <= 0 or (r_in >= sent and r_out <= back):
+        return 0.0
+    return ((sent + back) - (r_in + r_out)) / 2
+
+
+def trace(capacity: int | None = None) -> Trace:
+    """Record every fork made until the block ends, from this process and from the tasks it forks.
+
+    ::
+
+        with distfork.trace() as t:
+            distfork.wait(distfork.fork(fib, 10))
+        print(t.graph)
+        t.save("run.json")      # Chrome trace: Perfetto, chrome://tracing
+        t.report("run.html")    # one self-contained page
+
+    ``capacity``: top-level forks kept (a ring; default
+    ``Config.trace_capacity``, ``DISTFORK_TRACE_CAPACITY``).
+    """
+    return Trace(capacity)
+
+
+class Graph:
+    """The fork graph, printed in the spirit of TorchScript's IR (``%n`` values, ``fork``, ``with`` blocks)."""
+
+    def __init__(self, tasks: list[TaskInfo], trace_: Trace | None = None) -> None:
+        self.tasks = tasks
+        self._trace = trace_
+
+    def edges(self) -> list[tuple[int, int, str]]:
+        """(from, to, kind): "fork" from a parent task to its child, "value" from a producer to a taker."""
+        out = [(t.parent, t.id, "fork") for t in self.tasks if t.parent is not None]
+        out += [(d, t.id, "value") for t in self.tasks for d in t.deps]
+        return out
+
+    def __str__(self) -> str:
+        kids: dict[int | None, list[TaskInfo]] = {}
+        for t in self.tasks:
+            kids.setdefault(t.parent, []).append(t)
+        workers = {t.worker for t in self.tasks if t.worker}
+        end = max((t.done or t.finished or t.submitted for t in self.tasks), default=0.0)
+        lines = [f"graph(driver pid {os.getpid()}): {len(self.tasks)} forks on {len(workers)} workers, {end:.3f} s"]
+        if self._trace is not None and self._trace.dropped:
+            lines.append(f"  # {self._trace.dropped} earlier forks dropped (capacity {self._trace.capacity})")
+        self._block(kids, None, "  ", lines)
+        return "\n".join(lines)
+
+    def _block(self, kids: dict[int | None, list[TaskInfo]], parent: int | None, indent: str,
+               lines: list[str]) -> None:
+        for t in kids.get(parent, ()):
+            args = "".join(f", %{d}" for d in t.deps)
+            lines.append(f"{indent}%{t.id} : Future = fork({t.func}{args})  # {_describe(t)}")
+        for t in kids.get(parent, ()):
+            waits = " ".join(f"%{d}" for d in t.deps)
+            line = f"{indent}%{t.id}.value = wait(%{t.id})"
+            if t.status != "ok":
+                line += f"  # {t.status.upper()}"
+                if t.error:
+                    line += ": " + t.error.strip().splitlines()[-1]
+            lines.append(line)
+            if t.id in kids:
+                lines.append(f"{indent}with %{t.id} = task {t.func}({waits}) on {t.worker or '?'}:")
+                self._block(kids, t.id, indent + "  ", lines)
+
+    def __repr__(self) -> str:
+        return f"<distfork fork graph of {len(self.tasks)} tasks>"
+
+
+def _describe(t: TaskInfo) -> str:
+    parts = []
+    if t.where == "reclaimed":
+        parts.append("ran in its waiting parent")
+    elif t.where == "inline":
+        parts.append("ran inline")
+    elif t.worker:
+        parts.append(f"on {t.worker} ({t.host}, pid {t.pid})")
+    if t.started is not None and t.run_s is not None:
+        parts.append(f"+{t.started * 1000:.1f} ms, ran {_ms(t.run_s)}")
+    if t.queued_s is not None and t.where == "":
+        parts.append(f"waited {_ms(t.queued_s)}")
+    if t.deps:
+        parts.append("took " + ", ".join(f"%{d}" for d in t.deps))
+    if t.bytes_in or t.bytes_out:
+        parts.append(f"in {t.bytes_in} B {t.path_in}, out {t.bytes_out} B {t.path_out}")
+    if t.retries:
+        parts.append(f"{t.retries} retries")
+    parts.append(t.status)
+    return ", ".join(parts)
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1000:.2f} ms" if s < 1 else f"{s:.3f} s"
+
+
+def chrome_trace(tasks: list[TaskInfo]) -> dict[str, Any]:
+    """Chrome trace event format: a process per host, a thread (track) per worker slot, the driver's
+    forks on their own track, flow arrows fork -> task and producer -> taker."""
+    events: list[dict[str, Any]] = []
+    hosts: dict[str, int] = {}
+    tracks: dict[tuple[str, str], tuple[int, int]] = {}
+
+    def track(host: str, name: str) -> tuple[int, int]:
+        key = (host, name)
+        if key not in tracks:
+            if host not in hosts:
+                hosts[host] = len(hosts) + 1
+                events.append({"ph": "M", "name": "process_name", "pid": hosts[host], "tid": 0,
+                               "args": {"name": host}})
+            tid = len(tracks) + 1
+            tracks[key] = (hosts[host], tid)
+            events.append({"ph": "M", "name": "thread_name", "pid": hosts[host], "tid": tid, "args": {"name": name}})
+            events.append({"ph": "M", "name": "thread_sort_index", "pid": hosts[host], "tid": tid,
+                           "args": {"sort_index": tid}})
+        return tracks[key]
+
+    def us(s: float) -> float:
+        return round(s * 1e6, 3)
+
+    driver = track("driver", f"driver (pid {os.getpid()})")
+    end = max((max(t.done or 0.0, t.finished or 0.0, t.submitted) for t in tasks), default=0.0)
+    # One slice for the whole run on the driver's track: the flow arrows of its forks start inside it.
+    events.append({"ph": "X", "name": "driver", "cat": "driver", "pid": driver[0], "tid": driver[1], "ts": 0,
+                   "dur": max(us(end), 1.0)})
+    where: dict[int, tuple[int, int]] = {}
+    by_id = {t.id: t for t in tasks}
+    flow = 0
+    for t in tasks:
+        if t.started is not None and t.finished is not None:
+            where[t.id] = track(t.host or "local", t.worker or "?")
+    for t in tasks:
+        src = where.get(t.parent) if t.parent is not None else driver
+        if src is None:
+            src = driver
+        # the fork itself: an instant on the forking track (inside the driver's or the parent's slice,
+        # where its flow arrow starts); a slice of its own could overlap a child's and break the nesting
+        events.append({"ph": "i", "s": "t", "name": f"fork {t.func}", "cat": "fork", "pid": src[0], "tid": src[1],
+                       "ts": us(t.submitted), "args": {"task": t.id}})
+        if t.id not in where or t.started is None or t.finished is None:
+            continue
+        pid, tid = where[t.id]
+        args = {"task": t.id, "parent": t.parent, "status": t.status, "retries": t.retries,
+                "bytes_in": t.bytes_in, "path_in": t.path_in, "bytes_out": t.bytes_out, "path_out": t.path_out,
+                "queued_ms": round((t.started - t.submitted) * 1000, 3)}
+        if t.error:
+            args["error"] = t.error
+        events.append({"ph": "X", "name": t.func, "cat": "task", "pid": pid, "tid": tid, "ts": us(t.started),
+                       "dur": max(us(t.finished - t.started), 1.0), "args": args})
+        flow += 1
+        events.append({"ph": "s", "name": "fork", "cat": "fork", "id": flow, "pid": src[0], "tid": src[1],
+                       "ts": us(t.submitted)})
+        events.append({"ph": "f", "bp": "e", "name": "fork", "cat": "fork", "id": flow, "pid": pid, "tid": tid,
+                       "ts": us(t.started)})
+        for d in t.deps:
+            producer = by_id.get(d)
+            if producer is None or producer.finished is None or d not in where:
+                continue
+            flow += 1
+            ppid, ptid = where[d]
+            events.append({"ph": "s", "name": "value", "cat": "value", "id": flow, "pid": ppid, "tid": ptid,
+                           "ts": us(max(producer.started or producer.finished, producer.finished - 1e-6))})
+            events.append({"ph": "f", "bp": "e", "name": "value", "cat": "value", "id": flow, "pid": pid,
+                           "tid": tid, "ts": us(t.started)})
+    return {"traceEvents": events, "displayTimeUnit": "ms",
+            "otherData": {"tool": "distfork", "tasks": len(tasks)}}
+
+
+def from_env(environ: dict[str, str] | os._Environ[str] = os.environ) -> Trace | None:
+    """``distfork trace -- cmd``: a trace for the whole process, written at exit (not in workers)."""
+    out = environ.get("DISTFORK_TRACE_OUT")
+    if not out or environ.get("DISTFORK_IN_WORKER") == "1" or _tracers:
+        return None
+    t = Trace().__enter__()
+    import atexit
+
+    def write() -> None:
+        t.close()
+        t.save(out)
+        html = environ.get("DISTFORK_TRACE_HTML")
+        if html:
+            t.report(html)
+        summary = environ.get("DISTFORK_TRACE_GRAPH")
+        if summary:
+            with open(summary, "w", encoding="utf-8") as f:
+                f.write(str(t.graph) + "\n")
+
+    atexit.register(write)
+    return t
+

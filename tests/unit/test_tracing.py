@@ -1,0 +1,232 @@
+"""Trace records without processes: clock alignment, the broker's forwarding, hostile TRACE bodies, exports."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from distfork import protocol, tracing
+from distfork.broker_state import BrokerState, PeerInfo
+from distfork.config import Config
+from distfork.errors import ProtocolError
+from distfork.protocol import Entry, Flag
+
+
+def _remote(b: tuple[float, float, float], w: tuple[float, float, float], worker: str = "w/0") -> tuple[Any, ...]:
+    return (worker, "hostA", 42, *b, 0, *w, 10, "inline", 20, "shm")
+
+
+def _trace_with(*records: tracing.Record, started: float = 100.0) -> tracing.Trace:
+    t = tracing.Trace(capacity=10)
+    t.started = started
+    for r in records:
+        t._add(r)
+    return t
+
+
+def test_remote_times_on_the_same_clock_are_taken_as_they_are() -> None:
+    rec = tracing.Record("f", [], 100.0)
+    rec.done = 100.010
+    rec.remote = _remote((100.001, 100.002, 100.009), (100.003, 100.004, 100.008))
+    (info,) = _trace_with(rec).tasks()
+    assert info.dispatched == pytest.approx(0.002)
+    assert info.started == pytest.approx(0.004) and info.finished == pytest.approx(0.008)
+    assert info.run_s == pytest.approx(0.004)
+
+
+def test_a_worker_clock_an_hour_ahead_is_shifted_into_the_round_trip() -> None:
+    rec = tracing.Record("f", [], 100.0)
+    rec.done = 100.010
+    skew = 3600.0
+    # broker in step; the worker's clock is an hour ahead, its task ran 2 ms in the middle of the trip
+    rec.remote = _remote((100.001, 100.002, 100.009), (100.004 + skew, 100.0045 + skew, 100.0065 + skew))
+    (info,) = _trace_with(rec).tasks()
+    assert info.dispatched is not None and info.started is not None and info.finished is not None
+    assert 0.002 <= info.started <= info.finished <= 0.009  # causal again, in the driver's clock
+    assert info.run_s == pytest.approx(0.002)
+
+
+def test_nested_records_are_aligned_through_their_parents_worker_clock() -> None:
+    skew = -50.0  # the parent's worker runs 50 s behind
+    child = tracing.Record("g", [], 100.003 + skew)
+    child.gid = "inner#1"
+    child.done = 100.005 + skew
+    child.remote = _remote((100.0031 + skew, 100.0032 + skew, 100.0048 + skew),
+                           (100.0033 + skew, 100.0034 + skew, 100.0046 + skew), worker="w/1")
+    parent = tracing.Record("f", [], 100.0)
+    parent.gid = "outer#1"
+    parent.done = 100.010
+    parent.remote = _remote((100.001, 100.002, 100.009), (100.002 + skew, 100.0025 + skew, 100.006 + skew))
+    parent.kids().append(child)
+    p, c = _trace_with(parent).tasks()
+    assert c.parent == p.id == 1 and c.worker == "w/1"
+    assert p.started is not None and p.finished is not None and c.started is not None and c.finished is not None
+    assert p.started <= c.submitted <= c.started <= c.finished <= p.finished
+
+
+def test_records_cross_processes_as_json_unchanged() -> None:
+    rec = tracing.Record("f", ["d#1"], 1.5)
+    rec.gid, rec.done, rec.status, rec.error, rec.held = "d#2", 2.5, "raised", "boom", True
+    rec.remote = _remote((1.6, 1.7, 2.4), (1.8, 1.9, 2.3))
+    kid = tracing.Record("g", [], 1.85)
+    kid.where, kid.start, kid.end = "reclaimed", 1.86, 1.87
+    rec.kids().append(kid)
+    back = tracing.Record.from_json(json.loads(json.dumps(rec.to_json())))
+    assert json.dumps(back.to_json()) == json.dumps(rec.to_json())
+
+
+def _receive(note: bytes) -> tracing.Record:
+    rec = tracing.Record("f", [], 0.0)
+    tracing.note_received(rec, note)  # on the I/O thread: kept as it came
+    rec.resolve()
+    return rec
+
+
+def test_a_malformed_note_is_left_out_of_the_export_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    rec = tracing.Record("f", [], 100.0)
+    tracing.note_received(rec, b"garbage")
+    (info,) = _trace_with(rec).tasks()
+    assert info.worker == "" and info.started is None
+    assert "1 trace notes were malformed" in caplog.text
+
+
+_BROKER = (1.0, 2.0, 3.0, 0)
+_WORKER = (2.1, 2.2, 2.9, 10, 20, 1, 2)
+_WHO = b'{"name":"w/0","host":"h","pid":9}'
+
+
+@pytest.mark.parametrize("who,kids", [
+    (b"{}", b""), (b"5", b""), (b'{"name":"w","host":"h"}', b""), (b'{"name":"w","host":"h","pid":"x"}', b""),
+    (b'["w","h",1]', b""), (_WHO, b'[{"f":"x"}]'),
+    (_WHO, b"[[[[]]]]"), (_WHO, b"not json"), (_WHO, b"{}"), (b"\xff", b""),
+])
+def test_a_malformed_trace_note_is_a_protocol_error_for_the_driver(who: bytes, kids: bytes) -> None:
+    note = protocol.encode_driver_note(_BROKER, _WORKER, who, kids)
+    with pytest.raises(ProtocolError):
+        _receive(note)
+
+
+@pytest.mark.parametrize("cut", [1, 10, 40])
+def test_a_truncated_trace_note_is_a_protocol_error(cut: int) -> None:
+    note = protocol.encode_driver_note(_BROKER, _WORKER, _WHO, b"")
+    with pytest.raises(ProtocolError):
+        _receive(note[:-cut])
+    with pytest.raises(ProtocolError):
+        protocol.decode_worker_note(protocol.encode_worker_note(*_WORKER)[:-cut])
+
+
+def test_a_deeply_nested_record_is_refused_not_a_recursion_error() -> None:
+    d: dict[str, Any] = {"f": "x", "d": [], "s": 0, "g": "", "e": 0, "a": 0, "b": 0, "w": "", "o": "ok", "h": False,
+                         "x": "", "r": None, "c": []}
+    for _ in range(300):
+        d = {**d, "c": [d]}
+    note = protocol.encode_driver_note(_BROKER, _WORKER, _WHO, json.dumps([d]).encode())
+    with pytest.raises(ProtocolError):
+        _receive(note)
+
+
+def _broker_with_a_traced_task() -> tuple[BrokerState, PeerInfo, PeerInfo]:
+    state = BrokerState(Config(), 0.0)
+    driver = state.hello(b"D1", {"role": "driver", "pid": 7}, 0.0)
+    worker = state.hello(b"W1", {"role": "worker", "slots": 2, "name": "w/0", "host": "h", "pid": 9}, 0.0)
+    state.submit(driver, [Entry(5, 255, 0.0, [b"call"], Flag.TRACE), Entry(6, 255, 0.0, [b"call"])], 1.0)
+    out = state.dispatch(2.0)
+    assert [t.task_id for t in out[b"W1"]] == [5, 6]
+    assert out[b"W1"][0].wire()[1] & Flag.TRACE and not out[b"W1"][1].wire()[1] & Flag.TRACE
+    return state, driver, worker
+
+
+def test_the_broker_passes_a_traced_tasks_note_to_its_driver_with_its_own_times() -> None:
+    state, driver, worker = _broker_with_a_traced_task()
+    k5, k6 = list(worker.assigned)
+    kid = json.dumps([tracing.Record("g", [], 1.5).to_json()]).encode()
+    results = [protocol.encode_notes([(k5, protocol.encode_worker_note(*_WORKER, kid))]),
+               Entry(k5, 0, 0.1, [b"value5"]), Entry(k6, 0, 0.1, [b"value6"])]
+    entries = tracing.take_notes(worker, results, 3.0)
+    assert [(e.id, e.frames, e.flags) for e in entries] == [(k5, [b"value5"], 0), (k6, [b"value6"], 0)]
+    state.results(worker, entries)
+    sent, _ = state.take_outbox()
+    head, e5, e6 = sent[b"D1"]
+    assert (e5.id, e5.frames, e6.id, e6.frames) == (5, [b"value5"], 6, [b"value6"])
+    notes, rest = protocol.decode_notes([head, e5, e6])
+    assert list(rest) == [e5, e6] and [i for i, _ in notes] == [5]  # the untraced task has none
+    rec = tracing.Record("f", [], 0.0)
+    tracing.note_received(rec, notes[0][1])
+    rec.resolve()
+    assert rec.remote is not None
+    assert rec.remote[:3] == ("w/0", "h", 9) and rec.remote[7:] == (2.1, 2.2, 2.9, 10, "inline", 20, "shm")
+    assert rec.remote[4] - rec.remote[3] == pytest.approx(1.0)  # dispatched 1 s after it arrived (monotonic -> wall)
+    assert rec.remote[5] - rec.remote[4] == pytest.approx(1.0)  # its result came back 1 s later
+    assert [c.func for c in rec.children] == ["g"]
+
+
+def test_results_without_trace_notes_pass_the_broker_untouched() -> None:
+    _, _, worker = _broker_with_a_traced_task()
+    results = [Entry(k, 0, 0.1, [b"value"]) for k in worker.assigned]
+    assert tracing.take_notes(worker, results, 3.0) is results
+
+
+@pytest.mark.parametrize("frames", [[], [b"a", b"b"], [b"short"], [b"\0" * 8 + b"\x00\x00\x00\x09x"],
+                                    [b"\0" * 8 + b"\x00\x00\x00\x02xx"]])
+def test_malformed_trace_notes_are_dropped_and_their_results_go_on(frames: list[bytes]) -> None:
+    state, _, worker = _broker_with_a_traced_task()
+    k5, k6 = list(worker.assigned)
+    if frames and len(frames[0]) > 8:  # name a task we hold
+        frames = [k5.to_bytes(8, "big") + frames[0][8:]]
+    results = [Entry(0, 0, 0.0, frames, Flag.TRACE), Entry(k5, 0, 0.1, [b"v5"]), Entry(k6, 0, 0.1, [b"v6"])]
+    entries = tracing.take_notes(worker, results, 3.0)
+    assert [e.id for e in entries] == [k5, k6]
+    state.results(worker, entries)
+    sent, _ = state.take_outbox()
+    assert [e.id for e in sent[b"D1"]] == [5, 6]  # no notes, both results
+
+
+def test_the_ring_keeps_the_latest_forks_and_counts_the_rest() -> None:
+    t = tracing.Trace(capacity=3)
+    for i in range(5):
+        rec = tracing.Record(f"f{i}", [], float(i))
+        t._add(rec)
+        rec.finish(0, 0, None)
+    assert [x.func for x in t.tasks()] == ["f2", "f3", "f4"] and t.dropped == 2
+    assert "2 earlier forks dropped" in str(t.graph)
+    with pytest.raises(ValueError, match="capacity"):
+        tracing.Trace(capacity=0)
+
+
+def test_the_chrome_trace_of_a_producer_and_a_taker_has_slices_flows_and_names() -> None:
+    a = tracing.Record("make", [], 100.0)
+    a.gid, a.done, a.status = "d#1", 100.01, "ok"
+    a.remote = _remote((100.001, 100.002, 100.009), (100.003, 100.004, 100.005), worker="w/0")
+    b = tracing.Record("take", ["d#1"], 100.0005)
+    b.gid, b.done, b.status = "d#2", 100.02, "ok"
+    b.remote = _remote((100.001, 100.006, 100.019), (100.007, 100.008, 100.009), worker="w/1")
+    ev = _trace_with(a, b, started=100.0).chrome()["traceEvents"]
+    tasks = [e for e in ev if e["ph"] == "X" and e["cat"] == "task"]
+    assert [(e["name"], e["ts"], e["dur"]) for e in tasks] == [("take", 8000.0, 1000.0), ("make", 4000.0, 1000.0)][::-1]
+    flows = [(e["ph"], e["cat"]) for e in ev if e["ph"] in "sf"]
+    assert flows.count(("s", "value")) == 1 and flows.count(("f", "fork")) == 2
+    names = {e["args"]["name"] for e in ev if e["ph"] == "M" and e["name"] == "thread_name"}
+    assert {"w/0", "w/1"} <= names
+    assert json.loads(json.dumps(ev)) == ev
+
+
+def test_inline_mode_forks_are_traced_as_run_in_the_caller() -> None:
+    import distfork
+
+    distfork.init(mode="inline")
+    try:
+        with distfork.trace() as t:
+            a = distfork.fork(sum, [1, 2])
+            assert distfork.fork(pow, a.result(), 2).result() == 9
+            with pytest.raises(ZeroDivisionError):
+                distfork.fork(divmod, 1, 0).result()
+    finally:
+        distfork.shutdown()
+    x, y, z = t.tasks()
+    assert [x.func, y.func, z.func] == ["sum", "pow", "divmod"]
+    assert {x.where, y.worker, z.status} == {"inline", "raised"}
+    assert x.started is not None and x.finished is not None and x.submitted <= x.started <= x.finished
+    assert "ZeroDivisionError" in z.error
+    assert not tracing.ACTIVE  # untraced forks pay the flag test again, nothing more
