@@ -109,10 +109,8 @@ class Supervisor:
         # Workers import the driver's modules by reference: give them its path.
         # Its own sys.path, as it is: the working directory only if the driver itself imports from it
         # ('' on sys.path: python -c, -m, the REPL), never added on its own.
-        paths = [os.path.abspath(p) for p in sys.path]
-        if env.get("PYTHONPATH"):
-            paths.append(env["PYTHONPATH"])
-        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+        # (PYTHONPATH's own entries are in it already; an empty one would mean the working directory.)
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(os.path.abspath(p) for p in sys.path))
         env.pop("DISTFORK_ADDRESS", None)
         if self._progress_dir is None:
             self._progress_dir = tempfile.mkdtemp(prefix="distfork-progress-")

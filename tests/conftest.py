@@ -158,7 +158,9 @@ def free_port() -> int:
 
 def cli_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([TESTS_DIR, str(ROOT), env.get("PYTHONPATH", "")])
+    # No empty entry: it would put the working directory on every child's sys.path.
+    paths = [TESTS_DIR, str(ROOT), *env.get("PYTHONPATH", "").split(os.pathsep)]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     env.pop("DISTFORK_ADDRESS", None)
     env.update(extra)
     return env

@@ -36,7 +36,8 @@ def test_a_local_package_reaches_two_worker_hosts_and_two_versions_never_mix(tmp
     write_project(elsewhere, 99)  # the workers' directory: a decoy mylib they would import by themselves
     with lan:
         address = f"tcp://{lan.broker.ip}:7340"
-        env = cli_env(DISTFORK_HEARTBEAT_S="0.2")
+        # a private test network: the broker runs --insecure, so its clients use no keys either
+        env = cli_env(DISTFORK_HEARTBEAT_S="0.2", DISTFORK_INSECURE="1")
         lan.start(lan.broker, sys.executable, "-m", "distfork", "broker", "--bind", address, "--insecure", env=env,
                   cwd=elsewhere, stderr=subprocess.DEVNULL)
         caches = []
