@@ -44,7 +44,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -141,6 +141,44 @@ def _default_host() -> str:
     return addr
 
 
+#: The job script's lines that turn what Slurm gave the job into ``distfork worker --resources``:
+#: its CPUs; its GPUs (Slurm's count, else the entries of CUDA_VISIBLE_DEVICES, else what was asked:
+#: gpu=0 for a job without GPUs, so a worker on a GPU node does not advertise GPUs it was not given);
+#: its memory (--mem, or --mem-per-cpu times its CPUs, in MiB) as memory_gb; the user's ``resources`` last.
+_JOB_RESOURCES = """\
+CPUS=${{SLURM_CPUS_PER_TASK:-{cpus}}}
+GPUS=${{SLURM_GPUS_ON_NODE:-$(printf '%s' "${{CUDA_VISIBLE_DEVICES:-}}" | tr ',' '\\n' | grep -c .)}}
+[ "$GPUS" -gt 0 ] || GPUS={gpus}
+RES="cpu=$CPUS,gpu=$GPUS"
+MEM_MB=${{SLURM_MEM_PER_NODE:-}}
+[ -n "$MEM_MB" ] || [ -z "${{SLURM_MEM_PER_CPU:-}}" ] || MEM_MB=$((SLURM_MEM_PER_CPU * CPUS))
+[ -z "$MEM_MB" ] || RES="$RES,memory_gb=$(awk -v mb="$MEM_MB" 'BEGIN {{ printf "%.1f", mb * 1048576 / 1e9 }}')"
+"""
+
+
+def _resource_spec(resources: Mapping[str, float]) -> str:
+    """``{"ssd": 1}`` -> ``"ssd=1"`` for ``--resources``, checked as the worker will check it."""
+    from .resources import parse_resources
+
+    spec = ",".join(f"{k}={v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else f"{k}={v!r}"
+                    for k, v in resources.items())
+    try:
+        parse_resources(spec)
+    except ValueError as exc:
+        raise ValueError(f"SlurmCluster(resources=...): {exc}") from None
+    return spec
+
+
+def _label_specs(labels: Mapping[str, str]) -> list[str]:
+    """``{"zone": "a"}`` -> ``["zone=a"]`` for ``--label``; a label that would not survive the trip is refused."""
+    bad = [f"{k}={v}" for k, v in labels.items()
+           if not str(k).strip() or any(c in f"{k}{v}" for c in ",;\n") or "=" in str(k)]
+    if bad:
+        raise ValueError(f"SlurmCluster(labels=...): {bad} - give names and values without ',', ';', '=' in "
+                         "names or newlines, e.g. {'zone': 'a'}")
+    return [f"{k}={v}" for k, v in labels.items()]
+
+
 class SlurmCluster:
     """A keyed broker here and ``workers`` workers as Slurm jobs; a context manager.
 
@@ -155,6 +193,10 @@ class SlurmCluster:
     (``--gres=gpu:N``), ``memory`` (``--mem``, e.g. ``"16G"``),
     ``extra_sbatch`` (more ``#SBATCH`` options, e.g. ``["--qos=low"]``),
     ``setup`` (shell lines run before the worker, e.g. ``module load``),
+    ``resources`` (more the workers advertise, e.g. ``{"ssd": 1}``: on top of
+    what Slurm gave the job, found at run time: its CPUs, its memory from
+    ``--mem``, its GPUs from ``CUDA_VISIBLE_DEVICES`` or Slurm's count),
+    ``labels`` (``{"zone": "a"}``, for ``options(labels=...)``),
     ``host`` (the address of this node the workers connect to), ``port``
     (default: a free one), ``keys_dir`` (existing keys from ``distfork
     keygen``; default: fresh ones), ``directory`` (where the keys and job
@@ -181,6 +223,8 @@ class SlurmCluster:
         directory: str | None = None,
         python: str = sys.executable,
         start_timeout_s: float = 30.0,
+        resources: Mapping[str, float] | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> None:
         if workers < 0 or cpus_per_worker < 1 or gpus_per_worker < 0:
             raise ValueError(f"SlurmCluster needs workers >= 0, cpus_per_worker >= 1 and gpus_per_worker >= 0; "
@@ -188,6 +232,8 @@ class SlurmCluster:
         bad = [o for o in extra_sbatch if not o.startswith("-") or "\n" in o]
         if bad:
             raise ValueError(f"extra_sbatch takes sbatch options such as '--qos=low', one per item; got {bad}")
+        self.resources = _resource_spec(resources or {})
+        self.labels = _label_specs(labels or {})
         self.n_initial = workers
         self.partition, self.time, self.account = partition, time, account
         self.cpus_per_worker, self.gpus_per_worker, self.memory = cpus_per_worker, gpus_per_worker, memory
@@ -336,9 +382,13 @@ class SlurmCluster:
             opts.append(f"--gres=gpu:{self.gpus_per_worker}")
         opts += self.extra_sbatch
         worker = [self.python, "-m", "distfork", "--keys-dir", self.keys_dir, "worker", "--connect", self.address]
+        for label in self.labels:
+            worker += ["--label", label]
         lines = ["#!/bin/sh", *(f"#SBATCH {o}" for o in opts), "", *self.setup,
-                 # the allocation's CPUs are the worker's slots (resources: memory, GPUs in CUDA_VISIBLE_DEVICES)
-                 f"exec {shlex.join(worker)} --slots \"${{SLURM_CPUS_PER_TASK:-{self.cpus_per_worker}}}\"", ""]
+                 *_JOB_RESOURCES.format(cpus=self.cpus_per_worker, gpus=self.gpus_per_worker).splitlines(),
+                 *([f"RES=\"$RES\"{shlex.quote(',' + self.resources)}"] if self.resources else []),
+                 # the allocation's CPUs are the worker's slots; what Slurm gave the job, its resources
+                 f'exec {shlex.join(worker)} --slots "$CPUS" --resources "$RES"', ""]
         return "\n".join(lines)
 
     def _jobs_file(self) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,6 +12,7 @@ from rich.console import Console
 
 from distfork.broker_state import BrokerState
 from distfork.config import Config
+from distfork.resources import detect, parse_resources
 from distfork.slurm import AdaptPolicy, SlurmCluster, SlurmError, slurm_job_id
 from distfork.status import render_status
 
@@ -62,9 +65,64 @@ def test_the_job_script_asks_slurm_for_the_resources_and_gives_the_cpus_as_slots
                        "--mem=16G", "--gres=gpu:2", "--qos=low"]
     last = script.strip().splitlines()[-1]
     assert last == ("exec /opt/py/bin/python -m distfork --keys-dir /shared/c/keys worker --connect "
-                    'tcp://10.0.0.5:7000 --slots "${SLURM_CPUS_PER_TASK:-6}"')
+                    'tcp://10.0.0.5:7000 --slots "$CPUS" --resources "$RES"')
     assert "module load cuda" in script
     assert subprocess.run(["sh", "-n"], input=script, text=True).returncode == 0  # valid shell
+
+
+def _worker_argv(tmp: Path, env: dict[str, str], **kwargs: Any) -> list[str]:
+    """What the job script execs in a job with Slurm's environment ``env`` (its "python" prints its argv)."""
+    python = tmp / "python"
+    python.write_text("#!/bin/sh\nprintf '%s\\0' \"$@\"\n")
+    python.chmod(0o700)
+    cluster = SlurmCluster(python=str(python), **kwargs)
+    cluster.directory, cluster.keys_dir, cluster.address = "/shared/c", "/shared/c/keys", "tcp://10.0.0.5:7000"
+    done = subprocess.run(["sh"], input=cluster.job_script(1), env={"PATH": os.environ["PATH"], **env},
+                          capture_output=True, text=True, check=True)
+    return done.stdout.split("\0")[:-1]
+
+
+@pytest.mark.parametrize(("asked", "env", "advertised"), [
+    # a job without GPUs on a GPU node: gpu=0, not the node's devices; no --mem: the worker measures memory
+    ({}, {"SLURM_CPUS_PER_TASK": "4"}, {"cpu": 4, "gpu": 0}),
+    # --mem=16G: Slurm says 16384 (MiB); --gres=gpu:2 with device files: CUDA_VISIBLE_DEVICES
+    ({"gpus_per_worker": 2, "memory": "16G"}, {"SLURM_CPUS_PER_TASK": "2", "SLURM_MEM_PER_NODE": "16384",
+                                               "CUDA_VISIBLE_DEVICES": "0,1"}, {"cpu": 2, "gpu": 2, "memory_gb": 17.2}),
+    # gres without device files (CUDA_VISIBLE_DEVICES=NoDevFiles): Slurm's count; --mem-per-cpu times the CPUs
+    ({"gpus_per_worker": 1}, {"SLURM_CPUS_PER_TASK": "3", "SLURM_GPUS_ON_NODE": "1",
+                              "CUDA_VISIBLE_DEVICES": "NoDevFiles", "SLURM_MEM_PER_CPU": "1000"},
+     {"cpu": 3, "gpu": 1, "memory_gb": 3.1}),
+    # asked for GPUs but Slurm set nothing: what was asked; the user's own resources on top
+    ({"gpus_per_worker": 4, "resources": {"ssd": 1, "licence": 2.5}}, {}, {"cpu": 1, "gpu": 4, "ssd": 1,
+                                                                            "licence": 2.5}),
+])
+def test_the_job_script_advertises_what_slurm_gave_the_job_as_the_workers_resources(
+        tmp_path: Path, asked: dict[str, Any], env: dict[str, str], advertised: dict[str, float]) -> None:
+    argv = _worker_argv(tmp_path, env, **asked)
+    assert argv[argv.index("--slots") + 1] == env.get("SLURM_CPUS_PER_TASK", "1")
+    spec = argv[argv.index("--resources") + 1]
+    assert parse_resources(spec) == advertised
+    found, gpu_ids = detect(1, spec)  # what the worker then tells the broker
+    assert found["gpu"] == advertised["gpu"] and len(gpu_ids) == advertised["gpu"]
+
+
+def test_the_job_script_gives_every_worker_the_users_labels(tmp_path: Path) -> None:
+    argv = _worker_argv(tmp_path, {}, labels={"zone": "a", "rack": "r 3"})
+    labels = [argv[i + 1] for i, a in enumerate(argv) if a == "--label"]
+    assert labels == ["zone=a", "rack=r 3"]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"resources": {"ssd": -1}}, "resources=.*non-negative"),
+    ({"resources": {"two words": 1}}, "resources=.*name=amount"),
+    ({"resources": {"ssd": "1"}}, "resources=.*non-negative"),
+    ({"labels": {"zone": "a,b"}}, "labels=.*without ','"),
+    ({"labels": {"k=v": "a"}}, "labels=.*without ','"),
+])
+def test_resources_and_labels_that_would_not_reach_the_worker_are_refused(kwargs: dict[str, Any],
+                                                                          message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SlurmCluster(**kwargs)
 
 
 @pytest.mark.parametrize("bad", [["qos=low"], ["--qos=low\n#SBATCH --x"]])
