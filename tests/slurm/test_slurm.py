@@ -7,13 +7,14 @@ a Python process that uses ``distfork.SlurmCluster`` and ``distfork.init``;
 the test sends it lines of code and reads what they give. What Slurm does is
 read from Slurm itself (``squeue``, ``scancel``, the job's own output file).
 
-The time-limit case needs a minute (Slurm counts limits in minutes and
-checks them every 30 s): it starts first, in a driver of its own, and is
-checked last, so it overlaps the other tests.
+The time-limit case waits for slurmctld's time-limit check (every 30 s, not
+configurable): it starts first, in a driver of its own, and is checked
+last, so it overlaps the other tests.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import queue
@@ -77,12 +78,13 @@ for line in sys.stdin:
 class Driver:
     """A driver process on the login node: ``driver("_ = 1 + 1") == 2``."""
 
-    def __init__(self, lab: SlurmLab, tmp: Path, name: str) -> None:
+    def __init__(self, lab: SlurmLab, tmp: Path, name: str, **env: str) -> None:
         tmp.mkdir(parents=True, exist_ok=True)
         script = tmp / f"{name}.py"
         script.write_text(textwrap.dedent(DRIVER))
         self.stderr = open(tmp / f"{name}.err", "w+")  # noqa: SIM115 - closed in close()
-        self.proc = lab.start_on_login(sys.executable, str(script), env=lab.env(cli_env(DISTFORK_HEARTBEAT_S="0.2")),
+        env = lab.env(cli_env(DISTFORK_HEARTBEAT_S="0.2", **env))
+        self.proc = lab.start_on_login(sys.executable, str(script), env=env,
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True)
         self.lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -132,8 +134,13 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmLab]:
 
 
 @pytest.fixture(scope="module")
-def time_limited(lab: SlurmLab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Driver, Path]]:
-    """A cluster whose worker has a one-minute time limit, running a long task (checked by the last test)."""
+def time_limited(lab: SlurmLab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TimeLimited]:
+    """A cluster whose worker has a time limit, running a long task (checked by the last test).
+
+    The worker is submitted with ``time="1"`` (a minute, Slurm's smallest); once the task runs, the
+    job's end is brought forward to now (``scontrol update EndTime=``, as an admin shortens a
+    running job), so slurmctld ends it for its time limit at its next check (every 30 s) instead of
+    after a minute or more: the other tests run meanwhile."""
     tmp = tmp_path_factory.mktemp("time-limited")
     d = Driver(lab, tmp, "time_limited")
     marks = tmp / "marks"
@@ -145,10 +152,32 @@ def time_limited(lab: SlurmLab, tmp_path_factory: pytest.TempPathFactory) -> Ite
             c.adapt(1, 1, interval_s=0.5)  # keeps one worker: replaces the one the time limit ends
             fut = distfork.fork(mark_then_sleep, {str(marks)!r}, 600)
         """)
-        yield d, marks
+        limited = TimeLimited(lab, d, marks)
+        yield limited
     finally:
         d.send("c.close(); distfork.shutdown()")
         d.close()
+
+
+class TimeLimited:
+    """The time-limited cluster's driver, its task's marks, and the thread that shortens the job once the task runs."""
+
+    def __init__(self, lab: SlurmLab, driver: Driver, marks: Path) -> None:
+        self.driver, self.marks = driver, marks
+        self.shortened: str | BaseException | None = None
+
+        def shorten() -> None:
+            try:
+                wait_until(marks.exists, 60, interval_s=0.1, what="the time-limited task to start")
+                job = marks.read_text().split()[0]
+                end = (datetime.datetime.now() + datetime.timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%S")
+                lab.run("scontrol", "update", f"JobId={job}", f"EndTime={end}", timeout_s=20)
+                self.shortened = job
+            except BaseException as exc:  # noqa: BLE001 - raised by the test that checks
+                self.shortened = exc
+
+        self.thread = threading.Thread(target=shorten, name="shorten-time-limit", daemon=True)
+        self.thread.start()
 
 
 def _cleaned_up(lab: SlurmLab, jobs: list[str], pids: list[int], directory: str, marker: str = "") -> None:
@@ -186,10 +215,11 @@ def _cmdline(p: psutil.Process) -> list[str]:
 
 def test_workers_are_slurm_jobs_on_both_nodes_running_forks_and_arrays(
         lab: SlurmLab, time_limited: Any, tmp_path: Path) -> None:
-    d = Driver(lab, tmp_path, "driver")
+    d = Driver(lab, tmp_path, "driver", DISTFORK_RESOURCE_GRACE_S="0.5")  # its broker fails unplaceable tasks soon
     try:
         cluster = d(f"""
-            c = distfork.SlurmCluster(workers=2, host={lab.login.ip!r}, directory={str(tmp_path / 'c')!r})
+            c = distfork.SlurmCluster(workers=2, host={lab.login.ip!r}, directory={str(tmp_path / 'c')!r},
+                                      memory="300M", resources={{"ssd": 1}}, labels={{"zone": "lab"}})
             c.start()
             distfork.init(c.address, keys_dir=c.keys_dir)
             _ = {{"jobs": c.jobs, "directory": c.directory, "keys": c.keys_dir, "address": c.address}}
@@ -214,6 +244,24 @@ def test_workers_are_slurm_jobs_on_both_nodes_running_forks_and_arrays(
         rows = [row for row in lab.squeue() if row[0].startswith(f"{job}_")]
         assert sorted((j, s) for j, s, _ in rows) == [(f"{job}_0", "RUNNING"), (f"{job}_1", "RUNNING")]
         assert {n for _, _, n in rows} == {"node-a", "node-b"}
+
+        # what Slurm gave each job (1 CPU, no GPU, --mem=300M) and the user's ssd=1 are the worker's resources
+        snap = d("_ = c.status()")
+        assert [w["resources"]["total"] for w in snap["workers"]] == [
+            {"slots": 1, "cpu": 1, "gpu": 0, "memory_gb": 0.3, "ssd": 1}] * 2
+        assert [w["resources"]["labels"] for w in snap["workers"]] == [{"zone": "lab"}] * 2
+        placed = d("""
+            _ = distfork.options(resources={"ssd": 1, "memory_gb": 0.3}, labels={"zone": "lab"}).fork(where, 0)
+            _ = _.result(timeout=60)
+        """)
+        assert placed["job"] in {f"{job}_0", f"{job}_1"}
+        # more than any Slurm job of this cluster was given: refused, naming what they have
+        refused = d("""
+            bad = [distfork.options(resources=r).fork(where, 0) for r in ({"ssd": 2}, {"gpu": 1}, {"memory_gb": 1})]
+            _ = [str(f.exception(timeout=30)) for f in bad]
+        """)
+        for text, asked in zip(refused, ["ssd=2", "gpu=1", "memory_gb=1"], strict=True):
+            assert f"asks for {asked}" in text and "gpu=0, memory_gb=0.3, slots=1, ssd=1" in text, text
 
         # `distfork status` (CLI, with the cluster's keys) shows each worker's Slurm job id
         env = lab.env(cli_env())
@@ -426,10 +474,14 @@ def test_the_sbatch_template_runs_broker_workers_and_driver_in_one_allocation(la
     assert not os.path.exists(Path(result["keys"]).parent), "the job's keys were not removed"
 
 
-def test_a_time_limit_ending_a_worker_loses_no_task(lab: SlurmLab, time_limited: tuple[Driver, Path]) -> None:
-    d, marks = time_limited
-    result = d("_ = fut.result(timeout=150)", timeout_s=160)
+def test_a_time_limit_ending_a_worker_loses_no_task(lab: SlurmLab, time_limited: TimeLimited) -> None:
+    d, marks = time_limited.driver, time_limited.marks
+    time_limited.thread.join(60)
+    if isinstance(time_limited.shortened, BaseException):
+        raise time_limited.shortened
+    result = d("_ = fut.result(timeout=120)", timeout_s=130)
     first, again = marks.read_text().split()
+    assert first == time_limited.shortened  # the job whose end came forward while it ran the task
     assert result == again != first
     assert again.split("_")[0] != first.split("_")[0]  # a new array: adapt replaced the worker Slurm ended
     log = d(f"_ = open(os.path.join(c.directory, 'logs', {first + '.out'!r})).read()")
