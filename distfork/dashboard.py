@@ -12,8 +12,9 @@
 The snapshot is built on the broker's thread, which owns the state, and
 handed over by replacing one reference; the HTTP thread never reads the
 task table. It shows workers (slots, the tasks they run now and for how
-long), queue depth, tasks per second over the last minutes, each driver's
-tasks in flight and held values, and recent failures — never a task's
+long, their resources free/total and labels, their Slurm job), queue
+depth, tasks per second over the last minutes, each driver's tasks in
+flight and held values, and recent failures — never a task's
 arguments or values: the broker cannot read them (it never unpickles) and
 the page would not show them if it could. The page is one static file with
 its own script, no CDN; it binds where the metrics bind (loopback unless
@@ -72,7 +73,9 @@ class Dashboard:
                 for t in itertools.islice(w.assigned.values(), min(w.slots, _RUNNING_SHOWN))
             ]
             workers.append({k: row[k] for k in ("name", "host", "pid", "slots", "busy", "assigned", "done", "failed",
-                                                "rss_bytes", "last_seen_s")} | {"running": running})
+                                                "rss_bytes", "last_seen_s")}
+                           | {"running": running, "resources": _resources(row.get("resources")),
+                              "slurm_job": row.get("slurm_job")})
         self.snapshot = {
             "ready": True,
             "time": wall,
@@ -103,6 +106,16 @@ class Dashboard:
             return fallback(environ, start)
 
         return app
+
+
+def _resources(entry: Any) -> dict[str, Any] | None:
+    """A worker process's resources for the page: ``{"total", "free", "labels"}`` (slots shown apart), or None."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("total"), dict):
+        return None
+    total = {k: v for k, v in sorted(entry["total"].items()) if k != "slots"}
+    free = entry.get("free") or {}
+    return {"total": total, "free": {k: free.get(k, v) for k, v in total.items()},
+            "labels": dict(sorted((entry.get("labels") or {}).items()))}
 
 
 def _reply(start: StartResponse, kind: str, body: bytes) -> list[bytes]:

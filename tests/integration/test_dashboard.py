@@ -63,7 +63,7 @@ def cluster() -> Iterator[tuple[CliCluster, str]]:
                                str(port)], env=env)
     c = CliCluster(address, broker, env=env)
     try:
-        c.start_worker()
+        c.start_worker("--resources", "gpu=2,ssd=1", "--label", "zone=a")  # gpu=2: for scheduling only
         c.start_worker()
         c.wait_for_workers(2)
         yield c, f"http://127.0.0.1:{port}/"
@@ -106,6 +106,11 @@ def test_the_metrics_port_serves_the_page_its_data_and_still_the_metrics(cluster
         data = wait_until(lambda: d if (d := json.loads(_get(url + "dashboard.json")))["finished"] >= 9 else None,
                           30.0, what="the dashboard to count finished tasks")
         assert len(data["workers"]) == 2 and {"slots", "running", "done", "rss_bytes"} <= set(data["workers"][0])
+        # each worker's resources (free/total; slots have their own column) and labels, from the broker's status
+        res = sorted((w["resources"] for w in data["workers"]), key=lambda r: "ssd" in r["total"])
+        assert set(res[0]["total"]) == {"cpu", "memory_gb"} and res[0]["labels"] == {}
+        assert res[1]["total"]["gpu"] == 2 and res[1]["total"]["ssd"] == 1 and res[1]["labels"] == {"zone": "a"}
+        assert all(r["free"] == r["total"] for r in res)  # the load asks for nothing: nothing held
         assert [d["unfinished"] >= 0 for d in data["drivers"]] == [True]
         assert any(f["status"] == "raised" for f in data["failures"])
         assert SECRET not in json.dumps(data)  # the broker cannot read arguments, and the page shows none
@@ -126,6 +131,13 @@ def test_the_live_page_shows_the_workers_and_a_task_count_that_rises(browser: An
         page.goto(url)
         page.wait_for_selector("tr.worker-row", timeout=20_000)
         wait_until(lambda: page.locator("tr.worker-row").count() == 2, 20.0, what="two worker rows")
+        # a task holding the ssd: the page shows it taken (free/total), then given back
+        gate = tmp_path / "gate"
+        held = distfork.options(resources={"ssd": 1}).fork(tasks.wait_for_path, str(gate), 60)
+        ssd = page.locator("span.res[data-resource=ssd]")
+        wait_until(lambda: ssd.inner_text() == "ssd 0/1", 20.0, what="the page to show the ssd held")
+        row = page.locator("tr.worker-row", has=ssd).inner_text()
+        assert "gpu 2/2" in row and "zone=a" in row and "cpu " in row and "memory_gb " in row
         first = int(page.get_attribute("body", "data-finished") or 0)
         wait_until(lambda: int(page.get_attribute("body", "data-finished") or 0) > first + 8, 30.0,
                    what="the finished count to rise on the page")
@@ -135,6 +147,9 @@ def test_the_live_page_shows_the_workers_and_a_task_count_that_rises(browser: An
         shot = tmp_path / "dashboard.png"
         page.screenshot(path=str(shot), full_page=True)
         _keep(shot)
+        gate.touch()
+        assert held.result(timeout=30) == "released"
+        wait_until(lambda: ssd.inner_text() == "ssd 1/1", 20.0, what="the page to show the ssd free again")
         assert not errors, errors
     finally:
         page.close()
