@@ -230,3 +230,41 @@ def test_inline_mode_forks_are_traced_as_run_in_the_caller() -> None:
     assert x.started is not None and x.finished is not None and x.submitted <= x.started <= x.finished
     assert "ZeroDivisionError" in z.error
     assert not tracing.ACTIVE  # untraced forks pay the flag test again, nothing more
+
+
+def test_a_traced_tasks_scope_belongs_to_the_thread_that_entered_it() -> None:
+    import threading
+
+    scope: list[tracing.Record] = []
+    prev = tracing.enter(scope, sticky=False)
+    try:
+        seen: list[object] = []
+        other = threading.Thread(target=lambda: seen.append((tracing._local.scope, tracing.begin(len, (), {}))))
+        other.start()
+        other.join(10)
+        assert seen == [(None, None)]  # another thread: no scope, and no open trace: not recorded
+        rec = tracing.begin(len, (), {})
+        assert scope == [rec] and rec is not None and rec.func == "len"
+    finally:
+        tracing.leave(prev, sticky=False)
+    assert tracing._local.scope is None
+
+
+def test_finish_reads_status_held_and_failure_from_the_wire_codes() -> None:
+    import concurrent.futures
+
+    from distfork.protocol import Status
+
+    t = tracing.Trace(capacity=10)
+    recs = [tracing.Record(f"f{i}", [], float(i)) for i in range(3)]
+    for rec in recs:
+        t._add(rec)
+    failed: concurrent.futures.Future[Any] = concurrent.futures.Future()
+    failed.set_exception(ValueError("no good"))
+    recs[0].finish(int(Status.OK), int(Flag.HELD), None)
+    recs[1].finish(int(Status.RAISED), 0, failed)
+    fine: concurrent.futures.Future[Any] = concurrent.futures.Future()
+    fine.set_result(None)
+    recs[2].finish(250, 0, fine)  # a code this version does not know: named by its number
+    got = {x.func: (x.status, x.path_out, x.error) for x in t.tasks()}
+    assert got == {"f0": ("ok", "held", ""), "f1": ("raised", "", "ValueError: no good"), "f2": ("250", "", "")}
