@@ -204,3 +204,17 @@ def test_the_sbatch_template_and_the_generated_job_script_are_shellcheck_clean(t
         done = subprocess.run([_shellcheck(), f"--shell={shell}", "--severity=style", str(path)],
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stdout
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--resources", "ssd=-1"], "resource 'ssd=-1'"),
+    (["--label", "zone"], "label 'zone': give name=value"),
+])
+def test_distfork_slurm_refuses_bad_resources_and_labels_before_submitting_anything(
+        args: list[str], message: str) -> None:
+    from click.testing import CliRunner
+
+    from distfork.cli_slurm import slurm
+
+    result = CliRunner().invoke(slurm, ["--workers", "1", *args])
+    assert result.exit_code == 2 and message in result.output, result.output
