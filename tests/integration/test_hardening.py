@@ -45,18 +45,6 @@ NO_DEFAULT_KEYS = {"DISTFORK_DEFAULT_KEYS": "0"}  # a broker without any keys: w
 
 
 @pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Procs]:
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    started = Procs(logs)
-    try:
-        yield started
-    finally:
-        distfork.shutdown()
-        started.stop_all()
-
-
-@pytest.fixture
 def netns() -> Iterator[Netns]:
     reason = netns_unavailable()
     if reason is not None:

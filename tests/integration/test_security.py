@@ -82,18 +82,6 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> KeySet:
     return make_keys(tmp_path_factory.mktemp("keys"))
 
 
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Procs]:
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    started = Procs(logs)
-    try:
-        yield started
-    finally:
-        distfork.shutdown()  # our driver leaves before its broker does
-        started.stop_all()
-
-
 @pytest.fixture(scope="module")
 def maybe_netns() -> Iterator[Netns | str]:
     """A namespace of our own (only a loopback, plus NS_ADDRESS on it), or why there is none."""
