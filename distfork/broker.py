@@ -7,8 +7,8 @@
                  ┌───────────────────────────────────────────────────┐
                  │ ROUTER bound at the cluster's one address          │
                  │   recv ─▶ protocol.decode ─▶ BrokerState method    │
-                 │   BrokerState.dispatch ─▶ TASKS to workers         │
-                 │   BrokerState.take_outbox ─▶ RESULTS to drivers     │
+                 │   BrokerState.dispatch, then take_instructions ─▶   │
+                 │   TASKS, RESULTS, CANCEL, ... (_execute sends them) │
                  │   every heartbeat_s: HEARTBEAT out, expire the      │
                  │   silent, check that our parent still lives         │
                  └───────────────────────────────────────────────────┘
@@ -41,6 +41,19 @@ import zmq
 
 from . import codeship, endpoint, protocol, security, shm
 from . import tracing as _trace
+from .broker_instructions import (
+    Abort,
+    Cancel,
+    ClusterNotice,
+    Discard,
+    Instruction,
+    Reclaimed,
+    Recycle,
+    Reject,
+    SendResults,
+    SendTasks,
+    UnlinkOrphan,
+)
 from .broker_state import BrokerState, PeerInfo
 from .config import DEFAULT_ADDRESS, Config
 from .errors import ProtocolError
@@ -89,7 +102,7 @@ class Broker:
         # (slot, task key) -> (driver, its task id), for lines that arrive after the task's result
         self._output_routes: collections.OrderedDict[tuple[bytes, int], tuple[bytes, int]] = collections.OrderedDict()
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.state = BrokerState(config, time.monotonic())
+        self.state = BrokerState(config, time.monotonic(), shm.domain())
         self.metrics = BrokerMetrics(self.state)
         # Prometheus /metrics, from prometheus_client's own thread (it reads numbers, never the socket).
         self.metrics_server = self.metrics.serve(metrics_port, metrics_host) if metrics_port is not None else None
@@ -102,7 +115,6 @@ class Broker:
             self.metrics_server.dashboard.publish(self.state, time.monotonic())
         self._stopping = False
         self._reload_keys = False
-        self._reclaims: list[tuple[PeerInfo, list[int]]] = []
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -194,9 +206,8 @@ class Broker:
                         self.auth.reload()
                 if self.sock in events:
                     self._receive(now)
-                self._send_work(now)
-                if self._reclaims:
-                    self._answer_reclaims()
+                self.state.dispatch(now)
+                self._execute(self.state.take_instructions())
                 if now >= next_tick:
                     self._tick(now)
                     next_tick = now + heartbeat_s
@@ -260,21 +271,19 @@ class Broker:
                 for e in entries:
                     if e.flags & Flag.OUTPUT:  # its last lines may come after it, by another socket
                         self._route_output(p, e.id)
-                self.state.results(p, entries)
+                self.state.results(p, entries, now)
             elif kind is Msg.HEARTBEAT:
                 pass
             elif kind is Msg.CANCEL and p.role == "driver":
-                self.state.cancel(p, protocol.decode_cancel(body))
+                self.state.cancel(p, protocol.decode_cancel(body), now)
             elif kind is Msg.RECYCLE and p.role == "driver":
-                self._call(self._recycle, p, protocol.decode_json(body))
+                self.state.recycle(p, _recycle_names(body), now)
             elif kind is Msg.FETCH and p.role == "driver":
-                self.state.fetch(p, protocol.decode_cancel(body))
+                self.state.fetch(p, protocol.decode_cancel(body), now)
             elif kind is Msg.RELEASE and p.role == "driver":
-                self.state.release(p, protocol.decode_cancel(body))
+                self.state.release(p, protocol.decode_cancel(body), now)
             elif kind is Msg.RECLAIM and p.role == "driver":
-                # Answered after the next dispatch: a task a free slot can start
-                # now goes there; only one nobody can take is given back.
-                self._reclaims.append((p, protocol.decode_cancel(body)))
+                self.state.reclaim(p, protocol.decode_cancel(body), now)
             elif kind is Msg.HELLO:
                 self._hello(peer, body, now)
             elif kind is Msg.BYE:
@@ -300,29 +309,11 @@ class Broker:
         elif kind is Msg.EXITED:
             self._call(self._exited, protocol.decode_json(body), now)
         elif kind is not Msg.BYE:
-            # Typically: we restarted and the peer does not know yet.
-            self.state.counters["unknown_peer_messages"] += 1
-            self._send(peer, protocol.encode_json(Msg.REJECT, {"reason": "unknown peer: say hello"}))
-            self._drop_unknown(peer, kind, frames, body)
-
-    def _drop_unknown(self, peer: bytes, kind: Msg, frames: list[Any], body: memoryview) -> None:
-        """A message we drop may name shared-memory segments: free them, or nobody ever will.
-
-        RESULTS of a worker we do not know (we restarted; it was expired while
-        SIGSTOPped): sent back as DISCARD, its maker unlinks them. RECYCLE of a
-        driver we do not know: nobody maps those any more; we unlink them if
-        they are in our /dev/shm (else the driver's exit makes them garbage).
-        """
-        if kind is Msg.RESULTS:
-            entries = protocol.decode_batch(frames, body)
-            gone = [e for e in entries if shm.segment_of(e.frames) is not None]
-            if gone:
-                self._send_batches(peer, Msg.DISCARD, gone)
-        elif kind is Msg.RECYCLE:
-            names = protocol.decode_json(body).get("names")
-            for name in names if isinstance(names, list) else ():
-                if isinstance(name, str) and shm.parse(name) is not None:
-                    shm.unlink(name)
+            # Typically: we restarted and the peer does not know yet. A message we drop
+            # may name shared-memory segments: the state frees them (BrokerState.unknown_peer).
+            results = protocol.decode_batch(frames, body) if kind is Msg.RESULTS else ()
+            recycled = _recycle_names(body, strict=False) if kind is Msg.RECYCLE else ()
+            self.state.unknown_peer(peer, now, results, recycled)
 
     def _refuse_role(self, peer: bytes, frames: list[Any], kind: Msg, body: memoryview) -> bool:
         """A HELLO (or a worker's own message) whose key is not admitted for that role: REJECT it, never register."""
@@ -388,24 +379,6 @@ class Broker:
             snap["metrics_url"] = self.metrics_server.url
         return snap
 
-    def _recycle(self, driver: PeerInfo, body: dict[str, Any]) -> None:
-        """Result segments a driver no longer maps go back to the worker process that made them."""
-        by_pid: dict[int, list[str]] = {}
-        for name in body["names"]:
-            if self.state.recycled(str(name)):
-                continue  # a held value: tasks may still take it
-            pid = shm.creator(str(name))
-            if pid is not None:
-                by_pid.setdefault(pid, []).append(str(name))
-        for w in self.state.workers.values():
-            if w.domain is None or w.domain != driver.domain:
-                continue  # a pid of another /dev/shm (a container) is another process: it must not take them
-            names = by_pid.pop(w.info.get("pid"), None)  # type: ignore[arg-type]
-            if names:
-                self._send(w.id, protocol.encode_json(Msg.RECYCLE, {"names": names}))
-        # Their maker is gone: nobody reuses them.
-        self.state.orphaned([name for names in by_pid.values() for name in names], driver.domain)
-
     def _exited(self, info: dict[str, Any], now: float) -> None:
         self.state.exited(str(info["host"]), int(info["pid"]), int(info["code"]), now, oom=info.get("oom") is True)
 
@@ -446,43 +419,33 @@ class Broker:
         for start in range(0, len(entries), _BATCH_MAX):
             self._send(peer, protocol.encode_batch(kind, entries[start : start + _BATCH_MAX]))
 
-    def _send_work(self, now: float) -> None:
-        state = self.state
-        for worker, tasks in state.dispatch(now).items():
-            domain = state.workers[worker].domain
-            entries = []
-            for t in tasks:
-                frames, flags = t.wire()
-                if domain is not None and t.domain == domain:
-                    entries.append(Entry(t.key, t.max_retries, t.timeout_s, frames, flags | Flag.RESULT_SHM,
-                                         t.owner_pid))
-                else:
-                    entries.append(Entry(t.key, t.max_retries, t.timeout_s, frames, flags))
-            self._send_batches(worker, Msg.TASKS, entries)
-            self.metrics.started += len(entries)
-        results, cancels = state.take_outbox()
-        for driver, entries in results.items():
-            self._send_batches(driver, Msg.RESULTS, entries)
-        for worker, keys in cancels.items():
-            self._send(worker, protocol.encode_cancel(keys))
-        for control, keys in state.take_aborts().items():
-            self._send(control, protocol.encode_cancel(keys))
-        for worker, entries in state.take_discards().items():
-            self._send_batches(worker, Msg.DISCARD, entries)
-        recycles, orphans = state.take_recycles()
-        for worker, names in recycles.items():
-            self._send(worker, protocol.encode_json(Msg.RECYCLE, {"names": names}))
-        for name, domain in orphans:
-            if domain is not None and domain == shm.domain():
-                shm.unlink(name)  # its maker is gone and no worker shares that /dev/shm: we can
-        for driver, facts in state.take_cluster_notices().items():
-            self._send(driver, protocol.encode_json(Msg.CLUSTER, facts))
-
-    def _answer_reclaims(self) -> None:
-        reclaims, self._reclaims = self._reclaims, []
-        for driver, ids in reclaims:
-            granted = self.state.reclaim(driver, ids) if driver.id in self.state.peers else []
-            self._send(driver.id, protocol.encode_json(Msg.RECLAIMED, {"granted": granted, "asked": ids}))
+    def _execute(self, instructions: list[Instruction]) -> None:
+        """Carry out what the state decided: sends, and unlinks in our own /dev/shm."""
+        for ins in instructions:
+            if type(ins) is SendTasks:
+                self._send_batches(ins.worker, Msg.TASKS, ins.entries)
+                self.metrics.started += len(ins.entries)
+            elif type(ins) is SendResults:
+                self._send_batches(ins.driver, Msg.RESULTS, ins.entries)
+            elif type(ins) is Cancel:
+                self._send(ins.worker, protocol.encode_cancel(ins.keys))
+            elif type(ins) is Abort:
+                self._send(ins.control, protocol.encode_cancel(ins.keys))
+            elif type(ins) is Discard:
+                self._send_batches(ins.worker, Msg.DISCARD, ins.entries)
+            elif type(ins) is Recycle:
+                self._send(ins.worker, protocol.encode_json(Msg.RECYCLE, {"names": ins.names}))
+            elif type(ins) is UnlinkOrphan:
+                shm.unlink(ins.name)
+            elif type(ins) is ClusterNotice:
+                self._send(ins.driver, protocol.encode_json(Msg.CLUSTER, ins.facts))
+            elif type(ins) is Reclaimed:
+                self._send(ins.driver, protocol.encode_json(Msg.RECLAIMED, {"granted": ins.granted,
+                                                                             "asked": list(ins.asked)}))
+            elif type(ins) is Reject:
+                self._send(ins.peer, protocol.encode_json(Msg.REJECT, {"reason": ins.reason}))
+            else:
+                raise TypeError(f"unknown instruction {ins!r}")
 
     def _tick(self, now: float) -> None:
         if self.metrics_server is not None:
@@ -496,3 +459,13 @@ class Broker:
         if self.parent_pid is not None and os.getppid() != self.parent_pid:
             log.warning("parent process %d is gone; stopping", self.parent_pid)
             self.stop()
+
+
+def _recycle_names(body: memoryview, strict: bool = True) -> list[str]:
+    """The segment names of a RECYCLE (``strict``: a body that is not a list of strings is a ProtocolError)."""
+    names = protocol.decode_json(body).get("names")
+    if isinstance(names, list) and all(isinstance(n, str) for n in names):
+        return names
+    if strict:
+        raise ProtocolError("RECYCLE without a list of segment names")
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
