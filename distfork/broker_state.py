@@ -55,13 +55,15 @@ from .broker_instructions import (
     SendTasks,
     UnlinkOrphan,
 )
-from .config import Config
+from .config import STALL_S, Config
 from .errors import ProtocolError
 from .protocol import (
     DEFAULT_RETRIES,
     Entry,
     Flag,
     Frame,
+    Keepalive,
+    Role,
     Status,
     decode_deps,
     decode_request,
@@ -75,8 +77,6 @@ __all__ = ["BrokerState", "Hold", "PeerInfo", "Task", "TaskState"]
 
 log = logging.getLogger(__name__)
 
-#: A worker busy this long without a result (and 4x its usual task time) is stalled.
-_STALL_S = 0.05
 #: Counter of failed tasks by their Status (distfork/metrics.py exports them by reason).
 _FAILED_COUNTERS: dict[int, str] = {s: f"tasks_failed_{s.name.lower()}" for s in Status if s != Status.OK}
 
@@ -163,7 +163,7 @@ class PeerInfo:
     """A registered driver or worker."""
 
     id: bytes
-    role: str  # "driver" or "worker"
+    role: Role
     info: dict[str, Any]
     last_seen: float
     slots: int = 0
@@ -248,14 +248,12 @@ class BrokerState:
 
     def hello(self, peer: bytes, info: dict[str, Any], now: float) -> PeerInfo:
         """Register (or re-register) a driver or worker."""
-        role = info.get("role")
-        if role not in ("driver", "worker"):
-            raise ValueError(f"unknown role {role!r}")
-        slots = int(info.get("slots", 1)) if role == "worker" else 0
-        if role == "worker" and slots < 1:
+        role = Role(info.get("role"))  # ValueError: not a role
+        slots = int(info.get("slots", 1)) if role is Role.WORKER else 0
+        if role is Role.WORKER and slots < 1:
             raise ValueError(f"worker announced {slots} slots")
         old = self.peers.get(peer)
-        if old is not None and old.role == role:
+        if old is not None and old.role is role:
             # Routing ids are random per process: this is the same peer saying
             # hello again (answering a late REJECT). Keep its tasks: the worker
             # still runs what it was handed, the driver re-submits (ignored).
@@ -265,7 +263,7 @@ class BrokerState:
             self._forget(old, now, reason="re-registered with another role")
         p = PeerInfo(peer, role, info, now, slots=slots)
         self.peers[peer] = p
-        if role == "worker":
+        if role is Role.WORKER:
             self.workers[peer] = p
             self._cluster_changed = True
             log.info("worker %s joined: host %s pid %s, %d slots",
@@ -284,15 +282,11 @@ class BrokerState:
         if p is not None:
             self._forget(p, now, reason="said goodbye")
 
-    def keepalive(self, control: bytes, body: dict[str, Any], now: float) -> None:
+    def keepalive(self, control: bytes, body: Keepalive, now: float) -> None:
         """A worker process vouches for its slots, or says they end (and why)."""
-        peers = body.get("peers")
-        if not isinstance(peers, list) or not all(isinstance(h, str) for h in peers):
-            raise ValueError("KEEPALIVE without a list of peer ids")
-        slots = [self.workers.get(bytes.fromhex(h)) for h in peers]
-        if not body.get("bye"):
-            rss = body.get("rss")
-            rss_bytes = rss if isinstance(rss, int) and not isinstance(rss, bool) and rss >= 0 else None
+        slots = [self.workers.get(peer) for peer in body.peers]
+        if not body.bye:
+            rss_bytes = body.rss_bytes
             for w in slots:
                 if w is not None:
                     w.last_seen = now
@@ -302,8 +296,8 @@ class BrokerState:
                     if unsent:
                         self._aborts.setdefault(control, []).extend(unsent)
             return
-        timed_out = {int(k) for k in body.get("timed_out") or ()}
-        interrupted = bool(timed_out or body.get("cancelled"))
+        timed_out = body.timed_out
+        interrupted = bool(timed_out or body.cancelled)
         for w in slots:
             if w is None:
                 continue
@@ -342,7 +336,7 @@ class BrokerState:
 
     def _forget(self, p: PeerInfo, now: float, reason: str, blame: bool = True) -> None:
         del self.peers[p.id]
-        if p.role == "worker":
+        if p.role is Role.WORKER:
             del self.workers[p.id]
             self._unsent_aborts.pop(p.id, None)
             self._cluster_changed = True
@@ -796,7 +790,7 @@ class BrokerState:
 
     def _stalled(self, w: PeerInfo, now: float) -> bool:
         """Busy far longer than its tasks usually take: what it holds beyond its slots may wait long."""
-        return len(w.assigned) >= w.slots and now - w.progress_at > max(4 * (w.avg_run_s or 0.0), _STALL_S)
+        return len(w.assigned) >= w.slots and now - w.progress_at > max(4 * (w.avg_run_s or 0.0), STALL_S)
 
     def dispatch(self, now: float) -> None:
         """Hand queued tasks to workers: free slots first, then prefetch room, one task each in turn
@@ -890,7 +884,7 @@ class BrokerState:
         return [
             ClusterNotice(d.id, {"local_workers": self.local_workers(d.domain), "workers": len(self.workers)})
             for d in self.peers.values()
-            if d.role == "driver"
+            if d.role is Role.DRIVER
         ]
 
     def _task_entries(self, worker: bytes, tasks: list[Task]) -> list[Entry]:
@@ -980,7 +974,7 @@ class BrokerState:
         held = sum(len(w.assigned) for w in self.workers.values())
         drivers = []
         for d in self.peers.values():
-            if d.role != "driver":
+            if d.role is not Role.DRIVER:
                 continue
             waiting = sum(1 for t in d.tasks.values() if t.state is TaskState.QUEUED)
             blocked = sum(1 for t in d.tasks.values() if t.state is TaskState.WAITING)

@@ -49,7 +49,7 @@ import zmq
 
 from . import output, protocol, security, serialize, shm
 from . import tracing as _trace
-from .config import Config
+from .config import BATCH_MAX, DRIVER_RECV_BURST, RESUBMITS_MAX, Config
 from .errors import (
     AuthenticationError,
     BrokerUnavailableError,
@@ -59,14 +59,13 @@ from .errors import (
     WorkerLostError,
 )
 from .future import REMOTE, Future, callback_runner, collect_all, settle
-from .protocol import Entry, Flag, Msg, Status
+from .protocol import Entry, Flag, Msg, Role, Status
+from .wakeup import Wakeup
 
 __all__ = ["Driver", "complete"]
 
 log = logging.getLogger(__name__)
 
-_BATCH_MAX = 2000  # tasks per SUBMIT message
-_RESUBMITS_MAX = 5  # a task whose futures keep vanishing from the broker fails after this many tries
 
 
 class Call(NamedTuple):
@@ -143,10 +142,8 @@ class Driver:
         self._session: str | None = None
         self._segments: shm.SegmentPool | None = None  # created with the broker's session
         self._pool: shm.SegmentPool | None = None  # the same, while a worker shares our /dev/shm
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        self._wake_pending = False
+        self._wakeup = Wakeup()  # the I/O thread polls it beside its socket
+        self._wake_pending = False  # a wake-up is written and not yet drained: a burst of forks writes once
         self._keys = security.client_keys(config, address)  # bad key settings fail here, in the caller
         self._refused: str | None = None
         self._welcomed = threading.Event()
@@ -301,8 +298,7 @@ class Driver:
             fut.cancel()
             self._release(segment, nbytes)
         self._calls.clear()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self._wakeup.close()
         self._ctx.term()
         self._display.close()
         for held in self._held.values():
@@ -432,16 +428,13 @@ class Driver:
         if self._wake_pending and not force:
             return
         self._wake_pending = True
-        try:
-            os.write(self._wake_w, b"\0")
-        except (BlockingIOError, OSError):
-            pass  # pipe full (a wake-up is pending anyway) or closed
+        self._wakeup.wake()
 
     # -- the I/O thread -----------------------------------------------------
 
     def _hello(self, sock: zmq.Socket[Any]) -> None:
         info = {
-            "role": "driver",
+            "role": Role.DRIVER.value,
             "name": self.name,
             "host": socket.gethostname(),
             "pid": os.getpid(),
@@ -466,7 +459,7 @@ class Driver:
         sock.connect(self.address)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self._wakeup.fd, zmq.POLLIN)
         if monitor is not None:
             poller.register(monitor, zmq.POLLIN)
         heartbeat_s = self.config.heartbeat_s
@@ -475,11 +468,8 @@ class Driver:
         try:
             while not self._closing:
                 events = dict(poller.poll(int(heartbeat_s * 1000)))
-                if self._wake_r in events:
-                    try:
-                        os.read(self._wake_r, 4096)
-                    except BlockingIOError:
-                        pass
+                if self._wakeup.fd in events:
+                    self._wakeup.drain()
                     self._wake_pending = False
                 now = time.monotonic()
                 if watch is not None and watch.monitor in events:
@@ -490,7 +480,7 @@ class Driver:
                     last_sent = now
                 if sock in events:
                     last_heard = now
-                    for _ in range(1000):
+                    for _ in range(DRIVER_RECV_BURST):
                         try:
                             frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
@@ -541,7 +531,7 @@ class Driver:
         out = self._outgoing
         self._send_codes(sock)
         while out:
-            batch = [out.popleft() for _ in range(min(len(out), _BATCH_MAX))]
+            batch = [out.popleft() for _ in range(min(len(out), BATCH_MAX))]
             self._send_codes(sock)  # a package shipped just before a task of this batch was appended
             sock.send_multipart(protocol.encode_batch(Msg.SUBMIT, batch), copy=False)
         if self._reclaims:
@@ -592,7 +582,7 @@ class Driver:
             elif kind is Msg.OUTPUT:
                 self._output(protocol.decode_json(body))
             elif kind is Msg.RECLAIMED:
-                self._reclaimed(protocol.decode_json(body))
+                self._reclaimed(protocol.decode_reclaimed(body))
             elif kind is Msg.REJECT:
                 reject = protocol.decode_json(body)
                 if reject.get("refused"):  # our key is admitted, but not as a client
@@ -623,9 +613,9 @@ class Driver:
             item[0].add_output([text for _, text in lines], dropped)
         self._display.show(body, task_id, lines, dropped)
 
-    def _reclaimed(self, reply: dict[str, Any]) -> None:
-        granted = set(reply.get("granted") or ())
-        for task_id in reply.get("asked") or ():
+    def _reclaimed(self, reply: tuple[set[int], list[int]]) -> None:
+        granted, asked = reply
+        for task_id in asked:
             waiter = self._reclaim_waiters.pop(task_id, None)
             if waiter is not None:
                 waiter[1][0] = task_id in granted
@@ -738,7 +728,7 @@ class Driver:
                     fut.cancel()
                 elif failed is not None:
                     fut.set_exception(failed.exception())
-                elif call.tries >= _RESUBMITS_MAX:
+                elif call.tries >= RESUBMITS_MAX:
                     fut.set_exception(DistforkError(
                         f"the futures among this task's arguments left the broker {call.tries} times "
                         "before it could start (is the broker restarting?)"

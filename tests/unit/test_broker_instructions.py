@@ -20,7 +20,7 @@ from distfork.broker_instructions import (
 )
 from distfork.broker_state import BrokerState, PeerInfo, TaskState
 from distfork.config import Config
-from distfork.protocol import DEFAULT_RETRIES, Entry, Flag, Status
+from distfork.protocol import DEFAULT_RETRIES, Entry, Flag, Keepalive, Status
 
 D1, W1, W2 = b"D-one", b"W-one", b"W-two"
 SEGMENT = "df-ab-1001-5-0123456789abcdef"
@@ -168,11 +168,11 @@ def test_a_task_past_its_timeout_fails_timed_out_and_its_slot_mates_lose_no_try(
     submit(state, d, [2], now=0.0)
     state.dispatch(0.0)
     state.take_instructions()
-    state.keepalive(b"C-1", {"peers": [W1.hex()]}, now=1.0)
+    state.keepalive(b"C-1", Keepalive([W1]), now=1.0)
     assert w.control == b"C-1"
     (key1,) = [t.key for t in w.assigned.values() if t.task_id == 1]
 
-    state.keepalive(b"C-1", {"peers": [W1.hex()], "bye": True, "timed_out": [key1]}, now=2.6)
+    state.keepalive(b"C-1", Keepalive([W1], bye=True, timed_out=frozenset([key1])), now=2.6)
 
     (entry,) = results(state.take_instructions())[D1]
     assert (entry.id, entry.code, entry.extra) == (1, Status.TIMED_OUT, 2.5)

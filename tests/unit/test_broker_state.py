@@ -9,7 +9,7 @@ from state_outbox import aborts, discards, dispatch, outbox, reclaimed, recycles
 
 from distfork.broker_state import BrokerState, PeerInfo, Task, TaskState
 from distfork.config import Config
-from distfork.protocol import DEFAULT_RETRIES, Entry, Flag, Status, decode_dep_counts, encode_deps
+from distfork.protocol import DEFAULT_RETRIES, Entry, Flag, Keepalive, Status, decode_dep_counts, encode_deps
 
 D1, D2 = b"D-one", b"D-two"
 W1, W2, W3 = b"W-one", b"W-two", b"W-three"
@@ -741,9 +741,9 @@ def test_a_running_task_cancelled_before_its_worker_vouched_for_it_is_stopped_wi
     (task,) = dispatch(state)[W1]
     state.cancel(d, [1], now=state.last_now)
     assert aborts(state) == {}  # no control socket known yet
-    state.keepalive(b"C-one", {"peers": [W1.hex()]}, 0.5)
+    state.keepalive(b"C-one", Keepalive([W1]), 0.5)
     assert aborts(state) == {b"C-one": [task.key]}
-    state.keepalive(b"C-one", {"peers": [W1.hex()]}, 1.0)
+    state.keepalive(b"C-one", Keepalive([W1]), 1.0)
     assert aborts(state) == {}  # once
     assert w.control == b"C-one"
 

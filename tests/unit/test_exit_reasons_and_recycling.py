@@ -16,14 +16,14 @@ from distfork.broker import Broker
 from distfork.broker_state import BrokerState
 from distfork.cluster import oom_kill_count
 from distfork.config import Config
-from distfork.protocol import Entry, Msg, Status
+from distfork.protocol import Entry, Keepalive, Msg, Status
 
 
 def _lost_text(code: int, oom: bool = False, rss: int | None = 300 * 2**20) -> str:
     state = BrokerState(Config(), now=0.0)
     d = state.hello(b"D", {"role": "driver", "name": "d", "host": "h", "pid": 7}, 0.0)
     w = state.hello(b"W", {"role": "worker", "name": "w", "host": "h", "pid": 42, "slots": 1}, 0.0)
-    state.keepalive(b"C", {"peers": [b"W".hex()], "rss": rss}, 0.0)
+    state.keepalive(b"C", Keepalive([b"W"], rss_bytes=rss), 0.0)
     state.submit(d, [Entry(1, 0, 0.0, [b"call"])], 0.0)
     assert dispatch(state, 0.0)[w.id]
     state.exited("h", 42, code, 1.0, oom=oom)
