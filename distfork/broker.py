@@ -7,8 +7,8 @@
                  ┌───────────────────────────────────────────────────┐
                  │ ROUTER bound at the cluster's one address          │
                  │   recv ─▶ protocol.decode ─▶ BrokerState method    │
-                 │   BrokerState.dispatch ─▶ TASKS to workers         │
-                 │   BrokerState.take_outbox ─▶ RESULTS to drivers     │
+                 │   BrokerState.dispatch, then take_instructions ─▶   │
+                 │   TASKS, RESULTS, CANCEL, ... (_execute sends them) │
                  │   every heartbeat_s: HEARTBEAT out, expire the      │
                  │   silent, check that our parent still lives         │
                  └───────────────────────────────────────────────────┘
@@ -41,19 +41,30 @@ import zmq
 
 from . import codeship, endpoint, protocol, security, shm
 from . import tracing as _trace
+from .broker_instructions import (
+    Abort,
+    Cancel,
+    ClusterNotice,
+    Discard,
+    Instruction,
+    Reclaimed,
+    Recycle,
+    Reject,
+    SendResults,
+    SendTasks,
+    UnlinkOrphan,
+)
 from .broker_state import BrokerState, PeerInfo
-from .config import DEFAULT_ADDRESS, Config
+from .config import BATCH_MAX, DEFAULT_ADDRESS, OUTPUT_ROUTES_MAX, RECV_BURST, STEAL_CHECK_S, Config
 from .errors import ProtocolError
 from .metrics import BrokerMetrics
-from .protocol import Entry, Flag, Msg
+from .protocol import Entry, Flag, Msg, Role
+from .wakeup import Wakeup
 
 __all__ = ["Broker"]
 
 log = logging.getLogger(__name__)
 
-_BATCH_MAX = 2000  # tasks or results per message we send
-_RECV_BURST = 2000  # messages handled before we dispatch and send
-_STEAL_CHECK_S = 0.02  # how often to look for stalled workers while another idles
 # Messages whose sender's key must be admitted for the role they speak for (a HELLO names its
 # role; a worker process's supervisor and control socket speak for workers).
 _ROLE_BOUND = frozenset({Msg.HELLO, Msg.EXITED, Msg.KEEPALIVE, Msg.OUTPUT})  # OUTPUT: a worker process's lines
@@ -89,7 +100,7 @@ class Broker:
         # (slot, task key) -> (driver, its task id), for lines that arrive after the task's result
         self._output_routes: collections.OrderedDict[tuple[bytes, int], tuple[bytes, int]] = collections.OrderedDict()
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.state = BrokerState(config, time.monotonic())
+        self.state = BrokerState(config, time.monotonic(), shm.domain())
         self.metrics = BrokerMetrics(self.state)
         # Prometheus /metrics, from prometheus_client's own thread (it reads numbers, never the socket).
         self.metrics_server = self.metrics.serve(metrics_port, metrics_host) if metrics_port is not None else None
@@ -102,10 +113,7 @@ class Broker:
             self.metrics_server.dashboard.publish(self.state, time.monotonic())
         self._stopping = False
         self._reload_keys = False
-        self._reclaims: list[tuple[PeerInfo, list[int]]] = []
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        self._wakeup = Wakeup()  # stop() and SIGHUP, from a signal handler or another thread
 
     def _bind(self, address: str) -> None:
         """Bind; an ipc:// socket file is made 0600 (umask 077 while binding, then chmod), whatever the umask."""
@@ -151,10 +159,7 @@ class Broker:
     def stop(self) -> None:
         """Ask the loop to end (safe from a signal handler or another thread)."""
         self._stopping = True
-        try:
-            os.write(self._wake_w, b"\0")
-        except OSError:
-            pass
+        self._wakeup.wake_from_signal()
 
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -163,15 +168,12 @@ class Broker:
 
     def _request_reload(self) -> None:
         self._reload_keys = True
-        try:
-            os.write(self._wake_w, b"\0")
-        except OSError:
-            pass
+        self._wakeup.wake_from_signal()
 
     def serve_forever(self) -> None:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self._wakeup.fd, zmq.POLLIN)
         heartbeat_s = self.config.heartbeat_s
         next_tick = time.monotonic() + heartbeat_s
         log.info("broker serving at %s (session %s)", self.address, self.session)
@@ -180,23 +182,19 @@ class Broker:
             while not self._stopping:
                 timeout_ms = max(0.0, next_tick - time.monotonic()) * 1000
                 if self.state.may_steal():
-                    timeout_ms = min(timeout_ms, _STEAL_CHECK_S * 1000)
+                    timeout_ms = min(timeout_ms, STEAL_CHECK_S * 1000)
                 events = dict(poller.poll(int(timeout_ms)))
                 now = time.monotonic()
-                if self._wake_r in events:
-                    try:
-                        os.read(self._wake_r, 4096)
-                    except BlockingIOError:
-                        pass
+                if self._wakeup.fd in events:
+                    self._wakeup.drain()
                 if self._reload_keys:
                     self._reload_keys = False
                     if self.auth is not None:
                         self.auth.reload()
                 if self.sock in events:
                     self._receive(now)
-                self._send_work(now)
-                if self._reclaims:
-                    self._answer_reclaims()
+                self.state.dispatch(now)
+                self._execute(self.state.take_instructions())
                 if now >= next_tick:
                     self._tick(now)
                     next_tick = now + heartbeat_s
@@ -210,8 +208,7 @@ class Broker:
             if self.auth is not None:
                 self.auth.stop()
             self._ctx.term()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            self._wakeup.close()
             if self.parent_pid is not None and self.address.startswith("ipc://"):
                 # The embedded cluster's socket, in a private directory its
                 # driver made: if that driver died without stopping us, no one
@@ -230,7 +227,7 @@ class Broker:
 
     def _receive(self, now: float) -> None:
         recv = self.sock.recv_multipart
-        for _ in range(_RECV_BURST):
+        for _ in range(RECV_BURST):
             try:
                 frames = recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -250,43 +247,41 @@ class Broker:
             return
         p = self.state.seen(peer, now)
         if p is not None:
-            if kind is Msg.SUBMIT and p.role == "driver":
+            if kind is Msg.SUBMIT and p.role is Role.DRIVER:
                 entries = protocol.decode_batch(frames, body)
                 self.state.submit(p, entries, now)
                 self.metrics.tasks_in(entries)
-            elif kind is Msg.RESULTS and p.role == "worker":
+            elif kind is Msg.RESULTS and p.role is Role.WORKER:
                 entries = _trace.take_notes(p, protocol.decode_batch(frames, body), now)
                 self.metrics.results_in(p, entries, now)
                 for e in entries:
                     if e.flags & Flag.OUTPUT:  # its last lines may come after it, by another socket
                         self._route_output(p, e.id)
-                self.state.results(p, entries)
+                self.state.results(p, entries, now)
             elif kind is Msg.HEARTBEAT:
                 pass
-            elif kind is Msg.CANCEL and p.role == "driver":
-                self.state.cancel(p, protocol.decode_cancel(body))
-            elif kind is Msg.RECYCLE and p.role == "driver":
-                self._call(self._recycle, p, protocol.decode_json(body))
-            elif kind is Msg.FETCH and p.role == "driver":
-                self.state.fetch(p, protocol.decode_cancel(body))
-            elif kind is Msg.RELEASE and p.role == "driver":
-                self.state.release(p, protocol.decode_cancel(body))
-            elif kind is Msg.RECLAIM and p.role == "driver":
-                # Answered after the next dispatch: a task a free slot can start
-                # now goes there; only one nobody can take is given back.
-                self._reclaims.append((p, protocol.decode_cancel(body)))
+            elif kind is Msg.CANCEL and p.role is Role.DRIVER:
+                self.state.cancel(p, protocol.decode_cancel(body), now)
+            elif kind is Msg.RECYCLE and p.role is Role.DRIVER:
+                self.state.recycle(p, protocol.decode_recycle(body), now)
+            elif kind is Msg.FETCH and p.role is Role.DRIVER:
+                self.state.fetch(p, protocol.decode_cancel(body), now)
+            elif kind is Msg.RELEASE and p.role is Role.DRIVER:
+                self.state.release(p, protocol.decode_cancel(body), now)
+            elif kind is Msg.RECLAIM and p.role is Role.DRIVER:
+                self.state.reclaim(p, protocol.decode_cancel(body), now)
             elif kind is Msg.HELLO:
                 self._hello(peer, body, now)
             elif kind is Msg.BYE:
                 self.state.bye(peer, now)
             elif kind is Msg.STATUS:
                 self._send(peer, protocol.encode_json(Msg.STATUS_REPLY, self._status(now)))
-            elif kind is Msg.CODE and p.role == "driver":
+            elif kind is Msg.CODE and p.role is Role.DRIVER:
                 self._code_in(frames, body)
             elif kind is Msg.CODE_GET:
                 self._code_out(peer, body)
             else:
-                raise ProtocolError(f"{kind.name} from a {p.role}")
+                raise ProtocolError(f"{kind.name} from a {p.role.value}")
         elif kind is Msg.HELLO:
             self._hello(peer, body, now)
         elif kind is Msg.STATUS:
@@ -294,58 +289,36 @@ class Broker:
         elif kind is Msg.CODE_GET:  # a worker slot's fetch socket: authenticated, never registered
             self._code_out(peer, body)
         elif kind is Msg.OUTPUT:  # a worker process's control socket: what its running tasks print
-            self._output(peer, protocol.decode_json(body))
+            self._output(peer, protocol.decode_output(body))
         elif kind is Msg.KEEPALIVE:
-            self._call(self.state.keepalive, peer, protocol.decode_json(body), now)
+            self.state.keepalive(peer, protocol.decode_keepalive(body), now)
         elif kind is Msg.EXITED:
-            self._call(self._exited, protocol.decode_json(body), now)
+            ex = protocol.decode_exited(body)
+            self.state.exited(ex.host, ex.pid, ex.code, now, oom=ex.oom)
         elif kind is not Msg.BYE:
-            # Typically: we restarted and the peer does not know yet.
-            self.state.counters["unknown_peer_messages"] += 1
-            self._send(peer, protocol.encode_json(Msg.REJECT, {"reason": "unknown peer: say hello"}))
-            self._drop_unknown(peer, kind, frames, body)
-
-    def _drop_unknown(self, peer: bytes, kind: Msg, frames: list[Any], body: memoryview) -> None:
-        """A message we drop may name shared-memory segments: free them, or nobody ever will.
-
-        RESULTS of a worker we do not know (we restarted; it was expired while
-        SIGSTOPped): sent back as DISCARD, its maker unlinks them. RECYCLE of a
-        driver we do not know: nobody maps those any more; we unlink them if
-        they are in our /dev/shm (else the driver's exit makes them garbage).
-        """
-        if kind is Msg.RESULTS:
-            entries = protocol.decode_batch(frames, body)
-            gone = [e for e in entries if shm.segment_of(e.frames) is not None]
-            if gone:
-                self._send_batches(peer, Msg.DISCARD, gone)
-        elif kind is Msg.RECYCLE:
-            names = protocol.decode_json(body).get("names")
-            for name in names if isinstance(names, list) else ():
-                if isinstance(name, str) and shm.parse(name) is not None:
-                    shm.unlink(name)
+            # Typically: we restarted and the peer does not know yet. A message we drop
+            # may name shared-memory segments: the state frees them (BrokerState.unknown_peer).
+            results = protocol.decode_batch(frames, body) if kind is Msg.RESULTS else ()
+            recycled = protocol.decode_recycle(body, strict=False) if kind is Msg.RECYCLE else ()
+            self.state.unknown_peer(peer, now, results, recycled)
 
     def _refuse_role(self, peer: bytes, frames: list[Any], kind: Msg, body: memoryview) -> bool:
         """A HELLO (or a worker's own message) whose key is not admitted for that role: REJECT it, never register."""
         assert self.auth is not None
-        role = protocol.decode_json(body).get("role") if kind is Msg.HELLO else "worker"
+        role = protocol.decode_hello(body)[0] if kind is Msg.HELLO else Role.WORKER
         why = self.auth.refusal(frames[0], role)
         if why is None:
             return False
         self.state.counters["hellos_refused"] += 1
-        log.warning("refused a %s %s from a key not admitted for that role", role, kind.name)
+        log.warning("refused a %s %s from a key not admitted for that role", role.value, kind.name)
         self.state.bye(peer, time.monotonic())  # a registered peer that says hello in another role
         self._send(peer, protocol.encode_json(Msg.REJECT, {"reason": why, "refused": True}))
         return True
 
-    def _output(self, control: bytes, body: dict[str, Any]) -> None:
+    def _output(self, control: bytes, msg: protocol.Output) -> None:
         """Forward a task's lines to its driver, if the slot they name runs it and belongs to the sender."""
-        peer, key = body.get("peer"), body.get("key")
-        if not isinstance(peer, str) or not isinstance(key, int) or not isinstance(body.get("lines"), list):
-            raise ProtocolError("OUTPUT without peer, key or lines")
-        try:
-            w = self.state.workers.get(bytes.fromhex(peer))
-        except ValueError:
-            raise ProtocolError(f"OUTPUT names peer {peer[:40]!r}") from None
+        key, body = msg.key, msg.body
+        w = self.state.workers.get(msg.peer)
         if w is None or w.control not in (None, control):
             raise ProtocolError("OUTPUT for a slot of another process")
         route = self._output_routes.get((w.id, key)) or self._route_output(w, key)
@@ -366,7 +339,7 @@ class Broker:
         if task is None:
             return None
         route = self._output_routes[(w.id, key)] = (task.driver, task.task_id)
-        while len(self._output_routes) > 10_000:
+        while len(self._output_routes) > OUTPUT_ROUTES_MAX:
             self._output_routes.popitem(last=False)
         return route
 
@@ -376,9 +349,7 @@ class Broker:
             raise ProtocolError(f"code package {code_hash[:12]} without data, or whose bytes have another hash")
 
     def _code_out(self, peer: bytes, body: memoryview) -> None:
-        code_hash = protocol.decode_json(body).get("hash")
-        if not isinstance(code_hash, str) or len(code_hash) != 64:
-            raise ProtocolError(f"CODE_GET names package {code_hash!r}")
+        code_hash = protocol.decode_code_get(body)
         self._send(peer, protocol.encode_code(code_hash, self.code.get(code_hash)))
 
     def _status(self, now: float) -> dict[str, Any]:
@@ -388,37 +359,8 @@ class Broker:
             snap["metrics_url"] = self.metrics_server.url
         return snap
 
-    def _recycle(self, driver: PeerInfo, body: dict[str, Any]) -> None:
-        """Result segments a driver no longer maps go back to the worker process that made them."""
-        by_pid: dict[int, list[str]] = {}
-        for name in body["names"]:
-            if self.state.recycled(str(name)):
-                continue  # a held value: tasks may still take it
-            pid = shm.creator(str(name))
-            if pid is not None:
-                by_pid.setdefault(pid, []).append(str(name))
-        for w in self.state.workers.values():
-            if w.domain is None or w.domain != driver.domain:
-                continue  # a pid of another /dev/shm (a container) is another process: it must not take them
-            names = by_pid.pop(w.info.get("pid"), None)  # type: ignore[arg-type]
-            if names:
-                self._send(w.id, protocol.encode_json(Msg.RECYCLE, {"names": names}))
-        # Their maker is gone: nobody reuses them.
-        self.state.orphaned([name for names in by_pid.values() for name in names], driver.domain)
-
-    def _exited(self, info: dict[str, Any], now: float) -> None:
-        self.state.exited(str(info["host"]), int(info["pid"]), int(info["code"]), now, oom=info.get("oom") is True)
-
-    @staticmethod
-    def _call(method: Any, *args: Any) -> None:
-        """Apply a control message; malformed content is a ProtocolError."""
-        try:
-            method(*args)
-        except (ValueError, TypeError, KeyError, OverflowError) as exc:  # OverflowError: int(1e400)
-            raise ProtocolError(f"bad {method.__name__} message: {exc}") from None
-
     def _hello(self, peer: bytes, body: memoryview, now: float) -> None:
-        info = protocol.decode_json(body)
+        _, info = protocol.decode_hello(body)
         try:
             p = self.state.hello(peer, info, now)
         except (ValueError, TypeError, OverflowError) as exc:
@@ -443,46 +385,36 @@ class Broker:
             log.debug("could not send to %s: %s", peer.hex(), exc)
 
     def _send_batches(self, peer: bytes, kind: Msg, entries: list[Entry]) -> None:
-        for start in range(0, len(entries), _BATCH_MAX):
-            self._send(peer, protocol.encode_batch(kind, entries[start : start + _BATCH_MAX]))
+        for start in range(0, len(entries), BATCH_MAX):
+            self._send(peer, protocol.encode_batch(kind, entries[start : start + BATCH_MAX]))
 
-    def _send_work(self, now: float) -> None:
-        state = self.state
-        for worker, tasks in state.dispatch(now).items():
-            domain = state.workers[worker].domain
-            entries = []
-            for t in tasks:
-                frames, flags = t.wire()
-                if domain is not None and t.domain == domain:
-                    entries.append(Entry(t.key, t.max_retries, t.timeout_s, frames, flags | Flag.RESULT_SHM,
-                                         t.owner_pid))
-                else:
-                    entries.append(Entry(t.key, t.max_retries, t.timeout_s, frames, flags))
-            self._send_batches(worker, Msg.TASKS, entries)
-            self.metrics.started += len(entries)
-        results, cancels = state.take_outbox()
-        for driver, entries in results.items():
-            self._send_batches(driver, Msg.RESULTS, entries)
-        for worker, keys in cancels.items():
-            self._send(worker, protocol.encode_cancel(keys))
-        for control, keys in state.take_aborts().items():
-            self._send(control, protocol.encode_cancel(keys))
-        for worker, entries in state.take_discards().items():
-            self._send_batches(worker, Msg.DISCARD, entries)
-        recycles, orphans = state.take_recycles()
-        for worker, names in recycles.items():
-            self._send(worker, protocol.encode_json(Msg.RECYCLE, {"names": names}))
-        for name, domain in orphans:
-            if domain is not None and domain == shm.domain():
-                shm.unlink(name)  # its maker is gone and no worker shares that /dev/shm: we can
-        for driver, facts in state.take_cluster_notices().items():
-            self._send(driver, protocol.encode_json(Msg.CLUSTER, facts))
-
-    def _answer_reclaims(self) -> None:
-        reclaims, self._reclaims = self._reclaims, []
-        for driver, ids in reclaims:
-            granted = self.state.reclaim(driver, ids) if driver.id in self.state.peers else []
-            self._send(driver.id, protocol.encode_json(Msg.RECLAIMED, {"granted": granted, "asked": ids}))
+    def _execute(self, instructions: list[Instruction]) -> None:
+        """Carry out what the state decided: sends, and unlinks in our own /dev/shm."""
+        for ins in instructions:
+            if type(ins) is SendTasks:
+                self._send_batches(ins.worker, Msg.TASKS, ins.entries)
+                self.metrics.started += len(ins.entries)
+            elif type(ins) is SendResults:
+                self._send_batches(ins.driver, Msg.RESULTS, ins.entries)
+            elif type(ins) is Cancel:
+                self._send(ins.worker, protocol.encode_cancel(ins.keys))
+            elif type(ins) is Abort:
+                self._send(ins.control, protocol.encode_cancel(ins.keys))
+            elif type(ins) is Discard:
+                self._send_batches(ins.worker, Msg.DISCARD, ins.entries)
+            elif type(ins) is Recycle:
+                self._send(ins.worker, protocol.encode_json(Msg.RECYCLE, {"names": ins.names}))
+            elif type(ins) is UnlinkOrphan:
+                shm.unlink(ins.name)
+            elif type(ins) is ClusterNotice:
+                self._send(ins.driver, protocol.encode_json(Msg.CLUSTER, ins.facts))
+            elif type(ins) is Reclaimed:
+                self._send(ins.driver, protocol.encode_json(Msg.RECLAIMED, {"granted": ins.granted,
+                                                                             "asked": list(ins.asked)}))
+            elif type(ins) is Reject:
+                self._send(ins.peer, protocol.encode_json(Msg.REJECT, {"reason": ins.reason}))
+            else:
+                raise TypeError(f"unknown instruction {ins!r}")
 
     def _tick(self, now: float) -> None:
         if self.metrics_server is not None:
@@ -496,3 +428,4 @@ class Broker:
         if self.parent_pid is not None and os.getppid() != self.parent_pid:
             log.warning("parent process %d is gone; stopping", self.parent_pid)
             self.stop()
+

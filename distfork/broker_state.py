@@ -3,8 +3,10 @@
 Every method takes ``now`` (monotonic seconds) instead of reading a clock, so
 the whole state machine is unit-tested with a fake clock
 (tests/unit/test_broker_state.py). ``broker.py`` wraps it in a socket loop:
-it decodes messages, calls the matching method here, then sends what
-:meth:`BrokerState.dispatch` and :meth:`BrokerState.take_outbox` return.
+it decodes messages, calls the matching method here, calls
+:meth:`BrokerState.dispatch`, then carries out the instructions
+:meth:`BrokerState.take_instructions` returns (distfork/broker_instructions.py):
+every decision is made here, every send and unlink there.
 
 A task's life::
 
@@ -40,13 +42,28 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import resources
-from .config import Config
+from .broker_instructions import (
+    Abort,
+    Cancel,
+    ClusterNotice,
+    Discard,
+    Instruction,
+    Reclaimed,
+    Recycle,
+    Reject,
+    SendResults,
+    SendTasks,
+    UnlinkOrphan,
+)
+from .config import STALL_S, Config
 from .errors import ProtocolError
 from .protocol import (
     DEFAULT_RETRIES,
     Entry,
     Flag,
     Frame,
+    Keepalive,
+    Role,
     Status,
     decode_deps,
     decode_request,
@@ -54,14 +71,12 @@ from .protocol import (
     encode_devices,
     encode_notes,
 )
-from .shm import segment_of
+from .shm import creator, parse, segment_of
 
 __all__ = ["BrokerState", "Hold", "PeerInfo", "Task", "TaskState"]
 
 log = logging.getLogger(__name__)
 
-#: A worker busy this long without a result (and 4x its usual task time) is stalled.
-_STALL_S = 0.05
 #: Counter of failed tasks by their Status (distfork/metrics.py exports them by reason).
 _FAILED_COUNTERS: dict[int, str] = {s: f"tasks_failed_{s.name.lower()}" for s in Status if s != Status.OK}
 
@@ -148,7 +163,7 @@ class PeerInfo:
     """A registered driver or worker."""
 
     id: bytes
-    role: str  # "driver" or "worker"
+    role: Role
     info: dict[str, Any]
     last_seen: float
     slots: int = 0
@@ -184,8 +199,10 @@ class PeerInfo:
 class BrokerState:
     """Task table, queue, workers and drivers of one broker."""
 
-    def __init__(self, config: Config, now: float) -> None:
+    def __init__(self, config: Config, now: float, domain: str | None = None) -> None:
+        """``domain``: the /dev/shm the broker itself sees (it unlinks orphans there); None: none."""
         self.config = config
+        self.domain = domain
         self.started = now
         self.queue: collections.deque[Task] = collections.deque()
         # Tasks whose arguments sit in a domain's shared memory wait here for a
@@ -199,7 +216,11 @@ class BrokerState:
         # of the old broker (still running on a worker) must not match a new task.
         self._next_key = random.getrandbits(48) + 1
         self.counters: collections.Counter[str] = collections.Counter()
-        # What the socket loop must send next.
+        # What the socket loop must do next (take_instructions turns these into one list).
+        self._tasks_out: dict[bytes, list[Task]] = {}  # handed to each worker by dispatch
+        self._reclaims: list[tuple[PeerInfo, list[int]]] = []  # answered after the next dispatch
+        self._reclaimed: list[Reclaimed] = []  # those answers
+        self._replies: list[Instruction] = []  # to peers we do not know: first, in the order they came
         self._results: dict[bytes, list[Entry]] = {}
         self._notes: dict[bytes, list[tuple[int, bytes]]] = {}  # trace notes per driver, sent with the results
         self.recent_failures: collections.deque[dict[str, Any]] = collections.deque(maxlen=20)  # for the dashboard
@@ -218,18 +239,21 @@ class BrokerState:
         self._now = now  # the latest time we were told, for bookkeeping between calls
         self._cluster_changed = False
 
+    @property
+    def last_now(self) -> float:
+        """The latest ``now`` a method that records time was given (tests replay calls at that time)."""
+        return self._now
+
     # -- peers ---------------------------------------------------------------
 
     def hello(self, peer: bytes, info: dict[str, Any], now: float) -> PeerInfo:
         """Register (or re-register) a driver or worker."""
-        role = info.get("role")
-        if role not in ("driver", "worker"):
-            raise ValueError(f"unknown role {role!r}")
-        slots = int(info.get("slots", 1)) if role == "worker" else 0
-        if role == "worker" and slots < 1:
+        role = Role(info.get("role"))  # ValueError: not a role
+        slots = int(info.get("slots", 1)) if role is Role.WORKER else 0
+        if role is Role.WORKER and slots < 1:
             raise ValueError(f"worker announced {slots} slots")
         old = self.peers.get(peer)
-        if old is not None and old.role == role:
+        if old is not None and old.role is role:
             # Routing ids are random per process: this is the same peer saying
             # hello again (answering a late REJECT). Keep its tasks: the worker
             # still runs what it was handed, the driver re-submits (ignored).
@@ -239,7 +263,7 @@ class BrokerState:
             self._forget(old, now, reason="re-registered with another role")
         p = PeerInfo(peer, role, info, now, slots=slots)
         self.peers[peer] = p
-        if role == "worker":
+        if role is Role.WORKER:
             self.workers[peer] = p
             self._cluster_changed = True
             log.info("worker %s joined: host %s pid %s, %d slots",
@@ -258,15 +282,11 @@ class BrokerState:
         if p is not None:
             self._forget(p, now, reason="said goodbye")
 
-    def keepalive(self, control: bytes, body: dict[str, Any], now: float) -> None:
+    def keepalive(self, control: bytes, body: Keepalive, now: float) -> None:
         """A worker process vouches for its slots, or says they end (and why)."""
-        peers = body.get("peers")
-        if not isinstance(peers, list) or not all(isinstance(h, str) for h in peers):
-            raise ValueError("KEEPALIVE without a list of peer ids")
-        slots = [self.workers.get(bytes.fromhex(h)) for h in peers]
-        if not body.get("bye"):
-            rss = body.get("rss")
-            rss_bytes = rss if isinstance(rss, int) and not isinstance(rss, bool) and rss >= 0 else None
+        slots = [self.workers.get(peer) for peer in body.peers]
+        if not body.bye:
+            rss_bytes = body.rss_bytes
             for w in slots:
                 if w is not None:
                     w.last_seen = now
@@ -276,8 +296,8 @@ class BrokerState:
                     if unsent:
                         self._aborts.setdefault(control, []).extend(unsent)
             return
-        timed_out = {int(k) for k in body.get("timed_out") or ()}
-        interrupted = bool(timed_out or body.get("cancelled"))
+        timed_out = body.timed_out
+        interrupted = bool(timed_out or body.cancelled)
         for w in slots:
             if w is None:
                 continue
@@ -316,7 +336,7 @@ class BrokerState:
 
     def _forget(self, p: PeerInfo, now: float, reason: str, blame: bool = True) -> None:
         del self.peers[p.id]
-        if p.role == "worker":
+        if p.role is Role.WORKER:
             del self.workers[p.id]
             self._unsent_aborts.pop(p.id, None)
             self._cluster_changed = True
@@ -400,11 +420,11 @@ class BrokerState:
             return q
         return self.queue
 
-    def submit(self, driver: PeerInfo, entries: Sequence[Entry], now: float | None = None) -> None:
+    def submit(self, driver: PeerInfo, entries: Sequence[Entry], now: float) -> None:
         """Queue tasks from a driver (``now``: when they arrived)."""
+        self._now = at = now
         tasks = driver.tasks
         domain = driver.domain
-        at = self._now if now is None else now
         pid = driver.info.get("pid")
         owner_pid = pid if isinstance(pid, int) and 0 < pid < 2**32 else 0
         for e in entries:
@@ -535,13 +555,13 @@ class BrokerState:
             return
         maker = self.workers.get(hold.worker) if hold.worker is not None else None
         if maker is None:
-            self.orphaned([hold.segment], hold.domain)
+            self._orphaned([hold.segment], hold.domain)
         elif hold.retained:
             self._discards.setdefault(maker.id, []).append(Entry(0, Status.OK, 0.0, hold.frames))  # unlinked
         else:
             self._recycles.setdefault(maker.id, []).append(hold.segment)  # a warm spare for its next result
 
-    def orphaned(self, names: Sequence[str], domain: str | None) -> None:
+    def _orphaned(self, names: Sequence[str], domain: str | None) -> None:
         """Segments of ``domain`` whose maker is gone: a worker that sees them unlinks them
         (RECYCLE of names not its own), else the broker if it shares that /dev/shm."""
         if not names:
@@ -552,8 +572,9 @@ class BrokerState:
         else:
             self._orphans.extend((name, domain) for name in names)
 
-    def fetch(self, driver: PeerInfo, ids: Sequence[int]) -> None:
+    def fetch(self, driver: PeerInfo, ids: Sequence[int], now: float) -> None:
         """The driver wants these values: held ones are sent now, running ones when they finish."""
+        self._now = now
         for task_id in ids:
             hold = driver.holds.get(task_id)
             task = driver.tasks.get(task_id)
@@ -566,25 +587,59 @@ class BrokerState:
             elif task is not None:
                 task.fetch = True
 
-    def release(self, driver: PeerInfo, ids: Sequence[int]) -> None:
+    def release(self, driver: PeerInfo, ids: Sequence[int], now: float) -> None:
         """The driver dropped these held values unfetched."""
+        self._now = now
         for task_id in ids:
             hold = driver.holds.get(task_id)
             if hold is not None:
                 hold.driver_has = False
                 self._maybe_free(hold)
 
-    def recycled(self, name: str) -> bool:
-        """A driver no longer maps segment ``name``: True if it is a held one (we free it when we can)."""
-        hold = self.hold_segments.get(name)
-        if hold is None:
-            return False
-        hold.driver_has = False
-        self._maybe_free(hold)
-        return True
+    def recycle(self, driver: PeerInfo, names: Sequence[str], now: float) -> None:
+        """Result segments ``driver`` no longer maps: a held one is freed when nobody takes it any more;
+        the others go back to the worker process that made them (Recycle), or are orphans."""
+        self._now = now
+        by_pid: dict[int, list[str]] = {}
+        for name in names:
+            hold = self.hold_segments.get(name)
+            if hold is not None:  # a held value: tasks may still take it
+                hold.driver_has = False
+                self._maybe_free(hold)
+                continue
+            pid = creator(name)
+            if pid is not None:
+                by_pid.setdefault(pid, []).append(name)
+        for w in self.workers.values():
+            if w.domain is None or w.domain != driver.domain:
+                continue  # a pid of another /dev/shm (a container) is another process: it must not take them
+            mine = by_pid.pop(w.info.get("pid"), None)  # type: ignore[arg-type]
+            if mine:
+                self._recycles.setdefault(w.id, []).extend(mine)
+        # Their maker is gone: nobody reuses them.
+        self._orphaned([name for mine in by_pid.values() for name in mine], driver.domain)
 
-    def results(self, worker: PeerInfo, entries: Sequence[Entry]) -> None:
+    def unknown_peer(self, peer: bytes, now: float, results: Sequence[Entry] = (),
+                     recycled: Sequence[str] = ()) -> None:
+        """A message from a peer that never said hello (typically: we restarted): REJECT it, and free
+        the shared memory it names, or nobody ever will.
+
+        ``results`` (RESULTS of a worker we do not know: we restarted, or it was
+        expired while SIGSTOPped): those in a segment go back as DISCARD, their
+        maker unlinks them. ``recycled`` (RECYCLE of a driver we do not know):
+        nobody maps those any more; we unlink those that are distfork segments.
+        """
+        self._now = now
+        self.counters["unknown_peer_messages"] += 1
+        self._replies.append(Reject(peer, "unknown peer: say hello"))
+        gone = [e for e in results if segment_of(e.frames) is not None]
+        if gone:
+            self._replies.append(Discard(peer, gone))
+        self._replies.extend(UnlinkOrphan(name) for name in recycled if parse(name) is not None)
+
+    def results(self, worker: PeerInfo, entries: Sequence[Entry], now: float) -> None:
         """Results from a worker: route each to its driver."""
+        self._now = now
         assigned = worker.assigned
         worker.progress_at = max(worker.progress_at, self._now)
         if entries:
@@ -658,8 +713,9 @@ class BrokerState:
         out.append(entry)
         driver.result_bytes += sum(map(len, entry.frames))
 
-    def cancel(self, driver: PeerInfo, ids: Sequence[int]) -> None:
+    def cancel(self, driver: PeerInfo, ids: Sequence[int], now: float) -> None:
         """Cancel tasks: queued ones are dropped, assigned ones are recalled."""
+        self._now = now
         for task_id in ids:
             task = driver.tasks.pop(task_id, None)
             if task is None:
@@ -706,8 +762,20 @@ class BrokerState:
                 return q.popleft()
         return None
 
-    def reclaim(self, driver: PeerInfo, ids: Sequence[int]) -> list[int]:
-        """Give queued tasks back to their driver, which runs them itself; returns the ids given back."""
+    def reclaim(self, driver: PeerInfo, ids: Sequence[int], now: float) -> None:
+        """A driver asks for queued tasks back, to run them itself. Answered (Reclaimed) after the
+        next dispatch: a task a free slot can start now goes there; only one nobody can take is given back."""
+        self._now = now
+        self._reclaims.append((driver, list(ids)))
+
+    def _answer_reclaims(self) -> None:
+        reclaims, self._reclaims = self._reclaims, []
+        for driver, ids in reclaims:
+            granted = self._grant(driver, ids) if self.peers.get(driver.id) is driver else []
+            self._reclaimed.append(Reclaimed(driver.id, granted, ids))
+
+    def _grant(self, driver: PeerInfo, ids: Sequence[int]) -> list[int]:
+        """Give queued tasks back to their driver; returns the ids given back."""
         granted = []
         for task_id in ids:
             task = driver.tasks.get(task_id)
@@ -722,23 +790,28 @@ class BrokerState:
 
     def _stalled(self, w: PeerInfo, now: float) -> bool:
         """Busy far longer than its tasks usually take: what it holds beyond its slots may wait long."""
-        return len(w.assigned) >= w.slots and now - w.progress_at > max(4 * (w.avg_run_s or 0.0), _STALL_S)
+        return len(w.assigned) >= w.slots and now - w.progress_at > max(4 * (w.avg_run_s or 0.0), STALL_S)
 
-    def dispatch(self, now: float | None = None) -> dict[bytes, list[Task]]:
-        """Hand queued tasks to workers: free slots first, then prefetch room, one task each in turn.
+    def dispatch(self, now: float) -> None:
+        """Hand queued tasks to workers: free slots first, then prefetch room, one task each in turn
+        (SendTasks); then answer the drivers' reclaims (what no free slot took may go back).
 
-        With ``now``: a stalled worker (its current task runs long) gets no
-        prefetch, and while another worker idles, the tasks prefetched to a
-        stalled one are taken back (CANCEL to it) and handed out again.
+        A stalled worker (its current task runs long) gets no prefetch, and
+        while another worker idles, the tasks prefetched to a stalled one are
+        taken back (CANCEL to it) and handed out again.
         """
-        out: dict[bytes, list[Task]] = {}
+        self._now = now
+        self._schedule(now)
+        if self._reclaims:
+            self._answer_reclaims()
+
+    def _schedule(self, now: float) -> None:
+        out = self._tasks_out
         if not self.workers:
-            return out
-        if now is not None:
-            self._now = now
-            self._steal(now)
+            return
+        self._steal(now)
         if not (self.queue or any(self.pinned.values()) or self.resource_queue):
-            return out
+            return
         if self.resource_queue:  # first: a slot that frees up goes to a task that needs its process's resources
             resources.place(self, out, self._now, self.config.resource_grace_s)
         for w in self.workers.values():  # free slots
@@ -747,7 +820,7 @@ class BrokerState:
         room = {
             w: w.slots + self.prefetch(w)
             for w in self.workers.values()
-            if (now is None or not self._stalled(w, now))
+            if not self._stalled(w, now)
             # a suspect runs alone; it only ever takes a free slot, so it is among the first `slots`
             and not any(t.suspect for t in itertools.islice(w.assigned.values(), w.slots))
         }
@@ -755,7 +828,6 @@ class BrokerState:
             for w, limit in list(room.items()):
                 if len(w.assigned) >= limit or not self._assign(w, out, prefetch=True):
                     del room[w]
-        return out
 
     def _assign(self, w: PeerInfo, out: dict[bytes, list[Task]], prefetch: bool) -> bool:
         task = self._next_for(w, prefetch)
@@ -804,43 +876,72 @@ class BrokerState:
             return 0
         return sum(1 for w in self.workers.values() if w.domain == domain)
 
-    def take_cluster_notices(self) -> dict[bytes, dict[str, Any]]:
+    def _cluster_notices(self) -> list[ClusterNotice]:
         """What to tell each driver after the set of workers changed (else nothing)."""
         if not self._cluster_changed:
-            return {}
+            return []
         self._cluster_changed = False
-        return {
-            d.id: {"local_workers": self.local_workers(d.domain), "workers": len(self.workers)}
+        return [
+            ClusterNotice(d.id, {"local_workers": self.local_workers(d.domain), "workers": len(self.workers)})
             for d in self.peers.values()
-            if d.role == "driver"
-        }
+            if d.role is Role.DRIVER
+        ]
 
-    def take_outbox(self) -> tuple[dict[bytes, list[Entry]], dict[bytes, list[int]]]:
-        """Results per driver and cancels per worker to send now."""
-        results, cancels = self._results, self._cancels
-        self._results, self._cancels = {}, {}
+    def _task_entries(self, worker: bytes, tasks: list[Task]) -> list[Entry]:
+        """Tasks as a worker receives them: a result may travel by shared memory if it shares the driver's."""
+        w = self.workers.get(worker)
+        domain = w.domain if w is not None else None
+        entries = []
+        for t in tasks:
+            frames, flags = t.wire()
+            if domain is not None and t.domain == domain:
+                entries.append(Entry(t.key, t.max_retries, t.timeout_s, frames, flags | Flag.RESULT_SHM, t.owner_pid))
+            else:
+                entries.append(Entry(t.key, t.max_retries, t.timeout_s, frames, flags))
+        return entries
+
+    def take_instructions(self) -> list[Instruction]:
+        """Everything decided since the last call, in the order to carry it out; taken once.
+
+        Replies to unknown peers, then TASKS, RESULTS (trace notes first in each
+        driver's batch), CANCEL to slots, CANCEL to control sockets, DISCARD,
+        RECYCLE, orphans to unlink here, CLUSTER notices, RECLAIMED answers.
+        """
+        out: list[Instruction] = self._replies
+        self._replies = []
+        if self._tasks_out:
+            out += [SendTasks(w, tasks, self._task_entries(w, tasks)) for w, tasks in self._tasks_out.items()]
+            self._tasks_out = {}
         if self._notes:  # first in the batch, so that the driver has them before it completes the futures
             for driver, notes in self._notes.items():
-                results.setdefault(driver, []).insert(0, encode_notes(notes))
+                self._results.setdefault(driver, []).insert(0, encode_notes(notes))
             self._notes = {}
-        return results, cancels
-
-    def take_aborts(self) -> dict[bytes, list[int]]:
-        """Running tasks to stop, per worker process control socket."""
-        aborts, self._aborts = self._aborts, {}
-        return aborts
-
-    def take_discards(self) -> dict[bytes, list[Entry]]:
-        """Dropped results per worker, to send back so it frees their shared memory."""
-        discards, self._discards = self._discards, {}
-        return discards
-
-    def take_recycles(self) -> tuple[dict[bytes, list[str]], list[tuple[str, str | None]]]:
-        """Segments to send back: per worker (its own to reuse, or orphans to unlink), and
-        (name, domain) of orphans no worker sees (the broker unlinks them if it can)."""
-        recycles, orphans = self._recycles, self._orphans
-        self._recycles, self._orphans = {}, []
-        return recycles, orphans
+        if self._results:
+            out += [SendResults(d, entries) for d, entries in self._results.items()]
+            self._results = {}
+        if self._cancels:
+            out += [Cancel(w, keys) for w, keys in self._cancels.items()]
+            self._cancels = {}
+        if self._aborts:
+            out += [Abort(c, keys) for c, keys in self._aborts.items()]
+            self._aborts = {}
+        if self._discards:
+            out += [Discard(w, entries) for w, entries in self._discards.items()]
+            self._discards = {}
+        if self._recycles:
+            out += [Recycle(w, names) for w, names in self._recycles.items()]
+            self._recycles = {}
+        if self._orphans:
+            # Its maker is gone and no worker shares that /dev/shm: we unlink it if it is ours.
+            ours = self.domain
+            out += [UnlinkOrphan(name) for name, domain in self._orphans if domain is not None and domain == ours]
+            self._orphans = []
+        if self._cluster_changed:
+            out += self._cluster_notices()
+        if self._reclaimed:
+            out += self._reclaimed
+            self._reclaimed = []
+        return out
 
     # -- status --------------------------------------------------------------
 
@@ -873,7 +974,7 @@ class BrokerState:
         held = sum(len(w.assigned) for w in self.workers.values())
         drivers = []
         for d in self.peers.values():
-            if d.role != "driver":
+            if d.role is not Role.DRIVER:
                 continue
             waiting = sum(1 for t in d.tasks.values() if t.state is TaskState.QUEUED)
             blocked = sum(1 for t in d.tasks.values() if t.state is TaskState.WAITING)

@@ -12,12 +12,42 @@ import dataclasses
 import os
 from typing import Any, get_type_hints
 
-__all__ = ["DEFAULT_ADDRESS", "DEFAULT_PORT", "Config", "load"]
+__all__ = [
+    "BATCH_MAX",
+    "DEFAULT_ADDRESS",
+    "DEFAULT_PORT",
+    "DRIVER_RECV_BURST",
+    "OUTPUT_ROUTES_MAX",
+    "RECV_BURST",
+    "RESUBMITS_MAX",
+    "STALL_S",
+    "STEAL_CHECK_S",
+    "Config",
+    "load",
+]
 
 #: The port a standalone broker binds when none is given (``distfork broker``).
 DEFAULT_PORT = 7340
 #: The address drivers and workers use when none is given.
 DEFAULT_ADDRESS = f"tcp://127.0.0.1:{DEFAULT_PORT}"
+
+# Fixed by design rather than tuned per deployment (no DISTFORK_* override), named here so that
+# every number that shapes the hot paths is in one place.
+#: Tasks or results per batch message (SUBMIT, TASKS, RESULTS, DISCARD); a longer batch is split.
+BATCH_MAX = 2000
+#: Messages the broker handles before it dispatches and sends what they caused.
+RECV_BURST = 2000
+#: Messages the driver's I/O thread handles before it looks at its own queues again.
+DRIVER_RECV_BURST = 1000
+#: How often (seconds) the broker looks for stalled workers while another worker idles.
+STEAL_CHECK_S = 0.02
+#: A worker busy this long without a result (and 4x its usual task time) is stalled: no prefetch,
+#: and what it holds beyond its slots may be stolen.
+STALL_S = 0.05
+#: A task whose future arguments keep vanishing from the broker (restarts) fails after this many tries.
+RESUBMITS_MAX = 5
+#: (slot, task) routes of task output the broker remembers for lines that come after the result.
+OUTPUT_ROUTES_MAX = 10_000
 
 
 @dataclasses.dataclass(frozen=True)

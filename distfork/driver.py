@@ -40,7 +40,6 @@ import os
 import socket
 import threading
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import InvalidStateError
 from typing import Any, NamedTuple
@@ -49,24 +48,24 @@ import zmq
 
 from . import output, protocol, security, serialize, shm
 from . import tracing as _trace
-from .config import Config
+from .config import BATCH_MAX, DRIVER_RECV_BURST, RESUBMITS_MAX, Config
 from .errors import (
     AuthenticationError,
     BrokerUnavailableError,
     DistforkError,
     ProtocolError,
-    SerializationError,
-    WorkerLostError,
 )
-from .future import REMOTE, Future, callback_runner, collect_all, settle
-from .protocol import Entry, Flag, Msg, Status
+from .future import Future, callback_runner, collect_all, settle
+from .held import HeldValues
+from .outcome import complete
+from .outcome import outcome as _outcome
+from .protocol import Entry, Flag, Msg, Role, Status
+from .wakeup import Wakeup
 
 __all__ = ["Driver", "complete"]
 
 log = logging.getLogger(__name__)
 
-_BATCH_MAX = 2000  # tasks per SUBMIT message
-_RESUBMITS_MAX = 5  # a task whose futures keep vanishing from the broker fails after this many tries
 
 
 class Call(NamedTuple):
@@ -80,28 +79,40 @@ class Call(NamedTuple):
     request: Any = None  # what it asks of its worker: (resources, labels), or None
 
 
-class _Held(NamedTuple):
-    """A result the broker holds for us (see Driver._hold)."""
+class InFlight(NamedTuple):
+    """An unfinished task of ours: what completes it, and what to send again or free when it ends."""
 
-    future: weakref.ref[Future[Any]]
-    entry: Entry  # the task, to run it again if the broker restarts and loses the value
-    segment: shm.Segment | None  # the task's argument segment, kept for that too
-    value_segment: str | None  # the shared-memory segment the value is in, if any
-
-
-class _Fetch:
-    """A user thread waiting for a held value."""
-
-    __slots__ = ("event", "value", "error")
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.value: Any = None
-        self.error: BaseException | None = None
+    future: Future[Any]
+    entry: Entry  # kept for re-submission (a broker restart) until the result arrives
+    segment: shm.Segment | None  # the shared-memory segment of its arguments, which we own
+    nbytes: int  # bytes of large arguments it holds of the window
 
 
 class Driver:
-    """A connection to a broker that turns pickled calls into futures."""
+    """A connection to a broker that turns pickled calls into futures.
+
+    Threads: user threads call :meth:`submit`, :meth:`close`, cancel and
+    reclaim futures; the I/O thread (:meth:`_run`) alone owns the socket.
+    Which thread touches which field:
+
+    - ``_inflight`` (task id -> :class:`InFlight`): user threads add
+      (submit) and pop (a reclaimed task, close); the I/O thread pops when a
+      result or cancel is handled. Every pop is a ``dict.pop`` (atomic under
+      the GIL): whoever pops an entry frees its window slot and segment.
+    - ``_outgoing``, ``_cancels``, ``_reclaims``, ``_recycles``, ``_codes``:
+      deques any thread appends to and only the I/O thread drains (then
+      sends), after a :meth:`_wake`.
+    - ``_calls``, ``_traced``: added by submit (user thread), popped by the
+      I/O thread with the result (or by whoever pops the in-flight entry).
+    - ``_reclaim_waiters``: a reclaiming user thread adds, the I/O thread
+      answers (RECLAIMED).
+    - ``held`` (:class:`~distfork.held.HeldValues`): see its module.
+    - ``_window``, ``_bytes_room``/``_bytes_inflight``: the in-flight window,
+      taken by submit and given back by whoever ends a task.
+    - ``welcome``, ``_session``, ``_pool``, ``_segments``: written by the I/O
+      thread (WELCOME, CLUSTER), read by submit.
+    - ``_closing``, ``_refused``: set once (close, the I/O thread), read by all.
+    """
 
     def __init__(self, address: str, config: Config, name: str | None = None, nested: bool = False) -> None:
         self.address = address
@@ -124,18 +135,13 @@ class Driver:
         self._ids = itertools.count(1)
         self._outgoing: collections.deque[Entry] = collections.deque()
         self._cancels: collections.deque[int] = collections.deque()
-        # task id -> (future, entry kept for re-submission, shm segment it owns, large bytes)
-        self._inflight: dict[int, tuple[Future[Any], Entry, shm.Segment | None, int]] = {}
+        self._inflight: dict[int, InFlight] = {}
         # Tasks whose arguments name futures of ours: their calls (see Call).
         self._calls: dict[int, Call] = {}
-        # Results the broker holds: task id -> (its future, entry and argument segment, kept to run it again).
-        self._held: dict[int, _Held] = {}
         # Tasks forked inside distfork.trace(): their Records, until their results arrive (distfork/tracing.py).
         self._traced: dict[int, _trace.Record] = {}
-        self._fetching: dict[int, _Fetch] = {}
-        self._fetch_lock = threading.Lock()
-        self._fetches: collections.deque[int] = collections.deque()
-        self._releases: collections.deque[int] = collections.deque()
+        # Results the broker holds for us, and fetching their values (distfork/held.py).
+        self.held = HeldValues(self._wake, lambda: self._closing)
         self._window = threading.Semaphore(config.window)
         self._bytes_inflight = 0
         self._bytes_room = threading.Condition()
@@ -143,10 +149,8 @@ class Driver:
         self._session: str | None = None
         self._segments: shm.SegmentPool | None = None  # created with the broker's session
         self._pool: shm.SegmentPool | None = None  # the same, while a worker shares our /dev/shm
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        self._wake_pending = False
+        self._wakeup = Wakeup()  # the I/O thread polls it beside its socket
+        self._wake_pending = False  # a wake-up is written and not yet drained: a burst of forks writes once
         self._keys = security.client_keys(config, address)  # bad key settings fail here, in the caller
         self._refused: str | None = None
         self._welcomed = threading.Event()
@@ -181,7 +185,7 @@ class Driver:
         if fut.driver is not self or self.nested:
             return False  # a task that forks resolves its futures itself: it may run them (see _reclaim)
         task_id = fut.task_id
-        return (task_id in self._inflight and not fut.done()) or (task_id in self._held and fut.held)
+        return (task_id in self._inflight and not fut.done()) or (task_id in self.held and fut.held)
 
     def referrer(self, deps: list[Future[Any]]) -> Callable[[Any], int | None]:
         """``refer`` for ``serialize.dumps_call``: futures the broker can resolve go as references,
@@ -241,7 +245,7 @@ class Driver:
             traced.bind(self.name, task_id)
             self._traced[task_id] = traced
         entry = Entry(task_id, max_retries, timeout_s, frames, flags)
-        self._inflight[task_id] = (fut, entry, segment, nbytes)
+        self._inflight[task_id] = InFlight(fut, entry, segment, nbytes)
         if self._closing:
             # close() ran meanwhile (we may have waited for the window): it may have taken its
             # snapshot of _inflight before we added ours. Whoever pops the entry frees it; the
@@ -250,7 +254,7 @@ class Driver:
             item = self._inflight.pop(task_id, None)
             fut.cancel()
             if item is not None:
-                self._release(item[2], item[3])
+                self._release(item.segment, item.nbytes)
             raise DistforkError("this distfork driver was shut down while fork() waited; "
                                 "call distfork.init() to start again")
         self._outgoing.append(entry)
@@ -280,7 +284,7 @@ class Driver:
 
     def pending(self) -> list[Future[Any]]:
         """The futures of this driver's unfinished tasks (a snapshot)."""
-        return [item[0] for item in list(self._inflight.values()) if not item[0].done()]
+        return [item.future for item in list(self._inflight.values()) if not item.future.done()]
 
     def close(self, cancel: bool = True) -> None:
         """Stop the I/O thread; unfinished futures are cancelled."""
@@ -301,14 +305,10 @@ class Driver:
             fut.cancel()
             self._release(segment, nbytes)
         self._calls.clear()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self._wakeup.close()
         self._ctx.term()
         self._display.close()
-        for held in self._held.values():
-            self._free_segment(held.segment)
-        self._held.clear()
-        self._end_fetches(DistforkError("this distfork driver was shut down before a held value was fetched"))
+        self.held.close(self._free_segment)
         while self._recycles:
             shm.unlink(self._recycles.popleft())
         if self._segments is not None:
@@ -324,7 +324,7 @@ class Driver:
             return
         if local:
             try:
-                self._outgoing.remove(item[1])  # not even sent yet: nobody else can have it
+                self._outgoing.remove(item.entry)  # not even sent yet: nobody else can have it
             except ValueError:
                 pass
             else:
@@ -349,59 +349,20 @@ class Driver:
         rec = self._traced.pop(task_id, None) if self._traced else None
         with _trace.run_here(rec, "reclaimed"):
             code, out, retained = run_task(
-                item[1].frames, f"reclaimed by pid {os.getpid()}", self.config.oob_threshold_bytes, None
+                item.entry.frames, f"reclaimed by pid {os.getpid()}", self.config.oob_threshold_bytes, None
             )
         complete(fut, code, out)
         if rec is not None:
             rec.finish(code, 0, fut)
-        self._release(item[2], item[3], reusable=not retained)
+        self._release(item.segment, item.nbytes, reusable=not retained)
 
     def _fetch(self, fut: Future[Any], timeout: float | None) -> Any:
         """Bring a held value here (from a user thread); the future keeps it afterwards."""
-        with self._fetch_lock:
-            if not fut.held:
-                return fut.result(0)  # fetched by another thread meanwhile
-            if self._closing:
-                raise DistforkError("this distfork driver was shut down; its held values are gone")
-            waiter = self._request(fut)
-        self._wake()
-        if not waiter.event.wait(timeout):
-            raise TimeoutError(f"the value held in the cluster did not arrive within {timeout} s")
-        if waiter.error is not None:
-            raise waiter.error
-        return waiter.value
-
-    def _request(self, fut: Future[Any]) -> _Fetch:
-        """The fetch of a held value, asked for once (hold ``_fetch_lock``)."""
-        waiter = self._fetching.get(fut.task_id)
-        if waiter is None:
-            waiter = self._fetching[fut.task_id] = _Fetch()
-            self._fetches.append(fut.task_id)
-        return waiter
+        return self.held.fetch(fut, timeout)
 
     def prefetch(self, futures: Sequence[Future[Any]]) -> None:
         """Ask for the held values among ``futures`` at once: waiting for them then costs one round trip."""
-        with self._fetch_lock:
-            if self._closing:
-                return
-            for fut in futures:
-                if fut.driver is self and fut.held:
-                    self._request(fut)
-        self._wake()
-
-    def _end_fetches(self, error: BaseException) -> None:
-        with self._fetch_lock:
-            waiters = list(self._fetching.values())
-            self._fetching.clear()
-        for w in waiters:
-            w.error = error
-            w.event.set()
-
-    def _drop_held(self, task_id: int) -> None:
-        """A held future was garbage-collected (any thread): the broker may free the value."""
-        if not self._closing:
-            self._releases.append(task_id)
-            self._wake()
+        self.held.prefetch(futures, self)
 
     def _recycle(self, name: str) -> None:
         """A result segment nobody here maps any more (called from any thread, by GC)."""
@@ -432,16 +393,13 @@ class Driver:
         if self._wake_pending and not force:
             return
         self._wake_pending = True
-        try:
-            os.write(self._wake_w, b"\0")
-        except (BlockingIOError, OSError):
-            pass  # pipe full (a wake-up is pending anyway) or closed
+        self._wakeup.wake()
 
     # -- the I/O thread -----------------------------------------------------
 
     def _hello(self, sock: zmq.Socket[Any]) -> None:
         info = {
-            "role": "driver",
+            "role": Role.DRIVER.value,
             "name": self.name,
             "host": socket.gethostname(),
             "pid": os.getpid(),
@@ -466,7 +424,7 @@ class Driver:
         sock.connect(self.address)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self._wakeup.fd, zmq.POLLIN)
         if monitor is not None:
             poller.register(monitor, zmq.POLLIN)
         heartbeat_s = self.config.heartbeat_s
@@ -475,22 +433,19 @@ class Driver:
         try:
             while not self._closing:
                 events = dict(poller.poll(int(heartbeat_s * 1000)))
-                if self._wake_r in events:
-                    try:
-                        os.read(self._wake_r, 4096)
-                    except BlockingIOError:
-                        pass
+                if self._wakeup.fd in events:
+                    self._wakeup.drain()
                     self._wake_pending = False
                 now = time.monotonic()
                 if watch is not None and watch.monitor in events:
                     self._handshake(watch)
-                if self._outgoing or self._cancels or self._reclaims or self._recycles or self._fetches \
-                        or self._releases or self._codes:
+                if self._outgoing or self._cancels or self._reclaims or self._recycles or self.held.fetches \
+                        or self.held.releases or self._codes:
                     self._flush(sock)
                     last_sent = now
                 if sock in events:
                     last_heard = now
-                    for _ in range(1000):
+                    for _ in range(DRIVER_RECV_BURST):
                         try:
                             frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
@@ -541,7 +496,7 @@ class Driver:
         out = self._outgoing
         self._send_codes(sock)
         while out:
-            batch = [out.popleft() for _ in range(min(len(out), _BATCH_MAX))]
+            batch = [out.popleft() for _ in range(min(len(out), BATCH_MAX))]
             self._send_codes(sock)  # a package shipped just before a task of this batch was appended
             sock.send_multipart(protocol.encode_batch(Msg.SUBMIT, batch), copy=False)
         if self._reclaims:
@@ -550,16 +505,10 @@ class Driver:
         if self._recycles:
             names = [self._recycles.popleft() for _ in range(len(self._recycles))]
             sock.send_multipart(protocol.encode_json(Msg.RECYCLE, {"names": names}))
-        if self._fetches:
-            ids = [self._fetches.popleft() for _ in range(len(self._fetches))]
-            sock.send_multipart(protocol.encode_cancel(ids, Msg.FETCH))
-        if self._releases:
-            ids = []
-            while self._releases:
-                held = self._held.pop(self._releases.popleft(), None)
-                if held is not None:
-                    self._free_segment(held.segment)
-                    ids.append(held.entry.id)
+        if self.held.fetches:
+            sock.send_multipart(protocol.encode_cancel(self.held.take_fetches(), Msg.FETCH))
+        if self.held.releases:
+            ids = self.held.take_releases(self._free_segment)
             if ids:
                 sock.send_multipart(protocol.encode_cancel(ids, Msg.RELEASE))
         if self._cancels:
@@ -571,8 +520,8 @@ class Driver:
                     self._calls.pop(task_id, None)
                     rec = self._traced.pop(task_id, None) if self._traced else None
                     if rec is not None:
-                        rec.finish(Status.CANCELLED, 0, item[0])
-                    self._release(item[2], item[3])
+                        rec.finish(Status.CANCELLED, 0, item.future)
+                    self._release(item.segment, item.nbytes)
                     ids.append(task_id)
             if ids:
                 sock.send_multipart(protocol.encode_cancel(ids))
@@ -592,7 +541,7 @@ class Driver:
             elif kind is Msg.OUTPUT:
                 self._output(protocol.decode_json(body))
             elif kind is Msg.RECLAIMED:
-                self._reclaimed(protocol.decode_json(body))
+                self._reclaimed(protocol.decode_reclaimed(body))
             elif kind is Msg.REJECT:
                 reject = protocol.decode_json(body)
                 if reject.get("refused"):  # our key is admitted, but not as a client
@@ -620,12 +569,12 @@ class Driver:
         dropped = dropped if isinstance(dropped, int) else 0
         item = self._inflight.get(task_id)
         if item is not None:
-            item[0].add_output([text for _, text in lines], dropped)
+            item.future.add_output([text for _, text in lines], dropped)
         self._display.show(body, task_id, lines, dropped)
 
-    def _reclaimed(self, reply: dict[str, Any]) -> None:
-        granted = set(reply.get("granted") or ())
-        for task_id in reply.get("asked") or ():
+    def _reclaimed(self, reply: tuple[set[int], list[int]]) -> None:
+        granted, asked = reply
+        for task_id in asked:
             waiter = self._reclaim_waiters.pop(task_id, None)
             if waiter is not None:
                 waiter[1][0] = task_id in granted
@@ -648,15 +597,8 @@ class Driver:
         """To a restarted broker: held results first (the new broker lost them: they run again,
         and tasks that name them wait for them), then everything unfinished, then the fetches."""
         pending = {e.id for e in self._outgoing}
-        for task_id, held in list(self._held.items()):
-            if held.value_segment is not None:  # the old broker's hold: nobody else will free it now
-                shm.unlink(held.value_segment)
-                self._held[task_id] = held._replace(value_segment=None)
-            if held.entry.id not in pending:
-                self._outgoing.append(held.entry)
-        self._outgoing.extend(item[1] for item in self._inflight.values() if item[1].id not in pending)
-        with self._fetch_lock:
-            self._fetches.extend(self._fetching)
+        self._outgoing.extend(self.held.resubmit(pending))
+        self._outgoing.extend(item.entry for item in self._inflight.values() if item.entry.id not in pending)
 
     def _results(self, entries: Sequence[Entry]) -> None:
         inflight = self._inflight
@@ -672,7 +614,7 @@ class Driver:
         for e in entries:
             item = inflight.pop(e.id, None)
             if item is None:
-                if e.id in self._held and not e.flags & Flag.HELD:
+                if e.id in self.held and not e.flags & Flag.HELD:
                     self._fetched(e)
                 elif not e.flags & Flag.HELD:
                     serialize.free(e.frames)  # cancelled meanwhile, or a duplicate
@@ -680,47 +622,26 @@ class Driver:
             call = self._calls.pop(e.id, None) if self._calls else None
             rec = self._traced.pop(e.id, None) if self._traced else None
             if e.code == Status.RESUBMIT and call is not None:
-                release(item[2], item[3])
-                self._send_again(item[0], call, item[1].code, item[1].extra, rec)
+                release(item.segment, item.nbytes)
+                self._send_again(item.future, call, item.entry.code, item.entry.extra, rec)
                 rec = None  # sent again under a new id
             elif e.flags & Flag.HELD:
                 self._hold(item, e)
             else:
-                complete(item[0], e.code, e.frames, self._recycle)
-                release(item[2], item[3], not e.flags & Flag.RETAINED)
+                complete(item.future, e.code, e.frames, self._recycle)
+                release(item.segment, item.nbytes, not e.flags & Flag.RETAINED)
             if rec is not None:
-                rec.finish(e.code, e.flags, item[0])
+                rec.finish(e.code, e.flags, item.future)
 
-    def _hold(self, item: tuple[Future[Any], Entry, shm.Segment | None, int], e: Entry) -> None:
+    def _hold(self, item: InFlight, e: Entry) -> None:
         """Tasks took this result as an argument: the broker keeps it; the future is done, its value remote."""
-        fut, entry, segment, nbytes = item
-        self._release(None, nbytes)  # the segment stays: the broker may lose the value, and we run it again
-        value_segment = bytes(e.frames[0]).decode(errors="replace") if e.frames else None
-        self._held[e.id] = _Held(weakref.ref(fut), entry, segment, value_segment)
-        try:
-            fut.set_result(REMOTE)
-        except InvalidStateError:  # cancelled meanwhile
-            self._drop_held(e.id)
-            return
-        weakref.finalize(fut, self._drop_held, e.id).atexit = False  # at exit, closing frees everything
+        self._release(None, item.nbytes)  # the segment stays: the broker may lose the value, and we run it again
+        self.held.hold(item.future, item.entry, item.segment, e)
 
     def _fetched(self, e: Entry) -> None:
         """A held value we asked for (or a held task run again after a broker restart) arrived."""
-        held = self._held.pop(e.id)
-        self._free_segment(held.segment)
         value, error = _outcome(e.code, e.frames, self._recycle)
-        fut = held.future()
-        with self._fetch_lock:
-            if fut is not None:
-                with fut._condition:  # cf.Future's own lock
-                    if error is None:
-                        fut._result = value
-                    else:
-                        fut._result, fut._exception = None, error
-            waiter = self._fetching.pop(e.id, None)
-        if waiter is not None:
-            waiter.value, waiter.error = value, error
-            waiter.event.set()
+        self._free_segment(self.held.fetched(e, value, error).segment)
 
     def _send_again(self, fut: Future[Any], call: Call, max_retries: int, timeout_s: float,
                     traced: _trace.Record | None = None) -> None:
@@ -738,7 +659,7 @@ class Driver:
                     fut.cancel()
                 elif failed is not None:
                     fut.set_exception(failed.exception())
-                elif call.tries >= _RESUBMITS_MAX:
+                elif call.tries >= RESUBMITS_MAX:
                     fut.set_exception(DistforkError(
                         f"the futures among this task's arguments left the broker {call.tries} times "
                         "before it could start (is the broker restarting?)"
@@ -760,66 +681,14 @@ class Driver:
         collect_all(call.deps).add_done_callback(lambda _: callback_runner.submit(again))
 
     def _fail_all(self, exc: BaseException) -> None:
-        self._end_fetches(exc)
+        self.held.end(exc)
         self._calls.clear()
         for task_id in list(self._inflight):
             item = self._inflight.pop(task_id, None)
             if item is not None:
-                self._release(item[2], item[3])
-            if item is not None and not item[0].done():
+                self._release(item.segment, item.nbytes)
+            if item is not None and not item.future.done():
                 try:
-                    item[0].set_exception(exc)
+                    item.future.set_exception(exc)
                 except InvalidStateError:
                     pass
-
-
-
-def complete(
-    fut: Future[Any], code: int, frames: Sequence[Any], on_free: Callable[[str], None] | None = None
-) -> None:
-    """Set a future from a result entry (status code and payload frames).
-
-    ``on_free``: where a result's shared-memory segment goes once nothing
-    maps it (else it is unlinked as soon as it is mapped).
-    """
-    if fut.cancelled():
-        serialize.free(frames)
-        return
-    if code == Status.CANCELLED:  # a future among its arguments was cancelled
-        fut.cancel()
-        return
-    value, error = _outcome(code, frames, on_free)
-    settle(fut, value, error)  # unless a user thread cancelled it just now
-
-
-def _outcome(
-    code: int, frames: Sequence[Any], on_free: Callable[[str], None] | None
-) -> tuple[Any, BaseException | None]:
-    """A result entry's value, or the exception to raise instead."""
-    if code != Status.OK:
-        return None, _failure(code, frames)
-    try:
-        return serialize.unpack(frames, private=False, on_free=on_free), None
-    except Exception as err:  # noqa: BLE001
-        return None, SerializationError(
-            f"the task's result cannot be unpickled in the driver: {type(err).__name__}: {err}"
-        )
-
-
-def _failure(code: int, frames: Sequence[Any]) -> BaseException:
-    if code == Status.RAISED:
-        try:
-            exc = serialize.unpack(frames, private=False)
-        except Exception as err:  # noqa: BLE001
-            return SerializationError(
-                f"the task raised an exception that cannot be unpickled in the driver: {type(err).__name__}: {err}"
-            )
-        if isinstance(exc, BaseException):
-            return exc
-        return DistforkError(f"the task sent back a non-exception as its error: {exc!r}")
-    text = bytes(frames[0]).decode(errors="replace") if frames else ""
-    if code == Status.LOST:
-        return WorkerLostError(text)
-    if code == Status.TIMED_OUT:
-        return TimeoutError(text)
-    return DistforkError(text or f"the task failed with status {code}")

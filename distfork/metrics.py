@@ -37,14 +37,14 @@ What is counted where:
 from __future__ import annotations
 
 import bisect
-import json
 import logging
 import threading
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import resources
-from .protocol import Entry, Flag, Status
+from .errors import ProtocolError
+from .protocol import Entry, Flag, Status, decode_manifest
 
 _INF = float("inf")
 
@@ -77,10 +77,8 @@ def _shm_bytes(manifest: Any) -> int:
     if len(manifest) > _MANIFEST_MAX_BYTES:
         return 0
     try:
-        raw = manifest.bytes if hasattr(manifest, "bytes") else bytes(manifest)
-        bufs = json.loads(raw)["bufs"]
-        return sum(int(n) for _, n in bufs)
-    except (ValueError, TypeError, KeyError, RecursionError):
+        return sum(int(n) for _, n in decode_manifest(manifest).bufs)
+    except (ProtocolError, ValueError, TypeError):
         return 0
 
 

@@ -32,7 +32,13 @@ broker strips it before calling :func:`decode`. Payload frames are opaque
 here: the broker forwards them without looking inside.
 
 Malformed input raises :class:`~distfork.errors.ProtocolError`, never an
-``AssertionError``: callers log it and drop the message.
+``AssertionError``: callers log it and drop the message. JSON bodies are
+decoded *and validated* here, by one typed function per message
+(:func:`decode_hello`, :func:`decode_keepalive`, :func:`decode_exited`,
+:func:`decode_recycle`, :func:`decode_output`, :func:`decode_code_get`,
+:func:`decode_reclaimed`), so the roles never index a raw dict from the wire.
+The payload manifest (the second frame of a shared-memory or split payload,
+see serialize.py) is parsed by :func:`decode_manifest` only.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ import enum
 import json
 import struct
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeGuard
 
 from .errors import ProtocolError
 
@@ -50,13 +56,26 @@ __all__ = [
     "TRACE_PATHS",
     "VERSION",
     "Entry",
+    "Exited",
     "Flag",
     "Frame",
+    "Keepalive",
+    "Manifest",
     "Msg",
+    "Output",
+    "Role",
     "Status",
     "decode",
     "decode_cancel",
     "decode_code",
+    "decode_code_get",
+    "decode_exited",
+    "decode_hello",
+    "decode_keepalive",
+    "decode_manifest",
+    "decode_output",
+    "decode_reclaimed",
+    "decode_recycle",
     "decode_batch",
     "decode_json",
     "decode_dep_counts",
@@ -114,6 +133,13 @@ class Msg(enum.IntEnum):
     CODE = 21  # D -> B: a package of the driver's code; B -> asker: the one asked for (see encode_code)
     CODE_GET = 22  # W (any peer) -> B: send me the code package of this hash (JSON: hash)
     OUTPUT = 23  # W control -> B -> D: lines a running task printed or logged (JSON, see distfork/output.py)
+
+
+class Role(str, enum.Enum):
+    """Who a peer is, as its HELLO says; on the wire, the value string."""
+
+    DRIVER = "driver"
+    WORKER = "worker"
 
 
 class Flag:
@@ -426,3 +452,143 @@ def decode_driver_note(frame: Frame) -> tuple[tuple[Any, ...], memoryview, memor
     if view.nbytes < end:
         raise ProtocolError(f"trace note of {view.nbytes} bytes names {end}")
     return tuple(fields), view[_DRIVER_NOTE.size : end], view[end:]
+
+
+# -- JSON bodies, decoded and validated ---------------------------------------------
+
+
+def _int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def decode_hello(body: memoryview) -> tuple[Role, dict[str, Any]]:
+    """HELLO: (the role it says, its whole body, checked: a worker's ``slots`` a positive int)."""
+    info = decode_json(body)
+    try:
+        role = Role(info.get("role"))
+    except ValueError:
+        raise ProtocolError(f"HELLO with role {str(info.get('role'))[:40]!r}, expected driver or worker") from None
+    slots = info.get("slots", 1)
+    if role is Role.WORKER and not (_int(slots) and 1 <= slots < 2**16):
+        raise ProtocolError(f"worker HELLO announces {str(info.get('slots'))[:40]!r} slots")
+    return role, info
+
+
+class Keepalive(NamedTuple):
+    """KEEPALIVE from a worker process's control socket."""
+
+    peers: list[bytes]  # its slots' routing ids
+    bye: bool = False  # the process ends: forget those slots
+    rss_bytes: int | None = None  # its resident memory, if told
+    timed_out: frozenset[int] = frozenset()  # with bye: the task keys it ended to stop
+    cancelled: bool = False  # with bye: it ended to stop cancelled tasks (the wire lists their keys)
+
+
+def decode_keepalive(body: memoryview) -> Keepalive:
+    raw = decode_json(body)
+    peers = raw.get("peers")
+    if not isinstance(peers, list) or not all(isinstance(h, str) for h in peers):
+        raise ProtocolError("KEEPALIVE without a list of peer ids")
+    try:
+        ids = [bytes.fromhex(h) for h in peers]
+    except ValueError:
+        raise ProtocolError("KEEPALIVE names a peer id that is not hex") from None
+    rss = raw.get("rss")
+    timed_out = raw.get("timed_out") or []
+    if not isinstance(timed_out, list) or not all(_int(k) for k in timed_out):
+        raise ProtocolError("KEEPALIVE whose timed_out is not a list of task keys")
+    return Keepalive(ids, bool(raw.get("bye")), rss if _int(rss) and rss >= 0 else None, frozenset(timed_out),
+                     bool(raw.get("cancelled")))
+
+
+class Exited(NamedTuple):
+    """EXITED from a supervisor: a worker process ended."""
+
+    host: str
+    pid: int
+    code: int  # exit code, or minus the signal number
+    oom: bool  # the supervisor saw the kernel's OOM killer act
+
+
+def decode_exited(body: memoryview) -> Exited:
+    raw = decode_json(body)
+    host, pid, code = raw.get("host"), raw.get("pid"), raw.get("code")
+    if not isinstance(host, str) or not _int(pid) or not _int(code):
+        raise ProtocolError("EXITED without host, pid and exit code")
+    return Exited(host, pid, code, raw.get("oom") is True)
+
+
+def decode_recycle(body: memoryview, strict: bool = True) -> list[str]:
+    """RECYCLE: segment names (``strict``: anything but a list of strings is a ProtocolError; else
+    the strings among it, for a message we only clean up after)."""
+    names = decode_json(body).get("names")
+    if isinstance(names, list) and all(isinstance(n, str) for n in names):
+        return names
+    if strict:
+        raise ProtocolError("RECYCLE without a list of segment names")
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+
+
+class Output(NamedTuple):
+    """OUTPUT from a worker process's control socket: lines task ``key`` on slot ``peer`` printed."""
+
+    peer: bytes
+    key: int
+    body: dict[str, Any]  # lines, dropped, final: forwarded to the driver as they are
+
+
+def decode_output(body: memoryview) -> Output:
+    raw = decode_json(body)
+    peer, key = raw.get("peer"), raw.get("key")
+    if not isinstance(peer, str) or not _int(key) or not isinstance(raw.get("lines"), list):
+        raise ProtocolError("OUTPUT without peer, key or lines")
+    try:
+        return Output(bytes.fromhex(peer), key, raw)
+    except ValueError:
+        raise ProtocolError(f"OUTPUT names peer {peer[:40]!r}") from None
+
+
+def decode_code_get(body: memoryview) -> str:
+    """CODE_GET: the sha256 hex of the package asked for."""
+    code_hash = decode_json(body).get("hash")
+    if not isinstance(code_hash, str) or len(code_hash) != 64:
+        raise ProtocolError(f"CODE_GET names package {str(code_hash)[:80]!r}")
+    return code_hash
+
+
+def decode_reclaimed(body: memoryview) -> tuple[set[int], list[int]]:
+    """RECLAIMED: (the task ids given back, the ids asked for)."""
+    raw = decode_json(body)
+    granted, asked = raw.get("granted") or [], raw.get("asked") or []
+    if not isinstance(granted, list) or not isinstance(asked, list) or not all(_int(i) for i in granted + asked):
+        raise ProtocolError("RECLAIMED without lists of task ids")
+    return set(granted), asked
+
+
+# -- the payload manifest ---------------------------------------------------------
+
+class Manifest(NamedTuple):
+    """The second frame of a payload that is not inline (serialize.route writes it).
+
+    ``[stream, manifest]``: the buffers are in segment ``shm`` (``size`` bytes)
+    at ``bufs`` (offset, length). ``[stream, manifest, frames...]``: ``bufs``
+    holds each buffer's length; with ``chunks``, each buffer is split into
+    that many frames; with ``stream``, the pickle stream itself is that many frames.
+    """
+
+    shm: str | None
+    size: int
+    bufs: list[Any]
+    stream: int | None
+    chunks: list[int] | None
+
+
+def decode_manifest(frame: Frame) -> Manifest:
+    raw = decode_json(memoryview(frame))
+    name, size, bufs = raw.get("shm"), raw.get("size", 0), raw.get("bufs")
+    stream, chunks = raw.get("stream"), raw.get("chunks")
+    if (name is not None and not isinstance(name, str)) or not _int(size) or not isinstance(bufs, list) \
+            or (stream is not None and not _int(stream)) \
+            or (chunks is not None and not (isinstance(chunks, list) and all(_int(c) for c in chunks))):
+        raise ProtocolError("malformed payload manifest")
+    return Manifest(name, size, bufs, stream, chunks)

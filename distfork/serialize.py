@@ -47,6 +47,7 @@ from .codeship import CodeRef as _CodeRef
 from .codeship import _activate as _activate_code
 from .errors import SerializationError
 from .future import Future as _Future
+from .protocol import decode_manifest
 
 __all__ = [
     "FRAME_BYTES", "FutureArgument", "Lease", "describe", "free", "dumps", "dumps_call",
@@ -436,26 +437,26 @@ def unpack(
     """
     if len(frames) == 1:
         return pickle.loads(frames[0])
-    manifest = json.loads(bytes(frames[1]))
-    name = manifest.get("shm")
+    manifest = decode_manifest(frames[1])
+    name = manifest.shm
     stream: Any = frames[0]
     rest = list(frames[2:])
-    if "stream" in manifest:  # a pickle stream split into frames of at most FRAME_BYTES (route)
-        k = int(manifest["stream"])
+    if manifest.stream is not None:  # a pickle stream split into frames of at most FRAME_BYTES (route)
+        k = manifest.stream
         stream, rest = _joined([frames[0], *rest[: k - 1]]), rest[k - 1 :]
     if name is not None:
-        view = shm.attach(name, manifest["size"], private)
+        view = shm.attach(name, manifest.size, private)
         if not private:
             if on_free is None:
                 shm.unlink(name)
             else:
                 weakref.finalize(view.obj, on_free, name)
-        bufs = [view[off : off + n] for off, n in manifest["bufs"]]
+        bufs = [view[off : off + n] for off, n in manifest.bufs]
         if leases is not None:
             leases.append(Lease(view, bufs))
-    elif "chunks" in manifest:  # buffers split into frames of at most FRAME_BYTES (route)
+    elif manifest.chunks is not None:  # buffers split into frames of at most FRAME_BYTES (route)
         bufs = []
-        for count in manifest["chunks"]:
+        for count in manifest.chunks:
             bufs.append(_joined(rest[:count]))
             rest = rest[count:]
     else:

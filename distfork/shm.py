@@ -52,7 +52,6 @@ under them.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import mmap
 import os
@@ -62,6 +61,9 @@ import threading
 import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
+
+from .errors import ProtocolError
+from .protocol import decode_manifest
 
 __all__ = [
     "SHM_DIR", "Segment", "SegmentPool", "ShmUnavailable", "attach", "creator", "domain", "hand_over", "parse",
@@ -254,10 +256,9 @@ def segment_of(frames: Sequence[Any]) -> str | None:
     if len(frames) != 2:
         return None
     try:
-        name = json.loads(bytes(frames[1])).get("shm")
-    except (ValueError, AttributeError, TypeError, RecursionError):
+        return decode_manifest(frames[1]).shm
+    except (ProtocolError, TypeError):  # TypeError: not a buffer
         return None
-    return name if isinstance(name, str) else None
 
 
 def creator(name: str) -> int | None:

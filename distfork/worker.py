@@ -42,8 +42,9 @@ from . import codeship, output, protocol, resources, security, serialize, shm
 from . import tracing as _trace
 from .config import Config
 from .errors import ProtocolError, SerializationError
-from .protocol import Entry, Flag, Msg, Status
+from .protocol import Entry, Flag, Msg, Role, Status
 from .slurm import slurm_job_id
+from .wakeup import Wakeup
 
 __all__ = ["ABORT_EXIT_CODE", "Worker", "run_task"]
 
@@ -138,11 +139,10 @@ class Worker:
         self.slot_ids = [prefix + bytes([i % 256, i // 256]) for i in range(slots)]
         self._stopping = False
         # Readable once we stop: every thread polls it next to its socket.
-        self._stop_r, self._stop_w = os.pipe()
-        # Written when a running task printed something: the control thread sends it (distfork/output.py).
-        self._out_r, self._out_w = os.pipe()
-        os.set_blocking(self._out_r, False)
-        os.set_blocking(self._out_w, False)
+        # (Never drained: it stays readable.)
+        self._stop = Wakeup()
+        # Woken when a running task printed something: the control thread sends it (distfork/output.py).
+        self._out = Wakeup()
         self._ctx = zmq.Context()
         self.shm_domain = shm.domain() if config.shm else None
         self.session: str | None = None  # the broker's, from its WELCOME
@@ -200,22 +200,13 @@ class Worker:
     def stop(self) -> None:
         """Ask the worker to stop (safe from a signal handler)."""
         self._stopping = True
-        try:
-            os.write(self._stop_w, b"\0")
-        except OSError:
-            pass
+        self._stop.wake_from_signal()
 
     def _wake_output(self) -> None:
-        try:
-            os.write(self._out_w, b"\0")
-        except OSError:
-            pass  # pipe full: a wake-up is pending anyway
+        self._out.wake()
 
     def _send_output(self, control: zmq.Socket[Any]) -> None:
-        try:
-            os.read(self._out_r, 4096)
-        except BlockingIOError:
-            pass
+        self._out.drain()
         for body in output.drain():
             try:
                 control.send_multipart(protocol.encode_json(Msg.OUTPUT, body), zmq.NOBLOCK)
@@ -288,8 +279,8 @@ class Worker:
         """The main thread: vouch for the slots, enforce timeouts, abort cancelled tasks."""
         poller = zmq.Poller()
         poller.register(control, zmq.POLLIN)
-        poller.register(self._stop_r, zmq.POLLIN)
-        poller.register(self._out_r, zmq.POLLIN)
+        poller.register(self._stop.fd, zmq.POLLIN)
+        poller.register(self._out.fd, zmq.POLLIN)
         watch = security.HandshakeWatch(monitor, self.address) if monitor is not None else None
         if monitor is not None:
             poller.register(monitor, zmq.POLLIN)
@@ -322,7 +313,7 @@ class Worker:
                 if text is not None:
                     log.error("%s: %s", self.where, text)
                     self._exit(security.EXIT_REFUSED)  # a supervisor does not restart a refused worker
-            if self._out_r in events:
+            if self._out.fd in events:
                 self._send_output(control)
             if control in events:
                 self._control_messages(control)
@@ -427,7 +418,7 @@ class _Slot:
     def _hello(self, sock: zmq.Socket[Any]) -> None:
         w = self.worker
         info = {
-            "role": "worker",
+            "role": Role.WORKER.value,
             "name": f"{w.name}/{self.index}" if w.slots > 1 else w.name,
             "host": w.host,
             "pid": os.getpid(),
@@ -456,7 +447,7 @@ class _Slot:
         w = self.worker
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
-        poller.register(w._stop_r, zmq.POLLIN)
+        poller.register(w._stop.fd, zmq.POLLIN)
         heartbeat_ms = w.config.heartbeat_s * 1000
         threshold = w.config.oob_threshold_bytes
         self._hello(sock)

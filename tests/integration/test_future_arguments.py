@@ -87,22 +87,24 @@ def test_a_result_that_reached_the_driver_first_is_sent_again_with_its_value(sha
     deliver = driver._results
     stash: list[Any] = []
     held_back = threading.Event()
-    first_id: list[int] = []  # known microseconds after fork() returns, its result a round trip later
 
     def slow_results(entries: list[Any]) -> None:  # runs on the driver's I/O thread
-        mine = [e for e in entries if e.id in first_id]
-        if mine and not held_back.is_set():
+        # The first result of a task still in flight is `first`'s: the only task in flight here. (Not
+        # matched by its id, which the test learns after fork() returns: the I/O thread may send the
+        # task and receive its result before this thread runs again, within one GIL switch interval.)
+        mine = [e for e in entries if e.id in driver._inflight] if not held_back.is_set() else []
+        if mine:
             stash.extend(mine)
             held_back.set()
-            entries = [e for e in entries if e.id not in first_id]
+            entries = [e for e in entries if e.id != mine[0].id]
         deliver(entries)
 
     # In place before the fork: on a busy machine the result could come back before a later patch.
     driver._results = slow_results  # type: ignore[method-assign]
     try:
         first = distfork.fork(tasks.add, 1, 2)
-        first_id.append(first.task_id)
         assert held_back.wait(30)
+        assert [e.id for e in stash] == [first.task_id]
         assert not first.done()  # the broker is done with it; the driver does not know yet
         resubmitted = query_status(rt.address)["counters"].get("tasks_resubmitted", 0)
         dependent = distfork.fork(tasks.add, first, 10)

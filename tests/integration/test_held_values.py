@@ -132,7 +132,7 @@ def test_wait_all_asks_for_every_held_value_in_one_message() -> None:
         flush = driver._flush
 
         def counting_flush(sock: Any) -> None:  # on the I/O thread
-            sent.append(len(driver._fetches))
+            sent.append(len(driver.held.fetches))
             flush(sock)
 
         driver._flush = counting_flush  # type: ignore[method-assign]

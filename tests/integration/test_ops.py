@@ -278,6 +278,7 @@ def test_payload_paths_are_told_by_frame_layout_alone() -> None:
 
 
 def test_histograms_take_each_result_once_and_latency_from_submission() -> None:
+    from distfork.broker_instructions import SendTasks
     from distfork.broker_state import BrokerState
     from distfork.config import Config
 
@@ -288,11 +289,12 @@ def test_histograms_take_each_result_once_and_latency_from_submission() -> None:
     entries = [Entry(1, 255, 0.0, [b"call"]), Entry(2, 255, 0.0, [b"call"])]
     state.submit(driver, entries, now=10.0)
     metrics.tasks_in(entries)
-    (tasks,) = state.dispatch(10.0).values()
+    state.dispatch(10.0)
+    (tasks,) = [ins.tasks for ins in state.take_instructions() if isinstance(ins, SendTasks)]
     assert len(tasks) == 2
     results = [Entry(t.key, 0, 0.25, [b"value"]) for t in tasks]
     metrics.results_in(worker, results, now=11.5)
-    state.results(worker, results)
+    state.results(worker, results, now=11.5)
     assert metrics.latency_sum_s == pytest.approx(1.5 * len(results))
     assert metrics.run_sum_s == pytest.approx(0.25 * len(results))
     assert sum(metrics.latency_buckets) == len(results) == sum(metrics.run_buckets)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from state_outbox import dispatch, outbox
+
 from distfork.broker_state import BrokerState, PeerInfo, Task
 from distfork.config import Config
 from distfork.protocol import DEFAULT_RETRIES, Entry, Status
@@ -34,7 +36,7 @@ def worker(state: BrokerState, peer: bytes, n: int, now: float = 0.0) -> PeerInf
 
 
 def submit(state: BrokerState, d: PeerInfo, *ids: int, code: int = DEFAULT_RETRIES) -> None:
-    state.submit(d, [Entry(i, code, 0.0, [b"call-%d" % i]) for i in ids])
+    state.submit(d, [Entry(i, code, 0.0, [b"call-%d" % i]) for i in ids], now=state.last_now)
 
 
 def done(task: Task, run_s: float = 1e-4) -> Entry:
@@ -44,9 +46,9 @@ def done(task: Task, run_s: float = 1e-4) -> Entry:
 def warm_up(state: BrokerState, d: PeerInfo, w: PeerInfo) -> None:
     """One short task done on ``w``: from now on it is handed tasks beyond its slot."""
     submit(state, d, 10_000)
-    (task,) = state.dispatch()[w.id]
-    state.results(w, [done(task)])
-    state.take_outbox()
+    (task,) = dispatch(state)[w.id]
+    state.results(w, [done(task)], now=state.last_now)
+    outbox(state)
 
 
 def lose(state: BrokerState, w: PeerInfo, now: float) -> None:
@@ -60,11 +62,11 @@ def test_a_loss_with_prefetched_tasks_fails_nothing_even_with_max_retries_0() ->
     w = worker(state, W1, 1)
     warm_up(state, d, w)
     submit(state, d, 1, 2, 3, code=0)  # max_retries=0
-    assert [t.task_id for t in state.dispatch()[W1]] == [1, 2, 3]  # 1 runs, 2 and 3 prefetched
+    assert [t.task_id for t in dispatch(state)[W1]] == [1, 2, 3]  # 1 runs, 2 and 3 prefetched
 
     lose(state, w, TIMEOUT_S + 1)  # did 1 crash it, or 2 after 1 finished unreported?
 
-    assert state.take_outbox() == ({}, {})  # no task failed
+    assert outbox(state) == ({}, {})  # no task failed
     assert [t.task_id for t in state.queue] == [1, 2, 3]
     assert all(t.suspect for t in state.queue)
     assert d.tasks[1].losses == 1 and d.tasks[2].losses == 0  # the loss is still counted
@@ -76,19 +78,20 @@ def test_suspects_run_alone_and_a_loss_while_one_runs_is_blamed_on_it() -> None:
     w1 = worker(state, W1, 1)
     warm_up(state, d, w1)
     submit(state, d, 1, 2, code=0)
-    state.dispatch()
+    dispatch(state)
     lose(state, w1, TIMEOUT_S + 1)
     submit(state, d, 3, 4, 5)  # ordinary tasks, behind the suspects
 
     now = TIMEOUT_S + 1
     w2 = worker(state, W2, 2, now)
-    state.results(w2, [Entry(12345, Status.OK, 1e-4, [b"x"])])  # it ran short tasks (for an older driver)
+    # it ran short tasks (for an older driver)
+    state.results(w2, [Entry(12345, Status.OK, 1e-4, [b"x"])], now=state.last_now)
     assert state.prefetch(w2) > 1
-    assert [t.task_id for t in state.dispatch()[W2]] == [1]  # a suspect, alone: nothing prefetched behind it
-    assert state.dispatch() == {}
+    assert [t.task_id for t in dispatch(state)[W2]] == [1]  # a suspect, alone: nothing prefetched behind it
+    assert dispatch(state) == {}
 
     lose(state, w2, now + TIMEOUT_S + 1)  # 1 was alone: it crashed the worker
-    results, _ = state.take_outbox()
+    results, _ = outbox(state)
     (entry,) = results[D1]
     assert (entry.id, entry.code) == (1, Status.LOST)
     assert "lost 2 times, more than max_retries=0" in bytes(entry.frames[0]).decode()
@@ -100,9 +103,9 @@ def test_a_loss_with_one_task_handed_over_is_blamed_on_it() -> None:
     d = driver(state)
     w = worker(state, W1, 1)
     submit(state, d, 1, code=0)
-    assert [t.task_id for t in state.dispatch()[W1]] == [1]
+    assert [t.task_id for t in dispatch(state)[W1]] == [1]
     lose(state, w, TIMEOUT_S + 1)
-    results, _ = state.take_outbox()
+    results, _ = outbox(state)
     assert [(e.id, e.code) for e in results[D1]] == [(1, Status.LOST)]
 
 
@@ -110,8 +113,8 @@ def test_a_run_time_that_is_not_a_number_does_not_break_dispatch() -> None:
     state = make_state()
     d = driver(state)
     w = worker(state, W1, 1)
-    state.results(w, [Entry(999, Status.OK, float("nan"), [b"x"])])  # from a broken or hostile peer
-    state.results(w, [Entry(998, Status.OK, float("inf"), [b"x"])])
+    state.results(w, [Entry(999, Status.OK, float("nan"), [b"x"])], now=state.last_now)  # from a broken or hostile peer
+    state.results(w, [Entry(998, Status.OK, float("inf"), [b"x"])], now=state.last_now)
     submit(state, d, 1, 2)
-    assert [t.task_id for t in state.dispatch()[W1]] == [1]
+    assert [t.task_id for t in dispatch(state)[W1]] == [1]
     assert w.avg_run_s is None

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from state_outbox import aborts, discards, dispatch, outbox, reclaimed, recycles
 
 from distfork.broker_state import BrokerState, PeerInfo, Task, TaskState
 from distfork.config import Config
-from distfork.protocol import DEFAULT_RETRIES, Entry, Flag, Status, decode_dep_counts, encode_deps
+from distfork.protocol import DEFAULT_RETRIES, Entry, Flag, Keepalive, Status, decode_dep_counts, encode_deps
 
 D1, D2 = b"D-one", b"D-two"
 W1, W2, W3 = b"W-one", b"W-two", b"W-three"
@@ -33,7 +34,7 @@ def worker(state: BrokerState, peer: bytes = W1, slots: int = 1, now: float = 0.
 
 
 def submit(state: BrokerState, d: PeerInfo, *ids: int, code: int = DEFAULT_RETRIES, timeout_s: float = 0.0) -> None:
-    state.submit(d, [Entry(i, code, timeout_s, [b"call-%d" % i, b"buf-%d" % i]) for i in ids])
+    state.submit(d, [Entry(i, code, timeout_s, [b"call-%d" % i, b"buf-%d" % i]) for i in ids], now=state.last_now)
 
 
 def done(task: Task, run_s: float = 0.5, status: Status = Status.OK, payload: bytes = b"value") -> Entry:
@@ -44,9 +45,9 @@ def done(task: Task, run_s: float = 0.5, status: Status = Status.OK, payload: by
 def warm_up(state: BrokerState, d: PeerInfo, w: PeerInfo, run_s: float, task_id: int = 10_000) -> None:
     """Run one task on ``w`` that took ``run_s``, so the broker knows its run time."""
     submit(state, d, task_id)
-    (task,) = state.dispatch()[w.id]
-    state.results(w, [done(task, run_s)])
-    state.take_outbox()
+    (task,) = dispatch(state)[w.id]
+    state.results(w, [done(task, run_s)], now=state.last_now)
+    outbox(state)
 
 
 # -- the happy path -------------------------------------------------------------
@@ -59,7 +60,7 @@ def test_tasks_go_to_a_worker_and_results_back_to_their_driver_under_its_task_id
     submit(state, d1, 1, timeout_s=2.5)
     submit(state, d2, 1)  # the same task id from another driver is another task
 
-    sent = state.dispatch()
+    sent = dispatch(state)
     assert list(sent) == [W1]
     t_a, t_b = sent[W1]
     assert t_a.key != t_b.key
@@ -68,15 +69,16 @@ def test_tasks_go_to_a_worker_and_results_back_to_their_driver_under_its_task_id
     assert list(t_a.frames) == [b"call-1", b"buf-1"]
     assert t_a.state is TaskState.ASSIGNED and t_a.worker == W1
 
-    state.results(w, [done(t_b, 0.25, payload=b"for d2"), done(t_a, 0.5, Status.RAISED, payload=b"exc d1")])
-    results, cancels = state.take_outbox()
+    state.results(w, [done(t_b, 0.25, payload=b"for d2"), done(t_a, 0.5, Status.RAISED, payload=b"exc d1")],
+        now=state.last_now)
+    results, cancels = outbox(state)
 
     assert cancels == {}
     assert results == {
         D1: [Entry(1, Status.RAISED, 0.5, [b"exc d1"])],
         D2: [Entry(1, Status.OK, 0.25, [b"for d2"])],
     }
-    assert state.take_outbox() == ({}, {})  # taken once
+    assert outbox(state) == ({}, {})  # taken once
     assert w.assigned == {} and w.done == 1 and w.failed == 1
     assert d1.tasks == {} and d2.tasks == {}
 
@@ -85,10 +87,10 @@ def test_nothing_is_dispatched_without_workers_and_queued_tasks_wait_for_one() -
     state = make_state()
     d = driver(state)
     submit(state, d, 1, 2)
-    assert state.dispatch() == {}
+    assert dispatch(state) == {}
     worker(state, W1, slots=4)
-    assert [t.task_id for t in state.dispatch()[W1]] == [1, 2]
-    assert state.dispatch() == {}
+    assert [t.task_id for t in dispatch(state)[W1]] == [1, 2]
+    assert dispatch(state) == {}
 
 
 def test_free_slots_are_filled_before_any_prefetch() -> None:
@@ -100,7 +102,7 @@ def test_free_slots_are_filled_before_any_prefetch() -> None:
     w2 = worker(state, W2, n=2)
 
     submit(state, d, 1, 2)
-    sent = state.dispatch()
+    sent = dispatch(state)
 
     assert {w: [t.task_id for t in ts] for w, ts in sent.items()} == {W1: [1], W2: [2]}
     assert len(w1.assigned) == len(w2.assigned) == 1
@@ -114,7 +116,7 @@ def test_a_worker_with_short_tasks_gets_prefetch_beyond_its_slots() -> None:
     warm_up(state, d, w, run_s=1e-4)  # 0.002 s of work per slot = 20 tasks per slot
 
     submit(state, d, *range(100))
-    sent = state.dispatch()[W1]
+    sent = dispatch(state)[W1]
 
     assert state.prefetch(w) == 2 * 20
     assert len(sent) == 2 + 40
@@ -128,7 +130,7 @@ def test_prefetch_is_capped_by_prefetch_max_per_slot() -> None:
     w = worker(state, W1, slots=1)
     warm_up(state, d, w, run_s=1e-7)
     submit(state, d, *range(50))
-    assert len(state.dispatch()[W1]) == 1 + 5
+    assert len(dispatch(state)[W1]) == 1 + 5
 
 
 def test_a_worker_with_long_tasks_gets_nothing_beyond_its_slots() -> None:
@@ -138,10 +140,10 @@ def test_a_worker_with_long_tasks_gets_nothing_beyond_its_slots() -> None:
     warm_up(state, d, w, run_s=0.5)
 
     submit(state, d, *range(10))
-    assert len(state.dispatch()[W1]) == 2
-    assert state.dispatch() == {}  # full: no room until a result comes back
-    state.results(w, [done(next(iter(w.assigned.values())), run_s=0.5)])
-    assert len(state.dispatch()[W1]) == 1
+    assert len(dispatch(state)[W1]) == 2
+    assert dispatch(state) == {}  # full: no room until a result comes back
+    state.results(w, [done(next(iter(w.assigned.values())), run_s=0.5)], now=state.last_now)
+    assert len(dispatch(state)[W1]) == 1
 
 
 # -- lost workers -----------------------------------------------------------------
@@ -153,7 +155,7 @@ def test_a_silent_worker_expires_and_its_tasks_are_requeued_with_a_loss_only_for
     w = worker(state, W1, slots=1)
     warm_up(state, d, w, run_s=1e-4)
     submit(state, d, 1, 2, 3, 4)
-    assert [t.task_id for t in state.dispatch()[W1]] == [1, 2, 3, 4]  # 1 runs, 2..4 prefetched
+    assert [t.task_id for t in dispatch(state)[W1]] == [1, 2, 3, 4]  # 1 runs, 2..4 prefetched
 
     state.seen(D1, now=2.5)
     assert state.expire(now=2.9) == []  # not silent for long enough yet
@@ -167,10 +169,10 @@ def test_a_silent_worker_expires_and_its_tasks_are_requeued_with_a_loss_only_for
     assert [tasks[i].losses for i in (1, 2, 3, 4)] == [1, 0, 0, 0]
     assert all(tasks[i].state is TaskState.QUEUED and tasks[i].worker is None for i in (1, 2, 3, 4))
     assert state.counters["tasks_retried"] == 1
-    assert state.take_outbox() == ({}, {})  # nothing failed, nothing to recall
+    assert outbox(state) == ({}, {})  # nothing failed, nothing to recall
 
     w2 = worker(state, W2, slots=4, now=3.5, n=2)
-    assert [t.task_id for t in state.dispatch()[W2]] == [1, 2, 3, 4]
+    assert [t.task_id for t in dispatch(state)[W2]] == [1, 2, 3, 4]
     assert len(w2.assigned) == 4
 
 
@@ -191,11 +193,11 @@ def test_a_task_lost_more_than_max_retries_times_fails_with_lost_naming_the_work
     now = 0.0
     for n in (1, 2):
         w = worker(state, b"W-%d" % n, now=now, n=n)
-        assert [t.task_id for t in state.dispatch()[w.id]] == [5]
+        assert [t.task_id for t in dispatch(state)[w.id]] == [5]
         now += TIMEOUT_S + 1
         state.seen(D1, now)
         assert state.expire(now) == [w]
-        results, _ = state.take_outbox()
+        results, _ = outbox(state)
         if n == 1:
             assert results == {}  # 1 loss: retried
             assert d.tasks[5].losses == 1
@@ -229,11 +231,11 @@ def test_max_retries_comes_from_the_task_entry_or_the_config(
     now = 0.0
     for n in range(1, 20):
         worker(state, b"W-%d" % n, now=now, n=n)
-        state.dispatch()
+        dispatch(state)
         now += TIMEOUT_S + 1
         state.seen(D1, now)
         state.expire(now)
-        results, _ = state.take_outbox()
+        results, _ = outbox(state)
         if results:
             break
     assert n == losses_until_lost
@@ -248,7 +250,7 @@ def test_a_worker_saying_bye_requeues_its_tasks_at_once() -> None:
     d = driver(state)
     w = worker(state, W1)
     submit(state, d, 1)
-    state.dispatch()
+    dispatch(state)
     state.bye(W1, now=0.5)
     assert W1 not in state.workers
     assert [t.task_id for t in state.queue] == [1]
@@ -263,13 +265,13 @@ def test_cancelling_a_queued_task_means_it_never_runs() -> None:
     state = make_state()
     d = driver(state)
     submit(state, d, 1, 2)
-    state.cancel(d, [1, 99])  # 99: unknown, ignored
+    state.cancel(d, [1, 99], now=state.last_now)  # 99: unknown, ignored
     assert state.status(0.0)["queued"] == 1
     assert state.counters["tasks_cancelled"] == 1
 
     worker(state, W1, slots=4)
-    assert [t.task_id for t in state.dispatch()[W1]] == [2]
-    assert state.take_outbox() == ({}, {})  # no cancel sent: no worker ever had it
+    assert [t.task_id for t in dispatch(state)[W1]] == [2]
+    assert outbox(state) == ({}, {})  # no cancel sent: no worker ever had it
 
 
 def test_cancelling_an_assigned_task_recalls_it_and_its_late_result_is_dropped() -> None:
@@ -277,21 +279,21 @@ def test_cancelling_an_assigned_task_recalls_it_and_its_late_result_is_dropped()
     d = driver(state)
     w = worker(state, W1, slots=1)
     submit(state, d, 1)
-    (task,) = state.dispatch()[W1]
+    (task,) = dispatch(state)[W1]
 
-    state.cancel(d, [1])
-    results, cancels = state.take_outbox()
+    state.cancel(d, [1], now=state.last_now)
+    results, cancels = outbox(state)
     assert results == {}
     assert cancels == {W1: [task.key]}
     assert task.state is TaskState.CANCELLED
     assert w.assigned == {}
 
-    state.results(w, [done(task, payload=b"too late")])
-    assert state.take_outbox() == ({}, {})
+    state.results(w, [done(task, payload=b"too late")], now=state.last_now)
+    assert outbox(state) == ({}, {})
     assert state.counters["results_stale"] == 1
 
     submit(state, d, 2)  # the slot is free again
-    assert [t.task_id for t in state.dispatch()[W1]] == [2]
+    assert [t.task_id for t in dispatch(state)[W1]] == [2]
 
 
 # -- drivers leaving ----------------------------------------------------------------
@@ -305,8 +307,8 @@ def test_a_driver_leaving_drops_its_tasks_and_pending_results(how: str) -> None:
     w = worker(state, W1, slots=2)
     submit(state, d, 1, 2, 3, 4)
     submit(state, other, 1)
-    t1, t2 = state.dispatch()[W1]
-    state.results(w, [done(t1, payload=b"pending for D1")])  # in the outbox, not sent yet
+    t1, t2 = dispatch(state)[W1]
+    state.results(w, [done(t1, payload=b"pending for D1")], now=state.last_now)  # in the outbox, not sent yet
 
     if how == "bye":
         state.bye(D1, now=1.0)
@@ -316,14 +318,14 @@ def test_a_driver_leaving_drops_its_tasks_and_pending_results(how: str) -> None:
         state.seen(D2, later)
         assert state.expire(later) == [d]
 
-    results, cancels = state.take_outbox()
+    results, cancels = outbox(state)
     assert results == {}  # D1's pending result is gone
     assert cancels == {W1: [t2.key]}  # its running task is recalled
     assert D1 not in state.peers
     assert state.counters["driver_tasks_dropped"] == 3  # tasks 2, 3, 4
 
     # Its queued tasks never run; the other driver's task does.
-    sent = state.dispatch()
+    sent = dispatch(state)
     assert [(t.driver, t.task_id) for t in sent[W1]] == [(D2, 1)]
     assert state.status(2.0)["queued"] == 0
 
@@ -333,11 +335,11 @@ def test_a_result_for_a_driver_that_left_is_dropped() -> None:
     d = driver(state)
     w = worker(state, W1)
     submit(state, d, 1)
-    (task,) = state.dispatch()[W1]
+    (task,) = dispatch(state)[W1]
     state.bye(D1, now=0.5)
-    state.take_outbox()
-    state.results(w, [done(task)])
-    assert state.take_outbox() == ({}, {})
+    outbox(state)
+    state.results(w, [done(task)], now=state.last_now)
+    assert outbox(state) == ({}, {})
 
 
 # -- hello ---------------------------------------------------------------------------
@@ -349,7 +351,7 @@ def test_a_worker_saying_hello_again_keeps_its_tasks_and_counts() -> None:
     w = worker(state, W1, slots=1)
     warm_up(state, d, w, run_s=0.5)
     submit(state, d, 1, 2)
-    (task,) = state.dispatch()[W1]
+    (task,) = dispatch(state)[W1]
 
     again = worker(state, W1, slots=1, now=1.0)
 
@@ -359,10 +361,10 @@ def test_a_worker_saying_hello_again_keeps_its_tasks_and_counts() -> None:
     assert again.last_seen == 1.0
     assert task.state is TaskState.ASSIGNED and task.losses == 0
     assert [t.task_id for t in state.queue] == [2]  # nothing re-queued
-    assert state.dispatch() == {}  # its slot is still busy
+    assert dispatch(state) == {}  # its slot is still busy
 
-    state.results(again, [done(task, payload=b"ok")])
-    results, _ = state.take_outbox()
+    state.results(again, [done(task, payload=b"ok")], now=state.last_now)
+    results, _ = outbox(state)
     assert results == {D1: [Entry(1, Status.OK, 0.5, [b"ok"])]}
 
 
@@ -383,7 +385,7 @@ def test_a_peer_saying_hello_with_another_role_starts_afresh() -> None:
     w = worker(state, D1, slots=2)  # the same routing id, now a worker
     assert state.peers[D1] is w and state.workers[D1] is w
     assert state.counters["driver_tasks_dropped"] == 1
-    assert state.dispatch() == {}  # the old driver's task is gone
+    assert dispatch(state) == {}  # the old driver's task is gone
 
 
 @pytest.mark.parametrize(
@@ -402,7 +404,7 @@ def test_a_bad_hello_from_a_known_worker_keeps_it() -> None:
     d = driver(state)
     worker(state, W1)
     submit(state, d, 1)
-    state.dispatch()
+    dispatch(state)
     with pytest.raises(ValueError):
         state.hello(W1, {"role": "worker", "slots": 0}, now=1.0)
     assert len(state.workers[W1].assigned) == 1
@@ -417,9 +419,9 @@ def test_status_is_a_snapshot_of_workers_drivers_queue_and_counters() -> None:
     d = driver(state, D1, now=1.0)
     w = worker(state, W1, slots=2, now=1.0, n=1)
     submit(state, d, 1, 2, 3, 4)
-    t1, t2 = state.dispatch()[W1]
-    state.results(w, [done(t1), done(t2, status=Status.RAISED)])
-    state.dispatch()  # tasks 3 and 4
+    t1, t2 = dispatch(state)[W1]
+    state.results(w, [done(t1), done(t2, status=Status.RAISED)], now=state.last_now)
+    dispatch(state)  # tasks 3 and 4
     state.seen(W1, now=4.0)
 
     status = state.status(now=5.0)
@@ -453,7 +455,7 @@ def test_status_counts_queued_tasks_but_not_cancelled_ones() -> None:
     state = make_state()
     d = driver(state)
     submit(state, d, 1, 2, 3)
-    state.cancel(d, [2])
+    state.cancel(d, [2], now=state.last_now)
     status = state.status(now=0.0)
     assert status["queued"] == 2
     assert status["running"] == 0
@@ -465,14 +467,14 @@ def test_resubmitting_a_task_id_the_broker_holds_adds_no_duplicate() -> None:
     d = driver(state)
     w = worker(state, W1, slots=8)
     submit(state, d, 1, 2)
-    (first, second) = state.dispatch()[W1]
+    (first, second) = dispatch(state)[W1]
 
     submit(state, d, 1, 2, 3)  # 1 and 2 are running; 3 is new
     submit(state, d, 3)  # 3 is queued
 
     assert sorted(d.tasks) == [1, 2, 3]
     assert [t.task_id for t in state.queue] == [3]
-    assert [t.task_id for t in state.dispatch()[W1]] == [3]
+    assert [t.task_id for t in dispatch(state)[W1]] == [3]
     assert len(w.assigned) == 3
     assert d.tasks[1] is first and d.tasks[2] is second
 
@@ -491,7 +493,8 @@ def test_a_peer_with_a_slower_heartbeat_than_the_broker_is_given_its_own_timeout
 
 def submit_dependent(state: BrokerState, d: PeerInfo, task_id: int, *deps: int, pinned: bool = False) -> None:
     flags = Flag.DEPS | (Flag.PINNED if pinned else 0)
-    state.submit(d, [Entry(task_id, DEFAULT_RETRIES, 0.0, [encode_deps(deps), b"call-%d" % task_id], flags)])
+    state.submit(d, [Entry(task_id, DEFAULT_RETRIES, 0.0, [encode_deps(deps), b"call-%d" % task_id], flags)],
+        now=state.last_now)
 
 
 SHM_RESULT = [b"stream", b'{"shm": "df-ab-1001-1-7", "size": 64, "bufs": [[0, 8]]}']
@@ -503,8 +506,8 @@ def held_value(payload: list[bytes]) -> tuple[BrokerState, PeerInfo, PeerInfo]:
     d, w = driver(state), worker(state, W1)
     submit(state, d, 1)
     submit_dependent(state, d, 2, 1)
-    (producer,) = state.dispatch()[W1]
-    state.results(w, [Entry(producer.key, Status.OK, 0.5, payload)])
+    (producer,) = dispatch(state)[W1]
+    state.results(w, [Entry(producer.key, Status.OK, 0.5, payload)], now=state.last_now)
     return state, d, w
 
 
@@ -513,25 +516,25 @@ def test_a_dependent_waits_then_gets_the_held_value_and_the_driver_only_a_notice
     d, w = driver(state), worker(state, W1, slots=2)
     submit(state, d, 1)
     submit_dependent(state, d, 2, 1)
-    (producer,) = state.dispatch()[W1]  # the dependent waits: not dispatched
+    (producer,) = dispatch(state)[W1]  # the dependent waits: not dispatched
     assert d.tasks[2].state is TaskState.WAITING
     assert state.status(0.0)["drivers"][0]["waiting"] == 1
 
-    state.results(w, [done(producer, payload=b"big value")])
-    results, _ = state.take_outbox()
+    state.results(w, [done(producer, payload=b"big value")], now=state.last_now)
+    results, _ = outbox(state)
     assert results == {D1: [Entry(1, Status.OK, 0.5, [], Flag.HELD)]}  # no payload for the driver
-    (dependent,) = state.dispatch()[W1]
+    (dependent,) = dispatch(state)[W1]
     assert dependent.task_id == 2
     frames, flags = dependent.wire()
     assert flags == Flag.DEPS
     assert decode_dep_counts(frames) == ([[b"big value"]], [b"call-2"])
     assert d.holds[1].refs == 1
 
-    state.results(w, [done(dependent, payload=b"sum")])
-    assert state.take_outbox()[0] == {D1: [Entry(2, Status.OK, 0.5, [b"sum"])]}
+    state.results(w, [done(dependent, payload=b"sum")], now=state.last_now)
+    assert outbox(state)[0] == {D1: [Entry(2, Status.OK, 0.5, [b"sum"])]}
     assert d.holds[1].refs == 0 and d.holds[1].driver_has  # the driver may still fetch it
-    state.fetch(d, [1])
-    assert state.take_outbox()[0] == {D1: [Entry(1, Status.OK, 0.0, [b"big value"])]}
+    state.fetch(d, [1], now=state.last_now)
+    assert outbox(state)[0] == {D1: [Entry(1, Status.OK, 0.0, [b"big value"])]}
     assert d.holds == {}  # frames: the driver has its own copy now
     status = state.status(0.0)["drivers"][0]
     assert status["result_bytes"] == len(b"sum") + len(b"big value") and status["held"] == 0
@@ -542,12 +545,12 @@ def test_a_value_fetched_while_its_task_runs_is_sent_whole_and_still_held_for_de
     d, w = driver(state), worker(state, W1)
     submit(state, d, 1)
     submit_dependent(state, d, 2, 1)
-    (producer,) = state.dispatch()[W1]
-    state.fetch(d, [1])
-    state.results(w, [done(producer, payload=b"v")])
-    assert state.take_outbox()[0] == {D1: [Entry(1, Status.OK, 0.5, [b"v"])]}
-    (dependent,) = state.dispatch()[W1]
-    state.results(w, [done(dependent)])
+    (producer,) = dispatch(state)[W1]
+    state.fetch(d, [1], now=state.last_now)
+    state.results(w, [done(producer, payload=b"v")], now=state.last_now)
+    assert outbox(state)[0] == {D1: [Entry(1, Status.OK, 0.5, [b"v"])]}
+    (dependent,) = dispatch(state)[W1]
+    state.results(w, [done(dependent)], now=state.last_now)
     assert d.holds == {}  # nobody needs it any more
 
 
@@ -557,11 +560,11 @@ def test_a_failed_dependency_fails_its_dependents_and_theirs_unrun_with_its_own_
     submit(state, d, 1)
     submit_dependent(state, d, 2, 1)
     submit_dependent(state, d, 3, 2)
-    (producer,) = state.dispatch()[W1]
-    state.results(w, [done(producer, status=Status.RAISED, payload=b"the exception")])
-    results, _ = state.take_outbox()
+    (producer,) = dispatch(state)[W1]
+    state.results(w, [done(producer, status=Status.RAISED, payload=b"the exception")], now=state.last_now)
+    results, _ = outbox(state)
     assert sorted(results[D1]) == [Entry(i, Status.RAISED, 0.5, [b"the exception"]) for i in (1, 2, 3)]
-    assert state.dispatch() == {} and d.tasks == {} and d.holds == {}
+    assert dispatch(state) == {} and d.tasks == {} and d.holds == {}
 
 
 def test_cancelling_a_dependency_cancels_its_waiting_dependents() -> None:
@@ -569,8 +572,8 @@ def test_cancelling_a_dependency_cancels_its_waiting_dependents() -> None:
     d = driver(state)
     submit(state, d, 1)
     submit_dependent(state, d, 2, 1)
-    state.cancel(d, [1])
-    assert state.take_outbox()[0] == {D1: [Entry(2, Status.CANCELLED, 0.0, [])]}
+    state.cancel(d, [1], now=state.last_now)
+    assert outbox(state)[0] == {D1: [Entry(2, Status.CANCELLED, 0.0, [])]}
     assert d.tasks == {}
 
 
@@ -578,11 +581,11 @@ def test_a_dependency_the_broker_no_longer_has_asks_the_driver_to_resubmit() -> 
     state = make_state()
     d, w = driver(state), worker(state, W1)
     submit(state, d, 1)
-    (producer,) = state.dispatch()[W1]
-    state.results(w, [done(producer)])  # no dependent yet: the result goes to the driver
-    state.take_outbox()
+    (producer,) = dispatch(state)[W1]
+    state.results(w, [done(producer)], now=state.last_now)  # no dependent yet: the result goes to the driver
+    outbox(state)
     submit_dependent(state, d, 2, 1)
-    assert state.take_outbox()[0] == {D1: [Entry(2, Status.RESUBMIT, 0.0, [])]}
+    assert outbox(state)[0] == {D1: [Entry(2, Status.RESUBMIT, 0.0, [])]}
     assert d.tasks == {} and state.counters["tasks_resubmitted"] == 1
     assert state.counters["tasks_failed"] == 0  # not an outcome: the driver sends it again
 
@@ -591,61 +594,88 @@ def test_a_malformed_dependency_frame_fails_only_its_task() -> None:
     state = make_state()
     d = driver(state)
     state.submit(d, [Entry(1, DEFAULT_RETRIES, 0.0, [b"odd", b"call"], Flag.DEPS),
-                     Entry(2, DEFAULT_RETRIES, 0.0, [b"call-2"])])
-    (failed,) = state.take_outbox()[0][D1]
+                     Entry(2, DEFAULT_RETRIES, 0.0, [b"call-2"])], now=state.last_now)
+    (failed,) = outbox(state)[0][D1]
     assert failed.id == 1 and failed.code == Status.FAILED and b"malformed" in failed.frames[0]
     assert list(d.tasks) == [2]
 
 
 def test_a_held_shared_memory_value_pins_dependents_and_goes_back_to_its_maker_when_nobody_needs_it() -> None:
     state, d, w = held_value(SHM_RESULT)
-    state.take_outbox()
+    outbox(state)
     assert d.tasks[2].pinned  # only workers of the driver's /dev/shm can map the value
     hold = d.holds[1]
     assert hold.segment == "df-ab-1001-1-7" and state.hold_segments == {"df-ab-1001-1-7": hold}
-    (dependent,) = state.dispatch()[W1]
-    state.results(w, [done(dependent)])
-    state.fetch(d, [1])  # the driver maps the segment: still held until it gives it back
-    assert state.take_outbox()[0][D1][-1] == Entry(1, Status.OK, 0.0, SHM_RESULT)
-    assert state.take_recycles() == ({}, [])
-    assert state.recycled("df-ab-1001-1-7")
-    assert state.take_recycles() == ({W1: ["df-ab-1001-1-7"]}, [])
+    (dependent,) = dispatch(state)[W1]
+    state.results(w, [done(dependent)], now=state.last_now)
+    state.fetch(d, [1], now=state.last_now)  # the driver maps the segment: still held until it gives it back
+    assert outbox(state)[0][D1][-1] == Entry(1, Status.OK, 0.0, SHM_RESULT)
+    assert recycles(state) == ({}, [])
+    state.recycle(d, ["df-ab-1001-1-7"], now=state.last_now)
+    assert recycles(state) == ({W1: ["df-ab-1001-1-7"]}, [])
     assert d.holds == {} and state.hold_segments == {}
-    assert not state.recycled("df-ab-1001-1-7")  # not ours any more: routed as any result segment
 
 
 def test_a_held_segment_a_task_kept_mapped_is_unlinked_not_reused() -> None:
     state, d, w = held_value(SHM_RESULT)
-    (dependent,) = state.dispatch()[W1]
-    state.results(w, [Entry(dependent.key, Status.OK, 0.5, [b"v"], Flag.RETAINED)])
-    state.release(d, [1])
-    assert state.take_recycles() == ({}, [])
-    assert state.take_discards() == {W1: [Entry(0, Status.OK, 0.0, SHM_RESULT)]}
+    (dependent,) = dispatch(state)[W1]
+    state.results(w, [Entry(dependent.key, Status.OK, 0.5, [b"v"], Flag.RETAINED)], now=state.last_now)
+    state.release(d, [1], now=state.last_now)
+    assert recycles(state) == ({}, [])
+    assert discards(state) == {W1: [Entry(0, Status.OK, 0.0, SHM_RESULT)]}
 
 
 def test_a_held_segment_whose_maker_is_gone_is_left_to_the_broker() -> None:
     state, d, w = held_value(SHM_RESULT)
     state.bye(W1, 1.0)
-    state.cancel(d, [2])
-    state.release(d, [1])
-    assert state.take_recycles() == ({}, [("df-ab-1001-1-7", None)])
+    state.cancel(d, [2], now=state.last_now)
+    state.release(d, [1], now=state.last_now)
+    assert recycles(state) == ({}, [])  # the driver uses no /dev/shm the broker sees: not its to unlink
+
+
+def test_a_held_segment_whose_maker_is_gone_is_unlinked_by_the_broker_in_its_own_shm() -> None:
+    state = BrokerState(Config(heartbeat_s=1.0, liveness=3, max_retries=2), now=0.0, domain="dom-a")
+    d = state.hello(D1, {"role": "driver", "name": "drv", "host": "dhost", "pid": 7, "shm_domain": "dom-a"}, 0.0)
+    w = worker(state, W1)  # no shared memory: it cannot unlink what is in dom-a
+    submit(state, d, 1)
+    submit_dependent(state, d, 2, 1)
+    (producer,) = dispatch(state)[W1]
+    state.results(w, [Entry(producer.key, Status.OK, 0.5, SHM_RESULT)], now=0.1)
+    state.bye(W1, 1.0)
+    state.cancel(d, [2], now=1.0)
+    state.release(d, [1], now=1.0)
+    assert recycles(state) == ({}, ["df-ab-1001-1-7"])
+
+
+def test_a_recycled_segment_goes_to_the_worker_of_its_creator_pid_in_the_drivers_shm_only() -> None:
+    state = make_state()
+    info = {"role": "driver", "name": "drv", "host": "dhost", "pid": 7, "shm_domain": "dom-a"}
+    d = state.hello(D1, info, 0.0)
+    state.hello(W1, {"role": "worker", "name": "w1", "host": "h", "pid": 1001, "shm_domain": "dom-a"}, 0.0)
+    # The same pid in another container (another /dev/shm) is another process.
+    state.hello(W2, {"role": "worker", "name": "w2", "host": "h", "pid": 1002, "shm_domain": "dom-b"}, 0.0)
+    r = "0123456789abcdef"
+    mine, other, gone = f"df-ab-1001-5-{r}", f"df-ab-1002-5-{r}", f"df-ab-1003-5-{r}-7-9"
+    state.recycle(d, [other, mine, gone, "not-ours"], now=0.5)
+    # 1002 is not in dom-a, 1003 is gone: orphans, which W1 (of dom-a) unlinks after reusing its own.
+    assert recycles(state) == ({W1: [mine, other, gone]}, [])
 
 
 def test_a_driver_leaving_frees_its_held_values() -> None:
     state, d, w = held_value(SHM_RESULT)
-    state.dispatch()
+    dispatch(state)
     state.bye(D1, 1.0)
     # The dependent may still run on W1: the segment is unlinked, never handed out again.
-    assert state.take_discards() == {W1: [Entry(0, Status.OK, 0.0, SHM_RESULT)]}
+    assert discards(state) == {W1: [Entry(0, Status.OK, 0.0, SHM_RESULT)]}
     assert state.hold_segments == {}
 
 
 def test_a_dependent_whose_worker_is_lost_runs_again_with_the_held_value() -> None:
     state, d, w1 = held_value([b"v"])
-    state.dispatch()
+    dispatch(state)
     state.bye(W1, 1.0)
     worker(state, W2, n=2)
-    (again,) = state.dispatch()[W2]
+    (again,) = dispatch(state)[W2]
     assert again.task_id == 2 and again.wire()[0][1] == b"v"
 
 
@@ -655,19 +685,21 @@ def test_tasks_with_dependencies_or_dependents_are_never_reclaimed() -> None:
     submit(state, d, 1)
     submit_dependent(state, d, 2, 1)
     submit(state, d, 3)
-    assert state.reclaim(d, [1, 2, 3]) == [3]
+    state.reclaim(d, [1, 2, 3], now=state.last_now)
+    assert reclaimed(state) == [3]
 
 
 def test_the_stale_count_follows_cancelled_and_reclaimed_tasks_left_in_the_queue() -> None:
     state = make_state()
     d = driver(state)
     submit(state, d, 1, 2, 3, 4)
-    state.cancel(d, [1])
-    assert state.reclaim(d, [2]) == [2]
+    state.cancel(d, [1], now=state.last_now)
+    state.reclaim(d, [2], now=state.last_now)
+    assert reclaimed(state) == [2]
     queued = len(state.queue) - state.stale_queued
     assert state.stale_queued == 2 and queued == 2 == state.status(0.0)["queued"]
     worker(state, W1, slots=2)
-    assert [t.task_id for t in state.dispatch()[W1]] == [3, 4]  # the stale ones were skipped ...
+    assert [t.task_id for t in dispatch(state)[W1]] == [3, 4]  # the stale ones were skipped ...
     assert state.stale_queued == 0 and not state.queue  # ... and no longer counted
 
 
@@ -681,9 +713,9 @@ def test_a_dependent_that_becomes_ready_runs_before_tasks_queued_earlier() -> No
     order = []
     held_at_most = 0
     while d.tasks:
-        (task,) = state.dispatch()[W1]
+        (task,) = dispatch(state)[W1]
         order.append(task.task_id)
-        state.results(w, [done(task)])
+        state.results(w, [done(task)], now=state.last_now)
         held_at_most = max(held_at_most, sum(1 for h in d.holds.values() if h.refs))
     assert order == [10, 20, 11, 21, 12, 22]
     assert held_at_most == 1
@@ -695,8 +727,8 @@ def test_ready_dependents_of_one_value_keep_their_order() -> None:
     submit(state, d, 1)
     for i in (2, 3, 4):
         submit_dependent(state, d, i, 1)
-    (producer,) = state.dispatch()[W1]
-    state.results(w, [done(producer)])
+    (producer,) = dispatch(state)[W1]
+    state.results(w, [done(producer)], now=state.last_now)
     assert [t.task_id for t in state.queue] == [2, 3, 4]
 
 
@@ -706,13 +738,13 @@ def test_a_running_task_cancelled_before_its_worker_vouched_for_it_is_stopped_wi
     state = make_state()
     d, w = driver(state), worker(state, W1)
     submit(state, d, 1)
-    (task,) = state.dispatch()[W1]
-    state.cancel(d, [1])
-    assert state.take_aborts() == {}  # no control socket known yet
-    state.keepalive(b"C-one", {"peers": [W1.hex()]}, 0.5)
-    assert state.take_aborts() == {b"C-one": [task.key]}
-    state.keepalive(b"C-one", {"peers": [W1.hex()]}, 1.0)
-    assert state.take_aborts() == {}  # once
+    (task,) = dispatch(state)[W1]
+    state.cancel(d, [1], now=state.last_now)
+    assert aborts(state) == {}  # no control socket known yet
+    state.keepalive(b"C-one", Keepalive([W1]), 0.5)
+    assert aborts(state) == {b"C-one": [task.key]}
+    state.keepalive(b"C-one", Keepalive([W1]), 1.0)
+    assert aborts(state) == {}  # once
     assert w.control == b"C-one"
 
 
@@ -721,11 +753,11 @@ def test_a_future_named_twice_makes_its_dependent_wait_once_and_take_the_value_t
     d, w = driver(state), worker(state, W1)
     submit(state, d, 1)
     submit_dependent(state, d, 2, 1, 1)
-    (producer,) = state.dispatch()[W1]
-    state.results(w, [done(producer, payload=b"v")])
+    (producer,) = dispatch(state)[W1]
+    state.results(w, [done(producer, payload=b"v")], now=state.last_now)
     assert [t.task_id for t in state.queue] == [2]  # queued once
-    (dependent,) = state.dispatch()[W1]
+    (dependent,) = dispatch(state)[W1]
     assert decode_dep_counts(dependent.wire()[0]) == ([[b"v"], [b"v"]], [b"call-2"])
     assert d.holds[1].refs == 2
-    state.results(w, [done(dependent)])
+    state.results(w, [done(dependent)], now=state.last_now)
     assert d.holds[1].refs == 0

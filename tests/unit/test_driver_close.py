@@ -19,7 +19,7 @@ def test_close_cancels_its_futures_before_it_closes_its_wake_up_pipe(tmp_path: P
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     driver = Driver(f"ipc://{tmp_path}/nobody-listens", Config())
     futures = [driver.submit(serialize.dumps_call(tasks.add, (i, 1), {}, 1 << 16)) for i in range(20)]
-    pipe = {driver._wake_r, driver._wake_w}
+    pipe = {driver._wakeup.fd, driver._wakeup._w}
     closed: set[int] = set()
     late: list[int] = []
     real_close, real_write = os.close, os.write

@@ -9,24 +9,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from state_outbox import dispatch, outbox
 
 from distfork import protocol
 from distfork.broker import Broker
 from distfork.broker_state import BrokerState
 from distfork.cluster import oom_kill_count
 from distfork.config import Config
-from distfork.protocol import Entry, Msg, Status
+from distfork.protocol import Entry, Keepalive, Msg, Status
 
 
 def _lost_text(code: int, oom: bool = False, rss: int | None = 300 * 2**20) -> str:
     state = BrokerState(Config(), now=0.0)
     d = state.hello(b"D", {"role": "driver", "name": "d", "host": "h", "pid": 7}, 0.0)
     w = state.hello(b"W", {"role": "worker", "name": "w", "host": "h", "pid": 42, "slots": 1}, 0.0)
-    state.keepalive(b"C", {"peers": [b"W".hex()], "rss": rss}, 0.0)
+    state.keepalive(b"C", Keepalive([b"W"], rss_bytes=rss), 0.0)
     state.submit(d, [Entry(1, 0, 0.0, [b"call"])], 0.0)
-    assert state.dispatch(0.0)[w.id]
+    assert dispatch(state, 0.0)[w.id]
     state.exited("h", 42, code, 1.0, oom=oom)
-    (entry,) = state.take_outbox()[0][d.id]
+    (entry,) = outbox(state)[0][d.id]
     assert entry.code == Status.LOST
     return bytes(entry.frames[0]).decode()
 
@@ -77,7 +78,8 @@ def test_recycled_segments_never_go_to_a_worker_of_another_dev_shm_with_the_same
         state.hello(b"W-here", {"role": "worker", "name": "y", "host": "h", "pid": 42, "slots": 1,
                                 "shm_domain": "here"}, 0.0)
         name = f"df-abc-42-99-{os.urandom(8).hex()}-7-5"
-        broker._recycle(d, {"names": [name]})
+        state.recycle(d, [name], now=0.0)
+        broker._execute(state.take_instructions())
         recycles = [(peer, protocol.decode_json(protocol.decode(frames)[1])) for peer, frames in sent
                     if protocol.decode(frames)[0] is Msg.RECYCLE]
         assert recycles == [(b"W-here", {"names": [name]})]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from state_outbox import dispatch, outbox
 
 from distfork import protocol, resources
 from distfork.broker_state import BrokerState, PeerInfo
@@ -38,7 +39,7 @@ def ask(state: BrokerState, d: PeerInfo, task_id: int, needs: dict[str, float] |
 
 def finish(state: BrokerState, w: PeerInfo) -> None:
     (task,) = list(w.assigned.values())
-    state.results(w, [Entry(task.key, Status.OK, 0.1, [b"v"])])
+    state.results(w, [Entry(task.key, Status.OK, 0.1, [b"v"])], now=state.last_now)
 
 
 def test_specs_parse_and_bad_ones_name_the_entry() -> None:
@@ -67,16 +68,16 @@ def test_gpu_tasks_go_only_where_a_gpu_is_free_and_one_at_a_time() -> None:
     cpu = worker(state, b"W-cpu", 200, {"slots": 1})
     for i in range(3):
         ask(state, d, i + 1, {"gpu": 1})
-    sent = state.dispatch(0.1)
+    sent = dispatch(state, 0.1)
     assert list(sent) == [b"W-gpu"] and len(sent[b"W-gpu"]) == 1  # one at a time, never on the CPU worker
     (task,) = sent[b"W-gpu"]
     frames, flags = task.wire()
     assert flags & Flag.RESOURCES and protocol.decode_devices(frames[0]) == [0] and frames[1:] == [b"call"]
-    assert state.dispatch(0.2) == {}  # the GPU is held: the others wait, they do not fail
+    assert dispatch(state, 0.2) == {}  # the GPU is held: the others wait, they do not fail
     ask(state, d, 9, None)  # a task that asks nothing still runs, on the free worker
-    assert [t.task_id for t in state.dispatch(0.3)[b"W-cpu"]] == [9]
+    assert [t.task_id for t in dispatch(state, 0.3)[b"W-cpu"]] == [9]
     finish(state, gpu)
-    assert [t.task_id for t in state.dispatch(5.0)[b"W-gpu"]] == [2]  # the next one, after the grace: still waits
+    assert [t.task_id for t in dispatch(state, 5.0)[b"W-gpu"]] == [2]  # the next one, after the grace: still waits
     snap = {w["name"]: w["resources"] for w in state.status(5.0)["workers"]}
     assert snap["w100/0"]["held"] == {"gpu": 1.0} and snap["w100/0"]["free"] == {"slots": 1.0, "gpu": 0.0}
     assert snap["w200/0"]["held"] == {}
@@ -92,7 +93,7 @@ def test_resources_belong_to_the_process_and_its_slots_share_them() -> None:
     ask(state, d, 1, {"gpu": 1, "memory_gb": 6})
     ask(state, d, 2, {"gpu": 1, "memory_gb": 6})  # the GPUs would do, the memory is taken
     ask(state, d, 3, {"gpu": 1, "memory_gb": 4})
-    sent = state.dispatch(0.1)
+    sent = dispatch(state, 0.1)
     placed = sorted((t.task_id, tuple(t.devices or ())) for ts in sent.values() for t in ts)
     assert placed == [(1, (0,)), (3, (1,))]  # each its own device
 
@@ -103,7 +104,7 @@ def test_labels_select_workers() -> None:
     worker(state, b"W-a", 100, {"slots": 1}, {"zone": "a"})
     worker(state, b"W-b", 200, {"slots": 1}, {"zone": "b"})
     ask(state, d, 1, None, {"zone": "b"})
-    assert list(state.dispatch(0.1)) == [b"W-b"]
+    assert list(dispatch(state, 0.1)) == [b"W-b"]
 
 
 def test_a_task_that_fits_no_worker_fails_after_the_grace_naming_what_the_cluster_has() -> None:
@@ -112,9 +113,9 @@ def test_a_task_that_fits_no_worker_fails_after_the_grace_naming_what_the_cluste
     worker(state, b"W-gpu", 100, {"slots": 1, "gpu": 1}, {"zone": "a"})
     worker(state, b"W-cpu", 200, {"slots": 1})
     ask(state, d, 1, {"gpu": 4}, now=0.5)
-    assert state.dispatch(1.0) == {} and state.take_outbox() == ({}, {})  # workers may still join
-    state.dispatch(2.6)  # grace (2 s) over
-    results, _ = state.take_outbox()
+    assert dispatch(state, 1.0) == {} and outbox(state) == ({}, {})  # workers may still join
+    dispatch(state, 2.6)  # grace (2 s) over
+    results, _ = outbox(state)
     (entry,) = results[D]
     text = bytes(entry.frames[0]).decode()
     assert entry.code == Status.FAILED and entry.id == 1
@@ -126,9 +127,9 @@ def test_a_worker_that_joins_within_the_grace_gets_the_task() -> None:
     state = make_state()
     d = state.hello(D, {"role": "driver", "name": "d", "host": "h", "pid": 1}, 0.0)
     ask(state, d, 1, {"gpu": 2})
-    assert state.dispatch(1.0) == {}
+    assert dispatch(state, 1.0) == {}
     worker(state, b"W-big", 300, {"slots": 1, "gpu": 2})
-    sent = state.dispatch(1.5)
+    sent = dispatch(state, 1.5)
     assert [t.devices for t in sent[b"W-big"]] == [[0, 1]]
 
 
@@ -138,11 +139,11 @@ def test_a_cancelled_waiting_task_is_dropped_and_a_lost_worker_gives_its_gpu_tas
     worker(state, b"W-gpu", 100, {"slots": 1, "gpu": 1})
     ask(state, d, 1, {"gpu": 1})
     ask(state, d, 2, {"gpu": 1})
-    state.dispatch(0.1)
-    state.cancel(d, [2])
+    dispatch(state, 0.1)
+    state.cancel(d, [2], now=state.last_now)
     state.exited("h", 100, -9, 0.2)  # the worker ran task 1 and died
     worker(state, b"W-gpu2", 101, {"slots": 1, "gpu": 1})
-    sent = state.dispatch(0.3)
+    sent = dispatch(state, 0.3)
     assert [(t.task_id, t.devices) for t in sent[b"W-gpu2"]] == [(1, [0])]
     assert state.status(0.3)["queued"] == 0
 
@@ -166,7 +167,7 @@ def test_status_and_metrics_show_each_process_resources_total_held_and_free() ->
     d = state.hello(D, {"role": "driver", "name": "d", "host": "h", "pid": 1}, 0.0)
     worker(state, b"W-gpu", 100, {"slots": 1, "gpu": 2, "cpu": 4}, {"zone": "a"})
     ask(state, d, 1, {"gpu": 1})
-    state.dispatch(0.1)
+    dispatch(state, 0.1)
     (row,) = state.status(0.2)["workers"]
     assert format_resources(row["resources"]) == "cpu 4/4 · gpu 1/2 · zone=a"
     samples = {

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import pytest
+from state_outbox import dispatch, outbox
 
 from distfork import protocol, tracing
 from distfork.broker_state import BrokerState, PeerInfo
@@ -132,7 +133,7 @@ def _broker_with_a_traced_task() -> tuple[BrokerState, PeerInfo, PeerInfo]:
     driver = state.hello(b"D1", {"role": "driver", "pid": 7}, 0.0)
     worker = state.hello(b"W1", {"role": "worker", "slots": 2, "name": "w/0", "host": "h", "pid": 9}, 0.0)
     state.submit(driver, [Entry(5, 255, 0.0, [b"call"], Flag.TRACE), Entry(6, 255, 0.0, [b"call"])], 1.0)
-    out = state.dispatch(2.0)
+    out = dispatch(state, 2.0)
     assert [t.task_id for t in out[b"W1"]] == [5, 6]
     assert out[b"W1"][0].wire()[1] & Flag.TRACE and not out[b"W1"][1].wire()[1] & Flag.TRACE
     return state, driver, worker
@@ -146,8 +147,8 @@ def test_the_broker_passes_a_traced_tasks_note_to_its_driver_with_its_own_times(
                Entry(k5, 0, 0.1, [b"value5"]), Entry(k6, 0, 0.1, [b"value6"])]
     entries = tracing.take_notes(worker, results, 3.0)
     assert [(e.id, e.frames, e.flags) for e in entries] == [(k5, [b"value5"], 0), (k6, [b"value6"], 0)]
-    state.results(worker, entries)
-    sent, _ = state.take_outbox()
+    state.results(worker, entries, now=state.last_now)
+    sent, _ = outbox(state)
     head, e5, e6 = sent[b"D1"]
     assert (e5.id, e5.frames, e6.id, e6.frames) == (5, [b"value5"], 6, [b"value6"])
     notes, rest = protocol.decode_notes([head, e5, e6])
@@ -178,8 +179,8 @@ def test_malformed_trace_notes_are_dropped_and_their_results_go_on(frames: list[
     results = [Entry(0, 0, 0.0, frames, Flag.TRACE), Entry(k5, 0, 0.1, [b"v5"]), Entry(k6, 0, 0.1, [b"v6"])]
     entries = tracing.take_notes(worker, results, 3.0)
     assert [e.id for e in entries] == [k5, k6]
-    state.results(worker, entries)
-    sent, _ = state.take_outbox()
+    state.results(worker, entries, now=state.last_now)
+    sent, _ = outbox(state)
     assert [e.id for e in sent[b"D1"]] == [5, 6]  # no notes, both results
 
 
