@@ -202,12 +202,7 @@ class Broker:
             for peer in list(self.state.peers):
                 self._send(peer, protocol.encode_signal(Msg.BYE))
             shm.sweep()
-            self.sock.close(linger=0)
-            if self.metrics_server is not None:
-                self.metrics_server.close()
-            if self.auth is not None:
-                self.auth.stop()
-            self._ctx.term()
+            self._close_sockets()
             self._wakeup.close()
             if self.parent_pid is not None and self.address.startswith("ipc://"):
                 # The embedded cluster's socket, in a private directory its
