@@ -31,7 +31,7 @@ import zmq
 
 from bench_tasks import noop
 from distfork import protocol
-from distfork.protocol import Entry, Msg, Status
+from distfork.protocol import Msg, ResultEntry, Status, TaskEntry
 
 _PAYLOAD = pickle.dumps((noop, (), {}), protocol=5)  # what a no-op SUBMIT carries, opaque to the broker
 _RESULT = pickle.dumps(None, protocol=5)
@@ -84,7 +84,8 @@ def drive(address: str, broker: psutil.Process, drivers: int, slots: int, second
             next_id[d] += batch
             in_flight[d] += batch
             d.send_multipart(protocol.encode_batch(
-                Msg.SUBMIT, [Entry(i, protocol.DEFAULT_RETRIES, 0.0, [_PAYLOAD]) for i in range(first, first + batch)]))
+                Msg.SUBMIT,
+                [TaskEntry(i, protocol.DEFAULT_RETRIES, 0.0, [_PAYLOAD]) for i in range(first, first + batch)]))
 
     done = 0
     cpu0 = 0.0
@@ -109,11 +110,11 @@ def drive(address: str, broker: psutil.Process, drivers: int, slots: int, second
                 kind, body = protocol.decode(frames)
                 if is_worker[s]:
                     if kind is Msg.TASKS:
-                        tasks = protocol.decode_batch(frames, body)
+                        tasks = protocol.decode_tasks(frames, body)
                         s.send_multipart(protocol.encode_batch(
-                            Msg.RESULTS, [Entry(t.id, Status.OK, 1e-6, [_RESULT]) for t in tasks]))
+                            Msg.RESULTS, [ResultEntry(t.id, Status.OK, 1e-6, [_RESULT]) for t in tasks]))
                 elif kind is Msg.RESULTS:
-                    n = len(protocol.decode_batch(frames, body))
+                    n = len(protocol.decode_results(frames, body))
                     in_flight[s] -= n
                     done += n
                     top_up(s)

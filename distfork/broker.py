@@ -35,6 +35,7 @@ import secrets
 import signal
 import socket
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import zmq
@@ -243,16 +244,16 @@ class Broker:
         p = self.state.seen(peer, now)
         if p is not None:
             if kind is Msg.SUBMIT and p.role is Role.DRIVER:
-                entries = protocol.decode_batch(frames, body)
+                entries = protocol.decode_tasks(frames, body)
                 self.state.submit(p, entries, now)
                 self.metrics.tasks_in(entries)
             elif kind is Msg.RESULTS and p.role is Role.WORKER:
-                entries = _trace.take_notes(p, protocol.decode_batch(frames, body), now)
-                self.metrics.results_in(p, entries, now)
-                for e in entries:
+                results = _trace.take_notes(p, protocol.decode_results(frames, body), now)
+                self.metrics.results_in(p, results, now)
+                for e in results:
                     if e.flags & Flag.OUTPUT:  # its last lines may come after it, by another socket
                         self._route_output(p, e.id)
-                self.state.results(p, entries, now)
+                self.state.results(p, results, now)
             elif kind is Msg.HEARTBEAT:
                 pass
             elif kind is Msg.CANCEL and p.role is Role.DRIVER:
@@ -293,9 +294,9 @@ class Broker:
         elif kind is not Msg.BYE:
             # Typically: we restarted and the peer does not know yet. A message we drop
             # may name shared-memory segments: the state frees them (BrokerState.unknown_peer).
-            results = protocol.decode_batch(frames, body) if kind is Msg.RESULTS else ()
+            dropped = protocol.decode_results(frames, body) if kind is Msg.RESULTS else []
             recycled = protocol.decode_recycle(body, strict=False) if kind is Msg.RECYCLE else ()
-            self.state.unknown_peer(peer, now, results, recycled)
+            self.state.unknown_peer(peer, now, dropped, recycled)
 
     def _refuse_role(self, peer: bytes, frames: list[Any], kind: Msg, body: memoryview) -> bool:
         """A HELLO (or a worker's own message) whose key is not admitted for that role: REJECT it, never register."""
@@ -379,7 +380,7 @@ class Broker:
         except zmq.ZMQError as exc:
             log.debug("could not send to %s: %s", peer.hex(), exc)
 
-    def _send_batches(self, peer: bytes, kind: Msg, entries: list[Entry]) -> None:
+    def _send_batches(self, peer: bytes, kind: Msg, entries: Sequence[Entry]) -> None:
         for start in range(0, len(entries), BATCH_MAX):
             self._send(peer, protocol.encode_batch(kind, entries[start : start + BATCH_MAX]))
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, Union
 
-from .protocol import Entry
+from .protocol import ResultEntry, TaskEntry
 
 if TYPE_CHECKING:
     from .broker_state import Task
@@ -41,14 +41,14 @@ class SendTasks(NamedTuple):
 
     worker: bytes
     tasks: list[Task]
-    entries: list[Entry]
+    entries: list[TaskEntry]
 
 
 class SendResults(NamedTuple):
     """RESULTS to a driver (trace notes, if any, first)."""
 
     driver: bytes
-    entries: list[Entry]
+    entries: list[ResultEntry]
 
 
 class Cancel(NamedTuple):
@@ -69,7 +69,7 @@ class Discard(NamedTuple):
     """DISCARD to a worker: results nobody takes, back to their maker to free their shared memory."""
 
     worker: bytes
-    entries: list[Entry]
+    entries: list[ResultEntry]
 
 
 class Recycle(NamedTuple):

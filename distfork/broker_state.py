@@ -59,12 +59,13 @@ from .config import STALL_S, Config
 from .errors import ProtocolError
 from .protocol import (
     DEFAULT_RETRIES,
-    Entry,
     Flag,
     Frame,
     Keepalive,
+    ResultEntry,
     Role,
     Status,
+    TaskEntry,
     decode_deps,
     decode_request,
     encode_dep_counts,
@@ -221,11 +222,11 @@ class BrokerState:
         self._reclaims: list[tuple[PeerInfo, list[int]]] = []  # answered after the next dispatch
         self._reclaimed: list[Reclaimed] = []  # those answers
         self._replies: list[Instruction] = []  # to peers we do not know: first, in the order they came
-        self._results: dict[bytes, list[Entry]] = {}
+        self._results: dict[bytes, list[ResultEntry]] = {}
         self._notes: dict[bytes, list[tuple[int, bytes]]] = {}  # trace notes per driver, sent with the results
         self.recent_failures: collections.deque[dict[str, Any]] = collections.deque(maxlen=20)  # for the dashboard
         self._cancels: dict[bytes, list[int]] = {}
-        self._discards: dict[bytes, list[Entry]] = {}
+        self._discards: dict[bytes, list[ResultEntry]] = {}
         self._aborts: dict[bytes, list[int]] = {}
         # Running tasks to stop on a worker whose control socket we do not know yet (no KEEPALIVE
         # from it since it registered): sent with its first one.
@@ -420,7 +421,7 @@ class BrokerState:
             return q
         return self.queue
 
-    def submit(self, driver: PeerInfo, entries: Sequence[Entry], now: float) -> None:
+    def submit(self, driver: PeerInfo, entries: Sequence[TaskEntry], now: float) -> None:
         """Queue tasks from a driver (``now``: when they arrived)."""
         self._now = at = now
         tasks = driver.tasks
@@ -444,7 +445,8 @@ class BrokerState:
                 except ProtocolError as exc:
                     bad = str(exc)
                 frames = frames[1:]
-            task = Task(self._next_key, driver.id, e.id, e.code, e.extra, frames, domain, bool(e.flags & Flag.PINNED),
+            task = Task(self._next_key, driver.id, e.id, e.max_retries, e.timeout_s, frames, domain,
+                        bool(e.flags & Flag.PINNED),
                         owner_pid=owner_pid, nested=bool(e.flags & Flag.NESTED), submitted=at,
                         needs=needs, labels=labels, trace=e.flags & Flag.TRACE)
             self._next_key += 1
@@ -557,7 +559,7 @@ class BrokerState:
         if maker is None:
             self._orphaned([hold.segment], hold.domain)
         elif hold.retained:
-            self._discards.setdefault(maker.id, []).append(Entry(0, Status.OK, 0.0, hold.frames))  # unlinked
+            self._discards.setdefault(maker.id, []).append(ResultEntry(0, Status.OK, 0.0, hold.frames))  # unlinked
         else:
             self._recycles.setdefault(maker.id, []).append(hold.segment)  # a warm spare for its next result
 
@@ -579,7 +581,7 @@ class BrokerState:
             hold = driver.holds.get(task_id)
             task = driver.tasks.get(task_id)
             if hold is not None and hold.driver_has:
-                self._send_result(driver, Entry(task_id, Status.OK, 0.0, hold.frames))
+                self._send_result(driver, ResultEntry(task_id, Status.OK, 0.0, hold.frames))
                 if hold.segment is None:
                     hold.driver_has = False
                     self._maybe_free(hold)
@@ -619,7 +621,7 @@ class BrokerState:
         # Their maker is gone: nobody reuses them.
         self._orphaned([name for mine in by_pid.values() for name in mine], driver.domain)
 
-    def unknown_peer(self, peer: bytes, now: float, results: Sequence[Entry] = (),
+    def unknown_peer(self, peer: bytes, now: float, results: Sequence[ResultEntry] = (),
                      recycled: Sequence[str] = ()) -> None:
         """A message from a peer that never said hello (typically: we restarted): REJECT it, and free
         the shared memory it names, or nobody ever will.
@@ -637,13 +639,13 @@ class BrokerState:
             self._replies.append(Discard(peer, gone))
         self._replies.extend(UnlinkOrphan(name) for name in recycled if parse(name) is not None)
 
-    def results(self, worker: PeerInfo, entries: Sequence[Entry], now: float) -> None:
+    def results(self, worker: PeerInfo, entries: Sequence[ResultEntry], now: float) -> None:
         """Results from a worker: route each to its driver."""
         self._now = now
         assigned = worker.assigned
         worker.progress_at = max(worker.progress_at, self._now)
         if entries:
-            batch_avg = sum(e.extra for e in entries) / len(entries)
+            batch_avg = sum(e.run_s for e in entries) / len(entries)
             prev = worker.avg_run_s
             if 0.0 <= batch_avg < float("inf"):  # a NaN from a broken peer would break prefetch() for good
                 worker.avg_run_s = batch_avg if prev is None else 0.7 * prev + 0.3 * batch_avg
@@ -653,15 +655,15 @@ class BrokerState:
                 self.counters["results_stale"] += 1  # cancelled, or re-queued after a loss
                 self._discard(worker.id, e)
                 continue
-            if e.code == Status.OK:
+            if e.status == Status.OK:
                 worker.done += 1
             else:
                 worker.failed += 1
-            self._finish(task, e.code, e.extra, e.frames, e.flags)
+            self._finish(task, e.status, e.run_s, e.frames, e.flags)
         if not assigned:
             worker.batched = False
 
-    def _discard(self, worker: bytes, e: Entry) -> None:
+    def _discard(self, worker: bytes, e: ResultEntry) -> None:
         """A result nobody takes goes back to its worker, to free its shared memory."""
         if len(e.frames) > 1 and worker in self.workers:
             self._discards.setdefault(worker, []).append(e)
@@ -673,12 +675,12 @@ class BrokerState:
         driver = self.peers.get(task.driver)
         if driver is None or driver.tasks.pop(task.task_id, None) is None:
             if task.worker is not None:
-                self._discard(task.worker, Entry(task.key, status, extra, frames))
+                self._discard(task.worker, ResultEntry(task.key, status, extra, frames))
             return
         if task.dependents is not None:
             frames, flags = self._resolve(driver, task, status, extra, frames, flags)
         if status == Status.RESUBMIT:  # not an outcome: the driver sends the task again
-            self._send_result(driver, Entry(task.task_id, status, extra, frames, flags))
+            self._send_result(driver, ResultEntry(task.task_id, status, extra, frames, flags))
             return
         driver.done += 1
         if status != Status.OK:
@@ -691,7 +693,7 @@ class BrokerState:
             driver.failed += 1
             self.counters["tasks_failed"] += 1
             self.counters[_FAILED_COUNTERS.get(status, "tasks_failed_other")] += 1  # by reason, for the metrics
-        self._send_result(driver, Entry(task.task_id, status, extra, frames, flags))
+        self._send_result(driver, ResultEntry(task.task_id, status, extra, frames, flags))
 
     def _failed(self, driver: PeerInfo, task: Task, status: int, frames: Sequence[Frame]) -> None:
         """Remember a failure for the live dashboard: who, what kind, and its text unless it is a pickle."""
@@ -706,7 +708,7 @@ class BrokerState:
             "worker": worker.info.get("name") if worker is not None else None, "text": text,
         })
 
-    def _send_result(self, driver: PeerInfo, entry: Entry) -> None:
+    def _send_result(self, driver: PeerInfo, entry: ResultEntry) -> None:
         out = self._results.get(driver.id)
         if out is None:
             out = self._results[driver.id] = []
@@ -887,7 +889,7 @@ class BrokerState:
             if d.role is Role.DRIVER
         ]
 
-    def _task_entries(self, worker: bytes, tasks: list[Task]) -> list[Entry]:
+    def _task_entries(self, worker: bytes, tasks: list[Task]) -> list[TaskEntry]:
         """Tasks as a worker receives them: a result may travel by shared memory if it shares the driver's."""
         w = self.workers.get(worker)
         domain = w.domain if w is not None else None
@@ -895,9 +897,10 @@ class BrokerState:
         for t in tasks:
             frames, flags = t.wire()
             if domain is not None and t.domain == domain:
-                entries.append(Entry(t.key, t.max_retries, t.timeout_s, frames, flags | Flag.RESULT_SHM, t.owner_pid))
+                entries.append(TaskEntry(t.key, t.max_retries, t.timeout_s, frames, flags | Flag.RESULT_SHM,
+                                         t.owner_pid))
             else:
-                entries.append(Entry(t.key, t.max_retries, t.timeout_s, frames, flags))
+                entries.append(TaskEntry(t.key, t.max_retries, t.timeout_s, frames, flags))
         return entries
 
     def take_instructions(self) -> list[Instruction]:

@@ -59,7 +59,7 @@ from .future import Future, callback_runner, collect_all, settle
 from .held import HeldValues
 from .outcome import complete
 from .outcome import outcome as _outcome
-from .protocol import Entry, Flag, Msg, Role, Status
+from .protocol import Flag, Msg, ResultEntry, Role, Status, TaskEntry
 from .wakeup import Wakeup
 
 __all__ = ["Driver", "complete"]
@@ -83,7 +83,7 @@ class InFlight(NamedTuple):
     """An unfinished task of ours: what completes it, and what to send again or free when it ends."""
 
     future: Future[Any]
-    entry: Entry  # kept for re-submission (a broker restart) until the result arrives
+    entry: TaskEntry  # kept for re-submission (a broker restart) until the result arrives
     segment: shm.Segment | None  # the shared-memory segment of its arguments, which we own
     nbytes: int  # bytes of large arguments it holds of the window
 
@@ -133,7 +133,7 @@ class Driver:
         self.identity = b"D" + os.urandom(8)
         self.welcome: dict[str, Any] = {}
         self._ids = itertools.count(1)
-        self._outgoing: collections.deque[Entry] = collections.deque()
+        self._outgoing: collections.deque[TaskEntry] = collections.deque()
         self._cancels: collections.deque[int] = collections.deque()
         self._inflight: dict[int, InFlight] = {}
         # Tasks whose arguments name futures of ours: their calls (see Call).
@@ -244,7 +244,7 @@ class Driver:
             flags |= Flag.TRACE
             traced.bind(self.name, task_id)
             self._traced[task_id] = traced
-        entry = Entry(task_id, max_retries, timeout_s, frames, flags)
+        entry = TaskEntry(task_id, max_retries, timeout_s, frames, flags)
         self._inflight[task_id] = InFlight(fut, entry, segment, nbytes)
         if self._closing:
             # close() ran meanwhile (we may have waited for the window): it may have taken its
@@ -531,7 +531,7 @@ class Driver:
         try:
             kind, body = protocol.decode(frames)
             if kind is Msg.RESULTS:
-                self._results(protocol.decode_batch(frames, body))
+                self._results(protocol.decode_results(frames, body))
             elif kind is Msg.WELCOME:
                 self.welcome = protocol.decode_json(body)
                 self._cluster_facts(self.welcome)
@@ -600,7 +600,7 @@ class Driver:
         self._outgoing.extend(self.held.resubmit(pending))
         self._outgoing.extend(item.entry for item in self._inflight.values() if item.entry.id not in pending)
 
-    def _results(self, entries: Sequence[Entry]) -> None:
+    def _results(self, entries: Sequence[ResultEntry]) -> None:
         inflight = self._inflight
         release = self._release
         if entries and entries[0].id == 0 and entries[0].flags & Flag.TRACE:
@@ -621,26 +621,26 @@ class Driver:
                 continue
             call = self._calls.pop(e.id, None) if self._calls else None
             rec = self._traced.pop(e.id, None) if self._traced else None
-            if e.code == Status.RESUBMIT and call is not None:
+            if e.status == Status.RESUBMIT and call is not None:
                 release(item.segment, item.nbytes)
-                self._send_again(item.future, call, item.entry.code, item.entry.extra, rec)
+                self._send_again(item.future, call, item.entry.max_retries, item.entry.timeout_s, rec)
                 rec = None  # sent again under a new id
             elif e.flags & Flag.HELD:
                 self._hold(item, e)
             else:
-                complete(item.future, e.code, e.frames, self._recycle)
+                complete(item.future, e.status, e.frames, self._recycle)
                 release(item.segment, item.nbytes, not e.flags & Flag.RETAINED)
             if rec is not None:
-                rec.finish(e.code, e.flags, item.future)
+                rec.finish(e.status, e.flags, item.future)
 
-    def _hold(self, item: InFlight, e: Entry) -> None:
+    def _hold(self, item: InFlight, e: ResultEntry) -> None:
         """Tasks took this result as an argument: the broker keeps it; the future is done, its value remote."""
         self._release(None, item.nbytes)  # the segment stays: the broker may lose the value, and we run it again
         self.held.hold(item.future, item.entry, item.segment, e)
 
-    def _fetched(self, e: Entry) -> None:
+    def _fetched(self, e: ResultEntry) -> None:
         """A held value we asked for (or a held task run again after a broker restart) arrived."""
-        value, error = _outcome(e.code, e.frames, self._recycle)
+        value, error = _outcome(e.status, e.frames, self._recycle)
         self._free_segment(self.held.fetched(e, value, error).segment)
 
     def _send_again(self, fut: Future[Any], call: Call, max_retries: int, timeout_s: float,

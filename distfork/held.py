@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 from . import shm
 from .errors import DistforkError
 from .future import REMOTE, Future
-from .protocol import Entry
+from .protocol import ResultEntry, TaskEntry
 
 __all__ = ["Held", "HeldValues"]
 
@@ -47,7 +47,7 @@ class Held(NamedTuple):
     """A result the broker holds for us."""
 
     future: weakref.ref[Future[Any]]
-    entry: Entry  # the task, to run it again if the broker restarts and loses the value
+    entry: TaskEntry  # the task, to run it again if the broker restarts and loses the value
     segment: shm.Segment | None  # the task's argument segment, kept for that too
     value_segment: str | None  # the shared-memory segment the value is in, if any
 
@@ -80,7 +80,7 @@ class HeldValues:
 
     # -- the I/O thread -------------------------------------------------------------
 
-    def hold(self, fut: Future[Any], entry: Entry, segment: shm.Segment | None, result: Entry) -> None:
+    def hold(self, fut: Future[Any], entry: TaskEntry, segment: shm.Segment | None, result: ResultEntry) -> None:
         """Tasks took this result as an argument: the broker keeps it; the future is done, its value remote."""
         value_segment = bytes(result.frames[0]).decode(errors="replace") if result.frames else None
         self.held[result.id] = Held(weakref.ref(fut), entry, segment, value_segment)
@@ -91,7 +91,7 @@ class HeldValues:
             return
         weakref.finalize(fut, self.drop, result.id).atexit = False  # at exit, closing frees everything
 
-    def fetched(self, e: Entry, value: Any, error: BaseException | None) -> Held:
+    def fetched(self, e: ResultEntry, value: Any, error: BaseException | None) -> Held:
         """A held value we asked for (or a held task run again after a broker restart) arrived
         (``value``/``error``: its outcome); returns what was held, for its segment."""
         held = self.held.pop(e.id)
@@ -122,7 +122,7 @@ class HeldValues:
                 ids.append(held.entry.id)
         return ids
 
-    def resubmit(self, pending: set[int]) -> list[Entry]:
+    def resubmit(self, pending: set[int]) -> list[TaskEntry]:
         """To a restarted broker, which lost them: the held tasks to run again (those not in ``pending``);
         the fetches asked for are asked again."""
         again = []

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import resources
 from .errors import ProtocolError
-from .protocol import Entry, Flag, Status, decode_manifest
+from .protocol import Entry, Flag, ResultEntry, Status, TaskEntry, decode_manifest
 
 _INF = float("inf")
 
@@ -126,11 +126,11 @@ class BrokerMetrics:
         self.run_buckets = [0] * n
         self.run_sum_s = 0.0
 
-    def tasks_in(self, entries: Sequence[Entry]) -> None:
+    def tasks_in(self, entries: Sequence[TaskEntry]) -> None:
         """A SUBMIT batch arrived."""
         self._add(0, entries)
 
-    def results_in(self, worker: PeerInfo, entries: Sequence[Entry], now: float) -> None:
+    def results_in(self, worker: PeerInfo, entries: Sequence[ResultEntry], now: float) -> None:
         """A RESULTS batch arrived from ``worker`` (call before the state pops its tasks)."""
         self._add(1, entries)
         assigned = worker.assigned
@@ -138,7 +138,7 @@ class BrokerMetrics:
         where = bisect.bisect_left
         lat_sum = run_sum = 0.0
         for e in entries:
-            key, run_s = e[0], e[2]  # Entry.id, Entry.extra (the run time)
+            key, run_s = e[0], e[2]  # ResultEntry.id, ResultEntry.run_s
             if not 0.0 <= run_s < _INF:  # a NaN from a broken peer would poison the sum for good
                 continue
             run[where(bounds, run_s)] += 1

@@ -14,11 +14,13 @@ Bodies:
 * batches (SUBMIT, TASKS, RESULTS, DISCARD): ``u32 count`` then ``count``
   entries of ``struct "!QHBHfI"`` = (id, nframes, code, flags, extra, pid),
   followed in the message by the entries' payload frames, ``nframes`` each,
-  in order. For a task, ``code`` is max_retries (255: the cluster default),
-  ``flags`` are :class:`Flag` bits and ``extra`` its timeout in seconds (0:
-  none); for a result, ``code`` is a :class:`Status` and ``extra`` the run
-  time in seconds. ``pid`` is only set in TASKS with RESULT_SHM: the
-  driver's pid, whose death frees the result's shared-memory segment.
+  in order. The two middle fields mean different things in the two kinds
+  of batch, so each decodes to its own type: a :class:`TaskEntry` (SUBMIT,
+  TASKS: ``max_retries``, 255 for the cluster default, and ``timeout_s``,
+  0 for none) or a :class:`ResultEntry` (RESULTS, DISCARD: a
+  :class:`Status` and ``run_s``); ``flags`` are :class:`Flag` bits.
+  ``pid`` is only set in TASKS with RESULT_SHM: the driver's pid, whose
+  death frees the result's shared-memory segment.
   With ``Flag.DEPS``, a task's payload starts with a dependency frame (see
   :class:`Flag` and :func:`encode_deps`);
 * CODE: a JSON object ``{"hash": sha256 hex}`` and, as a second frame,
@@ -47,7 +49,7 @@ import enum
 import json
 import struct
 from collections.abc import Sequence
-from typing import Any, NamedTuple, TypeGuard
+from typing import Any, NamedTuple, TypeGuard, TypeVar
 
 from .errors import ProtocolError
 
@@ -56,6 +58,8 @@ __all__ = [
     "TRACE_PATHS",
     "VERSION",
     "Entry",
+    "ResultEntry",
+    "TaskEntry",
     "Exited",
     "Flag",
     "Frame",
@@ -76,7 +80,8 @@ __all__ = [
     "decode_output",
     "decode_reclaimed",
     "decode_recycle",
-    "decode_batch",
+    "decode_results",
+    "decode_tasks",
     "decode_json",
     "decode_dep_counts",
     "decode_deps",
@@ -191,15 +196,31 @@ _U64 = struct.Struct("!Q")
 _SIGNALS = {m: _HEADER.pack(VERSION, m) for m in Msg}
 
 
-class Entry(NamedTuple):
-    """One task or result of a batch."""
+class TaskEntry(NamedTuple):
+    """One task of a SUBMIT or TASKS batch."""
 
-    id: int
-    code: int
-    extra: float
+    id: int  # SUBMIT: the driver's task id; TASKS: the broker's key
+    max_retries: int  # DEFAULT_RETRIES: the cluster's default
+    timeout_s: float  # 0: none
     frames: Sequence[Frame]
-    flags: int = 0
-    pid: int = 0
+    flags: int = 0  # Flag bits
+    pid: int = 0  # TASKS with RESULT_SHM: the driver's pid, whose death frees the result's segment
+
+
+class ResultEntry(NamedTuple):
+    """One result of a RESULTS or DISCARD batch (same wire layout as a task: ``status`` and ``run_s``
+    stand where a task has ``max_retries`` and ``timeout_s``)."""
+
+    id: int  # W -> B: the broker's key; B -> D: the driver's task id
+    status: int  # a Status
+    run_s: float  # the task's run time in the worker
+    frames: Sequence[Frame]
+    flags: int = 0  # Flag bits
+    pid: int = 0  # unused
+
+
+#: Either kind of batch entry: the codec packs both alike.
+Entry = TaskEntry | ResultEntry
 
 
 def _header(frames: Sequence[Frame]) -> tuple[Msg, memoryview]:
@@ -242,31 +263,43 @@ def decode_json(body: memoryview) -> dict[str, Any]:
 
 
 def encode_batch(kind: Msg, entries: Sequence[Entry]) -> list[Frame]:
-    """One message carrying many tasks or results (SUBMIT, TASKS, RESULTS)."""
+    """One message carrying many tasks or results (SUBMIT, TASKS, RESULTS, DISCARD)."""
     parts = [_SIGNALS[kind], _COUNT.pack(len(entries))]
     frames: list[Frame] = [b""]
     pack = _ENTRY.pack
-    for entry in entries:
-        parts.append(pack(entry.id, len(entry.frames), entry.code, entry.flags, entry.extra, entry.pid))
-        frames.extend(entry.frames)
+    for entry_id, code, extra, entry_frames, flags, pid in entries:
+        parts.append(pack(entry_id, len(entry_frames), code, flags, extra, pid))
+        frames.extend(entry_frames)
     frames[0] = b"".join(parts)
     return frames
 
 
-def decode_batch(frames: Sequence[Frame], body: memoryview) -> list[Entry]:
-    """The entries of a batch message whose header was already decoded."""
+def decode_tasks(frames: Sequence[Frame], body: memoryview) -> list[TaskEntry]:
+    """The tasks of a SUBMIT or TASKS message whose header was already decoded."""
+    return _decode_batch(frames, body, TaskEntry)
+
+
+def decode_results(frames: Sequence[Frame], body: memoryview) -> list[ResultEntry]:
+    """The results of a RESULTS or DISCARD message whose header was already decoded."""
+    return _decode_batch(frames, body, ResultEntry)
+
+
+_E = TypeVar("_E", TaskEntry, ResultEntry)
+
+
+def _decode_batch(frames: Sequence[Frame], body: memoryview, make: type[_E]) -> list[_E]:
     if body.nbytes < _COUNT.size:
         raise ProtocolError("batch without a count")
     (count,) = _COUNT.unpack_from(body)
     if body.nbytes != _COUNT.size + count * _ENTRY.size:
         raise ProtocolError(f"batch of {count} entries has a {body.nbytes}-byte header")
-    entries = []
+    entries: list[_E] = []
     at = 1
     for task_id, nframes, code, flags, extra, pid in _ENTRY.iter_unpack(body[_COUNT.size :]):
         end = at + nframes
         if end > len(frames):
             raise ProtocolError(f"batch entries name {end} frames, message has {len(frames)}")
-        entries.append(Entry(task_id, code, extra, frames[at:end], flags, pid))
+        entries.append(make(task_id, code, extra, frames[at:end], flags, pid))
         at = end
     if at != len(frames):
         raise ProtocolError(f"batch has {len(frames) - at} frames no entry names")
@@ -382,13 +415,13 @@ def decode_devices(frame: Frame) -> list[int]:
 _NOTE_HEAD = struct.Struct("!QI")
 
 
-def encode_notes(notes: Sequence[tuple[int, bytes]]) -> Entry:
+def encode_notes(notes: Sequence[tuple[int, bytes]]) -> ResultEntry:
     """The entry that carries a batch's trace notes; it goes first in the batch."""
     pack = _NOTE_HEAD.pack
-    return Entry(0, 0, 0.0, [b"".join(pack(i, len(n)) + n for i, n in notes)], Flag.TRACE)
+    return ResultEntry(0, 0, 0.0, [b"".join(pack(i, len(n)) + n for i, n in notes)], Flag.TRACE)
 
 
-def decode_notes(entries: Sequence[Entry]) -> tuple[list[tuple[int, memoryview]], Sequence[Entry]]:
+def decode_notes(entries: Sequence[ResultEntry]) -> tuple[list[tuple[int, memoryview]], Sequence[ResultEntry]]:
     """(the trace notes of a RESULTS batch, its other entries); one test when it has none."""
     if not entries or entries[0].id != 0 or not entries[0].flags & Flag.TRACE:
         return [], entries

@@ -50,9 +50,10 @@ from typing import TYPE_CHECKING, Any
 from .errors import ProtocolError, RemoteTraceback
 from .protocol import (
     TRACE_PATHS,
-    Entry,
     Flag,
+    ResultEntry,
     Status,
+    TaskEntry,
     decode_driver_note,
     decode_notes,
     decode_worker_note,
@@ -358,7 +359,7 @@ def payload(frames: Sequence[Any]) -> tuple[int, int]:
     if n == 2:  # the buffers' bytes are in the shared-memory manifest
         from .metrics import classify
 
-        return sum(classify([Entry(0, 0, 0.0, frames)])[0]), 2
+        return sum(classify([TaskEntry(0, 0, 0.0, frames)])[0]), 2
     return sum(map(len, frames)), 3 if n else 0
 
 
@@ -371,7 +372,7 @@ def worker_note(recv: float, start: float, end: float, frames_in: Sequence[Any],
     return encode_worker_note(recv, start, end, in_b, out_b, in_path, out_path, kids)
 
 
-def take_notes(worker: PeerInfo, entries: list[Entry], now: float) -> list[Entry]:
+def take_notes(worker: PeerInfo, entries: list[ResultEntry], now: float) -> list[ResultEntry]:
     """The broker's part, on RESULTS from a worker: take the batch's trace notes off and leave on each
     traced task the note for its driver (``Task.note``), with the broker's times and the worker's name.
 

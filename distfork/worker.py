@@ -42,7 +42,7 @@ from . import codeship, output, protocol, resources, security, serialize, shm
 from . import tracing as _trace
 from .config import Config
 from .errors import ProtocolError, SerializationError
-from .protocol import Entry, Flag, Msg, Role, Status
+from .protocol import Flag, Msg, ResultEntry, Role, Status, TaskEntry
 from .slurm import slurm_job_id
 from .wakeup import Wakeup
 
@@ -400,11 +400,11 @@ class _Slot:
         self.worker = worker
         self.index = index
         self.identity = identity
-        self.local: collections.deque[Entry] = collections.deque()
+        self.local: collections.deque[TaskEntry] = collections.deque()
         # (key, monotonic time its timeout_s ends or None) of the task running now: one tuple,
         # replaced as a whole, so the control thread never pairs a key with another task's deadline.
         self.running: tuple[int, float | None] | None = None
-        self.done: list[Entry] = []  # results not sent yet (a burst of short tasks)
+        self.done: list[ResultEntry] = []  # results not sent yet (a burst of short tasks)
         self.first_done = 0.0
         self.sock: zmq.Socket[Any] | None = None
         # Moving average run time per function (module, qualname), to guess whether
@@ -468,7 +468,7 @@ class _Slot:
                     continue
                 started = time.perf_counter()
                 pool = w.pool if e.flags & Flag.RESULT_SHM else None
-                self.running = (e.id, time.monotonic() + e.extra if e.extra > 0 else None)
+                self.running = (e.id, time.monotonic() + e.timeout_s if e.timeout_s > 0 else None)
                 self.sock = sock
                 frames: Sequence[Any] = e.frames
                 deps: Sequence[Sequence[Any]] = ()
@@ -513,7 +513,7 @@ class _Slot:
                 if not self.done:
                     self.first_done = finished
                 flags = (Flag.RETAINED if retained else 0) | (Flag.OUTPUT if printed else 0)
-                self.done.append(Entry(e.id, status, finished - started, out, flags))
+                self.done.append(ResultEntry(e.id, status, finished - started, out, flags))
                 if not local or len(self.done) >= _FLUSH_COUNT or finished - self.first_done > _FLUSH_S:
                     self._flush()
                     self._drain(sock)
@@ -567,7 +567,7 @@ class _Slot:
             try:
                 kind, body = protocol.decode(frames)
                 if kind is Msg.TASKS:
-                    batch = protocol.decode_batch(frames, body)
+                    batch = protocol.decode_tasks(frames, body)
                     self.local.extend(batch)
                     if batch and batch[0].flags & Flag.TRACE:  # a batch is traced or not as a whole, mostly
                         if len(self.received) > 100_000:  # cancelled before they ran: forget them
@@ -593,7 +593,7 @@ class _Slot:
                     names = protocol.decode_json(body).get("names") or []
                     self.worker.take_back([n for n in names if isinstance(n, str)])
                 elif kind is Msg.DISCARD:
-                    for e in protocol.decode_batch(frames, body):
+                    for e in protocol.decode_results(frames, body):
                         serialize.free(e.frames)
                 elif kind in (Msg.HEARTBEAT, Msg.BYE):
                     pass

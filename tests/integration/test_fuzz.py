@@ -30,7 +30,7 @@ import distfork
 import tasks
 from conftest import CliCluster, cli_env, free_port, wait_until
 from distfork import config, protocol, security
-from distfork.protocol import Entry, Msg
+from distfork.protocol import Entry, Msg, ResultEntry, TaskEntry
 from distfork.status import query_status
 
 pytestmark = pytest.mark.timeout(120)
@@ -69,7 +69,7 @@ def fuzz_cluster(tmp_path: Path) -> Iterator[tuple[CliCluster, Path]]:
 def valid_messages(rng: random.Random) -> list[Frames]:
     """Well-formed messages of every kind a peer sends (the raw material of mutations)."""
     def entries(n: int) -> list[Entry]:
-        return [Entry(rng.getrandbits(64), rng.randrange(256), rng.random(),
+        return [TaskEntry(rng.getrandbits(64), rng.randrange(256), rng.random(),
                       [rng.randbytes(rng.randrange(40)) for _ in range(rng.randrange(3))],
                       rng.randrange(256), rng.getrandbits(32)) for _ in range(n)]
     msgs: list[list[Any]] = [
@@ -109,7 +109,7 @@ def header(kind: int, version: int = protocol.VERSION) -> bytes:
 
 def lying_batch(rng: random.Random, kind: Msg) -> Frames:
     """A batch whose count, entry table or frame count disagree."""
-    valid = protocol.encode_batch(kind, [Entry(rng.getrandbits(64), 1, 0.0, [b"x"] * rng.randrange(1, 3))
+    valid = protocol.encode_batch(kind, [TaskEntry(rng.getrandbits(64), 1, 0.0, [b"x"] * rng.randrange(1, 3))
                                          for _ in range(rng.randrange(1, 4))])
     head, payload = bytes(valid[0]), [bytes(f) for f in valid[1:]]
     (count,) = struct.unpack_from("!I", head, 2)
@@ -290,7 +290,8 @@ def test_hostile_messages_are_dropped_and_counted_and_the_broker_keeps_serving(
         # A registered worker's results with run times no worker could report.
         for w in workers:
             for extra in (float("nan"), float("inf"), -1.0):
-                w.send_multipart(protocol.encode_batch(Msg.RESULTS, [Entry(rng.getrandbits(64), 0, extra, [b"x"])]))
+                bad = ResultEntry(rng.getrandbits(64), 0, extra, [b"x"])
+                w.send_multipart(protocol.encode_batch(Msg.RESULTS, [bad]))
                 sent += 1
         # One frame over the broker's limit: ZeroMQ drops the connection that sent it.
         big = dealer(ctx, address)

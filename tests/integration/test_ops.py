@@ -20,7 +20,7 @@ import distfork
 from conftest import CliCluster, cli_env, free_port, wait_until
 from deploy.opsutil import Samples, check_report, delta, scrape, value
 from distfork.metrics import BrokerMetrics, classify
-from distfork.protocol import Entry
+from distfork.protocol import Entry, ResultEntry, TaskEntry
 from distfork.status import query_status
 
 from .support import LineReader, write_script
@@ -261,7 +261,7 @@ def test_broker_reports_a_metrics_port_in_use() -> None:
 # -- the accounting itself, without sockets ------------------------------------------
 
 def _entry(*frames: bytes) -> Entry:
-    return Entry(1, 0, 0.0, list(frames))
+    return TaskEntry(1, 0, 0.0, list(frames))
 
 
 def test_payload_paths_are_told_by_frame_layout_alone() -> None:
@@ -286,13 +286,13 @@ def test_histograms_take_each_result_once_and_latency_from_submission() -> None:
     metrics = BrokerMetrics(state)
     driver = state.hello(b"D1", {"role": "driver"}, 0.0)
     worker = state.hello(b"W1", {"role": "worker", "slots": 2}, 0.0)
-    entries = [Entry(1, 255, 0.0, [b"call"]), Entry(2, 255, 0.0, [b"call"])]
+    entries = [TaskEntry(1, 255, 0.0, [b"call"]), TaskEntry(2, 255, 0.0, [b"call"])]
     state.submit(driver, entries, now=10.0)
     metrics.tasks_in(entries)
     state.dispatch(10.0)
     (tasks,) = [ins.tasks for ins in state.take_instructions() if isinstance(ins, SendTasks)]
     assert len(tasks) == 2
-    results = [Entry(t.key, 0, 0.25, [b"value"]) for t in tasks]
+    results = [ResultEntry(t.key, 0, 0.25, [b"value"]) for t in tasks]
     metrics.results_in(worker, results, now=11.5)
     state.results(worker, results, now=11.5)
     assert metrics.latency_sum_s == pytest.approx(1.5 * len(results))
@@ -309,5 +309,5 @@ def test_a_run_time_from_a_broken_worker_leaves_the_run_time_metric_finite(run_s
     state = BrokerState(Config(), 0.0)
     metrics = BrokerMetrics(state)
     worker = state.hello(b"W1", {"role": "worker", "slots": 1}, 0.0)
-    metrics.results_in(worker, [Entry(1, 0, 0.5, [b"v"]), Entry(2, 0, run_s, [b"v"])], now=1.0)
+    metrics.results_in(worker, [ResultEntry(1, 0, 0.5, [b"v"]), ResultEntry(2, 0, run_s, [b"v"])], now=1.0)
     assert metrics.run_sum_s == 0.5 and sum(metrics.run_buckets) == 1

@@ -46,7 +46,7 @@ import tasks
 from conftest import free_port, wait_until
 from distfork import protocol, security, serialize
 from distfork.config import Config
-from distfork.protocol import Entry, Msg
+from distfork.protocol import Msg, TaskEntry
 
 from .secsupport import (
     PY,
@@ -164,7 +164,7 @@ def attack(address: str, keys_dir: Path | None, path: Path, name: str) -> str:
         call, _ = serialize.route(serialize.dumps_call(tasks.touch, (str(path),), {}, 64 * 1024), None)
         # Queued before the handshake even started: sent the moment the broker would take it.
         sock.send_multipart(protocol.encode_json(Msg.HELLO, hello), zmq.NOBLOCK)
-        sock.send_multipart(protocol.encode_batch(Msg.SUBMIT, [Entry(1, protocol.DEFAULT_RETRIES, 0.0, call)]),
+        sock.send_multipart(protocol.encode_batch(Msg.SUBMIT, [TaskEntry(1, protocol.DEFAULT_RETRIES, 0.0, call)]),
                             zmq.NOBLOCK)
         if not monitor.poll(10_000):
             return "no handshake outcome within 10 s"

@@ -15,7 +15,7 @@ from state_outbox import dispatch, outbox
 
 from distfork.broker_state import BrokerState, PeerInfo, Task
 from distfork.config import Config
-from distfork.protocol import DEFAULT_RETRIES, Entry, Status
+from distfork.protocol import DEFAULT_RETRIES, Entry, ResultEntry, Status, TaskEntry
 
 D1 = b"D-one"
 W1, W2 = b"W-one", b"W-two"
@@ -36,11 +36,11 @@ def worker(state: BrokerState, peer: bytes, n: int, now: float = 0.0) -> PeerInf
 
 
 def submit(state: BrokerState, d: PeerInfo, *ids: int, code: int = DEFAULT_RETRIES) -> None:
-    state.submit(d, [Entry(i, code, 0.0, [b"call-%d" % i]) for i in ids], now=state.last_now)
+    state.submit(d, [TaskEntry(i, code, 0.0, [b"call-%d" % i]) for i in ids], now=state.last_now)
 
 
 def done(task: Task, run_s: float = 1e-4) -> Entry:
-    return Entry(task.key, Status.OK, run_s, [b"value"])
+    return ResultEntry(task.key, Status.OK, run_s, [b"value"])
 
 
 def warm_up(state: BrokerState, d: PeerInfo, w: PeerInfo) -> None:
@@ -85,7 +85,7 @@ def test_suspects_run_alone_and_a_loss_while_one_runs_is_blamed_on_it() -> None:
     now = TIMEOUT_S + 1
     w2 = worker(state, W2, 2, now)
     # it ran short tasks (for an older driver)
-    state.results(w2, [Entry(12345, Status.OK, 1e-4, [b"x"])], now=state.last_now)
+    state.results(w2, [ResultEntry(12345, Status.OK, 1e-4, [b"x"])], now=state.last_now)
     assert state.prefetch(w2) > 1
     assert [t.task_id for t in dispatch(state)[W2]] == [1]  # a suspect, alone: nothing prefetched behind it
     assert dispatch(state) == {}
@@ -93,7 +93,7 @@ def test_suspects_run_alone_and_a_loss_while_one_runs_is_blamed_on_it() -> None:
     lose(state, w2, now + TIMEOUT_S + 1)  # 1 was alone: it crashed the worker
     results, _ = outbox(state)
     (entry,) = results[D1]
-    assert (entry.id, entry.code) == (1, Status.LOST)
+    assert (entry.id, entry.status) == (1, Status.LOST)
     assert "lost 2 times, more than max_retries=0" in bytes(entry.frames[0]).decode()
     assert [t.task_id for t in state.queue] == [2, 3, 4, 5]
 
@@ -106,15 +106,16 @@ def test_a_loss_with_one_task_handed_over_is_blamed_on_it() -> None:
     assert [t.task_id for t in dispatch(state)[W1]] == [1]
     lose(state, w, TIMEOUT_S + 1)
     results, _ = outbox(state)
-    assert [(e.id, e.code) for e in results[D1]] == [(1, Status.LOST)]
+    assert [(e.id, e.status) for e in results[D1]] == [(1, Status.LOST)]
 
 
 def test_a_run_time_that_is_not_a_number_does_not_break_dispatch() -> None:
     state = make_state()
     d = driver(state)
     w = worker(state, W1, 1)
-    state.results(w, [Entry(999, Status.OK, float("nan"), [b"x"])], now=state.last_now)  # from a broken or hostile peer
-    state.results(w, [Entry(998, Status.OK, float("inf"), [b"x"])], now=state.last_now)
+    # from a broken or hostile peer
+    state.results(w, [ResultEntry(999, Status.OK, float("nan"), [b"x"])], now=state.last_now)
+    state.results(w, [ResultEntry(998, Status.OK, float("inf"), [b"x"])], now=state.last_now)
     submit(state, d, 1, 2)
     assert [t.task_id for t in dispatch(state)[W1]] == [1]
     assert w.avg_run_s is None

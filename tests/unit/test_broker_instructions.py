@@ -20,7 +20,7 @@ from distfork.broker_instructions import (
 )
 from distfork.broker_state import BrokerState, PeerInfo, TaskState
 from distfork.config import Config
-from distfork.protocol import DEFAULT_RETRIES, Entry, Flag, Keepalive, Status
+from distfork.protocol import DEFAULT_RETRIES, Entry, Flag, Keepalive, ResultEntry, Status, TaskEntry
 
 D1, W1, W2 = b"D-one", b"W-one", b"W-two"
 SEGMENT = "df-ab-1001-5-0123456789abcdef"
@@ -41,7 +41,7 @@ def worker(state: BrokerState, peer: bytes, now: float = 0.0, pid: int = 1001, h
 
 
 def submit(state: BrokerState, d: PeerInfo, ids: range | list[int], now: float, timeout_s: float = 0.0) -> None:
-    state.submit(d, [Entry(i, DEFAULT_RETRIES, timeout_s, [b"call-%d" % i]) for i in ids], now)
+    state.submit(d, [TaskEntry(i, DEFAULT_RETRIES, timeout_s, [b"call-%d" % i]) for i in ids], now)
 
 
 def sent(instructions: list[object]) -> dict[bytes, list[int]]:
@@ -63,7 +63,7 @@ def stalled_with_prefetch() -> tuple[BrokerState, PeerInfo, PeerInfo]:
     submit(state, d, [100], now=0.0)
     state.dispatch(0.0)
     (task,) = next(i.tasks for i in state.take_instructions() if isinstance(i, SendTasks))
-    state.results(w1, [Entry(task.key, Status.OK, 1e-4, [b"v"])], now=0.5)  # short tasks: prefetch on
+    state.results(w1, [ResultEntry(task.key, Status.OK, 1e-4, [b"v"])], now=0.5)  # short tasks: prefetch on
     submit(state, d, [1, 2, 3, 4, 5], now=1.0)
     state.dispatch(1.0)
     assert sent(state.take_instructions()) == {W1: [1, 2, 3, 4, 5]}
@@ -131,7 +131,7 @@ def test_a_process_killed_again_and_again_fails_its_task_naming_the_signal_and_m
         assert sent(state.take_instructions()) == {W1: [1]}
         state.exited("h", 40 + n, -signal.SIGKILL, now=n + 0.5)
     (entry,) = results(state.take_instructions())[D1]
-    assert entry.id == 1 and entry.code == Status.LOST
+    assert entry.id == 1 and entry.status == Status.LOST
     text = bytes(entry.frames[0]).decode()
     assert "killed by signal SIGKILL (9), possibly out of memory" in text
     assert "lost 3 times, more than max_retries=2" in text
@@ -175,7 +175,7 @@ def test_a_task_past_its_timeout_fails_timed_out_and_its_slot_mates_lose_no_try(
     state.keepalive(b"C-1", Keepalive([W1], bye=True, timed_out=frozenset([key1])), now=2.6)
 
     (entry,) = results(state.take_instructions())[D1]
-    assert (entry.id, entry.code, entry.extra) == (1, Status.TIMED_OUT, 2.5)
+    assert (entry.id, entry.status, entry.run_s) == (1, Status.TIMED_OUT, 2.5)
     assert "ran longer than its timeout_s=2.5" in bytes(entry.frames[0]).decode()
     assert state.counters["tasks_timed_out"] == 1
     (task2,) = state.queue
@@ -197,7 +197,7 @@ def test_a_silent_driver_expires_and_its_running_task_is_recalled_from_its_worke
     assert state.take_instructions() == [Cancel(W1, [task.key])]
     assert not w.assigned and D1 not in state.peers
     assert state.counters["driver_tasks_dropped"] == 2
-    state.results(w, [Entry(task.key, Status.OK, 0.1, [b"late"])], now=3.3)
+    state.results(w, [ResultEntry(task.key, Status.OK, 0.1, [b"late"])], now=3.3)
     assert state.take_instructions() == []  # a late result of a dropped task goes nowhere
 
 
@@ -232,8 +232,9 @@ def test_a_reclaim_is_answered_after_dispatch_so_a_task_a_free_slot_takes_is_not
 
 def test_messages_from_an_unknown_peer_are_rejected_and_the_segments_they_name_freed() -> None:
     state = make_state(domain="dom-a")
-    shm_result = Entry(9, Status.OK, 0.1, [b"stream", b'{"shm": "%s", "size": 8, "bufs": [[0, 8]]}' % SEGMENT.encode()])
-    inline = Entry(10, Status.OK, 0.1, [b"value"])
+    manifest = b'{"shm": "%s", "size": 8, "bufs": [[0, 8]]}' % SEGMENT.encode()
+    shm_result = ResultEntry(9, Status.OK, 0.1, [b"stream", manifest])
+    inline = ResultEntry(10, Status.OK, 0.1, [b"value"])
     state.unknown_peer(W1, 1.0, results=[shm_result, inline])
     state.unknown_peer(D1, 1.0, recycled=[SEGMENT, "/etc/passwd", "df-not-a-name"])
     assert state.take_instructions() == [

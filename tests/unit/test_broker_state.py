@@ -9,7 +9,17 @@ from state_outbox import aborts, discards, dispatch, outbox, reclaimed, recycles
 
 from distfork.broker_state import BrokerState, PeerInfo, Task, TaskState
 from distfork.config import Config
-from distfork.protocol import DEFAULT_RETRIES, Entry, Flag, Keepalive, Status, decode_dep_counts, encode_deps
+from distfork.protocol import (
+    DEFAULT_RETRIES,
+    Entry,
+    Flag,
+    Keepalive,
+    ResultEntry,
+    Status,
+    TaskEntry,
+    decode_dep_counts,
+    encode_deps,
+)
 
 D1, D2 = b"D-one", b"D-two"
 W1, W2, W3 = b"W-one", b"W-two", b"W-three"
@@ -34,12 +44,12 @@ def worker(state: BrokerState, peer: bytes = W1, slots: int = 1, now: float = 0.
 
 
 def submit(state: BrokerState, d: PeerInfo, *ids: int, code: int = DEFAULT_RETRIES, timeout_s: float = 0.0) -> None:
-    state.submit(d, [Entry(i, code, timeout_s, [b"call-%d" % i, b"buf-%d" % i]) for i in ids], now=state.last_now)
+    state.submit(d, [TaskEntry(i, code, timeout_s, [b"call-%d" % i, b"buf-%d" % i]) for i in ids], now=state.last_now)
 
 
 def done(task: Task, run_s: float = 0.5, status: Status = Status.OK, payload: bytes = b"value") -> Entry:
     """A worker's result entry for ``task``."""
-    return Entry(task.key, status, run_s, [payload])
+    return ResultEntry(task.key, status, run_s, [payload])
 
 
 def warm_up(state: BrokerState, d: PeerInfo, w: PeerInfo, run_s: float, task_id: int = 10_000) -> None:
@@ -75,8 +85,8 @@ def test_tasks_go_to_a_worker_and_results_back_to_their_driver_under_its_task_id
 
     assert cancels == {}
     assert results == {
-        D1: [Entry(1, Status.RAISED, 0.5, [b"exc d1"])],
-        D2: [Entry(1, Status.OK, 0.25, [b"for d2"])],
+        D1: [ResultEntry(1, Status.RAISED, 0.5, [b"exc d1"])],
+        D2: [ResultEntry(1, Status.OK, 0.25, [b"for d2"])],
     }
     assert outbox(state) == ({}, {})  # taken once
     assert w.assigned == {} and w.done == 1 and w.failed == 1
@@ -204,7 +214,7 @@ def test_a_task_lost_more_than_max_retries_times_fails_with_lost_naming_the_work
 
     (entry,) = results[D1]
     assert entry.id == 5
-    assert entry.code == Status.LOST
+    assert entry.status == Status.LOST
     text = bytes(entry.frames[0]).decode()
     assert "wrk-2" in text and "host host-2" in text and "pid 1002" in text
     assert "max_retries=1" in text
@@ -239,7 +249,7 @@ def test_max_retries_comes_from_the_task_entry_or_the_config(
         if results:
             break
     assert n == losses_until_lost
-    assert [(e.id, e.code) for e in results[D1]] == [(1, Status.LOST)]
+    assert [(e.id, e.status) for e in results[D1]] == [(1, Status.LOST)]
     assert f"max_retries={code if code != DEFAULT_RETRIES else config_max_retries}" in bytes(
         results[D1][0].frames[0]
     ).decode()
@@ -365,7 +375,7 @@ def test_a_worker_saying_hello_again_keeps_its_tasks_and_counts() -> None:
 
     state.results(again, [done(task, payload=b"ok")], now=state.last_now)
     results, _ = outbox(state)
-    assert results == {D1: [Entry(1, Status.OK, 0.5, [b"ok"])]}
+    assert results == {D1: [ResultEntry(1, Status.OK, 0.5, [b"ok"])]}
 
 
 def test_a_driver_saying_hello_again_keeps_its_tasks_and_resubmits_are_ignored() -> None:
@@ -493,7 +503,7 @@ def test_a_peer_with_a_slower_heartbeat_than_the_broker_is_given_its_own_timeout
 
 def submit_dependent(state: BrokerState, d: PeerInfo, task_id: int, *deps: int, pinned: bool = False) -> None:
     flags = Flag.DEPS | (Flag.PINNED if pinned else 0)
-    state.submit(d, [Entry(task_id, DEFAULT_RETRIES, 0.0, [encode_deps(deps), b"call-%d" % task_id], flags)],
+    state.submit(d, [TaskEntry(task_id, DEFAULT_RETRIES, 0.0, [encode_deps(deps), b"call-%d" % task_id], flags)],
         now=state.last_now)
 
 
@@ -507,7 +517,7 @@ def held_value(payload: list[bytes]) -> tuple[BrokerState, PeerInfo, PeerInfo]:
     submit(state, d, 1)
     submit_dependent(state, d, 2, 1)
     (producer,) = dispatch(state)[W1]
-    state.results(w, [Entry(producer.key, Status.OK, 0.5, payload)], now=state.last_now)
+    state.results(w, [ResultEntry(producer.key, Status.OK, 0.5, payload)], now=state.last_now)
     return state, d, w
 
 
@@ -522,7 +532,7 @@ def test_a_dependent_waits_then_gets_the_held_value_and_the_driver_only_a_notice
 
     state.results(w, [done(producer, payload=b"big value")], now=state.last_now)
     results, _ = outbox(state)
-    assert results == {D1: [Entry(1, Status.OK, 0.5, [], Flag.HELD)]}  # no payload for the driver
+    assert results == {D1: [ResultEntry(1, Status.OK, 0.5, [], Flag.HELD)]}  # no payload for the driver
     (dependent,) = dispatch(state)[W1]
     assert dependent.task_id == 2
     frames, flags = dependent.wire()
@@ -531,10 +541,10 @@ def test_a_dependent_waits_then_gets_the_held_value_and_the_driver_only_a_notice
     assert d.holds[1].refs == 1
 
     state.results(w, [done(dependent, payload=b"sum")], now=state.last_now)
-    assert outbox(state)[0] == {D1: [Entry(2, Status.OK, 0.5, [b"sum"])]}
+    assert outbox(state)[0] == {D1: [ResultEntry(2, Status.OK, 0.5, [b"sum"])]}
     assert d.holds[1].refs == 0 and d.holds[1].driver_has  # the driver may still fetch it
     state.fetch(d, [1], now=state.last_now)
-    assert outbox(state)[0] == {D1: [Entry(1, Status.OK, 0.0, [b"big value"])]}
+    assert outbox(state)[0] == {D1: [ResultEntry(1, Status.OK, 0.0, [b"big value"])]}
     assert d.holds == {}  # frames: the driver has its own copy now
     status = state.status(0.0)["drivers"][0]
     assert status["result_bytes"] == len(b"sum") + len(b"big value") and status["held"] == 0
@@ -548,7 +558,7 @@ def test_a_value_fetched_while_its_task_runs_is_sent_whole_and_still_held_for_de
     (producer,) = dispatch(state)[W1]
     state.fetch(d, [1], now=state.last_now)
     state.results(w, [done(producer, payload=b"v")], now=state.last_now)
-    assert outbox(state)[0] == {D1: [Entry(1, Status.OK, 0.5, [b"v"])]}
+    assert outbox(state)[0] == {D1: [ResultEntry(1, Status.OK, 0.5, [b"v"])]}
     (dependent,) = dispatch(state)[W1]
     state.results(w, [done(dependent)], now=state.last_now)
     assert d.holds == {}  # nobody needs it any more
@@ -563,7 +573,7 @@ def test_a_failed_dependency_fails_its_dependents_and_theirs_unrun_with_its_own_
     (producer,) = dispatch(state)[W1]
     state.results(w, [done(producer, status=Status.RAISED, payload=b"the exception")], now=state.last_now)
     results, _ = outbox(state)
-    assert sorted(results[D1]) == [Entry(i, Status.RAISED, 0.5, [b"the exception"]) for i in (1, 2, 3)]
+    assert sorted(results[D1]) == [ResultEntry(i, Status.RAISED, 0.5, [b"the exception"]) for i in (1, 2, 3)]
     assert dispatch(state) == {} and d.tasks == {} and d.holds == {}
 
 
@@ -573,7 +583,7 @@ def test_cancelling_a_dependency_cancels_its_waiting_dependents() -> None:
     submit(state, d, 1)
     submit_dependent(state, d, 2, 1)
     state.cancel(d, [1], now=state.last_now)
-    assert outbox(state)[0] == {D1: [Entry(2, Status.CANCELLED, 0.0, [])]}
+    assert outbox(state)[0] == {D1: [ResultEntry(2, Status.CANCELLED, 0.0, [])]}
     assert d.tasks == {}
 
 
@@ -585,7 +595,7 @@ def test_a_dependency_the_broker_no_longer_has_asks_the_driver_to_resubmit() -> 
     state.results(w, [done(producer)], now=state.last_now)  # no dependent yet: the result goes to the driver
     outbox(state)
     submit_dependent(state, d, 2, 1)
-    assert outbox(state)[0] == {D1: [Entry(2, Status.RESUBMIT, 0.0, [])]}
+    assert outbox(state)[0] == {D1: [ResultEntry(2, Status.RESUBMIT, 0.0, [])]}
     assert d.tasks == {} and state.counters["tasks_resubmitted"] == 1
     assert state.counters["tasks_failed"] == 0  # not an outcome: the driver sends it again
 
@@ -593,10 +603,10 @@ def test_a_dependency_the_broker_no_longer_has_asks_the_driver_to_resubmit() -> 
 def test_a_malformed_dependency_frame_fails_only_its_task() -> None:
     state = make_state()
     d = driver(state)
-    state.submit(d, [Entry(1, DEFAULT_RETRIES, 0.0, [b"odd", b"call"], Flag.DEPS),
-                     Entry(2, DEFAULT_RETRIES, 0.0, [b"call-2"])], now=state.last_now)
+    state.submit(d, [TaskEntry(1, DEFAULT_RETRIES, 0.0, [b"odd", b"call"], Flag.DEPS),
+                     TaskEntry(2, DEFAULT_RETRIES, 0.0, [b"call-2"])], now=state.last_now)
     (failed,) = outbox(state)[0][D1]
-    assert failed.id == 1 and failed.code == Status.FAILED and b"malformed" in failed.frames[0]
+    assert failed.id == 1 and failed.status == Status.FAILED and b"malformed" in failed.frames[0]
     assert list(d.tasks) == [2]
 
 
@@ -609,7 +619,7 @@ def test_a_held_shared_memory_value_pins_dependents_and_goes_back_to_its_maker_w
     (dependent,) = dispatch(state)[W1]
     state.results(w, [done(dependent)], now=state.last_now)
     state.fetch(d, [1], now=state.last_now)  # the driver maps the segment: still held until it gives it back
-    assert outbox(state)[0][D1][-1] == Entry(1, Status.OK, 0.0, SHM_RESULT)
+    assert outbox(state)[0][D1][-1] == ResultEntry(1, Status.OK, 0.0, SHM_RESULT)
     assert recycles(state) == ({}, [])
     state.recycle(d, ["df-ab-1001-1-7"], now=state.last_now)
     assert recycles(state) == ({W1: ["df-ab-1001-1-7"]}, [])
@@ -619,10 +629,10 @@ def test_a_held_shared_memory_value_pins_dependents_and_goes_back_to_its_maker_w
 def test_a_held_segment_a_task_kept_mapped_is_unlinked_not_reused() -> None:
     state, d, w = held_value(SHM_RESULT)
     (dependent,) = dispatch(state)[W1]
-    state.results(w, [Entry(dependent.key, Status.OK, 0.5, [b"v"], Flag.RETAINED)], now=state.last_now)
+    state.results(w, [ResultEntry(dependent.key, Status.OK, 0.5, [b"v"], Flag.RETAINED)], now=state.last_now)
     state.release(d, [1], now=state.last_now)
     assert recycles(state) == ({}, [])
-    assert discards(state) == {W1: [Entry(0, Status.OK, 0.0, SHM_RESULT)]}
+    assert discards(state) == {W1: [ResultEntry(0, Status.OK, 0.0, SHM_RESULT)]}
 
 
 def test_a_held_segment_whose_maker_is_gone_is_left_to_the_broker() -> None:
@@ -640,7 +650,7 @@ def test_a_held_segment_whose_maker_is_gone_is_unlinked_by_the_broker_in_its_own
     submit(state, d, 1)
     submit_dependent(state, d, 2, 1)
     (producer,) = dispatch(state)[W1]
-    state.results(w, [Entry(producer.key, Status.OK, 0.5, SHM_RESULT)], now=0.1)
+    state.results(w, [ResultEntry(producer.key, Status.OK, 0.5, SHM_RESULT)], now=0.1)
     state.bye(W1, 1.0)
     state.cancel(d, [2], now=1.0)
     state.release(d, [1], now=1.0)
@@ -666,7 +676,7 @@ def test_a_driver_leaving_frees_its_held_values() -> None:
     dispatch(state)
     state.bye(D1, 1.0)
     # The dependent may still run on W1: the segment is unlinked, never handed out again.
-    assert discards(state) == {W1: [Entry(0, Status.OK, 0.0, SHM_RESULT)]}
+    assert discards(state) == {W1: [ResultEntry(0, Status.OK, 0.0, SHM_RESULT)]}
     assert state.hold_segments == {}
 
 

@@ -16,7 +16,7 @@ from distfork.broker import Broker
 from distfork.broker_state import BrokerState
 from distfork.cluster import oom_kill_count
 from distfork.config import Config
-from distfork.protocol import Entry, Keepalive, Msg, Status
+from distfork.protocol import Keepalive, Msg, Status, TaskEntry
 
 
 def _lost_text(code: int, oom: bool = False, rss: int | None = 300 * 2**20) -> str:
@@ -24,11 +24,11 @@ def _lost_text(code: int, oom: bool = False, rss: int | None = 300 * 2**20) -> s
     d = state.hello(b"D", {"role": "driver", "name": "d", "host": "h", "pid": 7}, 0.0)
     w = state.hello(b"W", {"role": "worker", "name": "w", "host": "h", "pid": 42, "slots": 1}, 0.0)
     state.keepalive(b"C", Keepalive([b"W"], rss_bytes=rss), 0.0)
-    state.submit(d, [Entry(1, 0, 0.0, [b"call"])], 0.0)
+    state.submit(d, [TaskEntry(1, 0, 0.0, [b"call"])], 0.0)
     assert dispatch(state, 0.0)[w.id]
     state.exited("h", 42, code, 1.0, oom=oom)
     (entry,) = outbox(state)[0][d.id]
-    assert entry.code == Status.LOST
+    assert entry.status == Status.LOST
     return bytes(entry.frames[0]).decode()
 
 

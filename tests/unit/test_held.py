@@ -12,7 +12,7 @@ from conftest import wait_until
 from distfork.errors import DistforkError
 from distfork.future import Future
 from distfork.held import HeldValues
-from distfork.protocol import Entry, Flag, Status
+from distfork.protocol import Flag, ResultEntry, Status, TaskEntry
 
 
 class FakeDriver:
@@ -33,8 +33,8 @@ class FakeDriver:
 def held_future(d: FakeDriver, task_id: int) -> Future[Any]:
     fut: Future[Any] = Future(lambda f: None)
     fut.driver, fut.task_id = d, task_id
-    task = Entry(task_id, 255, 0.0, [b"call"])
-    d.held.hold(fut, task, None, Entry(task_id, Status.OK, 0.1, [], Flag.HELD))
+    task = TaskEntry(task_id, 255, 0.0, [b"call"])
+    d.held.hold(fut, task, None, ResultEntry(task_id, Status.OK, 0.1, [], Flag.HELD))
     return fut
 
 
@@ -48,7 +48,7 @@ def test_a_held_future_is_done_and_its_result_is_fetched_once_for_all_waiting_th
         t.start()
     wait_until(lambda: 7 in d.held.fetching, what="a fetch to be asked for")
     assert d.held.take_fetches() == [7]  # one FETCH, however many threads wait
-    held = d.held.fetched(Entry(7, Status.OK, 0.0, [b"frames"]), "the value", None)
+    held = d.held.fetched(ResultEntry(7, Status.OK, 0.0, [b"frames"]), "the value", None)
     for t in waiters:
         t.join(10)
     assert got == ["the value"] * 3 and held.entry.id == 7

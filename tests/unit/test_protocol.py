@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -10,7 +11,7 @@ from hypothesis import strategies as st
 
 from distfork import protocol
 from distfork.errors import ProtocolError
-from distfork.protocol import DEFAULT_RETRIES, VERSION, Entry, Msg, Status
+from distfork.protocol import DEFAULT_RETRIES, VERSION, Flag, Msg, ResultEntry, Status, TaskEntry
 
 
 def _bytes(frames: list[object]) -> list[bytes]:
@@ -20,25 +21,41 @@ def _bytes(frames: list[object]) -> list[bytes]:
 # -- round trips ---------------------------------------------------------------
 
 
+def _decode(kind: Msg, frames: list[Any], body: memoryview) -> list[Any]:
+    """Tasks of a SUBMIT or TASKS, results of a RESULTS: each batch kind decodes to its own entry type."""
+    got = (protocol.decode_results if kind is Msg.RESULTS else protocol.decode_tasks)(frames, body)
+    assert all(type(e) is (protocol.ResultEntry if kind is Msg.RESULTS else protocol.TaskEntry) for e in got)
+    return list(got)
+
+
+def test_a_result_reads_as_status_and_run_time_a_task_as_retries_and_timeout() -> None:
+    frames = protocol.encode_batch(Msg.RESULTS, [ResultEntry(3, Status.RAISED, 0.25, [b"exc"], Flag.RETAINED)])
+    (result,) = protocol.decode_results(frames, protocol.decode(frames)[1])
+    assert (result.id, result.status, result.run_s, result.flags) == (3, Status.RAISED, 0.25, Flag.RETAINED)
+    frames = protocol.encode_batch(Msg.SUBMIT, [TaskEntry(4, 2, 1.5, [b"call"], Flag.NESTED)])
+    (task,) = protocol.decode_tasks(frames, protocol.decode(frames)[1])
+    assert (task.id, task.max_retries, task.timeout_s, task.flags) == (4, 2, 1.5, Flag.NESTED)
+
+
 @pytest.mark.parametrize("kind", [Msg.SUBMIT, Msg.TASKS, Msg.RESULTS])
 def test_batch_round_trip_keeps_ids_codes_extras_and_frames_in_order(kind: Msg) -> None:
     entries = [
-        Entry(1, DEFAULT_RETRIES, 0.0, [b"stream-1"]),
-        Entry(2**64 - 1, 0, 2.5, [b"stream-2", b"buf-a", b"buf-b"]),
-        Entry(7, Status.LOST, 0.125, []),
-        Entry(8, 3, 1e-3, [b""]),
+        TaskEntry(1, DEFAULT_RETRIES, 0.0, [b"stream-1"]),
+        TaskEntry(2**64 - 1, 0, 2.5, [b"stream-2", b"buf-a", b"buf-b"]),
+        ResultEntry(7, Status.LOST, 0.125, []),
+        TaskEntry(8, 3, 1e-3, [b""]),
     ]
     frames = protocol.encode_batch(kind, entries)
     assert len(frames) == 1 + sum(len(e.frames) for e in entries)
 
     decoded_kind, body = protocol.decode(frames)
     assert decoded_kind is kind
-    got = protocol.decode_batch(frames, body)
+    got = _decode(kind, frames, body)
 
     assert [e.id for e in got] == [e.id for e in entries]
-    assert [e.code for e in got] == [e.code for e in entries]
-    # extra travels as a 32-bit float
-    assert [e.extra for e in got] == pytest.approx([e.extra for e in entries], rel=1e-6)
+    assert [e[1] for e in got] == [e[1] for e in entries]  # max_retries / status
+    # timeout_s / run_s travels as a 32-bit float
+    assert [e[2] for e in got] == pytest.approx([e[2] for e in entries], rel=1e-6)
     assert [_bytes(list(e.frames)) for e in got] == [list(e.frames) for e in entries]
 
 
@@ -46,16 +63,16 @@ def test_empty_batch_round_trip() -> None:
     frames = protocol.encode_batch(Msg.RESULTS, [])
     kind, body = protocol.decode(frames)
     assert kind is Msg.RESULTS
-    assert protocol.decode_batch(frames, body) == []
+    assert protocol.decode_results(frames, body) == []
 
 
 def test_batch_decodes_from_memoryview_frames() -> None:
-    frames = protocol.encode_batch(Msg.TASKS, [Entry(5, 1, 0.5, [b"abc", b"de"])])
+    frames = protocol.encode_batch(Msg.TASKS, [TaskEntry(5, 1, 0.5, [b"abc", b"de"])])
     views = [memoryview(f) for f in frames]
     kind, body = protocol.decode(views)
-    (entry,) = protocol.decode_batch(views, body)
+    (entry,) = protocol.decode_tasks(views, body)
     assert kind is Msg.TASKS
-    assert (entry.id, entry.code, entry.extra) == (5, 1, 0.5)
+    assert (entry.id, entry.max_retries, entry.timeout_s) == (5, 1, 0.5)
     assert _bytes(list(entry.frames)) == [b"abc", b"de"]
 
 
@@ -109,7 +126,7 @@ def test_decode_rejects_bad_headers(frames: list[bytes], match: str) -> None:
 
 def _results(*frame_counts: int) -> list[bytes]:
     """A well-formed RESULTS message whose entries carry ``frame_counts`` frames."""
-    entries = [Entry(i, Status.OK, 0.0, [b"f%d" % j for j in range(n)]) for i, n in enumerate(frame_counts)]
+    entries = [ResultEntry(i, Status.OK, 0.0, [b"f%d" % j for j in range(n)]) for i, n in enumerate(frame_counts)]
     return _bytes(protocol.encode_batch(Msg.RESULTS, entries))
 
 
@@ -141,7 +158,7 @@ def _with_head(frames: list[bytes], head: bytes) -> list[bytes]:
 def test_decode_batch_rejects_count_and_frame_mismatches(frames: list[bytes], match: str) -> None:
     kind, body = protocol.decode(frames)
     with pytest.raises(ProtocolError, match=match):
-        protocol.decode_batch(frames, body)
+        protocol.decode_tasks(frames, body)
 
 
 @pytest.mark.parametrize(
@@ -185,7 +202,7 @@ def test_decode_json_rejects_deeply_nested_json(opener: bytes) -> None:
 
 # Size of one batch entry header, learned from the encoder (its layout is protocol.py's business):
 # u64 id and u16 frame count first, as the module docstring documents.
-_ENTRY_SIZE = len(protocol.encode_batch(Msg.RESULTS, [Entry(0, 0, 0.0, [])])[0]) - 2 - 4
+_ENTRY_SIZE = len(protocol.encode_batch(Msg.RESULTS, [ResultEntry(0, 0, 0.0, [])])[0]) - 2 - 4
 
 _header_bytes = st.one_of(
     st.binary(max_size=64),
@@ -233,7 +250,7 @@ def test_decoding_random_frames_raises_only_protocol_error(frames: list[bytes]) 
         return
     assert isinstance(kind, Msg)
     for decoder in (
-        lambda: protocol.decode_batch(frames, body),
+        lambda: protocol.decode_tasks(frames, body),
         lambda: protocol.decode_cancel(body),
         lambda: protocol.decode_json(body),
     ):
@@ -263,12 +280,12 @@ def test_decode_json_of_random_bytes_raises_only_protocol_error(raw: bytes) -> N
     st.sampled_from([Msg.SUBMIT, Msg.TASKS, Msg.RESULTS]),
 )
 def test_batch_round_trip_property(raw: list[tuple[int, int, float, list[bytes]]], kind: Msg) -> None:
-    entries = [Entry(i, c, x, f) for i, c, x, f in raw]
+    entries = [TaskEntry(i, c, x, f) for i, c, x, f in raw]
     frames = protocol.encode_batch(kind, entries)
     decoded_kind, body = protocol.decode(frames)
-    got = protocol.decode_batch(frames, body)
+    got = _decode(kind, frames, body)
     assert decoded_kind is kind
-    assert [(e.id, e.code, e.extra, _bytes(list(e.frames))) for e in got] == [
+    assert [(e[0], e[1], e[2], _bytes(list(e.frames))) for e in got] == [
         (i, c, x, f) for i, c, x, f in raw
     ]
 

@@ -10,7 +10,7 @@ from state_outbox import dispatch, outbox
 from distfork import protocol, resources
 from distfork.broker_state import BrokerState, PeerInfo
 from distfork.config import Config
-from distfork.protocol import DEFAULT_RETRIES, Entry, Flag, Status
+from distfork.protocol import DEFAULT_RETRIES, Flag, ResultEntry, Status, TaskEntry
 
 D = b"D-one"
 
@@ -34,12 +34,12 @@ def ask(state: BrokerState, d: PeerInfo, task_id: int, needs: dict[str, float] |
     if needs or labels:
         frames = [protocol.encode_request(needs, labels), *frames]
         flags = Flag.RESOURCES
-    state.submit(d, [Entry(task_id, DEFAULT_RETRIES, 0.0, frames, flags)], now)
+    state.submit(d, [TaskEntry(task_id, DEFAULT_RETRIES, 0.0, frames, flags)], now)
 
 
 def finish(state: BrokerState, w: PeerInfo) -> None:
     (task,) = list(w.assigned.values())
-    state.results(w, [Entry(task.key, Status.OK, 0.1, [b"v"])], now=state.last_now)
+    state.results(w, [ResultEntry(task.key, Status.OK, 0.1, [b"v"])], now=state.last_now)
 
 
 def test_specs_parse_and_bad_ones_name_the_entry() -> None:
@@ -118,7 +118,7 @@ def test_a_task_that_fits_no_worker_fails_after_the_grace_naming_what_the_cluste
     results, _ = outbox(state)
     (entry,) = results[D]
     text = bytes(entry.frames[0]).decode()
-    assert entry.code == Status.FAILED and entry.id == 1
+    assert entry.status == Status.FAILED and entry.id == 1
     assert "it asks for gpu=4" in text and "w100: gpu=1, slots=1 [zone=a]" in text and "w200: slots=1" in text
     assert state.status(3.0)["queued"] == 0 and state.counters["tasks_unplaceable"] == 1
 

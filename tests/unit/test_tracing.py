@@ -12,7 +12,7 @@ from distfork import protocol, tracing
 from distfork.broker_state import BrokerState, PeerInfo
 from distfork.config import Config
 from distfork.errors import ProtocolError
-from distfork.protocol import Entry, Flag
+from distfork.protocol import Flag, ResultEntry, TaskEntry
 
 
 def _remote(b: tuple[float, float, float], w: tuple[float, float, float], worker: str = "w/0") -> tuple[Any, ...]:
@@ -132,7 +132,7 @@ def _broker_with_a_traced_task() -> tuple[BrokerState, PeerInfo, PeerInfo]:
     state = BrokerState(Config(), 0.0)
     driver = state.hello(b"D1", {"role": "driver", "pid": 7}, 0.0)
     worker = state.hello(b"W1", {"role": "worker", "slots": 2, "name": "w/0", "host": "h", "pid": 9}, 0.0)
-    state.submit(driver, [Entry(5, 255, 0.0, [b"call"], Flag.TRACE), Entry(6, 255, 0.0, [b"call"])], 1.0)
+    state.submit(driver, [TaskEntry(5, 255, 0.0, [b"call"], Flag.TRACE), TaskEntry(6, 255, 0.0, [b"call"])], 1.0)
     out = dispatch(state, 2.0)
     assert [t.task_id for t in out[b"W1"]] == [5, 6]
     assert out[b"W1"][0].wire()[1] & Flag.TRACE and not out[b"W1"][1].wire()[1] & Flag.TRACE
@@ -144,7 +144,7 @@ def test_the_broker_passes_a_traced_tasks_note_to_its_driver_with_its_own_times(
     k5, k6 = list(worker.assigned)
     kid = json.dumps([tracing.Record("g", [], 1.5).to_json()]).encode()
     results = [protocol.encode_notes([(k5, protocol.encode_worker_note(*_WORKER, kid))]),
-               Entry(k5, 0, 0.1, [b"value5"]), Entry(k6, 0, 0.1, [b"value6"])]
+               ResultEntry(k5, 0, 0.1, [b"value5"]), ResultEntry(k6, 0, 0.1, [b"value6"])]
     entries = tracing.take_notes(worker, results, 3.0)
     assert [(e.id, e.frames, e.flags) for e in entries] == [(k5, [b"value5"], 0), (k6, [b"value6"], 0)]
     state.results(worker, entries, now=state.last_now)
@@ -165,7 +165,7 @@ def test_the_broker_passes_a_traced_tasks_note_to_its_driver_with_its_own_times(
 
 def test_results_without_trace_notes_pass_the_broker_untouched() -> None:
     _, _, worker = _broker_with_a_traced_task()
-    results = [Entry(k, 0, 0.1, [b"value"]) for k in worker.assigned]
+    results = [ResultEntry(k, 0, 0.1, [b"value"]) for k in worker.assigned]
     assert tracing.take_notes(worker, results, 3.0) is results
 
 
@@ -176,7 +176,8 @@ def test_malformed_trace_notes_are_dropped_and_their_results_go_on(frames: list[
     k5, k6 = list(worker.assigned)
     if frames and len(frames[0]) > 8:  # name a task we hold
         frames = [k5.to_bytes(8, "big") + frames[0][8:]]
-    results = [Entry(0, 0, 0.0, frames, Flag.TRACE), Entry(k5, 0, 0.1, [b"v5"]), Entry(k6, 0, 0.1, [b"v6"])]
+    results = [ResultEntry(0, 0, 0.0, frames, Flag.TRACE), ResultEntry(k5, 0, 0.1, [b"v5"]),
+               ResultEntry(k6, 0, 0.1, [b"v6"])]
     entries = tracing.take_notes(worker, results, 3.0)
     assert [e.id for e in entries] == [k5, k6]
     state.results(worker, entries, now=state.last_now)
