@@ -27,7 +27,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 __all__ = ["describe", "detect", "fits", "parse_labels", "parse_resources", "validate_request"]
@@ -38,12 +38,7 @@ log = logging.getLogger(__name__)
 def parse_resources(text: str) -> dict[str, float]:
     """``"gpu=2,ram_gb=64,ssd=1"`` -> ``{"gpu": 2.0, ...}``; a bad entry raises ValueError naming it."""
     out: dict[str, float] = {}
-    for item in text.replace(";", ",").split(","):
-        item = item.strip()
-        if not item:
-            continue
-        name, sep, value = item.partition("=")
-        name = name.strip()
+    for item, name, sep, value in _entries(text):
         try:
             amount = float(value) if sep else 1.0
         except ValueError:
@@ -57,15 +52,21 @@ def parse_resources(text: str) -> dict[str, float]:
 def parse_labels(text: str) -> dict[str, str]:
     """``"zone=a,rack=3"`` -> ``{"zone": "a", "rack": "3"}``."""
     out: dict[str, str] = {}
+    for item, name, sep, value in _entries(text):
+        if not sep or not name:
+            raise ValueError(f"label {item!r}: give name=value, e.g. zone=a")
+        out[name] = value.strip()
+    return out
+
+
+def _entries(text: str) -> Iterator[tuple[str, str, str, str]]:
+    """The non-empty ``name=value`` items of a comma (or semicolon) separated list:
+    (the item as written, its name stripped, "=" or "" when it has none, the value)."""
     for item in text.replace(";", ",").split(","):
         item = item.strip()
-        if not item:
-            continue
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            raise ValueError(f"label {item!r}: give name=value, e.g. zone=a")
-        out[name.strip()] = value.strip()
-    return out
+        if item:
+            name, sep, value = item.partition("=")
+            yield item, name.strip(), sep, value
 
 
 def validate_request(resources: Mapping[str, Any] | None, labels: Mapping[str, Any] | None
