@@ -40,7 +40,7 @@ from typing import Any
 
 import zmq
 
-from . import codeship, endpoint, protocol, security, shm
+from . import codeship, direct, endpoint, protocol, security, shm
 from . import tracing as _trace
 from .broker_instructions import (
     Abort,
@@ -256,6 +256,8 @@ class Broker:
                 self.state.results(p, results, now)
             elif kind is Msg.HEARTBEAT:
                 pass
+            elif kind is Msg.DIRECT and p.role is Role.WORKER:  # tasks a driver sent the slot straight
+                direct.adopt(self.state, p, protocol.decode_tasks(frames, body), now)
             elif kind is Msg.CANCEL and p.role is Role.DRIVER:
                 self.state.cancel(p, protocol.decode_cancel(body), now)
             elif kind is Msg.RECYCLE and p.role is Role.DRIVER:

@@ -709,6 +709,8 @@ class BrokerState:
         })
 
     def _send_result(self, driver: PeerInfo, entry: ResultEntry) -> None:
+        if entry.flags & Flag.DIRECT:
+            return  # the slot sent it to the driver itself (distfork/direct.py)
         out = self._results.get(driver.id)
         if out is None:
             out = self._results[driver.id] = []

@@ -157,6 +157,10 @@ class Config:
     resource_grace_s: float = 3.0
     #: Top-level forks a ``distfork.trace()`` keeps (a ring: the oldest drop out).
     trace_capacity: int = 100_000
+    #: The direct path (distfork/direct.py): a lone fork of a driver of the embedded cluster goes
+    #: straight to an idle worker slot over a private ipc:// socket, not through the broker (which is
+    #: still told of it). ``DISTFORK_DIRECT=0``: every task goes through the broker.
+    direct: bool = False
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Config:

@@ -46,7 +46,7 @@ from typing import Any, NamedTuple
 
 import zmq
 
-from . import output, protocol, security, serialize, shm
+from . import direct, output, protocol, security, serialize, shm
 from . import tracing as _trace
 from .config import BATCH_MAX, DRIVER_RECV_BURST, RESUBMITS_MAX, Config
 from .errors import (
@@ -157,6 +157,10 @@ class Driver:
         self._closing = False
         self._closed = threading.Event()
         self._ctx = zmq.Context()
+        # Lone tasks go straight to a slot of the embedded cluster (distfork/direct.py), sent by the I/O thread.
+        self._direct = (direct.DirectClient(self._ctx, address, self.identity, config.heartbeat_s)
+                        if direct.enabled(config, address) else None)
+        self._direct_out: collections.deque[TaskEntry] = collections.deque()
         self._thread = threading.Thread(target=self._run, name="distfork-driver-io", daemon=True)
         callback_runner.io_threads.add(self._thread)
         self._thread.start()
@@ -182,8 +186,10 @@ class Driver:
     def reference(self, fut: Future[Any]) -> bool:
         """Whether a future among a call's arguments can go as a reference the broker resolves:
         one of our tasks, unfinished or held there."""
-        if fut.driver is not self or self.nested:
-            return False  # a task that forks resolves its futures itself: it may run them (see _reclaim)
+        if fut.driver is not self or self.nested or fut.direct:
+            # A task that forks resolves its futures itself: it may run them (see _reclaim). A direct
+            # task's value never stays in the broker: the call waits for it here.
+            return False
         task_id = fut.task_id
         return (task_id in self._inflight and not fut.done()) or (task_id in self.held and fut.held)
 
@@ -245,6 +251,9 @@ class Driver:
             traced.bind(self.name, task_id)
             self._traced[task_id] = traced
         entry = TaskEntry(task_id, max_retries, timeout_s, frames, flags)
+        lone = self._direct is not None and self._direct.ready and direct.eligible(
+            nbytes, segment, pinned, call, request, traced, self.nested, self.shipper, len(self._inflight))
+        fut.direct = lone
         self._inflight[task_id] = InFlight(fut, entry, segment, nbytes)
         if self._closing:
             # close() ran meanwhile (we may have waited for the window): it may have taken its
@@ -257,7 +266,7 @@ class Driver:
                 self._release(item.segment, item.nbytes)
             raise DistforkError("this distfork driver was shut down while fork() waited; "
                                 "call distfork.init() to start again")
-        self._outgoing.append(entry)
+        (self._direct_out if lone else self._outgoing).append(entry)
         self._wake()
         return fut
 
@@ -305,6 +314,7 @@ class Driver:
             fut.cancel()
             self._release(segment, nbytes)
         self._calls.clear()
+        self._direct_out.clear()
         self._wakeup.close()
         self._ctx.term()
         self._display.close()
@@ -439,6 +449,8 @@ class Driver:
                 now = time.monotonic()
                 if watch is not None and watch.monitor in events:
                     self._handshake(watch)
+                if self._direct is not None:
+                    self._direct_turn(poller, events, now)
                 if self._outgoing or self._cancels or self._reclaims or self._recycles or self.held.fetches \
                         or self.held.releases or self._codes:
                     self._flush(sock)
@@ -474,7 +486,22 @@ class Driver:
             if monitor is not None:
                 sock.disable_monitor()
                 monitor.close(linger=0)
+            if self._direct is not None:
+                self._direct.close()
             sock.close(linger=100)
+
+    def _direct_turn(self, poller: zmq.Poller, events: dict[Any, int], now: float) -> None:
+        """The direct path (distfork/direct.py): find slots, send lone tasks to them, take their results."""
+        d = self._direct
+        if d is None:
+            return
+        if d.rescan or now >= d.next_scan:
+            self._outgoing.extend(e for e in d.scan(poller, now) if e.id in self._inflight)
+        if self._direct_out:
+            self._outgoing.extend(d.send([self._direct_out.popleft() for _ in range(len(self._direct_out))]))
+        for s in d.sockets():
+            if s in events:
+                self._results(d.receive(s))
 
     def _handshake(self, watch: security.HandshakeWatch) -> None:
         text = watch.check()
@@ -582,6 +609,8 @@ class Driver:
 
     def _cluster_facts(self, facts: dict[str, Any]) -> None:
         """Use shared memory for arguments while some worker shares our /dev/shm."""
+        if self._direct is not None:
+            self._direct.rescan = True  # workers came or went: look for their direct sockets
         if isinstance(facts.get("session"), str):
             self._session = facts["session"]
         local = facts.get("local_workers", 0)

@@ -88,6 +88,7 @@ class Future(concurrent.futures.Future, Generic[T]):  # type: ignore[type-arg]
         #: broker holds (result REMOTE) is fetched through ``driver._fetch``.
         self.task_id = 0
         self.driver: Any = None
+        self.direct = False  # sent straight to a worker slot (distfork/direct.py)
         self._output: list[str] | None = None  # lines the task printed or logged (distfork/output.py)
 
     @property

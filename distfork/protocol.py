@@ -11,7 +11,7 @@ Bodies:
 * control messages (HELLO, WELCOME, STATUS_REPLY, REJECT, KEEPALIVE, CLUSTER,
   EXITED, RECLAIMED, RECYCLE, CODE_GET, OUTPUT): UTF-8 JSON
   object;
-* batches (SUBMIT, TASKS, RESULTS, DISCARD): ``u32 count`` then ``count``
+* batches (SUBMIT, TASKS, RESULTS, DISCARD, DIRECT): ``u32 count`` then ``count``
   entries of ``struct "!QHBHfI"`` = (id, nframes, code, flags, extra, pid),
   followed in the message by the entries' payload frames, ``nframes`` each,
   in order. The two middle fields mean different things in the two kinds
@@ -77,6 +77,7 @@ __all__ = [
     "decode_hello",
     "decode_keepalive",
     "decode_manifest",
+    "decode_origin",
     "decode_output",
     "decode_reclaimed",
     "decode_recycle",
@@ -98,6 +99,7 @@ __all__ = [
     "encode_cancel",
     "encode_code",
     "encode_json",
+    "encode_origin",
     "encode_driver_note",
     "encode_notes",
     "encode_signal",
@@ -138,6 +140,9 @@ class Msg(enum.IntEnum):
     CODE = 21  # D -> B: a package of the driver's code; B -> asker: the one asked for (see encode_code)
     CODE_GET = 22  # W (any peer) -> B: send me the code package of this hash (JSON: hash)
     OUTPUT = 23  # W control -> B -> D: lines a running task printed or logged (JSON, see distfork/output.py)
+    # W -> B: tasks a driver handed this slot directly (distfork/direct.py), before they run: a batch
+    # whose entries carry the slot's key and, as their first frame, encode_origin(driver, its task id).
+    DIRECT = 24
 
 
 class Role(str, enum.Enum):
@@ -175,6 +180,9 @@ class Flag:
     # RESULTS: on the entry of id 0 that comes first in a batch with traced results: it carries
     # their trace notes (see encode_notes).
     TRACE = 256
+    # RESULTS (W -> B): the outcome of a task run on the direct path (distfork/direct.py), already
+    # delivered to its driver: the broker counts it and does not route it. Payload: none.
+    DIRECT = 512
 
 
 class Status(enum.IntEnum):
@@ -322,6 +330,21 @@ def decode_cancel(body: memoryview) -> list[int]:
 
 _DEP_ID = struct.Struct("!Q")
 _DEP_COUNT = struct.Struct("!I")
+
+
+_ORIGIN = struct.Struct("!Q")
+
+
+def encode_origin(driver: bytes, task_id: int) -> bytes:
+    """DIRECT's first frame of an entry: which driver sent the task straight to the slot, and its id there."""
+    return _ORIGIN.pack(task_id) + driver
+
+
+def decode_origin(frame: Frame) -> tuple[bytes, int]:
+    raw = bytes(frame)
+    if len(raw) <= _ORIGIN.size or len(raw) > _ORIGIN.size + 255:
+        raise ProtocolError(f"direct task origin of {len(raw)} bytes")
+    return raw[_ORIGIN.size:], _ORIGIN.unpack_from(raw)[0]
 
 
 def encode_deps(ids: Sequence[int]) -> bytes:

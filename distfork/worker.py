@@ -38,7 +38,7 @@ from typing import Any
 
 import zmq
 
-from . import codeship, output, protocol, resources, security, serialize, shm
+from . import codeship, direct, output, protocol, resources, security, serialize, shm
 from . import tracing as _trace
 from .config import Config
 from .errors import ProtocolError, SerializationError
@@ -414,6 +414,7 @@ class _Slot:
         # Traced tasks (Flag.TRACE): when each arrived; the notes to send with the next RESULTS.
         self.received: dict[int, float] = {}
         self.notes: list[tuple[int, bytes]] = []
+        self.direct: direct.SlotServer | None = None  # lone tasks drivers send us straight (distfork/direct.py)
 
     def _hello(self, sock: zmq.Socket[Any]) -> None:
         w = self.worker
@@ -441,6 +442,8 @@ class _Slot:
             log.exception("%s: slot %d failed", w.where, self.index)
             w.stop()
         finally:
+            if self.direct is not None:
+                self.direct.close()
             sock.close(linger=_LINGER_MS)
 
     def _serve(self, sock: zmq.Socket[Any]) -> None:
@@ -448,6 +451,9 @@ class _Slot:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(w._stop.fd, zmq.POLLIN)
+        self.direct = direct.SlotServer.open(w._ctx, w.config, w.address, self.index)
+        if self.direct is not None:
+            poller.register(self.direct.sock, zmq.POLLIN)
         heartbeat_ms = w.config.heartbeat_s * 1000
         threshold = w.config.oob_threshold_bytes
         self._hello(sock)
@@ -523,6 +529,8 @@ class _Slot:
         if self.done:
             if self.sock is None:  # set before the first task runs, so before any result
                 raise RuntimeError("results to send but no task socket: _flush before _serve ran a task")
+            if self.direct is not None:  # direct tasks' results go to their drivers, a header to the broker
+                self.done = self.direct.deliver(self.done)
             for e in self.done:
                 if len(e.frames) == 2:  # [stream, manifest]: its segment becomes the driver's now
                     name = shm.segment_of(e.frames)
@@ -558,7 +566,9 @@ class _Slot:
             self.run_s.clear()
 
     def _drain(self, sock: zmq.Socket[Any]) -> None:
-        """Take every message waiting on the socket."""
+        """Take every message waiting on the socket (and on our direct socket)."""
+        if self.direct is not None:
+            self.direct.drain(sock, self.local)
         while True:
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
