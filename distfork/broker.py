@@ -103,6 +103,7 @@ class Broker:
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.state = BrokerState(config, time.monotonic(), shm.domain())
         self.metrics = BrokerMetrics(self.state)
+        self.direct = direct.Adopter()  # tasks drivers sent straight to slots (distfork/direct.py)
         # Prometheus /metrics, from prometheus_client's own thread (it reads numbers, never the socket).
         self.metrics_server = self.metrics.serve(metrics_port, metrics_host) if metrics_port is not None else None
         try:
@@ -250,14 +251,15 @@ class Broker:
             elif kind is Msg.RESULTS and p.role is Role.WORKER:
                 results = _trace.take_notes(p, protocol.decode_results(frames, body), now)
                 self.metrics.results_in(p, results, now)
+                self.direct.results(p, results)
                 for e in results:
                     if e.flags & Flag.OUTPUT:  # its last lines may come after it, by another socket
                         self._route_output(p, e.id)
                 self.state.results(p, results, now)
             elif kind is Msg.HEARTBEAT:
                 pass
-            elif kind is Msg.DIRECT and p.role is Role.WORKER:  # tasks a driver sent the slot straight
-                direct.adopt(self.state, p, protocol.decode_tasks(frames, body), now)
+            elif kind is Msg.DIRECT and p.role is Role.DRIVER:  # tasks it sent straight to slots
+                self.direct.adopt(self.state, p, protocol.decode_tasks(frames, body), now)
             elif kind is Msg.CANCEL and p.role is Role.DRIVER:
                 self.state.cancel(p, protocol.decode_cancel(body), now)
             elif kind is Msg.RECYCLE and p.role is Role.DRIVER:

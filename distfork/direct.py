@@ -2,46 +2,44 @@
 
 ::
 
-     driver I/O thread              worker slot thread                       broker
-     ┌──────────────────┐  TASKS   ┌──────────────────────────────┐ DIRECT  ┌─────────────────────┐
-     │ DirectClient:    │ ───────▶ │ SlotServer.drain: a key per  │ ──────▶ │ adopt(): the task is │
-     │ a DEALER per     │  ipc,    │ task, tell the broker first, │ (before │ ASSIGNED to the slot │
-     │ slot socket it   │  private │ then queue it like any other │  it     │ as if dispatched:    │
-     │ found in the     │  dir     │ task; its RESULT goes to the │  runs)  │ loss, retry, cancel, │
-     │ cluster's dir    │ ◀─────── │ driver, a header-only RESULTS│ ──────▶ │ timeout, status      │
-     └──────────────────┘ RESULTS  │ entry (Flag.DIRECT) to us    │         │ work as usual        │
-                                   └──────────────────────────────┘         └─────────────────────┘
+     driver I/O thread                      worker slot thread                 broker
+     ┌──────────────────────┐ TASKS (ipc, ┌─────────────────────────────┐     ┌──────────────────────┐
+     │ DirectClient: one    │ private dir)│ SlotServer: queue it like   │     │                      │
+     │ DEALER per slot      │ ──────────▶ │ any task; its result goes   │     │                      │
+     │ socket found in the  │ ◀────────── │ to the driver, a header     │ ──▶ │ Flag.DIRECT result:  │
+     │ cluster's directory  │   RESULTS   │ (Flag.DIRECT) to the broker │     │ counted, not routed  │
+     │                      │ ─────────── DIRECT notice (same turn) ──────────▶│ adopt(): the task is │
+     └──────────────────────┘                                                  │ ASSIGNED to the slot │
+                                                                               └──────────────────────┘
 
 ``wait(fork(f, x))`` crosses the broker twice on the broker path (driver ->
 broker -> worker -> broker -> driver: four ZeroMQ messages, two broker
 turns). Here it is one message each way. The broker still knows every task:
-the slot sends it a ``DIRECT`` notice (key, driver, the driver's task id and
-the payload) *before* the task runs, on the slot's own broker socket, so the
-notice is ahead of the result and of the slot's loss. From there the task is
-an ordinary task assigned to that slot:
+in the same turn, the driver sends it a ``DIRECT`` notice (the task's key,
+the slot, its own task id and the payload) on its broker socket, so the
+notice is ahead of anything the driver submits later (the broker never hands
+that slot another task of ours meanwhile). From there the task is an
+ordinary task assigned to that slot:
 
 - the slot's process dies mid-task: the broker re-queues it (it has the
   payload) or fails it with ``WorkerLostError``, and the result reaches the
-  driver by the broker path, exactly as for a task the broker dispatched;
+  driver by the broker path, exactly as for a task the broker dispatched; a
+  notice that comes after the slot's loss queues the task as a retry;
 - ``fut.cancel()`` and ``timeout_s``: the broker aborts the slot's task by
   its key, as always; ``distfork status`` counts it;
+- the slot's result header may reach the broker before the notice: it is
+  kept (``Adopter.early``) and the notice then completes the task at once;
 - broker restart: the driver re-submits every unfinished task, direct ones
-  too; the broker ignores ids it has, and the driver completes a future
-  once, whichever result arrives first.
+  too; the driver completes a future once, whichever result comes first.
 
 Which tasks: only when the driver has nothing else in flight (so every slot
-of its embedded cluster is idle and no slot is held back from other work:
-no lease to revoke), and only plain calls: no future arguments, resources,
+of its embedded cluster is idle and none is held back from other work: there
+is no lease to revoke), and only plain calls: no future arguments, resources,
 trace, shared-memory arguments, shipped code, not forked inside a task.
 Everything else takes the broker path. Results come back as frames (never a
 shared-memory segment). Only for a driver of the embedded cluster: the
 slots bind ``ipc://`` sockets in the cluster's private 0700 directory (the
 broker's, see ``security.private_ipc``), files 0600, no TCP port.
-
-A slot that died before its notice reached the broker (a window of
-microseconds) would leave its task unknown there: the driver re-submits the
-direct tasks of a slot whose process is gone (its socket file names its pid)
-through the broker, which ignores ids it already has.
 """
 
 from __future__ import annotations
@@ -56,12 +54,12 @@ import zmq
 
 from . import protocol, security
 from .errors import ProtocolError
-from .protocol import Flag, Msg, ResultEntry, Role, TaskEntry
+from .protocol import Flag, Msg, ResultEntry, TaskEntry
 
 if TYPE_CHECKING:
     from .broker_state import BrokerState, PeerInfo
 
-__all__ = ["DirectClient", "SlotServer", "adopt", "enabled"]
+__all__ = ["Adopter", "DirectClient", "SlotServer", "eligible", "enabled"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +76,14 @@ def enabled(config: Any, address: str) -> bool:
 
 def _directory(address: str) -> str:
     return os.path.dirname(os.path.abspath(address[len("ipc://"):]))
+
+
+def _slot_of(name: str) -> bytes:
+    """The broker identity of the slot whose socket file this is (``direct-<pid>-<identity hex>``)."""
+    try:
+        return bytes.fromhex(name[len(_PREFIX):].split("-")[1])
+    except (IndexError, ValueError):
+        return b""
 
 
 def _pid_of(name: str) -> int:
@@ -111,30 +117,25 @@ class DirectClient:
         self._ctx = ctx
         self._scan_s = scan_s
         self.next_scan = 0.0
-        # Tasks of slots found dead, kept one scan long: by then the broker (told of them, but for a
-        # slot that died within microseconds of taking one) has re-queued or failed them itself.
-        self._orphans: list[TaskEntry] = []
         self._dir = _directory(address)
         self._identity = identity
         self.socks: dict[str, zmq.Socket[Any]] = {}  # socket file -> DEALER
         self._by_sock: dict[zmq.Socket[Any], str] = {}
-        self.busy: dict[int, tuple[str, TaskEntry]] = {}  # task id -> (its slot, its entry): sent, no result yet
+        self.busy: dict[int, str] = {}  # task id -> the slot it was sent to, no result from there yet
         self.ready = False
         self.rescan = True
 
-    def scan(self, poller: zmq.Poller, now: float) -> list[TaskEntry]:
-        """Connect to new slot sockets, drop those of dead processes; tasks to send by the broker instead
-        (the broker ignores those it has)."""
+    def scan(self, poller: zmq.Poller, now: float) -> None:
+        """Connect to new slot sockets, drop those of dead processes (the broker handles their tasks)."""
         self.rescan = False
         self.next_scan = now + self._scan_s
         try:
             names = {n for n in os.listdir(self._dir) if n.startswith(_PREFIX)}
         except OSError:
             names = set()
-        orphans, self._orphans = self._orphans, []
         for name in list(self.socks):
             if name not in names or not _alive(_pid_of(name)):
-                self._orphans.extend(self._drop(name, poller))
+                self._drop(name, poller)
         for name in sorted(names - set(self.socks)):
             if not _alive(_pid_of(name)):
                 continue
@@ -148,37 +149,40 @@ class DirectClient:
             self.socks[name] = sock
             self._by_sock[sock] = name
         self.ready = bool(self.socks)
-        return orphans
 
-    def _drop(self, name: str, poller: zmq.Poller) -> list[TaskEntry]:
+    def _drop(self, name: str, poller: zmq.Poller) -> None:
         sock = self.socks.pop(name)
         del self._by_sock[sock]
         poller.unregister(sock)
         sock.close(linger=0)
-        lost = [e for where, e in self.busy.values() if where == name]
-        for e in lost:
-            del self.busy[e.id]
-        return lost
+        for task_id in [i for i, where in self.busy.items() if where == name]:
+            del self.busy[task_id]
 
-    def send(self, entries: Iterable[TaskEntry]) -> list[TaskEntry]:
-        """Each task to a slot with none of ours; those no slot takes now are returned (broker path)."""
+    def send(self, entries: Iterable[TaskEntry]) -> tuple[list[TaskEntry], list[TaskEntry]]:
+        """Each task to a slot with none of ours: (the DIRECT notices for the broker, the tasks no slot
+        took now, for the broker path)."""
+        notices: list[TaskEntry] = []
         rest: list[TaskEntry] = []
-        taken = {where for where, _ in self.busy.values()}
+        taken = set(self.busy.values())
         free = [n for n in self.socks if n not in taken]
         for e in entries:
             while free:
                 name = free.pop(0)
+                key = _KEY_BASE + random.getrandbits(61)
+                origin = protocol.encode_origin(self._identity, e.id)
+                task = TaskEntry(key, e.max_retries, e.timeout_s, [origin, *e.frames], 0)
                 try:
-                    self.socks[name].send_multipart(protocol.encode_batch(Msg.TASKS, [e]), zmq.NOBLOCK, copy=False)
+                    self.socks[name].send_multipart(protocol.encode_batch(Msg.TASKS, [task]), zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     self.rescan = True  # not connected: a slot starting, or gone
                     continue
-                self.busy[e.id] = (name, e)
-                free.append(name)  # the next lone task goes to the same (warm) slot: it is done by then
+                self.busy[e.id] = name
+                notices.append(TaskEntry(key, e.max_retries, e.timeout_s,
+                                         [protocol.encode_origin(_slot_of(name), e.id), *e.frames], 0))
                 break
             else:
                 rest.append(e)
-        return rest
+        return notices, rest
 
     def receive(self, sock: zmq.Socket[Any]) -> list[ResultEntry]:
         """Results a slot sent us straight."""
@@ -228,8 +232,8 @@ def eligible(nbytes: int, segment: Any, pinned: bool, call: Any, request: Any, t
 class SlotServer:
     """A worker slot's ROUTER that drivers send lone tasks to (owned by the slot thread)."""
 
-    def __init__(self, ctx: zmq.Context[Any], address: str, index: int) -> None:
-        self.path = os.path.join(_directory(address), f"{_PREFIX}{os.getpid()}-{index}")
+    def __init__(self, ctx: zmq.Context[Any], address: str, identity: bytes) -> None:
+        self.path = os.path.join(_directory(address), f"{_PREFIX}{os.getpid()}-{identity.hex()}")
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, 0)
@@ -242,17 +246,17 @@ class SlotServer:
         self.routes: dict[int, tuple[bytes, int]] = {}
 
     @classmethod
-    def open(cls, ctx: zmq.Context[Any], config: Any, address: str, index: int) -> SlotServer | None:
+    def open(cls, ctx: zmq.Context[Any], config: Any, address: str, identity: bytes) -> SlotServer | None:
         if not enabled(config, address):
             return None
         try:
-            return cls(ctx, address, index)
+            return cls(ctx, address, identity)
         except (OSError, zmq.ZMQError) as exc:
-            log.warning("no direct path for slot %d: %s", index, exc)
+            log.warning("no direct path for slot %s: %s", identity.hex(), exc)
             return None
 
-    def drain(self, broker: zmq.Socket[Any], local: Any) -> None:
-        """Take the tasks drivers sent; tell the broker of them (before they run), queue them."""
+    def drain(self, local: Any) -> None:
+        """Queue the tasks drivers sent us (their driver told the broker of them)."""
         while True:
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -264,17 +268,15 @@ class SlotServer:
                 if kind is not Msg.TASKS:
                     raise ProtocolError(f"unexpected {kind.name} on a direct socket")
                 entries = protocol.decode_tasks(frames[1:], body)
+                origins = [protocol.decode_origin(e.frames[0]) if e.frames else None for e in entries]
             except ProtocolError as exc:
                 log.warning("dropped a message on a direct socket: %s", exc)
                 continue
-            notices: list[TaskEntry] = []
-            for e in entries:
-                key = _KEY_BASE + random.getrandbits(61)
-                self.routes[key] = (driver, e.id)
-                notices.append(TaskEntry(key, e.max_retries, e.timeout_s,
-                                         [protocol.encode_origin(driver, e.id), *e.frames], 0))
-                local.append(TaskEntry(key, e.max_retries, e.timeout_s, e.frames, 0))
-            broker.send_multipart(protocol.encode_batch(Msg.DIRECT, notices), copy=False)
+            for e, origin in zip(entries, origins, strict=True):
+                if origin is None:
+                    continue
+                self.routes[e.id] = (driver, origin[1])
+                local.append(TaskEntry(e.id, e.max_retries, e.timeout_s, e.frames[1:], 0))
 
     def deliver(self, done: list[ResultEntry]) -> list[ResultEntry]:
         """Results of direct tasks go to their drivers; the broker gets header-only entries for them."""
@@ -311,21 +313,43 @@ class SlotServer:
 # -- the broker side ------------------------------------------------------------
 
 
-def adopt(state: BrokerState, worker: PeerInfo, entries: Sequence[TaskEntry], now: float) -> None:
-    """A slot tells us of tasks a driver sent it directly: they are that driver's, assigned to the slot."""
-    from .broker_state import Task  # here: broker_state imports nothing of ours
+class Adopter:
+    """The broker's part (its loop thread): DIRECT notices from drivers, Flag.DIRECT results from slots."""
 
-    state._now = now
-    for e in entries:
-        if not e.frames:
-            raise ProtocolError("a direct task without its origin")
-        driver_id, task_id = protocol.decode_origin(e.frames[0])
-        driver = state.peers.get(driver_id)
-        if driver is None or driver.role is not Role.DRIVER or task_id in driver.tasks or e.id in worker.assigned:
-            continue  # a driver we do not know (yet): it re-submits what is unfinished when it says hello
-        task = Task(e.id, driver.id, task_id, e.max_retries, e.timeout_s, e.frames[1:], driver.domain,
-                    submitted=now)
-        driver.tasks[task_id] = task
-        state._give(worker, task, {})
-        state.counters["tasks_submitted"] += 1
-        state.counters["tasks_direct"] += 1
+    def __init__(self) -> None:
+        # Results of direct tasks that came before their driver's notice: key -> (status, run_s, flags).
+        self.early: dict[int, tuple[int, float, int]] = {}
+
+    def results(self, worker: PeerInfo, entries: Sequence[ResultEntry]) -> None:
+        """Before ``BrokerState.results``: keep the direct results whose notice has not come yet."""
+        for e in entries:
+            if e.flags & Flag.DIRECT and e.id not in worker.assigned:
+                if len(self.early) > 100_000:  # notices that never came (their driver left)
+                    self.early.clear()
+                self.early[e.id] = (e.status, e.run_s, e.flags)
+
+    def adopt(self, state: BrokerState, driver: PeerInfo, entries: Sequence[TaskEntry], now: float) -> None:
+        """A driver sent these tasks straight to slots: they are its tasks, assigned to those slots."""
+        from .broker_state import Task  # here: broker_state does not import us
+
+        state._now = now
+        for e in entries:
+            if not e.frames:
+                raise ProtocolError("a direct task without its origin")
+            slot_id, task_id = protocol.decode_origin(e.frames[0])
+            if task_id in driver.tasks:
+                continue
+            task = Task(e.id, driver.id, task_id, e.max_retries, e.timeout_s, e.frames[1:], driver.domain,
+                        submitted=now)
+            driver.tasks[task_id] = task
+            state.counters["tasks_submitted"] += 1
+            state.counters["tasks_direct"] += 1
+            early = self.early.pop(e.id, None)
+            worker = state.workers.get(slot_id)
+            if early is not None:  # it ran already
+                status, run_s, flags = early
+                state._finish(task, status, run_s, [], flags)
+            elif worker is not None:
+                state._give(worker, task, {})
+            else:  # the slot was lost before we heard of this task: run it again elsewhere
+                state._requeue(task)

@@ -450,7 +450,7 @@ class Driver:
                 if watch is not None and watch.monitor in events:
                     self._handshake(watch)
                 if self._direct is not None:
-                    self._direct_turn(poller, events, now)
+                    self._direct_turn(sock, poller, events, now)
                 if self._outgoing or self._cancels or self._reclaims or self._recycles or self.held.fetches \
                         or self.held.releases or self._codes:
                     self._flush(sock)
@@ -490,15 +490,18 @@ class Driver:
                 self._direct.close()
             sock.close(linger=100)
 
-    def _direct_turn(self, poller: zmq.Poller, events: dict[Any, int], now: float) -> None:
+    def _direct_turn(self, sock: zmq.Socket[Any], poller: zmq.Poller, events: dict[Any, int], now: float) -> None:
         """The direct path (distfork/direct.py): find slots, send lone tasks to them, take their results."""
         d = self._direct
         if d is None:
             return
         if d.rescan or now >= d.next_scan:
-            self._outgoing.extend(e for e in d.scan(poller, now) if e.id in self._inflight)
+            d.scan(poller, now)
         if self._direct_out:
-            self._outgoing.extend(d.send([self._direct_out.popleft() for _ in range(len(self._direct_out))]))
+            notices, rest = d.send([self._direct_out.popleft() for _ in range(len(self._direct_out))])
+            if notices:  # before anything we submit later: the broker then never gives those slots more of ours
+                sock.send_multipart(protocol.encode_batch(Msg.DIRECT, notices), copy=False)
+            self._outgoing.extend(rest)
         for s in d.sockets():
             if s in events:
                 self._results(d.receive(s))

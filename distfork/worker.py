@@ -451,7 +451,7 @@ class _Slot:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(w._stop.fd, zmq.POLLIN)
-        self.direct = direct.SlotServer.open(w._ctx, w.config, w.address, self.index)
+        self.direct = direct.SlotServer.open(w._ctx, w.config, w.address, self.identity)
         if self.direct is not None:
             poller.register(self.direct.sock, zmq.POLLIN)
         heartbeat_ms = w.config.heartbeat_s * 1000
@@ -568,7 +568,7 @@ class _Slot:
     def _drain(self, sock: zmq.Socket[Any]) -> None:
         """Take every message waiting on the socket (and on our direct socket)."""
         if self.direct is not None:
-            self.direct.drain(sock, self.local)
+            self.direct.drain(self.local)
         while True:
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
