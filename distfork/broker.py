@@ -212,6 +212,8 @@ class Broker:
                 # else is left to remove them.
                 path = self.address[len("ipc://"):]
                 private = os.path.basename(os.path.dirname(path)).startswith("distfork-")
+                if private:
+                    direct.remove_sockets(os.path.dirname(path))  # the slots' (a killed worker leaves its own)
                 for remove in (os.unlink, os.rmdir) if private else ():
                     try:
                         remove(path)

@@ -59,7 +59,7 @@ from .protocol import Flag, Msg, ResultEntry, TaskEntry
 if TYPE_CHECKING:
     from .broker_state import BrokerState, PeerInfo
 
-__all__ = ["Adopter", "DirectClient", "SlotServer", "eligible", "enabled"]
+__all__ = ["Adopter", "DirectClient", "SlotServer", "eligible", "enabled", "remove_sockets", "unlink"]
 
 log = logging.getLogger(__name__)
 
@@ -308,6 +308,24 @@ class SlotServer:
             os.unlink(self.path)
         except OSError:
             pass
+
+
+def unlink(paths: Iterable[str]) -> None:
+    """Remove slot socket files (a worker leaving at once, without closing its sockets)."""
+    for path in paths:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def remove_sockets(directory: str) -> None:
+    """The embedded cluster's broker stops: remove every slot socket file left in its private directory."""
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(_PREFIX)]
+    except OSError:
+        return
+    unlink(os.path.join(directory, n) for n in names)
 
 
 # -- the broker side ------------------------------------------------------------

@@ -380,6 +380,7 @@ class Worker:
 
     def _exit(self, code: int) -> None:
         """Leave at once, although slot threads are inside tasks."""
+        direct.unlink([s.direct.path for s in self.slots_ if s.direct is not None])
         if self.pool is not None:
             self.pool.close()
         self._sweep_at_exit()
