@@ -253,7 +253,7 @@ class Broker:
             elif kind is Msg.RESULTS and p.role is Role.WORKER:
                 results = _trace.take_notes(p, protocol.decode_results(frames, body), now)
                 self.metrics.results_in(p, results, now)
-                self.direct.results(p, results)
+                results = self.direct.results(p, results)
                 for e in results:
                     if e.flags & Flag.OUTPUT:  # its last lines may come after it, by another socket
                         self._route_output(p, e.id)

@@ -16,6 +16,7 @@ __all__ = [
     "BATCH_MAX",
     "DEFAULT_ADDRESS",
     "DEFAULT_PORT",
+    "DIRECT_NOTICE_S",
     "DRIVER_RECV_BURST",
     "OUTPUT_ROUTES_MAX",
     "RECV_BURST",
@@ -46,6 +47,9 @@ STEAL_CHECK_S = 0.02
 STALL_S = 0.05
 #: A task whose future arguments keep vanishing from the broker (restarts) fails after this many tries.
 RESUBMITS_MAX = 5
+#: Longest a driver holds back its DIRECT notices (distfork/direct.py) to batch them, off the
+#: path of the task's own round trip; anything else it sends the broker takes them along first.
+DIRECT_NOTICE_S = 0.001
 #: (slot, task) routes of task output the broker remembers for lines that come after the result.
 OUTPUT_ROUTES_MAX = 10_000
 

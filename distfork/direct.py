@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from . import protocol, security
+from .config import DIRECT_NOTICE_S
 from .errors import ProtocolError
 from .protocol import Flag, Msg, ResultEntry, TaskEntry
 
@@ -124,6 +125,10 @@ class DirectClient:
         self.busy: dict[int, str] = {}  # task id -> the slot it was sent to, no result from there yet
         self.ready = False
         self.rescan = True
+        # DIRECT notices not sent yet, and when the oldest was made (see config.DIRECT_NOTICE_S).
+        self.notices: list[TaskEntry] = []
+        self.notices_at = 0.0
+        self.urgent = False  # a task with timeout_s: its slot may end it any moment, by its key
 
     def scan(self, poller: zmq.Poller, now: float) -> None:
         """Connect to new slot sockets, drop those of dead processes (the broker handles their tasks)."""
@@ -158,10 +163,12 @@ class DirectClient:
         for task_id in [i for i, where in self.busy.items() if where == name]:
             del self.busy[task_id]
 
-    def send(self, entries: Iterable[TaskEntry]) -> tuple[list[TaskEntry], list[TaskEntry]]:
-        """Each task to a slot with none of ours: (the DIRECT notices for the broker, the tasks no slot
-        took now, for the broker path)."""
-        notices: list[TaskEntry] = []
+    def send(self, entries: Iterable[TaskEntry], now: float) -> list[TaskEntry]:
+        """Each task to a slot with none of ours (its DIRECT notice to :attr:`notices`); the tasks no
+        slot took now are returned, for the broker path."""
+        notices = self.notices
+        if not notices:
+            self.notices_at = now
         rest: list[TaskEntry] = []
         taken = set(self.busy.values())
         free = [n for n in self.socks if n not in taken]
@@ -177,12 +184,23 @@ class DirectClient:
                     self.rescan = True  # not connected: a slot starting, or gone
                     continue
                 self.busy[e.id] = name
+                self.urgent = self.urgent or e.timeout_s > 0
                 notices.append(TaskEntry(key, e.max_retries, e.timeout_s,
                                          [protocol.encode_origin(_slot_of(name), e.id), *e.frames], 0))
                 break
             else:
                 rest.append(e)
-        return notices, rest
+        return rest
+
+    def notices_due(self, now: float) -> float | None:
+        """Seconds until the notices must go (0: now), None if there are none."""
+        if not self.notices:
+            return None
+        return 0.0 if self.urgent else max(0.0, self.notices_at + DIRECT_NOTICE_S - now)
+
+    def take_notices(self) -> list[TaskEntry]:
+        notices, self.notices, self.urgent = self.notices, [], False
+        return notices
 
     def receive(self, sock: zmq.Socket[Any]) -> list[ResultEntry]:
         """Results a slot sent us straight."""
@@ -338,13 +356,20 @@ class Adopter:
         # Results of direct tasks that came before their driver's notice: key -> (status, run_s, flags).
         self.early: dict[int, tuple[int, float, int]] = {}
 
-    def results(self, worker: PeerInfo, entries: Sequence[ResultEntry]) -> None:
-        """Before ``BrokerState.results``: keep the direct results whose notice has not come yet."""
+    def results(self, worker: PeerInfo, entries: list[ResultEntry]) -> list[ResultEntry]:
+        """Before ``BrokerState.results``: keep the direct results whose notice has not come yet
+        (the driver batches its notices: usually the result comes first); the others go on."""
+        if not any(e.flags & Flag.DIRECT for e in entries):
+            return entries
+        rest = []
         for e in entries:
             if e.flags & Flag.DIRECT and e.id not in worker.assigned:
                 if len(self.early) > 100_000:  # notices that never came (their driver left)
                     self.early.clear()
                 self.early[e.id] = (e.status, e.run_s, e.flags)
+            else:
+                rest.append(e)
+        return rest
 
     def adopt(self, state: BrokerState, driver: PeerInfo, entries: Sequence[TaskEntry], now: float) -> None:
         """A driver sent these tasks straight to slots: they are its tasks, assigned to those slots."""

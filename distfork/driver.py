@@ -36,6 +36,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import math
 import os
 import socket
 import threading
@@ -442,7 +443,8 @@ class Driver:
         last_sent = last_heard = last_hello = time.monotonic()
         try:
             while not self._closing:
-                events = dict(poller.poll(int(heartbeat_s * 1000)))
+                due = self._direct.notices_due(time.monotonic()) if self._direct is not None else None
+                events = dict(poller.poll(int(heartbeat_s * 1000) if due is None else math.ceil(due * 1000)))
                 if self._wakeup.fd in events:
                     self._wakeup.drain()
                     self._wake_pending = False
@@ -498,13 +500,16 @@ class Driver:
         if d.rescan or now >= d.next_scan:
             d.scan(poller, now)
         if self._direct_out:
-            notices, rest = d.send([self._direct_out.popleft() for _ in range(len(self._direct_out))])
-            if notices:  # before anything we submit later: the broker then never gives those slots more of ours
-                sock.send_multipart(protocol.encode_batch(Msg.DIRECT, notices), copy=False)
+            rest = d.send([self._direct_out.popleft() for _ in range(len(self._direct_out))], now)
             self._outgoing.extend(rest)
         for s in d.sockets():
             if s in events:
                 self._results(d.receive(s))
+        # The broker hears of direct tasks in batches, off their round trip, but before anything else we
+        # send it: then it never hands those slots another task of ours, and a cancel finds the task.
+        due = d.notices_due(now)
+        if due is not None and (due == 0 or self._outgoing or self._cancels or self._reclaims):
+            sock.send_multipart(protocol.encode_batch(Msg.DIRECT, d.take_notices()), copy=False)
 
     def _handshake(self, watch: security.HandshakeWatch) -> None:
         text = watch.check()
