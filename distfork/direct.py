@@ -47,6 +47,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import threading
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -108,10 +109,17 @@ def _alive(pid: int) -> bool:
 
 
 class DirectClient:
-    """The driver's sockets to the slots of its embedded cluster (owned by its I/O thread).
+    """The driver's sockets to the slots of its embedded cluster.
 
-    ``ready`` is read by user threads (submit): some slot socket is known.
-    Everything else is the I/O thread's.
+    Per slot, two DEALERs: the I/O thread's (routing id: the driver's
+    identity), which the slot answers on, and a sender that user threads use
+    under ``_lock`` (``submit`` sends a lone task itself: no wake-up of the
+    I/O thread, no turn of it on the task's way). **Chosen differently** from
+    house rule 2 (a socket is one thread's): a sender is used by whichever
+    user thread holds the lock, which ZeroMQ allows (the lock is the memory
+    barrier it asks for); the I/O thread creates and closes them under it.
+    ``busy``, ``notices`` and the senders are guarded by ``_lock``; the
+    receiving sockets and the scan are the I/O thread's.
     """
 
     def __init__(self, ctx: zmq.Context[Any], address: str, identity: bytes, scan_s: float) -> None:
@@ -120,8 +128,11 @@ class DirectClient:
         self.next_scan = 0.0
         self._dir = _directory(address)
         self._identity = identity
-        self.socks: dict[str, zmq.Socket[Any]] = {}  # socket file -> DEALER
+        self.socks: dict[str, zmq.Socket[Any]] = {}  # socket file -> the I/O thread's DEALER
         self._by_sock: dict[zmq.Socket[Any], str] = {}
+        self._lock = threading.Lock()
+        self._senders: dict[str, zmq.Socket[Any]] = {}  # socket file -> the user threads' DEALER
+        self._closed = False
         self.busy: dict[int, str] = {}  # task id -> the slot it was sent to, no result from there yet
         self.ready = False
         self.rescan = True
@@ -129,6 +140,15 @@ class DirectClient:
         self.notices: list[TaskEntry] = []
         self.notices_at = 0.0
         self.urgent = False  # a task with timeout_s: its slot may end it any moment, by its key
+
+    def _dealer(self, name: str, identity: bytes) -> zmq.Socket[Any]:
+        sock: zmq.Socket[Any] = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.ROUTING_ID, identity)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # a send to a slot not connected (yet, or any more) fails at once
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.connect(f"ipc://{os.path.join(self._dir, name)}")
+        return sock
 
     def scan(self, poller: zmq.Poller, now: float) -> None:
         """Connect to new slot sockets, drop those of dead processes (the broker handles their tasks)."""
@@ -144,15 +164,13 @@ class DirectClient:
         for name in sorted(names - set(self.socks)):
             if not _alive(_pid_of(name)):
                 continue
-            sock = self._ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.ROUTING_ID, self._identity)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.IMMEDIATE, 1)  # a send to a slot not connected (yet, or any more) fails at once
-            sock.setsockopt(zmq.SNDHWM, 0)
-            sock.connect(f"ipc://{os.path.join(self._dir, name)}")
+            sock = self._dealer(name, self._identity)
             poller.register(sock, zmq.POLLIN)
             self.socks[name] = sock
             self._by_sock[sock] = name
+            sender = self._dealer(name, self._identity + b"s")
+            with self._lock:
+                self._senders[name] = sender
         self.ready = bool(self.socks)
 
     def _drop(self, name: str, poller: zmq.Poller) -> None:
@@ -160,37 +178,37 @@ class DirectClient:
         del self._by_sock[sock]
         poller.unregister(sock)
         sock.close(linger=0)
-        for task_id in [i for i, where in self.busy.items() if where == name]:
-            del self.busy[task_id]
+        with self._lock:
+            self._senders.pop(name).close(linger=0)
+            for task_id in [i for i, where in self.busy.items() if where == name]:
+                del self.busy[task_id]
 
-    def send(self, entries: Iterable[TaskEntry], now: float) -> list[TaskEntry]:
-        """Each task to a slot with none of ours (its DIRECT notice to :attr:`notices`); the tasks no
-        slot took now are returned, for the broker path."""
-        notices = self.notices
-        if not notices:
-            self.notices_at = now
-        rest: list[TaskEntry] = []
-        taken = set(self.busy.values())
-        free = [n for n in self.socks if n not in taken]
-        for e in entries:
-            while free:
-                name = free.pop(0)
+    def send(self, e: TaskEntry, now: float) -> bool:
+        """From a user thread: send a task to a slot with none of ours (its DIRECT notice waits in
+        :attr:`notices` for the I/O thread); False if no slot takes it now (the broker path then)."""
+        with self._lock:
+            if self._closed:
+                return False
+            taken = set(self.busy.values())
+            for name, sender in self._senders.items():
+                if name in taken:
+                    continue
                 key = _KEY_BASE + random.getrandbits(61)
                 origin = protocol.encode_origin(self._identity, e.id)
                 task = TaskEntry(key, e.max_retries, e.timeout_s, [origin, *e.frames], 0)
                 try:
-                    self.socks[name].send_multipart(protocol.encode_batch(Msg.TASKS, [task]), zmq.NOBLOCK, copy=False)
+                    sender.send_multipart(protocol.encode_batch(Msg.TASKS, [task]), zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     self.rescan = True  # not connected: a slot starting, or gone
                     continue
                 self.busy[e.id] = name
+                if not self.notices:
+                    self.notices_at = now
+                self.notices.append(TaskEntry(key, e.max_retries, e.timeout_s,
+                                              [protocol.encode_origin(_slot_of(name), e.id), *e.frames], 0))
                 self.urgent = self.urgent or e.timeout_s > 0
-                notices.append(TaskEntry(key, e.max_retries, e.timeout_s,
-                                         [protocol.encode_origin(_slot_of(name), e.id), *e.frames], 0))
-                break
-            else:
-                rest.append(e)
-        return rest
+                return True
+            return False
 
     def notices_due(self, now: float) -> float | None:
         """Seconds until the notices must go (0: now), None if there are none."""
@@ -199,7 +217,8 @@ class DirectClient:
         return 0.0 if self.urgent else max(0.0, self.notices_at + DIRECT_NOTICE_S - now)
 
     def take_notices(self) -> list[TaskEntry]:
-        notices, self.notices, self.urgent = self.notices, [], False
+        with self._lock:
+            notices, self.notices, self.urgent = self.notices, [], False
         return notices
 
     def receive(self, sock: zmq.Socket[Any]) -> list[ResultEntry]:
@@ -209,7 +228,7 @@ class DirectClient:
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return out
+                break
             try:
                 kind, body = protocol.decode(frames)
                 if kind is not Msg.RESULTS:
@@ -218,13 +237,11 @@ class DirectClient:
             except ProtocolError as exc:
                 log.warning("dropped a message from a direct slot: %s", exc)
                 continue
-            for e in entries:
-                self.busy.pop(e.id, None)
             out.extend(entries)
-
-    def forget(self, task_id: int) -> None:
-        """A task ended another way (by the broker path, cancelled): its slot is free for us again."""
-        self.busy.pop(task_id, None)
+        with self._lock:
+            for e in out:
+                self.busy.pop(e.id, None)
+        return out
 
     def sockets(self) -> Sequence[zmq.Socket[Any]]:
         return list(self._by_sock)
@@ -234,6 +251,11 @@ class DirectClient:
             sock.close(linger=0)
         self.socks.clear()
         self._by_sock.clear()
+        with self._lock:
+            self._closed = True
+            for sender in self._senders.values():
+                sender.close(linger=0)
+            self._senders.clear()
         self.ready = False
 
 
@@ -255,6 +277,7 @@ class SlotServer:
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a driver not connected: its result goes by the broker
         old = os.umask(0o177)  # the socket file: 0600 (its directory is 0700 already)
         try:
             self.sock.bind(f"ipc://{self.path}")
@@ -281,7 +304,6 @@ class SlotServer:
             except zmq.Again:
                 return
             try:
-                driver = frames[0].bytes
                 kind, body = protocol.decode(frames[1:])
                 if kind is not Msg.TASKS:
                     raise ProtocolError(f"unexpected {kind.name} on a direct socket")
@@ -293,7 +315,7 @@ class SlotServer:
             for e, origin in zip(entries, origins, strict=True):
                 if origin is None:
                     continue
-                self.routes[e.id] = (driver, origin[1])
+                self.routes[e.id] = origin  # answered on the driver's I/O socket, not the sender's
                 local.append(TaskEntry(e.id, e.max_retries, e.timeout_s, e.frames[1:], 0))
 
     def deliver(self, done: list[ResultEntry]) -> list[ResultEntry]:
@@ -353,20 +375,21 @@ class Adopter:
     """The broker's part (its loop thread): DIRECT notices from drivers, Flag.DIRECT results from slots."""
 
     def __init__(self) -> None:
-        # Results of direct tasks that came before their driver's notice: key -> (status, run_s, flags).
-        self.early: dict[int, tuple[int, float, int]] = {}
+        # Results of direct tasks that came before their driver's notice: key -> (status, run_s, frames,
+        # flags). Only a header (Flag.DIRECT), unless the slot could not reach the driver.
+        self.early: dict[int, tuple[int, float, Sequence[Any], int]] = {}
 
     def results(self, worker: PeerInfo, entries: list[ResultEntry]) -> list[ResultEntry]:
         """Before ``BrokerState.results``: keep the direct results whose notice has not come yet
         (the driver batches its notices: usually the result comes first); the others go on."""
-        if not any(e.flags & Flag.DIRECT for e in entries):
+        if not any(e.id >= _KEY_BASE for e in entries):
             return entries
         rest = []
         for e in entries:
-            if e.flags & Flag.DIRECT and e.id not in worker.assigned:
+            if e.id >= _KEY_BASE and e.id not in worker.assigned:
                 if len(self.early) > 100_000:  # notices that never came (their driver left)
                     self.early.clear()
-                self.early[e.id] = (e.status, e.run_s, e.flags)
+                self.early[e.id] = (e.status, e.run_s, e.frames, e.flags)
             else:
                 rest.append(e)
         return rest
@@ -390,8 +413,8 @@ class Adopter:
             early = self.early.pop(e.id, None)
             worker = state.workers.get(slot_id)
             if early is not None:  # it ran already
-                status, run_s, flags = early
-                state._finish(task, status, run_s, [], flags)
+                status, run_s, frames, flags = early
+                state._finish(task, status, run_s, frames, flags)
             elif worker is not None:
                 state._give(worker, task, {})
             else:  # the slot was lost before we heard of this task: run it again elsewhere

@@ -158,10 +158,9 @@ class Driver:
         self._closing = False
         self._closed = threading.Event()
         self._ctx = zmq.Context()
-        # Lone tasks go straight to a slot of the embedded cluster (distfork/direct.py), sent by the I/O thread.
+        # Lone tasks go straight to a slot of the embedded cluster (distfork/direct.py), sent by submit.
         self._direct = (direct.DirectClient(self._ctx, address, self.identity, config.heartbeat_s)
                         if direct.enabled(config, address) else None)
-        self._direct_out: collections.deque[TaskEntry] = collections.deque()
         self._thread = threading.Thread(target=self._run, name="distfork-driver-io", daemon=True)
         callback_runner.io_threads.add(self._thread)
         self._thread.start()
@@ -254,7 +253,6 @@ class Driver:
         entry = TaskEntry(task_id, max_retries, timeout_s, frames, flags)
         lone = self._direct is not None and self._direct.ready and direct.eligible(
             nbytes, segment, pinned, call, request, traced, self.nested, self.shipper, len(self._inflight))
-        fut.direct = lone
         self._inflight[task_id] = InFlight(fut, entry, segment, nbytes)
         if self._closing:
             # close() ran meanwhile (we may have waited for the window): it may have taken its
@@ -267,7 +265,13 @@ class Driver:
                 self._release(item.segment, item.nbytes)
             raise DistforkError("this distfork driver was shut down while fork() waited; "
                                 "call distfork.init() to start again")
-        (self._direct_out if lone else self._outgoing).append(entry)
+        if lone and self._direct is not None and self._direct.send(entry, time.monotonic()):
+            fut.direct = True
+            # Once the task is on its way: the I/O thread sends its notice within DIRECT_NOTICE_S (if
+            # the slot dies before the broker hears of the task, it would be run again, not failed).
+            self._wake()
+            return fut
+        self._outgoing.append(entry)
         self._wake()
         return fut
 
@@ -315,7 +319,6 @@ class Driver:
             fut.cancel()
             self._release(segment, nbytes)
         self._calls.clear()
-        self._direct_out.clear()
         self._wakeup.close()
         self._ctx.term()
         self._display.close()
@@ -499,17 +502,17 @@ class Driver:
             return
         if d.rescan or now >= d.next_scan:
             d.scan(poller, now)
-        if self._direct_out:
-            rest = d.send([self._direct_out.popleft() for _ in range(len(self._direct_out))], now)
-            self._outgoing.extend(rest)
         for s in d.sockets():
             if s in events:
                 self._results(d.receive(s))
-        # The broker hears of direct tasks in batches, off their round trip, but before anything else we
-        # send it: then it never hands those slots another task of ours, and a cancel finds the task.
-        due = d.notices_due(now)
-        if due is not None and (due == 0 or self._outgoing or self._cancels or self._reclaims):
-            sock.send_multipart(protocol.encode_batch(Msg.DIRECT, d.take_notices()), copy=False)
+        if d.notices_due(now) == 0:
+            self._send_notices(sock)
+
+    def _send_notices(self, sock: zmq.Socket[Any]) -> None:
+        """The broker hears of direct tasks in batches, off their round trip, but before anything else
+        we send it: then it never hands their slots another task of ours, and a cancel finds the task."""
+        if self._direct is not None and self._direct.notices:
+            sock.send_multipart(protocol.encode_batch(Msg.DIRECT, self._direct.take_notices()), copy=False)
 
     def _handshake(self, watch: security.HandshakeWatch) -> None:
         text = watch.check()
@@ -528,6 +531,7 @@ class Driver:
         self._welcomed.set()  # wake connect(): it raises AuthenticationError
 
     def _flush(self, sock: zmq.Socket[Any]) -> None:
+        self._send_notices(sock)
         out = self._outgoing
         self._send_codes(sock)
         while out:
