@@ -2,24 +2,25 @@
 
 ::
 
-     driver I/O thread                      worker slot thread                 broker
+     driver                                 worker slot thread                 broker
      ┌──────────────────────┐ TASKS (ipc, ┌─────────────────────────────┐     ┌──────────────────────┐
-     │ DirectClient: one    │ private dir)│ SlotServer: queue it like   │     │                      │
-     │ DEALER per slot      │ ──────────▶ │ any task; its result goes   │     │                      │
-     │ socket found in the  │ ◀────────── │ to the driver, a header     │ ──▶ │ Flag.DIRECT result:  │
-     │ cluster's directory  │   RESULTS   │ (Flag.DIRECT) to the broker │     │ counted, not routed  │
-     │                      │ ─────────── DIRECT notice (same turn) ──────────▶│ adopt(): the task is │
+     │ fork(): a sender     │ private dir)│ SlotServer: queue it like   │     │                      │
+     │ DEALER per slot, lock│ ──────────▶ │ any task; its result goes   │     │                      │
+     │ I/O thread: a DEALER │ ◀────────── │ to the driver, a header     │ ──▶ │ Flag.DIRECT result:  │
+     │ per slot, receives   │   RESULTS   │ (Flag.DIRECT) to the broker │     │ counted, not routed  │
+     │ I/O thread: notices  │ ─────────── DIRECT notices (≤ 1 ms) ────────────▶│ adopt(): the task is │
      └──────────────────────┘                                                  │ ASSIGNED to the slot │
                                                                                └──────────────────────┘
 
 ``wait(fork(f, x))`` crosses the broker twice on the broker path (driver ->
 broker -> worker -> broker -> driver: four ZeroMQ messages, two broker
-turns). Here it is one message each way. The broker still knows every task:
-in the same turn, the driver sends it a ``DIRECT`` notice (the task's key,
-the slot, its own task id and the payload) on its broker socket, so the
-notice is ahead of anything the driver submits later (the broker never hands
-that slot another task of ours meanwhile). From there the task is an
-ordinary task assigned to that slot:
+turns). Here it is one message each way, sent by ``fork()`` itself. The
+broker still knows every task: within ``DIRECT_NOTICE_S`` (1 ms, batched),
+and always before anything else the driver sends it, the I/O thread sends a
+``DIRECT`` notice (the task's key, the slot, its own task id and the
+payload), so the notice is ahead of anything the driver submits later (the
+broker never hands that slot another task of ours meanwhile). From there the
+task is an ordinary task assigned to that slot:
 
 - the slot's process dies mid-task: the broker re-queues it (it has the
   payload) or fails it with ``WorkerLostError``, and the result reaches the
@@ -416,6 +417,15 @@ class Adopter:
                 status, run_s, frames, flags = early
                 state._finish(task, status, run_s, frames, flags)
             elif worker is not None:
+                if worker.assigned:
+                    # Handed to the slot before we heard of this task (children it forked, typically):
+                    # they wait behind it there, and it may wait for them. Take them back.
+                    waiting = list(worker.assigned.values())
+                    state._cancels.setdefault(worker.id, []).extend(t.key for t in waiting)
+                    for t in reversed(waiting):
+                        del worker.assigned[t.key]
+                        state._requeue(t)
+                    state.counters["tasks_stolen"] += len(waiting)
                 state._give(worker, task, {})
             else:  # the slot was lost before we heard of this task: run it again elsewhere
                 state._requeue(task)
