@@ -17,12 +17,13 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import os
-import psutil
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
+
+import psutil
 
 import distfork
 from bench_tasks import noop  # importable: every system pickles it by reference
