@@ -280,6 +280,28 @@ class _LargeBytes:
 
 
 _CONTAINERS = (tuple, list, dict)
+_WALKED = frozenset((bytes, bytearray, memoryview, tuple, list, dict))  # what _wrap_large looks at
+
+
+def _has_large(obj: Any, threshold: int, depth: int = 3) -> bool:
+    """Whether :func:`_wrap_large` would wrap anything in ``obj``: the same walk, building nothing.
+
+    The common call (ints, floats, strings, small bytes, arrays, objects) holds
+    no large bytes-like value; this answers that without the copies of every
+    container the wrapping walk makes. Arrays need no walk: the pickler hands
+    their buffers out of band wherever they are.
+    """
+    t = type(obj)
+    if t is bytes or t is bytearray:
+        return len(obj) >= threshold
+    if t is memoryview:
+        return bool(obj.nbytes >= threshold and obj.c_contiguous)
+    if depth == 0 or t not in _CONTAINERS:
+        return False
+    for v in (obj.values() if t is dict else obj):
+        if type(v) in _WALKED and _has_large(v, threshold, depth - 1):
+            return True
+    return False
 
 
 def _wrap_large(obj: Any, threshold: int, depth: int = 3) -> Any:
@@ -302,7 +324,8 @@ def _wrap_large(obj: Any, threshold: int, depth: int = 3) -> Any:
 
 def dumps(obj: Any, oob_threshold_bytes: int) -> list[Any]:
     """Pickle ``obj``; buffers of at least ``oob_threshold_bytes`` become frames of their own."""
-    obj = _wrap_large(obj, oob_threshold_bytes)
+    if _has_large(obj, oob_threshold_bytes):
+        obj = _wrap_large(obj, oob_threshold_bytes)
     p = _local.pickler
     if p is None or p.in_use:  # first use in this thread, or pickling re-entered
         p = _ReusablePickler()

@@ -138,6 +138,13 @@ def describe_data(x: Any) -> dict[str, Any]:
     return out
 
 
+def describe_at(x: Any, *path: Any) -> dict[str, Any]:
+    """:func:`describe_data` of ``x[path[0]][path[1]]...``: a value nested in containers."""
+    for key in path:
+        x = x[key]
+    return describe_data(x)
+
+
 def fill_and_sum(a: Any, value: float) -> float:
     """Overwrite the argument array in place (the driver's copy must not change); return its new sum."""
     a[...] = value

@@ -200,6 +200,18 @@ def test_large_bytes_like_arguments_round_trip(cluster: Cluster, kind: str) -> N
     assert type(back) is (bytearray if kind == "bytearray" else bytes)  # a memoryview comes back as bytes
 
 
+def test_large_buffers_nested_in_small_looking_containers_travel_through_shared_memory(cluster: Cluster) -> None:
+    # The driver skips its walk for large bytes when a call looks small: this one does not.
+    arr = np.arange(1 << 17, dtype=np.float64)  # 1 MiB
+    raw = np.random.default_rng(3).bytes(1 << 20)
+    got = distfork.wait(distfork.fork(tasks.describe_at, {"k": (1, "x", arr), "n": None}, "k", 2))
+    assert got["sha256"] == tasks.describe_data(arr)["sha256"]
+    assert got["backing"].startswith(cluster.driver_prefix), got["backing"]
+    # bytes are rebuilt as a copy, off the segment: their trip through it is test_serialize's to see
+    got = distfork.wait(distfork.fork(tasks.describe_at, {"b": (2, raw)}, "b", 1))
+    assert got["type"] == "bytes" and got["sha256"] == tasks.describe_data(raw)["sha256"]
+
+
 # -- torch ---------------------------------------------------------------------
 
 TORCH_DTYPES = ["float32", "float64", "int64", "bool", "bfloat16", "float16"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import sys
 import threading
 import types
@@ -9,9 +10,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import distfork
-from distfork import serialize
+from distfork import serialize, shm
 
 THRESHOLD = 64 * 1024
 
@@ -192,6 +195,53 @@ def test_large_bytes_and_bytearrays_leave_the_pickle_stream_and_keep_their_type(
 
 def test_small_bytes_stay_in_band() -> None:
     assert len(serialize.dumps((b"x" * 100, bytearray(100)), 65536)) == 1
+
+
+SMALL = 16  # bytes: a threshold the drawn bytes-like values straddle
+_leaves = st.one_of(
+    st.none(), st.integers(), st.floats(allow_nan=False), st.text(max_size=4),
+    st.binary(max_size=2 * SMALL), st.binary(max_size=2 * SMALL).map(bytearray),
+    st.binary(max_size=2 * SMALL).map(memoryview),
+    st.binary(min_size=2 * SMALL, max_size=4 * SMALL).map(lambda b: memoryview(b)[::2]),  # not contiguous
+)
+_nested = st.recursive(
+    _leaves,
+    lambda inner: st.one_of(st.tuples(inner, inner), st.lists(inner, max_size=3),
+                            st.dictionaries(st.text(max_size=2), inner, max_size=3)),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(obj=_nested)
+def test_the_quick_look_for_large_bytes_agrees_with_the_wrapping_walk(obj: Any) -> None:
+    # dumps skips the wrapping walk when _has_large says there is nothing to wrap: it must
+    # never say so when the walk would wrap something (a large buffer left in the stream).
+    for depth in range(5):
+        assert serialize._has_large(obj, SMALL, depth) == (serialize._wrap_large(obj, SMALL, depth) is not obj)
+
+
+def test_large_buffers_in_small_looking_containers_still_leave_the_stream_for_shared_memory() -> None:
+    arr = np.arange(1 << 17, dtype=np.float64)  # 1 MiB
+    raw = bytes(1 << 20)
+    # The array at any depth (the pickler hands its buffer out); bytes within the walk's three levels.
+    kwargs = {"opts": {"k": (1, {"deep": [arr]})}, "blob": ("x", raw)}
+    frames = serialize.dumps_call(print, (1, 2.0, "s", None), kwargs, THRESHOLD)
+    assert len(frames) == 3 and len(frames[0]) < 1024  # both out of band, in the order pickled
+    assert sorted(memoryview(b).nbytes for b in frames[1:]) == [arr.nbytes, len(raw)]
+    pool = shm.SegmentPool(secrets.token_hex(4), 0)
+    try:
+        wire, seg = serialize.route(frames, pool)
+        assert seg is not None and len(wire) == 2  # [stream, manifest]: the buffers are in the segment
+        func, args, back = serialize.unpack_call(wire, [], [])
+        assert func is print and args == (1, 2.0, "s", None)
+        np.testing.assert_array_equal(back["opts"]["k"][1]["deep"][0], arr)
+        assert type(back["blob"][1]) is bytes and back["blob"][1] == raw
+    finally:
+        if seg is not None:
+            seg.release()
+            seg.unlink()
+        pool.close()
 
 
 @pytest.mark.parametrize("module", ["numpy", "torch"])
