@@ -159,9 +159,26 @@ def _value(x: Any) -> Any:
     return x
 
 
+# Modules registered with cloudpickle.register_pickle_by_value (usually none).
+_BY_VALUE: Any = getattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", None)
+
+
+def _by_reference(func: types.FunctionType) -> bool:
+    """Whether cloudpickle would pickle this function by reference, answered the short way for the
+    common case (a top-level function of an imported module, nothing registered by value); False
+    means "ask cloudpickle", which decides the rest exactly as before."""
+    name = func.__module__
+    if _BY_VALUE is None or _BY_VALUE or name is None or name == "__main__":
+        return False
+    qualname = func.__qualname__
+    return "." not in qualname and getattr(sys.modules.get(name), qualname, None) is func
+
+
 # cloudpickle has no type information, so its Pickler is Any to mypy.
 class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
     def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is types.FunctionType and _by_reference(obj):
+            return NotImplemented  # the pickler saves it as a global, as cloudpickle would have it
         if type(obj) is _CodeRef:  # first in every shipped fork's pickle: the short way
             return _activate_code, (obj.hash,)
         if obj is _activate_code:

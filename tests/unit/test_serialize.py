@@ -197,6 +197,44 @@ def test_small_bytes_stay_in_band() -> None:
     assert len(serialize.dumps((b"x" * 100, bytearray(100)), 65536)) == 1
 
 
+def _module_function(name: str) -> Any:
+    module = types.ModuleType(name)
+    exec("def f(x):\n    return x + 1\n", module.__dict__)
+    module.f.__module__ = name
+    sys.modules[name] = module
+    return module
+
+
+def test_functions_go_by_reference_exactly_when_cloudpickle_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    # reducer_override answers "by reference" the short way for plain top-level functions; every
+    # other case must still come out as cloudpickle decides.
+    import cloudpickle
+
+    def local(x: int) -> int:
+        return x
+
+    module = _module_function("distfork_test_by_reference")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    def check(func: Any, by_reference: bool) -> None:
+        assert cloudpickle.cloudpickle._should_pickle_by_reference(func) is by_reference, func
+        assert (serialize.loads(serialize.dumps(func, THRESHOLD)) is func) is by_reference, func
+
+    for func, by_reference in [(distfork.fork, True), (serialize._value, True), (local, False),
+                               (lambda x: x, False), (module.f, True)]:
+        check(func, by_reference)
+    rebound = module.f
+    module.f = lambda x: x  # the module's name now means another function: by value
+    check(rebound, False)
+    module.f = rebound
+    cloudpickle.register_pickle_by_value(module)
+    try:
+        back = serialize.loads(serialize.dumps(module.f, THRESHOLD))
+        assert back is not module.f and back(1) == 2  # registered by value: a copy
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
+    assert serialize.loads(serialize.dumps(module.f, THRESHOLD)) is module.f
+
+
 SMALL = 16  # bytes: a threshold the drawn bytes-like values straddle
 _leaves = st.one_of(
     st.none(), st.integers(), st.floats(allow_nan=False), st.text(max_size=4),
