@@ -66,6 +66,35 @@ class _Remote:
 REMOTE: Any = _Remote()
 
 
+class _Condition(threading.Condition):
+    """What ``threading.Condition()`` is to a ``concurrent.futures.Future``, lighter to make.
+
+    ``Condition.__init__`` binds five methods of its RLock per instance: with
+    thousands of futures in flight, that is five objects more each for the
+    garbage collector to walk, again and again. Here the same methods are
+    looked up on the lock when called; everything else is ``Condition``'s.
+    """
+
+    def __init__(self) -> None:  # not Condition.__init__: it binds what the methods below reach
+        self._lock = threading.RLock()
+        self._waiters: collections.deque[Any] = collections.deque()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        return self._lock.acquire(blocking, timeout)
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def _release_save(self) -> Any:
+        return self._lock._release_save()  # type: ignore[attr-defined]
+
+    def _acquire_restore(self, state: Any) -> None:
+        self._lock._acquire_restore(state)  # type: ignore[attr-defined]
+
+    def _is_owned(self) -> bool:
+        return self._lock._is_owned()  # type: ignore[attr-defined,no-any-return]
+
+
 class Future(concurrent.futures.Future, Generic[T]):  # type: ignore[type-arg]
     """The result of a ``fork``, available once the task ends.
 
@@ -79,7 +108,14 @@ class Future(concurrent.futures.Future, Generic[T]):  # type: ignore[type-arg]
         canceller: Callable[[Future[Any]], None] | None = None,
         reclaimer: Callable[[Future[Any], bool], None] | None = None,
     ) -> None:
-        super().__init__()
+        # concurrent.futures.Future.__init__'s fields, with the lighter condition (see _Condition);
+        # test_future_contract checks that no field of it is missing.
+        self._condition = _Condition()
+        self._state = "PENDING"
+        self._result: Any = None
+        self._exception: BaseException | None = None
+        self._waiters: list[Any] = []
+        self._done_callbacks: list[Any] = []
         self._canceller = canceller
         # Inside a worker: before blocking, take the task back from the queue
         # and run it here, so a task waiting for its children never deadlocks.
@@ -170,8 +206,7 @@ class Future(concurrent.futures.Future, Generic[T]):  # type: ignore[type-arg]
         )
 
     def _invoke_callbacks(self) -> None:
-        # _done_callbacks: CPython's private list of callbacks, not in typeshed
-        if self._done_callbacks and callback_runner.on_io_thread():  # type: ignore[attr-defined]
+        if self._done_callbacks and callback_runner.on_io_thread():
             callback_runner.submit(super()._invoke_callbacks)  # type: ignore[misc]
         else:
             super()._invoke_callbacks()  # type: ignore[misc]
