@@ -61,6 +61,7 @@ from .outcome import complete
 from .outcome import outcome as _outcome
 from .protocol import Flag, Msg, ResultEntry, Role, Status, TaskEntry
 from .wakeup import Wakeup
+from .window import Window
 
 __all__ = ["Driver", "complete"]
 
@@ -142,7 +143,7 @@ class Driver:
         self._traced: dict[int, _trace.Record] = {}
         # Results the broker holds for us, and fetching their values (distfork/held.py).
         self.held = HeldValues(self._wake, lambda: self._closing)
-        self._window = threading.Semaphore(config.window)
+        self._window = Window(config.window)
         self._bytes_inflight = 0
         self._bytes_room = threading.Condition()
         self.shm_domain = shm.domain() if config.shm else None
@@ -222,7 +223,7 @@ class Driver:
             raise DistforkError("this distfork driver was shut down; call distfork.init() to start again")
         if self._refused is not None:
             raise AuthenticationError(self._refused)
-        nbytes = serialize.oob_bytes(frames)
+        nbytes = serialize.oob_bytes(frames) if len(frames) > 1 else 0
         if nbytes:
             with self._bytes_room:
                 self._bytes_room.wait_for(
@@ -267,7 +268,8 @@ class Driver:
     def _release(self, segment: shm.Segment | None, nbytes: int, reusable: bool = False) -> None:
         """A task ended: free its window slot, its segment (reused if nobody maps it) and its bytes."""
         self._window.release()
-        self._free_segment(segment, reusable)
+        if segment is not None:
+            self._free_segment(segment, reusable)
         if nbytes:
             with self._bytes_room:
                 self._bytes_inflight -= nbytes
