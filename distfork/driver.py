@@ -46,7 +46,7 @@ from typing import Any, NamedTuple
 
 import zmq
 
-from . import output, protocol, security, serialize, shm
+from . import multipart, output, protocol, security, serialize, shm
 from . import tracing as _trace
 from .config import BATCH_MAX, DRIVER_RECV_BURST, RESUBMITS_MAX, Config
 from .errors import (
@@ -452,7 +452,7 @@ class Driver:
                     last_heard = now
                     for _ in range(DRIVER_RECV_BURST):
                         try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                            frames = multipart.recv(sock, zmq.NOBLOCK)
                         except zmq.Again:
                             break
                         if self._handle(sock, frames, now - last_hello > heartbeat_s):
@@ -503,7 +503,7 @@ class Driver:
         while out:
             batch = [out.popleft() for _ in range(min(len(out), BATCH_MAX))]
             self._send_codes(sock)  # a package shipped just before a task of this batch was appended
-            sock.send_multipart(protocol.encode_batch(Msg.SUBMIT, batch), copy=False)
+            multipart.send(sock, protocol.encode_batch(Msg.SUBMIT, batch))
         if self._reclaims:
             ids = [self._reclaims.popleft() for _ in range(len(self._reclaims))]
             sock.send_multipart(protocol.encode_cancel(ids, Msg.RECLAIM))
