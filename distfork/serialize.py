@@ -339,10 +339,29 @@ def _wrap_large(obj: Any, threshold: int, depth: int = 3) -> Any:
     return tuple(seq) if t is tuple else seq
 
 
+def _call_has_large(call: tuple[Any, ...], args: Any, kwargs: Any, threshold: int) -> bool:
+    """:func:`_has_large` of a call ``([code,] func, args, kwargs)``, unrolled: where the walk can
+    find large bytes is in the arguments' values (the function, a code reference: not walked)."""
+    if type(args) is not tuple or type(kwargs) is not dict or type(call[-3]) in _WALKED \
+            or type(call[0]) in _WALKED:
+        return _has_large(call, threshold)
+    for v in args:
+        if type(v) in _WALKED and _has_large(v, threshold, 1):
+            return True
+    for v in kwargs.values():
+        if type(v) in _WALKED and _has_large(v, threshold, 1):
+            return True
+    return False
+
+
 def dumps(obj: Any, oob_threshold_bytes: int) -> list[Any]:
     """Pickle ``obj``; buffers of at least ``oob_threshold_bytes`` become frames of their own."""
     if _has_large(obj, oob_threshold_bytes):
         obj = _wrap_large(obj, oob_threshold_bytes)
+    return _pickled(obj, oob_threshold_bytes)
+
+
+def _pickled(obj: Any, oob_threshold_bytes: int) -> list[Any]:
     p = _local.pickler
     if p is None or p.in_use:  # first use in this thread, or pickling re-entered
         p = _ReusablePickler()
@@ -545,8 +564,11 @@ def dumps_call(
     the driver's modules in place before it resolves anything else.
     """
     _local.refer = refer
+    call = (func, args, kwargs) if code is None else (code, func, args, kwargs)
     try:
-        return dumps((func, args, kwargs) if code is None else (code, func, args, kwargs), oob_threshold_bytes)
+        if _call_has_large(call, args, kwargs, oob_threshold_bytes):  # what dumps does, the short way
+            call = _wrap_large(call, oob_threshold_bytes)
+        return _pickled(call, oob_threshold_bytes)
     except FutureArgument:
         raise
     except Exception as exc:  # noqa: BLE001 - any pickling failure is the user's object

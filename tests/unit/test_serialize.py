@@ -250,13 +250,23 @@ _nested = st.recursive(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(obj=_nested)
 def test_the_quick_look_for_large_bytes_agrees_with_the_wrapping_walk(obj: Any) -> None:
     # dumps skips the wrapping walk when _has_large says there is nothing to wrap: it must
     # never say so when the walk would wrap something (a large buffer left in the stream).
     for depth in range(5):
         assert serialize._has_large(obj, SMALL, depth) == (serialize._wrap_large(obj, SMALL, depth) is not obj)
+
+
+@settings(max_examples=150, deadline=None)
+@given(head=st.lists(st.one_of(st.just(print), _nested), min_size=1, max_size=2),
+       args=st.one_of(st.lists(_nested, max_size=3).map(tuple), _nested),
+       kwargs=st.one_of(st.dictionaries(st.text(max_size=2), _nested, max_size=3), _nested))
+def test_the_quick_look_at_a_call_agrees_with_the_look_at_the_whole_call(head: list[Any], args: Any,
+                                                                          kwargs: Any) -> None:
+    call = (*head, args, kwargs)  # ([code,] func, args, kwargs), whatever a caller passed
+    assert serialize._call_has_large(call, args, kwargs, SMALL) == serialize._has_large(call, SMALL)
 
 
 def test_large_buffers_in_small_looking_containers_still_leave_the_stream_for_shared_memory() -> None:
