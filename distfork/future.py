@@ -66,6 +66,9 @@ class _Remote:
 REMOTE: Any = _Remote()
 
 
+_DONE_STATES = frozenset(("CANCELLED", "CANCELLED_AND_NOTIFIED", "FINISHED"))  # concurrent.futures' names
+
+
 class _Condition(threading.Condition):
     """What ``threading.Condition()`` is to a ``concurrent.futures.Future``, lighter to make.
 
@@ -156,14 +159,19 @@ class Future(concurrent.futures.Future, Generic[T]):  # type: ignore[type-arg]
 
     def result(self, timeout: float | None = None) -> T:
         """The task's value; raise its exception, or builtin ``TimeoutError`` after ``timeout`` s."""
-        if self._reclaimer is not None:
-            self._reclaim()
-        try:
-            value = super().result(timeout)
-        except concurrent.futures.TimeoutError as exc:
-            if isinstance(exc, TimeoutError):  # Python >= 3.11: the same class
-                raise
-            raise TimeoutError(f"the task did not finish within {timeout} s; it goes on") from None
+        have = False
+        if self._state == "FINISHED":  # done: the short way, under the lock (held.py may swap a value in)
+            with self._condition._lock:  # type: ignore[attr-defined]
+                value, have = self._result, self._exception is None
+        if not have:
+            if self._reclaimer is not None:
+                self._reclaim()
+            try:
+                value = super().result(timeout)
+            except concurrent.futures.TimeoutError as exc:
+                if isinstance(exc, TimeoutError):  # Python >= 3.11: the same class
+                    raise
+                raise TimeoutError(f"the task did not finish within {timeout} s; it goes on") from None
         if value is REMOTE:
             # Other tasks took this value as an argument, so the broker kept it; it comes here now.
             return self.driver._fetch(self, timeout)  # type: ignore[no-any-return]
@@ -198,6 +206,22 @@ class Future(concurrent.futures.Future, Generic[T]):  # type: ignore[type-arg]
             if self._state == "CANCELLED_AND_NOTIFIED":  # cancel() notified the waiters already
                 return False
         return super().set_running_or_notify_cancel()
+
+    def set_result(self, result: T) -> None:
+        """As ``concurrent.futures.Future.set_result``, without notifying a condition nobody waits on
+        or running callbacks nobody added (the driver's I/O thread sets thousands a second)."""
+        cond = self._condition
+        with cond._lock:  # type: ignore[attr-defined]  # the RLock of _Condition, taken without its wrapper
+            if self._state in _DONE_STATES:
+                raise concurrent.futures.InvalidStateError(f"{self._state}: {self!r}")
+            self._result = result
+            self._state = "FINISHED"
+            for waiter in self._waiters:
+                waiter.add_result(self)
+            if cond._waiters:  # type: ignore[attr-defined]
+                cond.notify_all()
+        if self._done_callbacks:
+            self._invoke_callbacks()
 
     def __reduce__(self) -> Any:
         raise TypeError(
