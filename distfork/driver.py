@@ -248,7 +248,8 @@ class Driver:
             flags |= Flag.TRACE
             traced.bind(self.name, task_id)
             self._traced[task_id] = traced
-        entry = TaskEntry(task_id, max_retries, timeout_s, frames, flags)
+        # A tuple of bytes: the garbage collector stops tracking it (one object fewer per task in flight).
+        entry = TaskEntry(task_id, max_retries, timeout_s, tuple(frames), flags)
         self._inflight[task_id] = InFlight(fut, entry, segment, nbytes)
         if self._closing:
             # close() ran meanwhile (we may have waited for the window): it may have taken its
