@@ -12,16 +12,50 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import threading
 import time
 import timeit
 from collections.abc import Callable
 from typing import Any
 
+import psutil
 from bench_core import throughput
 
 import distfork
 from bench_tasks import noop
 from distfork import tracing
+
+
+def cpu_now() -> dict[str, float]:
+    """CPU seconds so far of this process's fork-calling thread, its driver I/O thread, the broker and the
+    workers (summed): where a traced fork's extra cost lands."""
+    me = psutil.Process()
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    out = {"driver main": 0.0, "driver io": 0.0, "driver other": 0.0, "broker": 0.0, "workers": 0.0}
+    for t in me.threads():
+        name = names.get(t.id, "")
+        key = ("driver main" if name == "MainThread" else "driver io" if name == "distfork-driver-io"
+               else "driver other")
+        out[key] += t.user_time + t.system_time
+    for child in me.children(recursive=True):
+        try:
+            name, times = child.name(), child.cpu_times()
+        except psutil.Error:
+            continue
+        key = "broker" if "broker" in name else "workers" if "worker" in name else ""
+        if key:
+            out[key] += times.user + times.system
+    return out
+
+
+def measured(submit: Callable[[], Any], n: int, cpu: dict[str, list[float]]) -> float:
+    """Throughput of ``n`` forks; adds each process's CPU per fork (µs) to ``cpu``."""
+    before = cpu_now()
+    rate = throughput(submit, n)
+    after = cpu_now()
+    for k, v in after.items():
+        cpu.setdefault(k, []).append((v - before[k]) / n * 1e6)
+    return rate
 
 
 def main() -> None:
@@ -33,6 +67,7 @@ def main() -> None:
     distfork.init(workers=a.workers)
     tputs: dict[str, list[float]] = {"ProcessPoolExecutor": [], "untraced": [], "traced": []}
     recorded = 0
+    cpus: dict[str, dict[str, list[float]]] = {"untraced": {}, "traced": {}}
     with concurrent.futures.ProcessPoolExecutor(a.workers) as pool:
         ppe: Callable[[], Any] = lambda: pool.submit(noop)  # noqa: E731
         fork: Callable[[], Any] = lambda: distfork.fork(noop)  # noqa: E731
@@ -41,9 +76,9 @@ def main() -> None:
                 submit().result()
         for _ in range(a.rounds):
             tputs["ProcessPoolExecutor"].append(throughput(ppe, a.throughput_n))
-            tputs["untraced"].append(throughput(fork, a.throughput_n))
+            tputs["untraced"].append(measured(fork, a.throughput_n, cpus["untraced"]))
             with distfork.trace() as t:
-                tputs["traced"].append(throughput(fork, a.throughput_n))
+                tputs["traced"].append(measured(fork, a.throughput_n, cpus["traced"]))
             tasks = t.tasks()
             recorded = len(tasks)
             assert all(x.status == "ok" and x.worker for x in tasks), "a traced task without its worker report"
@@ -55,6 +90,11 @@ def main() -> None:
     print(f"ratio traced/untraced: {best['traced'] / best['untraced']:.2f}x   "
           f"untraced/ProcessPoolExecutor: {best['untraced'] / best['ProcessPoolExecutor']:.2f}x   "
           f"traced/ProcessPoolExecutor: {best['traced'] / best['ProcessPoolExecutor']:.2f}x")
+    # CPU per fork by process (median over rounds): the busiest process bounds the throughput.
+    for name, cpu in cpus.items():
+        med = {k: sorted(v)[len(v) // 2] for k, v in cpu.items()}
+        parts = "  ".join(f"{k} {v:5.1f}" for k, v in med.items())
+        print(f"{name:<9} CPU us/fork: {parts}  total {sum(med.values()):5.1f}")
     check_s = min(timeit.repeat("tracing.ACTIVE", globals={"tracing": tracing}, number=1_000_000, repeat=3)) / 1e6
     print(f"flag check of an untraced fork: {check_s * 1e9:.0f} ns = {check_s * best['untraced'] * 100:.3f}% "
           f"of an untraced fork's share of the throughput; last traced round recorded {recorded} tasks")
