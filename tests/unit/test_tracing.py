@@ -104,14 +104,14 @@ _WHO = b'{"name":"w/0","host":"h","pid":9}'
     (_WHO, b"[[[[]]]]"), (_WHO, b"not json"), (_WHO, b"{}"), (b"\xff", b""),
 ])
 def test_a_malformed_trace_note_is_a_protocol_error_for_the_driver(who: bytes, kids: bytes) -> None:
-    note = protocol.encode_driver_note(_BROKER, _WORKER, who, kids)
+    note = protocol.encode_driver_note(_BROKER, who, protocol.encode_worker_note(*_WORKER, kids))
     with pytest.raises(ProtocolError):
         _receive(note)
 
 
 @pytest.mark.parametrize("cut", [1, 10, 40])
 def test_a_truncated_trace_note_is_a_protocol_error(cut: int) -> None:
-    note = protocol.encode_driver_note(_BROKER, _WORKER, _WHO, b"")
+    note = protocol.encode_driver_note(_BROKER, _WHO, protocol.encode_worker_note(*_WORKER))
     with pytest.raises(ProtocolError):
         _receive(note[:-cut])
     with pytest.raises(ProtocolError):
@@ -123,7 +123,7 @@ def test_a_deeply_nested_record_is_refused_not_a_recursion_error() -> None:
                          "x": "", "r": None, "c": []}
     for _ in range(300):
         d = {**d, "c": [d]}
-    note = protocol.encode_driver_note(_BROKER, _WORKER, _WHO, json.dumps([d]).encode())
+    note = protocol.encode_driver_note(_BROKER, _WHO, protocol.encode_worker_note(*_WORKER, json.dumps([d]).encode()))
     with pytest.raises(ProtocolError):
         _receive(note)
 
