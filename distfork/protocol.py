@@ -101,9 +101,11 @@ __all__ = [
     "encode_code",
     "encode_json",
     "encode_driver_note",
+    "encode_framed_worker_note",
     "encode_notes",
     "encode_signal",
     "encode_worker_note",
+    "notes_entry",
     "split_notes",
 ]
 
@@ -471,6 +473,25 @@ def encode_worker_note(recv: float, start: float, end: float, in_bytes: int, out
     return _WORKER_NOTE.pack(recv, start, end, in_bytes, out_bytes, in_path, out_path) + children
 
 
+# A note with its (id, length) head, in one pack: what a worker and the broker write per task, so that
+# a batch's notes entry is one join (notes_entry), not a pack per note.
+_FRAMED_WORKER_NOTE = struct.Struct("!QIdddQQBB")
+_FRAMED_DRIVER_HEAD = struct.Struct("!QIdddHH")
+
+
+def encode_framed_worker_note(key: int, recv: float, start: float, end: float, in_bytes: int, out_bytes: int,
+                              in_path: int, out_path: int, children: bytes = b"") -> bytes:
+    """A worker's note for task ``key``, with its head, ready for :func:`notes_entry`."""
+    return _FRAMED_WORKER_NOTE.pack(key, _WORKER_NOTE.size + len(children), recv, start, end, in_bytes, out_bytes,
+                                    in_path, out_path) + children
+
+
+def notes_entry(framed: Sequence[bytes]) -> ResultEntry:
+    """The notes entry of a batch from notes that carry their heads (encode_framed_worker_note,
+    driver_note_packer): the same layout as :func:`encode_notes`."""
+    return ResultEntry(0, 0, 0.0, [b"".join(framed)], Flag.TRACE, len(framed))
+
+
 def decode_worker_note(frame: Frame) -> tuple[tuple[Any, ...], memoryview]:
     """(the worker's seven fields, the JSON bytes of its nested records, maybe empty)."""
     view = memoryview(frame)
@@ -488,10 +509,11 @@ def encode_driver_note(broker: tuple[float, float, float, int], who: bytes, work
     return _DRIVER_NOTE.pack(*broker, len(who)) + who + worker_note
 
 
-def driver_note_packer() -> Callable[[float, float, float, int, int], bytes]:
-    """``pack(arrived, dispatched, back, losses, len(who))``, the head of a driver note, for a broker
-    that writes many (``encode_driver_note`` for one)."""
-    return _DRIVER_NOTE.pack
+def driver_note_packer() -> tuple[Callable[[int, int, float, float, float, int, int], bytes], int]:
+    """``(pack, size)``: ``pack(task_id, size + len(who) + len(worker_note), arrived, dispatched, back,
+    losses, len(who)) + who + worker_note`` is a driver note with its head, ready for
+    :func:`notes_entry`, for a broker that writes many (``encode_driver_note`` for one, headless)."""
+    return _FRAMED_DRIVER_HEAD.pack, _DRIVER_NOTE.size
 
 
 #: A worker's note is at least this long (the broker checks no more before it forwards one).

@@ -59,7 +59,7 @@ from .protocol import (
     TaskEntry,
     decode_driver_note,
     driver_note_packer,
-    encode_worker_note,
+    encode_framed_worker_note,
     split_notes,
 )
 
@@ -401,13 +401,14 @@ def payload(frames: Sequence[Any]) -> tuple[int, int]:
     return sum(map(len, frames)), 3 if n else 0
 
 
-def worker_note(recv: float, start: float, end: float, frames_in: Sequence[Any], frames_out: Sequence[Any],
-                children: list[Record]) -> bytes:
-    """What a worker reports of a traced task it ran: the first frame of its RESULTS entry."""
-    in_b, in_path = payload(frames_in)
-    out_b, out_path = payload(frames_out)
+def worker_note(key: int, recv: float, start: float, end: float, frames_in: Sequence[Any],
+                frames_out: Sequence[Any], children: list[Record]) -> bytes:
+    """What a worker reports of traced task ``key`` it ran, with its head: one of the notes that go
+    first in its next RESULTS (``protocol.notes_entry``)."""
+    in_b, in_path = (len(frames_in[0]), 1) if len(frames_in) == 1 else payload(frames_in)  # mostly one frame
+    out_b, out_path = (len(frames_out[0]), 1) if len(frames_out) == 1 else payload(frames_out)
     kids = json.dumps([c.to_json() for c in children], separators=(",", ":")).encode() if children else b""
-    return encode_worker_note(recv, start, end, in_b, out_b, in_path, out_path, kids)
+    return encode_framed_worker_note(key, recv, start, end, in_b, out_b, in_path, out_path, kids)
 
 
 def take_notes(worker: PeerInfo, entries: list[ResultEntry], now: float) -> list[ResultEntry]:
@@ -433,7 +434,8 @@ def take_notes(worker: PeerInfo, entries: list[ResultEntry], now: float) -> list
     wall = time.time() - time.monotonic()
     back = now + wall  # the broker's stamps of the batch: once, not once per note
     n_who = len(who)
-    pack = _pack_driver_note
+    pack, size = _DRIVER_NOTE
+    size += n_who
     assigned = worker.assigned
     for key, note in notes:
         task = assigned.get(key)
@@ -441,13 +443,14 @@ def take_notes(worker: PeerInfo, entries: list[ResultEntry], now: float) -> list
             if note.nbytes < WORKER_NOTE_BYTES:  # the rest of the worker's note is the driver's to check
                 log.warning("dropped a trace note of %d bytes from %s", note.nbytes, info.get("name"))
                 continue
-            # The worker's note goes on as it came: no unpacking and packing it again.
-            task.note = pack(task.submitted + wall, task.dispatched + wall, back, min(task.losses, 65535),
-                             n_who) + who + note
+            # The worker's note goes on as it came (no unpacking and packing it again), behind a head
+            # that names the driver's task: the broker's notes entry for the driver is then one join.
+            task.note = pack(task.task_id, size + note.nbytes, task.submitted + wall, task.dispatched + wall, back,
+                             min(task.losses, 65535), n_who) + who + note
     return entries[1:]
 
 
-_pack_driver_note = driver_note_packer()
+_DRIVER_NOTE = driver_note_packer()
 
 
 @functools.lru_cache(maxsize=1024)
