@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import os
 import threading
 import time
 import timeit
@@ -26,25 +27,41 @@ from bench_tasks import noop
 from distfork import tracing
 
 
+def _thread_cpu_s(pid: int) -> dict[int, float]:
+    """CPU seconds of each thread of ``pid``: /proc's schedstat (nanoseconds; psutil's ticks are 10 ms,
+    too coarse for a few µs per fork), else psutil."""
+    out: dict[int, float] = {}
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                out[int(tid)] = int(f.read().split()[0]) / 1e9
+    except (OSError, ValueError):
+        try:
+            for t in psutil.Process(pid).threads():
+                out[t.id] = t.user_time + t.system_time
+        except psutil.Error:
+            pass
+    return out
+
+
 def cpu_now() -> dict[str, float]:
     """CPU seconds so far of this process's fork-calling thread, its driver I/O thread, the broker and the
     workers (summed): where a traced fork's extra cost lands."""
-    me = psutil.Process()
     names = {t.native_id: t.name for t in threading.enumerate()}
     out = {"driver main": 0.0, "driver io": 0.0, "driver other": 0.0, "broker": 0.0, "workers": 0.0}
-    for t in me.threads():
-        name = names.get(t.id, "")
+    for tid, cpu_s in _thread_cpu_s(os.getpid()).items():
+        name = names.get(tid, "")
         key = ("driver main" if name == "MainThread" else "driver io" if name == "distfork-driver-io"
                else "driver other")
-        out[key] += t.user_time + t.system_time
-    for child in me.children(recursive=True):
+        out[key] += cpu_s
+    for child in psutil.Process().children(recursive=True):
         try:
-            name, times = child.name(), child.cpu_times()
+            name = child.name()
         except psutil.Error:
             continue
         key = "broker" if "broker" in name else "workers" if "worker" in name else ""
         if key:
-            out[key] += times.user + times.system
+            out[key] += sum(_thread_cpu_s(child.pid).values())
     return out
 
 
