@@ -270,3 +270,63 @@ def test_finish_reads_status_held_and_failure_from_the_wire_codes() -> None:
     recs[2].finish(250, 0, fine)  # a code this version does not know: named by its number
     got = {x.func: (x.status, x.path_out, x.error) for x in t.tasks()}
     assert got == {"f0": ("ok", "held", ""), "f1": ("raised", "", "ValueError: no good"), "f2": ("250", "", "")}
+
+
+class _Driver:
+    """What a trace reads of a driver: its name and its traced forks awaiting results."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._traced: dict[int, tracing.Pending] = {}
+
+
+def _open_trace_fork(capacity: int = 10) -> tuple[tracing.Trace, tracing.Pending]:
+    t = tracing.Trace(capacity=capacity).__enter__()
+    try:
+        pending = tracing.begin(len, ("d#1",), {}, light=True)
+    finally:
+        t.close()  # closed before the result arrives: the fork is still reported
+    assert pending is not None
+    return t, pending
+
+
+def test_a_drivers_fork_is_plain_values_the_collector_skips_until_one_ring_entry_with_its_batchs_notes() -> None:
+    import gc
+
+    driver = _Driver("drv")
+    tracing.DRIVERS.add(driver)
+    t, pending = _open_trace_fork()
+    assert isinstance(pending, tuple)
+    driver._traced[7] = pending
+    gc.collect()
+    assert not gc.is_tracked(pending)  # thousands in flight cost the garbage collector nothing
+    (info,) = t.tasks()
+    assert (info.func, info.status, info.worker) == ("len", "pending", "")
+    note = protocol.encode_driver_note(_BROKER, _WHO, protocol.encode_worker_note(*_WORKER))
+    batch = protocol.encode_notes([(6, b"another task's"), (7, note)]).frames[0]
+    tracing.finish(driver._traced.pop(7), 0, int(Flag.HELD), None, "drv", 7, batch)
+    gc.collect()
+    assert not gc.is_tracked(t._done[0])
+    (info,) = t.tasks()
+    assert (info.func, info.status, info.worker, info.host, info.pid) == ("len", "ok", "w/0", "h", 9)
+    assert info.started is not None and info.finished is not None
+    assert info.run_s == pytest.approx(0.7) and (info.bytes_in, info.path_in, info.path_out) == (10, "inline", "held")
+
+
+def test_a_fork_sent_again_keeps_its_first_id_for_the_forks_that_took_it_and_a_bad_batch_is_counted() -> None:
+    t, first = _open_trace_fork()
+    tracing.finish(tracing.again(first, 1), 0, 0, None, "d", 2, b"\0\0\0")  # RESUBMIT: task 1 went again as 2
+    taker = tracing.Record("sum", ["d#1"], first[2] + 1)  # took the future of task 1
+    taker.gid = "d#3"
+    t._add(taker)
+    taker.finish(0, 0, None)
+    a, b = t.tasks()
+    assert (a.func, b.func, b.deps) == ("len", "sum", [a.id])
+    assert a.worker == "" and t.bad_notes == 1  # its batch's notes were cut short: left out, counted
+
+
+def test_the_ring_of_driver_forks_keeps_the_latest_and_counts_the_rest() -> None:
+    t, pending = _open_trace_fork(capacity=2)
+    for i in range(5):
+        tracing.finish(pending, 0, 0, None, "d", i + 1)
+    assert [x.func for x in t.tasks()] == ["len", "len"] and t.dropped == 3
