@@ -3,14 +3,15 @@
 ::
 
     driver process                     broker                            worker process
-    fork() ─ Record(submit) ─ SUBMIT+TRACE ─▶ Task(submitted,   ─ TASKS+TRACE ─▶ slot: received, started,
-      │                                          dispatched)                     finished, bytes in/out,
-      │                                                                          the forks it made (JSON)
-      │                                       take_notes: + its  ◀── RESULTS ─── [notes entry, results...]
-      │                                       times, the worker
-      ▼   ◀── RESULTS [notes entry (id 0, Flag.TRACE), results...] ──
-    note_received (kept as bytes), finish ─▶ Trace: a ring of frozen records ─▶ tasks(), graph,
-                                                                              save() (Chrome), report()
+    fork() ─ (name, deps, submit) ─ SUBMIT+TRACE ─▶ Task(submitted, ─ TASKS+TRACE ─▶ slot: received,
+      │      a tuple of plain values              dispatched)              started, finished, bytes
+      │                                                                    in/out, forks made (JSON)
+      │                                    take_notes: its head  ◀── RESULTS ─── [notes entry, results...]
+      │                                    + the worker's note,
+      ▼                                    not decoded
+          ◀── RESULTS [notes entry (id 0, Flag.TRACE), results...] ──
+    notes_of (the batch's notes: one bytes), finish ─▶ Trace: a ring of tuples ─▶ tasks() (splits the
+                                                                     notes), graph, save() (Chrome), report()
 
 Only tasks forked inside a ``with distfork.trace()`` block (or inside a task
 that was) carry ``Flag.TRACE``: the broker and the worker add timings to
