@@ -105,6 +105,7 @@ __all__ = [
     "encode_notes",
     "encode_signal",
     "encode_worker_note",
+    "framed_worker_note_packer",
     "notes_entry",
     "split_notes",
 ]
@@ -484,6 +485,12 @@ def encode_framed_worker_note(key: int, recv: float, start: float, end: float, i
     """A worker's note for task ``key``, with its head, ready for :func:`notes_entry`."""
     return _FRAMED_WORKER_NOTE.pack(key, _WORKER_NOTE.size + len(children), recv, start, end, in_bytes, out_bytes,
                                     in_path, out_path) + children
+
+
+def framed_worker_note_packer() -> tuple[Callable[..., bytes], int]:
+    """``(pack, size)``: ``pack(key, size + len(children), recv, start, end, in_bytes, out_bytes, in_path,
+    out_path) + children`` is :func:`encode_framed_worker_note` without its call (a worker's hot path)."""
+    return _FRAMED_WORKER_NOTE.pack, _WORKER_NOTE.size
 
 
 def notes_entry(framed: Sequence[bytes]) -> ResultEntry:

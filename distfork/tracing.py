@@ -61,6 +61,7 @@ from .protocol import (
     decode_driver_note,
     driver_note_packer,
     encode_framed_worker_note,
+    framed_worker_note_packer,
     split_notes,
 )
 
@@ -406,10 +407,16 @@ def worker_note(key: int, recv: float, start: float, end: float, frames_in: Sequ
                 frames_out: Sequence[Any], children: list[Record]) -> bytes:
     """What a worker reports of traced task ``key`` it ran, with its head: one of the notes that go
     first in its next RESULTS (``protocol.notes_entry``)."""
-    in_b, in_path = (len(frames_in[0]), 1) if len(frames_in) == 1 else payload(frames_in)  # mostly one frame
-    out_b, out_path = (len(frames_out[0]), 1) if len(frames_out) == 1 else payload(frames_out)
+    if not children and len(frames_in) == 1 and len(frames_out) == 1:  # mostly: one pack, no more calls
+        pack, size = _WORKER_NOTE
+        return pack(key, size, recv, start, end, len(frames_in[0]), len(frames_out[0]), 1, 1)
+    in_b, in_path = payload(frames_in)
+    out_b, out_path = payload(frames_out)
     kids = json.dumps([c.to_json() for c in children], separators=(",", ":")).encode() if children else b""
     return encode_framed_worker_note(key, recv, start, end, in_b, out_b, in_path, out_path, kids)
+
+
+_WORKER_NOTE = framed_worker_note_packer()
 
 
 def take_notes(worker: PeerInfo, entries: list[ResultEntry], now: float) -> list[ResultEntry]:

@@ -330,3 +330,13 @@ def test_the_ring_of_driver_forks_keeps_the_latest_and_counts_the_rest() -> None
     for i in range(5):
         tracing.finish(pending, 0, 0, None, "d", i + 1)
     assert [x.func for x in t.tasks()] == ["len", "len"] and t.dropped == 3
+
+
+def test_a_workers_note_has_one_layout_on_its_quick_path_and_with_forks_or_many_frames() -> None:
+    quick = tracing.worker_note(5, 1.0, 2.0, 3.0, [b"x" * 40], [b"y" * 4], [])
+    assert quick == protocol.encode_framed_worker_note(5, 1.0, 2.0, 3.0, 40, 4, 1, 1)
+    kid = tracing.Record("g", [], 1.5)
+    full = tracing.worker_note(5, 1.0, 2.0, 3.0, [b"x" * 40], [b"a", b"b", b"c"], [kid])
+    ((key, note),) = protocol.split_notes(full)
+    fields, kids = protocol.decode_worker_note(note)
+    assert key == 5 and fields == (1.0, 2.0, 3.0, 40, 3, 1, 3) and json.loads(bytes(kids))[0]["f"] == "g"
