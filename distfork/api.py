@@ -246,7 +246,7 @@ def _fork(
         return _fork_after(arg.future, func, args, kwargs, max_retries, timeout_s, request)
     finally:
         serialize._local.share_copy = None
-    rec = _trace.begin(func, args, kwargs) if _trace.ACTIVE else None
+    rec = _trace.begin(func, args, kwargs, driver is not None) if _trace.ACTIVE else None
     if driver is not None:
         call = Call(func, args, kwargs, deps, request=request) if deps else None
         return driver.submit(frames, max_retries, timeout_s, call=call, request=request,
@@ -257,7 +257,7 @@ def _fork(
         code, out, _ = run_task(frames, f"inline mode (pid {os.getpid()})", rt.config.oob_threshold_bytes, None)
     complete(fut, code, out)
     if rec is not None:
-        rec.finish(code, 0, fut)
+        _trace.finish(rec, code, 0, fut, "", 0)
     return fut
 
 

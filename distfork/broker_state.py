@@ -70,7 +70,7 @@ from .protocol import (
     decode_request,
     encode_dep_counts,
     encode_devices,
-    encode_notes,
+    notes_entry,
 )
 from .shm import creator, parse, segment_of
 
@@ -122,7 +122,7 @@ class Task:
     devices: list[int] | None = None  # the GPU ids it was given where it runs
     trace: int = 0  # Flag.TRACE if forked inside distfork.trace(): passed on to the worker
     dispatched: float = 0.0  # when it was last handed to a worker (monotonic s), for traces
-    note: bytes | None = None  # traced: the trace note for its driver, sent with its result (tracing.take_notes)
+    note: bytes | None = None  # traced: its driver's trace note with its head, sent with its result (take_notes)
 
     def wire(self) -> tuple[Sequence[Frame], int]:
         """The payload to hand a worker, and the flags it needs: held dependency values first."""
@@ -223,7 +223,7 @@ class BrokerState:
         self._reclaimed: list[Reclaimed] = []  # those answers
         self._replies: list[Instruction] = []  # to peers we do not know: first, in the order they came
         self._results: dict[bytes, list[ResultEntry]] = {}
-        self._notes: dict[bytes, list[tuple[int, bytes]]] = {}  # trace notes per driver, sent with the results
+        self._notes: dict[bytes, list[bytes]] = {}  # trace notes per driver (with their heads), sent with the results
         self.recent_failures: collections.deque[dict[str, Any]] = collections.deque(maxlen=20)  # for the dashboard
         self._cancels: dict[bytes, list[int]] = {}
         self._discards: dict[bytes, list[ResultEntry]] = {}
@@ -686,7 +686,7 @@ class BrokerState:
         if status != Status.OK:
             self._failed(driver, task, status, frames)
         if task.note is not None:  # traced: where and when it ran goes with the result
-            self._notes.setdefault(driver.id, []).append((task.task_id, task.note))
+            self._notes.setdefault(driver.id, []).append(task.note)
         if status == Status.OK:
             self.counters["tasks_succeeded"] += 1
         else:
@@ -917,7 +917,7 @@ class BrokerState:
             self._tasks_out = {}
         if self._notes:  # first in the batch, so that the driver has them before it completes the futures
             for driver, notes in self._notes.items():
-                self._results.setdefault(driver, []).insert(0, encode_notes(notes))
+                self._results.setdefault(driver, []).insert(0, notes_entry(notes))
             self._notes = {}
         if self._results:
             out += [SendResults(d, entries) for d, entries in self._results.items()]

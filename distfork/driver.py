@@ -140,7 +140,8 @@ class Driver:
         # Tasks whose arguments name futures of ours: their calls (see Call).
         self._calls: dict[int, Call] = {}
         # Tasks forked inside distfork.trace(): their Records, until their results arrive (distfork/tracing.py).
-        self._traced: dict[int, _trace.Record] = {}
+        self._traced: dict[int, _trace.Pending] = {}
+        _trace.DRIVERS.add(self)
         # Results the broker holds for us, and fetching their values (distfork/held.py).
         self.held = HeldValues(self._wake, lambda: self._closing)
         self._window = Window(config.window)
@@ -205,7 +206,7 @@ class Driver:
     def submit(
         self, frames: list[Any], max_retries: int = protocol.DEFAULT_RETRIES, timeout_s: float = 0.0,
         call: Call | None = None, fut: Future[Any] | None = None, request: Any = None, pinned: bool = False,
-        traced: _trace.Record | None = None,
+        traced: _trace.Pending | None = None,
     ) -> Future[Any]:
         """Send a pickled call (``serialize.dumps_call`` output); its future completes with the result.
 
@@ -246,7 +247,8 @@ class Driver:
             flags |= Flag.RESOURCES
         if traced is not None:
             flags |= Flag.TRACE
-            traced.bind(self.name, task_id)
+            if isinstance(traced, _trace.Record):
+                traced.bind(self.name, task_id)
             self._traced[task_id] = traced
         # A tuple of bytes: the garbage collector stops tracking it (one object fewer per task in flight).
         entry = TaskEntry(task_id, max_retries, timeout_s, tuple(frames), flags)
@@ -359,7 +361,7 @@ class Driver:
             )
         complete(fut, code, out)
         if rec is not None:
-            rec.finish(code, 0, fut)
+            _trace.finish(rec, code, 0, fut, self.name, task_id)
         self._release(item.segment, item.nbytes, reusable=not retained)
 
     def _fetch(self, fut: Future[Any], timeout: float | None) -> Any:
@@ -526,7 +528,7 @@ class Driver:
                     self._calls.pop(task_id, None)
                     rec = self._traced.pop(task_id, None) if self._traced else None
                     if rec is not None:
-                        rec.finish(Status.CANCELLED, 0, item.future)
+                        _trace.finish(rec, Status.CANCELLED, 0, item.future, self.name, task_id)
                     self._release(item.segment, item.nbytes)
                     ids.append(task_id)
             if ids:
@@ -609,14 +611,9 @@ class Driver:
     def _results(self, entries: Sequence[ResultEntry]) -> None:
         inflight = self._inflight
         release = self._release
+        notes = None  # traced tasks: where and when they ran, for all of this batch's
         if entries and entries[0].id == 0 and entries[0].flags & Flag.TRACE:
-            try:
-                notes, entries = protocol.decode_notes(entries)
-            except ProtocolError as exc:  # the results still count
-                log.warning("dropped the trace notes of a message from the broker: %s", exc)
-                notes, entries = [], entries[1:]
-            for task_id, note in notes:  # traced tasks: where and when they ran
-                _trace.note_received(self._traced.get(task_id), note)
+            notes, entries = _trace.notes_of(entries, self._traced)
         for e in entries:
             item = inflight.pop(e.id, None)
             if item is None:
@@ -629,7 +626,8 @@ class Driver:
             rec = self._traced.pop(e.id, None) if self._traced else None
             if e.status == Status.RESUBMIT and call is not None:
                 release(item.segment, item.nbytes)
-                self._send_again(item.future, call, item.entry.max_retries, item.entry.timeout_s, rec)
+                self._send_again(item.future, call, item.entry.max_retries, item.entry.timeout_s,
+                                 _trace.again(rec, e.id) if rec is not None else None)
                 rec = None  # sent again under a new id
             elif e.flags & Flag.HELD:
                 self._hold(item, e)
@@ -637,7 +635,7 @@ class Driver:
                 complete(item.future, e.status, e.frames, self._recycle)
                 release(item.segment, item.nbytes, not e.flags & Flag.RETAINED)
             if rec is not None:
-                rec.finish(e.status, e.flags, item.future)
+                _trace.finish(rec, e.status, e.flags, item.future, self.name, e.id, notes)
 
     def _hold(self, item: InFlight, e: ResultEntry) -> None:
         """Tasks took this result as an argument: the broker keeps it; the future is done, its value remote."""
@@ -650,7 +648,7 @@ class Driver:
         self._free_segment(self.held.fetched(e, value, error).segment)
 
     def _send_again(self, fut: Future[Any], call: Call, max_retries: int, timeout_s: float,
-                    traced: _trace.Record | None = None) -> None:
+                    traced: _trace.Pending | None = None) -> None:
         """The broker no longer has a future the call names: pickle it again, with the values we have.
 
         From the callback thread, once every future it names is done: that

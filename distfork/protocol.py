@@ -48,7 +48,7 @@ from __future__ import annotations
 import enum
 import json
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, TypeGuard, TypeVar
 
 from .errors import ProtocolError
@@ -57,6 +57,7 @@ __all__ = [
     "DEFAULT_RETRIES",
     "TRACE_PATHS",
     "VERSION",
+    "WORKER_NOTE_BYTES",
     "Entry",
     "ResultEntry",
     "TaskEntry",
@@ -90,6 +91,7 @@ __all__ = [
     "decode_driver_note",
     "decode_notes",
     "decode_worker_note",
+    "driver_note_packer",
     "encode_dep_counts",
     "encode_deps",
     "encode_devices",
@@ -99,9 +101,13 @@ __all__ = [
     "encode_code",
     "encode_json",
     "encode_driver_note",
+    "encode_framed_worker_note",
     "encode_notes",
     "encode_signal",
     "encode_worker_note",
+    "framed_worker_note_packer",
+    "notes_entry",
+    "split_notes",
 ]
 
 VERSION = 2  # 2: flags widened to 16 bits (TRACE = 256)
@@ -416,9 +422,10 @@ _NOTE_HEAD = struct.Struct("!QI")
 
 
 def encode_notes(notes: Sequence[tuple[int, bytes]]) -> ResultEntry:
-    """The entry that carries a batch's trace notes; it goes first in the batch."""
+    """The entry that carries a batch's trace notes; it goes first in the batch. Its ``pid`` field
+    (unused on results) says how many notes it holds."""
     pack = _NOTE_HEAD.pack
-    return ResultEntry(0, 0, 0.0, [b"".join(pack(i, len(n)) + n for i, n in notes)], Flag.TRACE)
+    return ResultEntry(0, 0, 0.0, [b"".join(pack(i, len(n)) + n for i, n in notes)], Flag.TRACE, len(notes))
 
 
 def decode_notes(entries: Sequence[ResultEntry]) -> tuple[list[tuple[int, memoryview]], Sequence[ResultEntry]]:
@@ -428,19 +435,26 @@ def decode_notes(entries: Sequence[ResultEntry]) -> tuple[list[tuple[int, memory
     head = entries[0]
     if len(head.frames) != 1:
         raise ProtocolError(f"trace notes in {len(head.frames)} frames, expected 1")
-    view = memoryview(head.frames[0])
+    return split_notes(head.frames[0]), entries[1:]
+
+
+def split_notes(frame: Frame) -> list[tuple[int, memoryview]]:
+    """The (id, note) pairs of a notes entry's frame."""
+    view = memoryview(frame)
     notes = []
     at = 0
+    size = _NOTE_HEAD.size
+    unpack = _NOTE_HEAD.unpack_from
     while at < view.nbytes:
-        if at + _NOTE_HEAD.size > view.nbytes:
+        if at + size > view.nbytes:
             raise ProtocolError("a trace note cut short")
-        i, n = _NOTE_HEAD.unpack_from(view, at)
-        at += _NOTE_HEAD.size
+        i, n = unpack(view, at)
+        at += size
         if at + n > view.nbytes:
             raise ProtocolError(f"a trace note of {n} bytes at {at} of {view.nbytes}")
         notes.append((i, view[at : at + n]))
         at += n
-    return notes, entries[1:]
+    return notes
 
 
 # Each note.
@@ -448,8 +462,9 @@ def decode_notes(entries: Sequence[ResultEntry]) -> tuple[list[tuple[int, memory
 # then the JSON list of the records of the forks the task made (or nothing).
 _WORKER_NOTE = struct.Struct("!dddQQBB")
 # Broker's, to the driver: (reached the broker, dispatched, result back: the broker's wall clock; losses;
-# the worker's seven fields; length of the JSON naming the worker), that JSON, then the worker's JSON list.
-_DRIVER_NOTE = struct.Struct("!dddHdddQQBBH")
+# length of the JSON naming the worker), that JSON, then the worker's note as it came (the broker
+# forwards it without decoding it: its fields and its JSON list).
+_DRIVER_NOTE = struct.Struct("!dddHH")
 #: How a payload travelled, as a trace note's path byte.
 TRACE_PATHS = ("none", "inline", "shm", "frames")
 
@@ -457,6 +472,31 @@ TRACE_PATHS = ("none", "inline", "shm", "frames")
 def encode_worker_note(recv: float, start: float, end: float, in_bytes: int, out_bytes: int, in_path: int,
                        out_path: int, children: bytes = b"") -> bytes:
     return _WORKER_NOTE.pack(recv, start, end, in_bytes, out_bytes, in_path, out_path) + children
+
+
+# A note with its (id, length) head, in one pack: what a worker and the broker write per task, so that
+# a batch's notes entry is one join (notes_entry), not a pack per note.
+_FRAMED_WORKER_NOTE = struct.Struct("!QIdddQQBB")
+_FRAMED_DRIVER_HEAD = struct.Struct("!QIdddHH")
+
+
+def encode_framed_worker_note(key: int, recv: float, start: float, end: float, in_bytes: int, out_bytes: int,
+                              in_path: int, out_path: int, children: bytes = b"") -> bytes:
+    """A worker's note for task ``key``, with its head, ready for :func:`notes_entry`."""
+    return _FRAMED_WORKER_NOTE.pack(key, _WORKER_NOTE.size + len(children), recv, start, end, in_bytes, out_bytes,
+                                    in_path, out_path) + children
+
+
+def framed_worker_note_packer() -> tuple[Callable[..., bytes], int]:
+    """``(pack, size)``: ``pack(key, size + len(children), recv, start, end, in_bytes, out_bytes, in_path,
+    out_path) + children`` is :func:`encode_framed_worker_note` without its call (a worker's hot path)."""
+    return _FRAMED_WORKER_NOTE.pack, _WORKER_NOTE.size
+
+
+def notes_entry(framed: Sequence[bytes]) -> ResultEntry:
+    """The notes entry of a batch from notes that carry their heads (encode_framed_worker_note,
+    driver_note_packer): the same layout as :func:`encode_notes`."""
+    return ResultEntry(0, 0, 0.0, [b"".join(framed)], Flag.TRACE, len(framed))
 
 
 def decode_worker_note(frame: Frame) -> tuple[tuple[Any, ...], memoryview]:
@@ -467,11 +507,24 @@ def decode_worker_note(frame: Frame) -> tuple[tuple[Any, ...], memoryview]:
     return _WORKER_NOTE.unpack_from(view), view[_WORKER_NOTE.size :]
 
 
-def encode_driver_note(broker: tuple[float, float, float, int], worker: tuple[Any, ...], who: bytes,
-                       children: Frame) -> bytes:
+def encode_driver_note(broker: tuple[float, float, float, int], who: bytes, worker_note: Frame) -> bytes:
+    """The broker's times and the worker's name ahead of the worker's note, which stays as it came."""
     if len(who) > 65535:
         raise ValueError("worker description too long for a trace note")
-    return _DRIVER_NOTE.pack(*broker, *worker, len(who)) + who + bytes(children)
+    if len(worker_note) < _WORKER_NOTE.size:
+        raise ProtocolError(f"trace note of {len(worker_note)} bytes, need {_WORKER_NOTE.size}")
+    return _DRIVER_NOTE.pack(*broker, len(who)) + who + worker_note
+
+
+def driver_note_packer() -> tuple[Callable[[int, int, float, float, float, int, int], bytes], int]:
+    """``(pack, size)``: ``pack(task_id, size + len(who) + len(worker_note), arrived, dispatched, back,
+    losses, len(who)) + who + worker_note`` is a driver note with its head, ready for
+    :func:`notes_entry`, for a broker that writes many (``encode_driver_note`` for one, headless)."""
+    return _FRAMED_DRIVER_HEAD.pack, _DRIVER_NOTE.size
+
+
+#: A worker's note is at least this long (the broker checks no more before it forwards one).
+WORKER_NOTE_BYTES = _WORKER_NOTE.size
 
 
 def decode_driver_note(frame: Frame) -> tuple[tuple[Any, ...], memoryview, memoryview]:
@@ -484,7 +537,8 @@ def decode_driver_note(frame: Frame) -> tuple[tuple[Any, ...], memoryview, memor
     end = _DRIVER_NOTE.size + n
     if view.nbytes < end:
         raise ProtocolError(f"trace note of {view.nbytes} bytes names {end}")
-    return tuple(fields), view[_DRIVER_NOTE.size : end], view[end:]
+    worker, kids = decode_worker_note(view[end:])
+    return (*fields, *worker), view[_DRIVER_NOTE.size : end], kids
 
 
 # -- JSON bodies, decoded and validated ---------------------------------------------

@@ -413,7 +413,7 @@ class _Slot:
         self.key: tuple[Any, Any] | None = None
         # Traced tasks (Flag.TRACE): when each arrived; the notes to send with the next RESULTS.
         self.received: dict[int, float] = {}
-        self.notes: list[tuple[int, bytes]] = []
+        self.notes: list[bytes] = []
 
     def _hello(self, sock: zmq.Socket[Any]) -> None:
         w = self.worker
@@ -504,8 +504,8 @@ class _Slot:
                 if scope is not None:  # its trace note: where and when it ran, what it forked
                     _trace.leave(outer)
                     try:
-                        self.notes.append((e.id, _trace.worker_note(self.received.pop(e.id, wall), wall, time.time(),
-                                                                    frames, out, scope)))
+                        self.notes.append(_trace.worker_note(e.id, self.received.pop(e.id, wall), wall, time.time(),
+                                                             frames, out, scope))
                     except Exception:  # noqa: BLE001 - a trace must never cost a result
                         log.exception("%s: could not write the trace note of task %d", w.where, e.id)
                 finished = time.perf_counter()
@@ -529,7 +529,7 @@ class _Slot:
                     if name is not None:
                         shm.hand_over(name)
             if self.notes:
-                self.done.insert(0, protocol.encode_notes(self.notes))
+                self.done.insert(0, protocol.notes_entry(self.notes))
                 self.notes = []
             self.sock.send_multipart(protocol.encode_batch(Msg.RESULTS, self.done), copy=False)
             self.done = []
