@@ -57,7 +57,7 @@ class _Runtime:
         if self.copies is None or self.copies.session != driver._session:
             if self.copies is not None:
                 self.copies.close()
-            self.copies = shared.ParamCache(driver._session, self.config.share_min_bytes)
+            self.copies = shared.ParamCache(driver._session, self.config.share_min_bytes, driver._segments)
         return self.copies.reduce
 
     @property

@@ -223,9 +223,10 @@ class ParamCache:
     cluster's session.
     """
 
-    def __init__(self, session: str, min_bytes: int) -> None:
+    def __init__(self, session: str, min_bytes: int, pool: shm.SegmentPool | None = None) -> None:
         self.session = session
         self.min_bytes = min_bytes
+        self.pool = pool  # the driver's argument segments: its warm spares that large retire (shm.py)
         self._lock = threading.RLock()  # a finalizer (forget) may run under it: a change, or the GC
         self._copies: dict[int, _Copy] = {}
 
@@ -268,7 +269,11 @@ class ParamCache:
         self._copies[key] = copy
 
     def _fill(self, copy: _Copy, obj: Any, raw: Any) -> None:
-        seg = shm.Segment(self.session, raw.nbytes)
+        # The argument path's warm spares this large held the bytes of earlier forks of it; from
+        # now on they travel by reference: one of them holds the copy, the others go.
+        seg = self.pool.retire(raw.nbytes) if self.pool is not None else None
+        if seg is None:
+            seg = shm.Segment(self.session, raw.nbytes)
         try:
             seg.view[: raw.nbytes] = memoryview(raw).cast("B")
         except BaseException:

@@ -275,3 +275,27 @@ def test_sharing_a_model_forked_before_puts_all_its_bytes_in_the_handles_segment
         outs = [distfork.wait(distfork.fork(h, x), T) for _ in range(3)]
         assert h.name is not None and h.nbytes >= 800 * 800 * 4  # not references to the other copy
     assert all(torch.allclose(o, m(x)) for o in outs)
+
+
+def test_once_a_parameter_is_copied_no_warm_spare_of_its_size_is_kept() -> None:
+    torch = pytest.importorskip("torch")
+    m = torch.nn.Linear(800, 800, bias=False)  # 2.56 MB: above share_min_bytes
+    x = torch.ones(1, 800)
+    rt = distfork.api._runtime
+    assert rt is not None and rt.driver is not None
+    pool = rt.driver._segments
+    assert pool is not None
+    weight = 800 * 800 * 4
+    distfork.wait(distfork.fork(m, x), T)  # first sight: the weight travels in an argument segment
+    wait_until(lambda: pool.stats()["spare_bytes"] >= weight, 10.0, what="a warm spare the size of the weight")
+    before = copies()
+    out = distfork.wait(distfork.fork(m, x), T)  # second sight: a copy, and the spares that large retire
+    assert torch.allclose(out, m(x))
+    assert len(copies() - before) == 1
+    wait_until(lambda: pool.stats()["spare_bytes"] < weight, 10.0, what="the spares of the weight's size to go")
+    distfork.wait(distfork.fork(m, x), T)
+    assert pool.stats()["spare_bytes"] < weight  # and none comes back while the model goes by reference
+    with torch.no_grad():
+        m.weight.add_(1.0)  # changed: the argument path again, its spares warm again
+    assert torch.allclose(distfork.wait(distfork.fork(m, x), T), m(x))
+    wait_until(lambda: pool.stats()["spare_bytes"] >= weight, 10.0, what="spares for the changed weight")
