@@ -237,6 +237,7 @@ def _fork(
     deps: list[Future[Any]] = []
     pins = shared.pins()
     serialize._local.share_copy = rt.share_copy()
+    shared._forking.driver = driver  # share() handles pickle a reference for its workers
     try:
         frames = serialize.dumps_call(
             func, args, kwargs, rt.config.oob_threshold_bytes, driver.referrer(deps) if driver is not None else None,
@@ -246,6 +247,7 @@ def _fork(
         return _fork_after(arg.future, func, args, kwargs, max_retries, timeout_s, request)
     finally:
         serialize._local.share_copy = None
+        shared._forking.driver = None
     rec = _trace.begin(func, args, kwargs) if _trace.ACTIVE else None
     if driver is not None:
         call = Call(func, args, kwargs, deps, request=request) if deps else None

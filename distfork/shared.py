@@ -49,10 +49,10 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
-from . import serialize, shm
+from . import serialize, sharecache, shm
 from .errors import DistforkError
 
 __all__ = ["Shared", "share"]
@@ -77,32 +77,45 @@ def pins() -> int:
     return _pins.count
 
 
+class _Forking(threading.local):
+    driver: Any = None  # the Driver a fork in this thread pickles for (set by api._fork)
+
+
+_forking = _Forking()
+
+
 class Shared(Generic[T]):
     """A handle to an object copied into shared memory once (see :func:`share`).
 
     Pass it to ``fork`` wherever the object would go (as the function, an
     argument, inside a list...): the task gets the object. Calling the
     handle calls the object here. ``release()`` (or ``with``) frees the
-    segment; a released handle cannot be forked.
+    segment here and the copies on other hosts; a released handle cannot be
+    forked.
 
-    The copy is made by the first fork that goes to workers sharing our
-    /dev/shm (a fork elsewhere pickles the object by value).
+    The copy is made by the first fork through a cluster (a fork in inline
+    mode pickles the object by value).
     """
 
     def __init__(self, obj: T, oob_threshold_bytes: int) -> None:
         self.value = obj
-        self.name: str | None = None
+        self.name: str | None = None  # the segment on the driver's host (None: bytes in this process)
+        self.key: str | None = None  # what worker hosts fetch it by (distfork/sharecache.py)
         self.nbytes = 0
         self._threshold = oob_threshold_bytes
         self._extents: tuple[tuple[int, int], ...] = ()
         self._stream = b""
         self._domain = shm.domain()
+        self._session = ""
+        self._blob: bytearray | None = None  # the bytes, when this driver has no /dev/shm
+        self._digest: sharecache.Digest | None = None
+        self._servers: list[weakref.ref[sharecache.Server]] = []  # drivers it was forked through
         self._lock = threading.Lock()
         self._copied = False
         self._released = False
         self._finalizer: weakref.finalize | None = None  # type: ignore[type-arg]
 
-    def _copy(self, session: str) -> None:
+    def _copy(self, session: str, use_shm: bool) -> None:
         """Pickle the object once; its large buffers go to a segment of ours (caller holds ``_lock``)."""
         self._copied = True
         copier, serialize._local.share_copy = serialize._local.share_copy, None  # all bytes in our segment
@@ -111,31 +124,58 @@ class Shared(Generic[T]):
         finally:
             serialize._local.share_copy = copier
         bufs = [memoryview(b).cast("B") for b in frames[1:]]
-        if not bufs or self._domain is None:
+        if not bufs:
             return  # nothing large: by value is as cheap
         extents, total = [], 0
         for b in bufs:
             total = -(-total // _ALIGN) * _ALIGN
             extents.append((total, b.nbytes))
             total += b.nbytes
-        seg = shm.Segment(session, total)
-        try:
+        read: Callable[[], memoryview]
+        if self._domain is not None and use_shm:
+            seg = shm.Segment(session, total)
+            try:
+                for (off, n), b in zip(extents, bufs, strict=True):
+                    seg.view[off : off + n] = b
+            except BaseException:
+                seg.release()
+                seg.unlink()
+                raise
+            seg.release()  # we own it, but need no mapping of it: the object itself stays ours
+            name = self.name = seg.name
+            read = lambda: shm.attach(name, total, private=True)  # noqa: E731
+        else:
+            blob = self._blob = bytearray(total)
             for (off, n), b in zip(extents, bufs, strict=True):
-                seg.view[off : off + n] = b
-        except BaseException:
-            seg.release()
-            seg.unlink()
-            raise
-        seg.release()  # we own it, but need no mapping of it: the object itself stays ours
-        self.name, self.nbytes, self._extents, self._stream = seg.name, total, tuple(extents), bytes(frames[0])
-        self._finalizer = weakref.finalize(self, shm.unlink, seg.name)
-        log.debug("shared %s as %s (%d bytes)", serialize.describe(self.value), seg.name, total)
+                blob[off : off + n] = b
+            self._domain = None
+            read = lambda: memoryview(blob)  # noqa: E731
+        self.nbytes, self._extents, self._stream, self._session = total, tuple(extents), bytes(frames[0]), session
+        self.key = sharecache.new_key()
+        self._digest = sharecache.Digest(read)  # for hosts that fetch it: in the background
+        self._finalizer = weakref.finalize(self, _free, self.name, self.key, self._servers)
+        log.debug("shared %s as %s (%d bytes)", serialize.describe(self.value), self.name or "bytes", total)
+
+    def source(self) -> tuple[memoryview, str] | None:
+        """Its bytes and their sha256, for a worker host that fetches them (the driver's I/O thread)."""
+        with self._lock:
+            if self._released or self.key is None or self._digest is None:
+                return None
+            if self.name is not None:
+                try:
+                    view = shm.attach(self.name, self.nbytes, private=True)
+                except FileNotFoundError:
+                    return None
+            else:
+                assert self._blob is not None
+                view = memoryview(self._blob)
+        return view[: self.nbytes], self._digest.wait()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.value(*args, **kwargs)  # type: ignore[operator]
 
     def release(self) -> None:
-        """Unlink the segment; workers drop their copies at their next share lookup."""
+        """Unlink the segment; workers drop their copies (on other hosts: told by the broker)."""
         with self._lock:
             self._released = True
         if self._finalizer is not None:
@@ -149,20 +189,37 @@ class Shared(Generic[T]):
 
     def __repr__(self) -> str:
         where = f"segment {self.name}, {self.nbytes} bytes" if self.name else (
-            "by value" if self._copied else "not copied yet")
+            f"{self.nbytes} bytes in this process" if self.key else "by value" if self._copied else "not copied yet")
         return f"<distfork.Shared {serialize.describe(self.value)}: {where}{', released' if self._released else ''}>"
 
     def __reduce__(self) -> Any:
+        driver = _forking.driver
         with self._lock:
             if self._released:
                 raise DistforkError(f"{self!r} was released; fork with the object itself, or share it again")
-            cache = getattr(serialize._local.share_copy, "__self__", None)  # set while forking to our host
-            if isinstance(cache, ParamCache) and not self._copied:
-                self._copy(cache.session)
-            if self.name is None or not isinstance(cache, ParamCache):
+            session = getattr(driver, "_session", None)
+            if driver is None or not isinstance(session, str):
+                return _by_value, (self.value,)  # inline mode, or pickled outside a fork
+            if not self._copied:
+                self._copy(session, driver.shm_domain is not None)
+            if self.key is None:
                 return _by_value, (self.value,)
-        _pins.count += 1
-        return _attach, (self.name, self.nbytes, self._extents, self._stream, self._domain)
+            server: sharecache.Server = driver.shares
+            if not any(r() is server for r in self._servers):
+                server.register(self.key, self)
+                self._servers.append(weakref.ref(server))
+        return _attach, (self.name, self.nbytes, self._extents, self._stream, self._domain, self.key,
+                         driver.identity.hex(), self._session)
+
+
+def _free(name: str | None, key: str, servers: list[weakref.ref[sharecache.Server]]) -> None:
+    """A handle released (or collected): its segment goes, and hosts that fetched it drop their copies."""
+    if name is not None:
+        shm.unlink(name)
+    for ref in servers:
+        server = ref()
+        if server is not None:
+            server.forget(key)
 
 
 def share(obj: T) -> Shared[T]:
@@ -347,10 +404,11 @@ def _rebuild(rebuild: bytes, buf: Any) -> Any:
 class _Entry:
     """A shared object unpickled in this process, and what tells whether a task changed it."""
 
-    __slots__ = ("obj", "tensors", "versions")
+    __slots__ = ("obj", "path", "tensors", "versions")
 
-    def __init__(self, obj: Any) -> None:
+    def __init__(self, obj: Any, path: str | None) -> None:
         self.obj = obj
+        self.path = path  # the segment it was built on (gone: released), or None (bytes of ours)
         self.tensors = list(_tensors_in(obj))
         self.versions = [t._version for t in self.tensors]
 
@@ -367,15 +425,24 @@ _cache: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
 _CACHE_MAX = 4096  # shared objects (or parameters) a process keeps; the least recently used goes first
 _SWEEP_S = 0.5  # how often a lookup checks which cached segments their drivers unlinked
 _last_sweep = 0.0
+_drops: collections.deque[str] = collections.deque()  # keys released (SHARE_DROP), applied under _lock
 
 
-def _attach(name: str, size: int, extents: tuple[tuple[int, int], ...], stream: bytes, domain: str | None) -> Any:
-    """Unpickling a :class:`Shared` handle: the object, from this process's cache or from the segment."""
+def _attach(
+    name: str | None, size: int, extents: tuple[tuple[int, int], ...], stream: bytes, domain: str | None,
+    key: str | None = None, driver: str = "", session: str = "",
+) -> Any:
+    """Unpickling a :class:`Shared` handle: the object, from this process's cache, from the driver's
+    segment (on its host) or from this host's copy (fetched once per host: distfork/sharecache.py)."""
 
     def load(bufs: list[memoryview]) -> Any:
         return pickle.loads(stream, buffers=bufs)
 
-    return _cached(name, size, extents, domain, load)
+    if key is None or (name is not None and domain is not None and domain == shm.domain()):
+        assert name is not None
+        return _cached(name, size, extents, domain, load)
+    return _cached(f"k:{key}", size, extents, domain, load,
+                   lambda: sharecache.host_copy(session, key, size, driver))
 
 
 def _attach_one(name: str, size: int, rebuild: bytes, domain: str | None) -> Any:
@@ -386,31 +453,53 @@ def _attach_one(name: str, size: int, rebuild: bytes, domain: str | None) -> Any
 def _cached(
     name: str, size: int, extents: tuple[tuple[int, int], ...], domain: str | None,
     load: Callable[[list[memoryview]], Any],
+    fetch: Callable[[], tuple[str | None, memoryview]] | None = None,
 ) -> Any:
     with _lock:
+        _apply_drops()
         _drop_released(time.monotonic())
         entry = _cache.get(name)
         if entry is not None and entry.unchanged():
             _cache.move_to_end(name)
             return entry.obj
-        if domain is None or domain != shm.domain():
-            raise DistforkError(
-                f"a shared-memory reference ({name}) reached a process on another host; tasks that take "
-                "shared values run on the driver's host only (the broker pins them there)"
-            )
-        try:
-            view = shm.attach(name, size, private=True)
-        except FileNotFoundError:
-            raise DistforkError(f"the shared value {name} was released before this task started") from None
+        path: str | None = name
+        if fetch is not None:
+            path, view = fetch()
+        else:
+            if domain is None or domain != shm.domain():
+                raise DistforkError(
+                    f"a shared-memory reference ({name}) reached a process on another host; tasks that take "
+                    "these run on the driver's host only (the broker pins them there)"
+                )
+            try:
+                view = shm.attach(name, size, private=True)
+            except FileNotFoundError:
+                raise DistforkError(f"the shared value {name} was released before this task started") from None
         bufs = [view[off : off + n].toreadonly() for off, n in extents]
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*not writable.*")  # torch on read-only arrays
             obj = load(bufs)
-        _cache[name] = _Entry(obj)
+        _cache[name] = _Entry(obj, path)
         _cache.move_to_end(name)
         while len(_cache) > _CACHE_MAX:
             _cache.popitem(last=False)
         return obj
+
+
+def forget(keys: Sequence[str]) -> None:
+    """Shared values released (SHARE_DROP, from a worker's control thread): drop their objects, now if
+    no task is looking a value up, else at the next lookup."""
+    _drops.extend(keys)
+    if _lock.acquire(blocking=False):
+        try:
+            _apply_drops()
+        finally:
+            _lock.release()
+
+
+def _apply_drops() -> None:
+    while _drops:
+        _cache.pop(f"k:{_drops.popleft()}", None)
 
 
 def _drop_released(now: float | None = None) -> None:
@@ -421,7 +510,8 @@ def _drop_released(now: float | None = None) -> None:
         if now - _last_sweep < _SWEEP_S:
             return
         _last_sweep = now
-    for name in [n for n in _cache if not os.path.exists(os.path.join(shm.SHM_DIR, n))]:
+    for name in [n for n, e in _cache.items()
+                 if e.path is not None and not os.path.exists(os.path.join(shm.SHM_DIR, e.path))]:
         del _cache[name]
 
 

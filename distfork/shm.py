@@ -533,4 +533,5 @@ class SegmentPool:
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            return {"spares": len(self._spares), "spare_bytes": sum(s.size for s in self._spares)}
+            return {"spares": len(self._spares), "spare_bytes": sum(s.size for s in self._spares),
+                    "largest": max((s.size for s in self._spares), default=0)}

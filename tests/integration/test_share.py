@@ -69,10 +69,12 @@ def pickled_call(func: Any, *args: Any) -> list[Any]:
     assert rt is not None
     serialize._local.share_copy = rt.share_copy()
     assert serialize._local.share_copy is not None, "the shared cluster's workers share our /dev/shm"
+    share_mod._forking.driver = rt.driver
     try:
         return serialize.dumps_call(func, args, {}, THRESHOLD)
     finally:
         serialize._local.share_copy = None
+        share_mod._forking.driver = None
 
 
 def test_forks_of_a_shared_value_send_a_reference_not_its_bytes() -> None:
@@ -287,15 +289,15 @@ def test_once_a_parameter_is_copied_no_warm_spare_of_its_size_is_kept() -> None:
     assert pool is not None
     weight = 800 * 800 * 4
     distfork.wait(distfork.fork(m, x), T)  # first sight: the weight travels in an argument segment
-    wait_until(lambda: pool.stats()["spare_bytes"] >= weight, 10.0, what="a warm spare the size of the weight")
+    wait_until(lambda: pool.stats()["largest"] >= weight, 10.0, what="a warm spare the size of the weight")
     before = copies()
     out = distfork.wait(distfork.fork(m, x), T)  # second sight: a copy, and the spares that large retire
     assert torch.allclose(out, m(x))
     assert len(copies() - before) == 1
-    wait_until(lambda: pool.stats()["spare_bytes"] < weight, 10.0, what="the spares of the weight's size to go")
+    wait_until(lambda: pool.stats()["largest"] < weight, 10.0, what="the spares of the weight's size to go")
     distfork.wait(distfork.fork(m, x), T)
-    assert pool.stats()["spare_bytes"] < weight  # and none comes back while the model goes by reference
+    assert pool.stats()["largest"] < weight  # and none comes back while the model goes by reference
     with torch.no_grad():
         m.weight.add_(1.0)  # changed: the argument path again, its spares warm again
     assert torch.allclose(distfork.wait(distfork.fork(m, x), T), m(x))
-    wait_until(lambda: pool.stats()["spare_bytes"] >= weight, 10.0, what="spares for the changed weight")
+    wait_until(lambda: pool.stats()["largest"] >= weight, 10.0, what="spares for the changed weight")
