@@ -19,7 +19,7 @@ local call timed right before it in this run:
   shared       ``distfork.share(m)`` once, then the handle as the function
                (the same loop, and in flight); skipped if there is no share()
   memory       growth of this cluster's /dev/shm bytes plus the workers'
-               private dirty pages over the loops, in copies of the weights
+               anonymous pages over the loops, in copies of the weights
                (warm spare segments of the argument path count too)
 
 Targets (issue 14): sequential <= 1.3x local; in flight <= 0.75x local per
@@ -81,10 +81,12 @@ def session_shm_bytes_of(name: str) -> int:
 
 
 def private_dirty(pid: int) -> int:
-    """Bytes of a process's private dirty pages (its own copies; shared mappings not counted)."""
+    """Bytes of a process's own copies: its anonymous pages (heap, and pages it wrote of a private
+    mapping). Not smaps' Private_Dirty, which also counts /dev/shm pages that only this process maps
+    (the segments are counted once already, from /dev/shm)."""
     with open(f"/proc/{pid}/smaps_rollup") as f:
         for line in f:
-            if line.startswith("Private_Dirty:"):
+            if line.startswith("Anonymous:"):
                 return int(line.split()[1]) * 1024
     return 0
 
@@ -182,7 +184,7 @@ def main() -> None:
     line(f"fork(m, x): {a.inflight} in flight, per fork", fly, "(target <= 0.75x)")
     line("fork(m, x), m changed before each", changed)
     print(f"{'memory of fork(m, x) beyond the driver':<36}{plain_mem / 1e6:8.0f} MB   "
-          f"{plain_mem / weights:5.2f} copies of the weights (shm + workers' private pages; target <= 1)")
+          f"{plain_mem / weights:5.2f} copies of the weights (shm + workers' own pages; target <= 1)")
     print(f"{'  of which warm argument spares':<36}{spares / 1e6:8.0f} MB   "
           f"{spares / weights:5.2f} (the driver's pool, up to shm_spare_bytes, from the first fork's transfer)")
     print(f"{'  of which copies of parameters':<36}{copied / 1e6:8.0f} MB   "
@@ -190,7 +192,8 @@ def main() -> None:
     line("held future of m: fork(f, fm, x)+wait", held)
     line(f"held future of m: {a.inflight} in flight", held_fly)
     print(f"{'memory of the held module':<36}{held_mem / 1e6:8.0f} MB   "
-          f"{held_mem / weights:5.2f} copies of the weights (its result segment + workers' private pages)")
+          f"{held_mem / weights:5.2f} copies of the weights (its result segment, the maker's result spare, "
+          "workers' own pages)")
     if shared is not None and shared_fly is not None:
         line("share(m), fork(h, x)+wait, in a loop", shared, "(target <= 1.3x)")
         line(f"share(m), {a.inflight} in flight, per fork", shared_fly, "(target <= 0.75x)")

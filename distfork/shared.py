@@ -404,20 +404,32 @@ def _rebuild(rebuild: bytes, buf: Any) -> Any:
 class _Entry:
     """A shared object unpickled in this process, and what tells whether a task changed it."""
 
-    __slots__ = ("obj", "path", "tensors", "versions")
+    __slots__ = ("obj", "path", "tensors", "versions", "shape")
 
     def __init__(self, obj: Any, path: str | None) -> None:
         self.obj = obj
         self.path = path  # the segment it was built on (gone: released), or None (bytes of ours)
         self.tensors = list(_tensors_in(obj))
         self.versions = [t._version for t in self.tensors]
+        self.shape = _module_shape(obj)
 
     def unchanged(self) -> bool:
-        """No task changed a tensor in place, gave it a gradient or hooked it: the next may have it."""
+        """No task changed a tensor in place, gave it a gradient or hooked it, swapped a module's
+        tensors or flipped its train/eval mode: the next task may have it."""
         return all(
             t._version == v and t.grad is None and not t._backward_hooks
             for t, v in zip(self.tensors, self.versions, strict=True)
-        )
+        ) and _module_shape(self.obj) == self.shape
+
+
+def _module_shape(obj: Any) -> tuple[Any, ...] | None:
+    """What a task could change in a torch module besides its tensors' values: which tensors it holds
+    and its submodules' modes (None: not a module)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(obj, torch.nn.Module):
+        return None
+    return (tuple(id(t) for t in (*obj.parameters(), *obj.buffers())),
+            tuple(m.training for m in obj.modules()))
 
 
 _lock = threading.RLock()  # a value's unpickling may look up another (re-entrant)
@@ -484,6 +496,34 @@ def _cached(
         while len(_cache) > _CACHE_MAX:
             _cache.popitem(last=False)
         return obj
+
+
+def dep_value(frames: Sequence[Any], leases: list[serialize.Lease]) -> Any:
+    """A held value a task takes as an argument (``serialize.unpack_call``): a torch module or tensor
+    in a segment is built once per worker process and reused while unchanged, as a shared value is.
+
+    Other values (numpy arrays arrive writable) are unpickled for each task.
+    The first task's lease reports the mapping kept (``Flag.RETAINED``), so
+    the broker unlinks the segment when the hold ends instead of recycling it
+    under our mapping; the object goes at the next lookup after that.
+    """
+    name = shm.segment_of(frames)
+    if name is None:
+        return serialize.unpack(frames, private=True, leases=leases)
+    key = f"h:{name}"
+    with _lock:
+        _drop_released(time.monotonic())
+        entry = _cache.get(key)
+        if entry is not None and entry.unchanged():
+            _cache.move_to_end(key)
+            return entry.obj
+        value = serialize.unpack(frames, private=True, leases=leases)
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(value, (torch.nn.Module, torch.Tensor)):
+            _cache[key] = _Entry(value, name)
+            while len(_cache) > _CACHE_MAX:
+                _cache.popitem(last=False)
+        return value
 
 
 def forget(keys: Sequence[str]) -> None:
