@@ -169,8 +169,9 @@ class Relay:
     def reply(self, driver: bytes, frames: list[Any], body: memoryview) -> tuple[bytes, list[Any]]:
         share = protocol.decode_share(frames, body)
         asker = bytes.fromhex(share.asker) if share.asker else b""
-        if self._pending.pop((asker, share.key), None) != driver:
+        if self._pending.get((asker, share.key)) != driver:
             raise ProtocolError("SHARE that answers no fetch of this driver")
+        del self._pending[(asker, share.key)]
         if share.data is not None:
             self.counters["share_fetches"] += 1
             self.counters["share_bytes"] += sum(len(f) for f in share.data)
