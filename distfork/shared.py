@@ -2,19 +2,21 @@
 
 ::
 
-    driver                                   worker (any on the driver's host)
+    driver                                   worker on the driver's host
     share(m); first fork ─ pickle once ─▶ segment df-<session>-<driver pid>-<n>  (read-only by contract)
-    fork(h, x) ─ pickles h as (name, layout, small pickle stream) ─▶ _attach(...)
+    fork(h, x) ─ pickles h as (name, layout, small pickle stream, key) ─▶ _attach(...)
                                                 ├─ cached? same object, if unchanged
                                                 └─ else map (private), unpickle, cache
-    h.release() ─ unlink ─▶ workers drop their copy at their next share lookup
+                                             worker on another host: the same, on the host's copy,
+                                             fetched once per host by key (distfork/sharecache.py)
+    h.release() ─ unlink; SHARE_DROP ─▶ workers drop their copy (other hosts: told by the broker)
 
 A fork whose arguments (or function) hold a :class:`Shared` handle sends a
 few hundred bytes instead of the object's buffers: its bytes were copied
-into one segment by the first such fork, and every worker on that host
-maps that segment and unpickles it once, then keeps the object in a cache
-for the next tasks. What a task gets is the same object each time on a
-worker, so the value is read-only by contract:
+into one segment by the first such fork, and every worker maps that
+segment (or its host's copy) and unpickles it once, then keeps the object
+in a cache for the next tasks. What a task gets is the same object each
+time on a worker, so the value is read-only by contract:
 
 - numpy arrays in it are built read-only (writes raise ``ValueError``);
 - torch tensors carry a version counter that every in-place op bumps: a
@@ -26,16 +28,18 @@ Ownership (see shm.py): the driver creates the segment and is its one
 owner: it unlinks it on ``release()``, when the handle is garbage-collected,
 or at exit; a driver killed leaves it to the sweepers (its pid is in the
 name). Workers only map it (private, copy-on-write); a worker's mapping of a
-released segment goes at its next share lookup, or with the worker.
+released segment goes at its next share lookup, or with the worker. A host
+copy on another host belongs to the worker process that fetched it
+(sharecache.py).
 
-Without shared memory to the workers (inline mode, a cluster on other
-hosts, ``DISTFORK_SHM=0``) a handle pickles its object by value, as if it
-were passed directly: correct, without the saving. A fork that pickled a
-reference is pinned to the workers of the driver's host (:func:`pins`).
+In inline mode (or pickled outside a fork) a handle pickles its object by
+value. Handles are not pinned to the driver's host.
 
 The same machinery serves forks of plain modules: :class:`ParamCache`
 sends a large ``nn.Parameter`` (or read-only array) forked again unchanged
-as a reference to a copy of its bytes.
+as a reference to a copy of its bytes (such forks are pinned to the
+driver's host: :func:`pins`); and :func:`dep_value` reuses a torch module a
+held future stands for.
 """
 
 from __future__ import annotations
@@ -228,13 +232,14 @@ def share(obj: T) -> Shared[T]:
     >>> h = distfork.share(model)              # 100 MB of weights: copied once
     >>> futs = [distfork.fork(h, x) for x in batches]   # each sends ~1 KB
 
-    The first fork to the driver's host copies the buffers into shared
-    memory; each worker there maps the segment and unpickles the object
-    once, then reuses it for later tasks while it is unchanged (see the
-    module docstring: the value is read-only by contract). Release the
-    handle with ``h.release()`` or a ``with`` block; it is also released
-    when garbage-collected and at exit. Forks that cannot use shared memory
-    pickle ``obj`` by value.
+    The first fork copies the buffers into shared memory on the driver's
+    host; each worker there maps the segment, and each other host fetches
+    the bytes once into a copy of its own; every worker process unpickles
+    the object once, then reuses it for later tasks while it is unchanged
+    (see the module docstring: the value is read-only by contract). Release
+    the handle with ``h.release()`` or a ``with`` block (it frees the copies
+    on every host); it is also released when garbage-collected and at exit.
+    In inline mode a handle pickles ``obj`` by value.
     """
     from . import api
 
