@@ -439,7 +439,7 @@ class Broker:
         for peer in self.state.peers:
             self._send(peer, protocol.encode_signal(Msg.HEARTBEAT))
         self.state.expire(now)
-        self._send_all(self.shares.gone(self._is_driver, self._controls()))  # drivers that left: their values
+        self._send_all(self.shares.gone(self._is_driver, self._controls))  # drivers that left: their values
         self._ticks += 1
         if self._ticks % 5 == 0:
             shm.sweep()  # garbage of any session: segments of processes that died mid-transfer

@@ -186,12 +186,13 @@ class Relay:
             self._served.pop(driver, None)
         return [(c, protocol.encode_share_drop(keys)) for c in controls]
 
-    def gone(self, live: Callable[[bytes], bool], controls: Sequence[bytes]) -> list[tuple[bytes, list[Any]]]:
+    def gone(self, live: Callable[[bytes], bool],
+             controls: Callable[[], Sequence[bytes]]) -> list[tuple[bytes, list[Any]]]:
         """Drivers that left: their values go from every host (called once a heartbeat)."""
         out: list[tuple[bytes, list[Any]]] = []
         for driver in [d for d in self._served if not live(d)]:
             keys = sorted(self._served.pop(driver))
-            out += [(c, protocol.encode_share_drop(keys)) for c in controls]
+            out += [(c, protocol.encode_share_drop(keys)) for c in controls()]
         return out
 
 

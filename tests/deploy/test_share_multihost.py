@@ -65,6 +65,40 @@ print(json.dumps(out), flush=True)
 """
 
 
+CRASHING_DRIVER = """
+import json, os, sys
+import numpy as np
+import distfork
+
+distfork.init(sys.argv[1])
+h = distfork.share(np.ones(500_000))
+assert distfork.wait(distfork.fork(np.sum, h), 30) == 500_000
+print(json.dumps({"suffix": "-" + h.key[:16], "segment": h.name}), flush=True)
+os._exit(0)  # no release, no goodbye: as if killed
+"""
+
+PROBE = """
+import json, os, sys, time
+import distfork
+
+
+def host_copies(suffix):
+    from distfork import shared
+    names = sorted(n for n in os.listdir("/dev/shm") if n.endswith(suffix))
+    return names, [k for k in shared.cached_names() if k.startswith("k:" + suffix[1:])]
+
+
+distfork.init(sys.argv[1])
+deadline = time.monotonic() + 10
+while True:
+    left = distfork.wait_all([distfork.fork(host_copies, sys.argv[2]) for _ in range(2)], timeout=30)
+    if not any(names or keys for names, keys in left) or time.monotonic() > deadline:
+        break
+    time.sleep(0.05)
+print(json.dumps(left), flush=True)
+"""
+
+
 def test_a_shared_array_crosses_to_another_host_once_and_its_release_frees_the_copy_there(tmp_path: Path) -> None:
     lan = Lan(workers=1, hostnames=False)
     reason = lan.unavailable()
@@ -88,6 +122,16 @@ def test_a_shared_array_crosses_to_another_host_once_and_its_release_frees_the_c
 
         wait_until(lambda: workers() == 2, 30, interval_s=0.2, what="both worker processes to register")
         done = lan.run(lan.broker, sys.executable, str(script), address, env=env, timeout_s=45)
+        # A driver that dies without a word: when the broker sees it gone, the host's copy goes too.
+        crash, probe = tmp_path / "crash.py", tmp_path / "probe.py"
+        crash.write_text(CRASHING_DRIVER)
+        probe.write_text(PROBE)
+        crashed = lan.run(lan.broker, sys.executable, str(crash), address, env=env, timeout_s=45)
+        assert crashed.returncode == 0, crashed.stderr
+        suffix = json.loads(crashed.stdout.strip().splitlines()[-1])["suffix"]
+        probed = lan.run(lan.broker, sys.executable, str(probe), address, suffix, env=env, timeout_s=45)
+        assert probed.returncode == 0, probed.stderr
+        assert json.loads(probed.stdout.strip().splitlines()[-1]) == [[[], []], [[], []]]
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout.strip().splitlines()[-1])
 

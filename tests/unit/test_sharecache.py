@@ -46,9 +46,9 @@ def test_the_relay_asks_the_driver_named_and_forwards_only_the_answer_to_that_fe
     to, out = relay.get(WORKER, body(ask), lambda peer: False)
     assert to == WORKER and protocol.decode_share(out, body(out)).data is None
     # The driver leaves: every worker process is told to drop what it served.
-    drops = relay.gone(lambda peer: False, [b"C1", b"C2"])
+    drops = relay.gone(lambda peer: False, lambda: [b"C1", b"C2"])
     assert [(c, protocol.decode_share_drop(body(f))) for c, f in drops] == [(b"C1", [KEY]), (b"C2", [KEY])]
-    assert relay.gone(lambda peer: False, [b"C1"]) == []
+    assert relay.gone(lambda peer: False, lambda: [b"C1"]) == []
 
 
 def test_malformed_share_messages_are_refused() -> None:
