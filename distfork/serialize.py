@@ -529,8 +529,8 @@ def unpack_call(
     dependency values belong to the broker's hold, which may hand them to
     other tasks too.
     """
-    from .shared import dep_value  # a held torch module: built once per worker (shared.py)
-
+    if deps:
+        from .shared import dep_value  # a held torch module: built once per worker (shared.py)
     values = [dep_value(d, leases) for d in deps]
     _local.deps = values
     try:
