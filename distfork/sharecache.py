@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 
 FRAME_BYTES = 16 * 1024 * 1024  # as serialize.FRAME_BYTES: under the broker's max_message_bytes
 _PENDING_MAX = 10_000  # fetches the broker routes at once at most
+_ASK_AGAIN_S = 5.0  # a fetch unanswered this long is sent again
 
 
 def new_key() -> str:
@@ -238,14 +239,21 @@ def _fetch(key: str, driver: str, size: int, into: memoryview) -> None:
     sock.connect(_w.address)
     timeout_s = _w.timeout_s + size / 20e6  # the bytes may take a while on a slow link
     try:
-        sock.send_multipart(protocol.encode_share_get(key, driver))
         deadline = time.monotonic() + timeout_s
+        again_s = _ASK_AGAIN_S + size / 20e6  # not while a large answer may still be on its way
+        asked = 0.0
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not sock.poll(int(left * 1000) + 1):
+            now = time.monotonic()
+            if now - asked >= again_s:  # again: a restarted broker forgot the first (it drops extra answers)
+                sock.send_multipart(protocol.encode_share_get(key, driver))
+                asked = now
+            left = deadline - now
+            if left <= 0:
                 raise DistforkError(
                     f"the shared value {key} did not arrive from its driver within {timeout_s:.0f} s "
                     "(code_fetch_timeout_s); is the driver that shared it still connected?")
+            if not sock.poll(int(min(left, again_s) * 1000) + 1):
+                continue
             frames = sock.recv_multipart(copy=False)
             kind, body = protocol.decode(frames)
             if kind is not Msg.SHARE:
