@@ -57,7 +57,7 @@ class _Runtime:
         if self.copies is None or self.copies.session != driver._session:
             if self.copies is not None:
                 self.copies.close()
-            self.copies = shared.ParamCache(driver._session, self.config.share_min_bytes)
+            self.copies = shared.ParamCache(driver._session, self.config.share_min_bytes, driver._segments)
         return self.copies.reduce
 
     @property
@@ -237,6 +237,7 @@ def _fork(
     deps: list[Future[Any]] = []
     pins = shared.pins()
     serialize._local.share_copy = rt.share_copy()
+    shared._forking.driver = driver  # share() handles pickle a reference for its workers
     try:
         frames = serialize.dumps_call(
             func, args, kwargs, rt.config.oob_threshold_bytes, driver.referrer(deps) if driver is not None else None,
@@ -246,6 +247,7 @@ def _fork(
         return _fork_after(arg.future, func, args, kwargs, max_retries, timeout_s, request)
     finally:
         serialize._local.share_copy = None
+        shared._forking.driver = None
     rec = _trace.begin(func, args, kwargs, driver is not None) if _trace.ACTIVE else None
     if driver is not None:
         call = Call(func, args, kwargs, deps, request=request) if deps else None

@@ -40,7 +40,7 @@ from typing import Any
 
 import zmq
 
-from . import codeship, endpoint, protocol, security, shm
+from . import codeship, endpoint, protocol, security, sharecache, shm
 from . import tracing as _trace
 from .broker_instructions import (
     Abort,
@@ -103,6 +103,7 @@ class Broker:
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.state = BrokerState(config, time.monotonic(), shm.domain())
         self.metrics = BrokerMetrics(self.state)
+        self.shares = sharecache.Relay(self.state.counters)  # share()d values fetched by worker hosts
         # Prometheus /metrics, from prometheus_client's own thread (it reads numbers, never the socket).
         self.metrics_server = self.metrics.serve(metrics_port, metrics_host) if metrics_port is not None else None
         try:
@@ -276,6 +277,12 @@ class Broker:
                 self._code_in(frames, body)
             elif kind is Msg.CODE_GET:
                 self._code_out(peer, body)
+            elif kind is Msg.SHARE_GET:
+                self._send(*self.shares.get(peer, body, self._is_driver))
+            elif kind is Msg.SHARE and p.role is Role.DRIVER:
+                self._send(*self.shares.reply(peer, frames, body))
+            elif kind is Msg.SHARE_DROP and p.role is Role.DRIVER:
+                self._send_all(self.shares.drop(peer, body, self._controls()))
             else:
                 raise ProtocolError(f"{kind.name} from a {p.role.value}")
         elif kind is Msg.HELLO:
@@ -284,6 +291,8 @@ class Broker:
             self._send(peer, protocol.encode_json(Msg.STATUS_REPLY, self._status(now)))
         elif kind is Msg.CODE_GET:  # a worker slot's fetch socket: authenticated, never registered
             self._code_out(peer, body)
+        elif kind is Msg.SHARE_GET:  # the same, for a share()d value (distfork/sharecache.py)
+            self._send(*self.shares.get(peer, body, self._is_driver))
         elif kind is Msg.OUTPUT:  # a worker process's control socket: what its running tasks print
             self._output(peer, protocol.decode_output(body))
         elif kind is Msg.KEEPALIVE:
@@ -380,6 +389,18 @@ class Broker:
         except zmq.ZMQError as exc:
             log.debug("could not send to %s: %s", peer.hex(), exc)
 
+    def _is_driver(self, peer: bytes) -> bool:
+        p = self.state.peers.get(peer)
+        return p is not None and p.role is Role.DRIVER
+
+    def _controls(self) -> list[bytes]:
+        """The control socket of every worker process."""
+        return sorted({w.control for w in self.state.workers.values() if w.control is not None})
+
+    def _send_all(self, messages: list[tuple[bytes, list[Any]]]) -> None:
+        for peer, frames in messages:
+            self._send(peer, frames)
+
     def _send_batches(self, peer: bytes, kind: Msg, entries: Sequence[Entry]) -> None:
         for start in range(0, len(entries), BATCH_MAX):
             self._send(peer, protocol.encode_batch(kind, entries[start : start + BATCH_MAX]))
@@ -418,6 +439,7 @@ class Broker:
         for peer in self.state.peers:
             self._send(peer, protocol.encode_signal(Msg.HEARTBEAT))
         self.state.expire(now)
+        self._send_all(self.shares.gone(self._is_driver, self._controls))  # drivers that left: their values
         self._ticks += 1
         if self._ticks % 5 == 0:
             shm.sweep()  # garbage of any session: segments of processes that died mid-transfer

@@ -46,7 +46,7 @@ from typing import Any, NamedTuple
 
 import zmq
 
-from . import multipart, output, protocol, security, serialize, shm
+from . import multipart, output, protocol, security, serialize, sharecache, shm
 from . import tracing as _trace
 from .config import BATCH_MAX, DRIVER_RECV_BURST, RESUBMITS_MAX, Config
 from .errors import (
@@ -144,6 +144,7 @@ class Driver:
         _trace.DRIVERS.add(self)
         # Results the broker holds for us, and fetching their values (distfork/held.py).
         self.held = HeldValues(self._wake, lambda: self._closing)
+        self.shares = sharecache.Server(self._wake)  # share()d values, for worker hosts to fetch
         self._window = Window(config.window)
         self._bytes_inflight = 0
         self._bytes_room = threading.Condition()
@@ -448,7 +449,7 @@ class Driver:
                 if watch is not None and watch.monitor in events:
                     self._handshake(watch)
                 if self._outgoing or self._cancels or self._reclaims or self._recycles or self.held.fetches \
-                        or self.held.releases or self._codes:
+                        or self.held.releases or self._codes or self.shares.drops:
                     self._flush(sock)
                     last_sent = now
                 if sock in events:
@@ -507,6 +508,8 @@ class Driver:
             batch = [out.popleft() for _ in range(min(len(out), BATCH_MAX))]
             self._send_codes(sock)  # a package shipped just before a task of this batch was appended
             multipart.send(sock, protocol.encode_batch(Msg.SUBMIT, batch))
+        if self.shares.drops:
+            self.shares.flush(sock)
         if self._reclaims:
             ids = [self._reclaims.popleft() for _ in range(len(self._reclaims))]
             sock.send_multipart(protocol.encode_cancel(ids, Msg.RECLAIM))
@@ -550,6 +553,8 @@ class Driver:
                 self._output(protocol.decode_json(body))
             elif kind is Msg.RECLAIMED:
                 self._reclaimed(protocol.decode_reclaimed(body))
+            elif kind is Msg.SHARE_GET:  # a worker host fetches a share()d value (distfork/sharecache.py)
+                self.shares.serve(sock, body)
             elif kind is Msg.REJECT:
                 reject = protocol.decode_json(body)
                 if reject.get("refused"):  # our key is admitted, but not as a client

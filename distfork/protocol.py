@@ -144,6 +144,10 @@ class Msg(enum.IntEnum):
     CODE = 21  # D -> B: a package of the driver's code; B -> asker: the one asked for (see encode_code)
     CODE_GET = 22  # W (any peer) -> B: send me the code package of this hash (JSON: hash)
     OUTPUT = 23  # W control -> B -> D: lines a running task printed or logged (JSON, see distfork/output.py)
+    # distfork/sharecache.py: a share()d value's bytes, fetched once per worker host from its driver.
+    SHARE_GET = 24  # W fetch socket -> B -> D: send me this shared value (JSON: key, driver; B adds asker)
+    SHARE = 25  # D -> B -> asker: its bytes (JSON: key, asker, sha256, size; then the bytes in frames)
+    SHARE_DROP = 26  # D -> B -> W control sockets: shared values released, free their copies (JSON: keys)
 
 
 class Role(str, enum.Enum):
@@ -641,6 +645,60 @@ def decode_code_get(body: memoryview) -> str:
     if not isinstance(code_hash, str) or len(code_hash) != 64:
         raise ProtocolError(f"CODE_GET names package {str(code_hash)[:80]!r}")
     return code_hash
+
+
+def _hex(value: object, most: int) -> TypeGuard[str]:
+    return isinstance(value, str) and 0 < len(value) <= most and all(c in "0123456789abcdef" for c in value)
+
+
+def encode_share_get(key: str, driver: str, asker: str = "") -> list[Frame]:
+    """SHARE_GET: a worker asks (through the broker, which adds ``asker``) driver ``driver`` for value ``key``."""
+    body = {"key": key, "driver": driver, **({"asker": asker} if asker else {})}
+    return encode_json(Msg.SHARE_GET, body)
+
+
+def decode_share_get(body: memoryview) -> tuple[str, str, str]:
+    """SHARE_GET: (key, driver routing id hex, asker routing id hex or "")."""
+    raw = decode_json(body)
+    key, driver, asker = raw.get("key"), raw.get("driver"), raw.get("asker", "")
+    if not _hex(key, 64) or not _hex(driver, 64) or not (asker == "" or _hex(asker, 64)):
+        raise ProtocolError("SHARE_GET without a hex key and driver")
+    return key, driver, asker
+
+
+def encode_share(key: str, asker: str, data: Sequence[Frame] | None, sha256: str = "", size: int = 0) -> list[Frame]:
+    """SHARE: value ``key``'s bytes in ``data`` (frames of at most serialize.FRAME_BYTES), or None: gone."""
+    head = encode_json(Msg.SHARE, {"key": key, "asker": asker, "found": data is not None, "sha256": sha256,
+                                   "size": size})
+    return [*head, *(data or ())]
+
+
+class Share(NamedTuple):
+    key: str
+    asker: str  # routing id hex of the fetch socket ("" on the broker's way out)
+    data: Sequence[Frame] | None  # None: the driver has no such value (released, or gone)
+    sha256: str
+    size: int
+
+
+def decode_share(frames: Sequence[Frame], body: memoryview) -> Share:
+    raw = decode_json(body)
+    key, asker, sha, size = raw.get("key"), raw.get("asker", ""), raw.get("sha256", ""), raw.get("size", 0)
+    if not _hex(key, 64) or not (asker == "" or _hex(asker, 64)) or not (sha == "" or _hex(sha, 64)) \
+            or not _int(size) or size < 0:
+        raise ProtocolError("SHARE with a malformed key, asker, sha256 or size")
+    return Share(key, asker, list(frames[1:]) if raw.get("found") else None, sha, size)
+
+
+def encode_share_drop(keys: Sequence[str]) -> list[Frame]:
+    return encode_json(Msg.SHARE_DROP, {"keys": list(keys)})
+
+
+def decode_share_drop(body: memoryview) -> list[str]:
+    keys = decode_json(body).get("keys")
+    if not isinstance(keys, list) or not all(_hex(k, 64) for k in keys):
+        raise ProtocolError("SHARE_DROP without a list of hex keys")
+    return keys
 
 
 def decode_reclaimed(body: memoryview) -> tuple[set[int], list[int]]:

@@ -591,7 +591,9 @@ def unpack_call(
     dependency values belong to the broker's hold, which may hand them to
     other tasks too.
     """
-    values = [unpack(d, private=True, leases=leases) for d in deps]
+    if deps:
+        from .shared import dep_value  # a held torch module: built once per worker (shared.py)
+    values = [dep_value(d, leases) for d in deps]
     _local.deps = values
     try:
         call = unpack(frames, private=True, leases=leases)

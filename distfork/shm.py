@@ -423,6 +423,7 @@ class SegmentPool:
         self._spares: list[Segment] = []
         self._lock = threading.Lock()
         self._want = 0  # size of spare to prepare next
+        self._retired = 0  # buffers this large travel by reference now: no spares that large (see retire)
         self._wake = threading.Condition(self._lock)
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -438,6 +439,8 @@ class SegmentPool:
             if seg is not None:
                 self._spares.remove(seg)
             if size <= self.spare_bytes and not self._closed:
+                if self._retired and size >= self._retired:
+                    self._retired = 0  # the argument path needs such segments again (a changed model)
                 self._want = size
                 self._wake.notify()
                 if self._thread is None:
@@ -472,7 +475,7 @@ class SegmentPool:
                     self._lock.acquire()
                 if seg is None:
                     self._want = 0
-                elif self._closed:
+                elif self._closed or (self._retired and seg.size >= self._retired):
                     seg.release()
                     seg.unlink()
                 else:
@@ -491,11 +494,32 @@ class SegmentPool:
     def recycle(self, seg: Segment) -> None:
         """Take back a segment nobody else maps any more: a warm spare, or unlinked if we hold enough."""
         with self._lock:
-            if not self._closed and sum(s.size for s in self._spares) + seg.size <= self.spare_bytes:
+            if not self._closed and sum(s.size for s in self._spares) + seg.size <= self.spare_bytes \
+                    and not (self._retired and seg.size >= self._retired):
                 self._spares.append(seg)
                 return
         seg.release()
         seg.unlink()
+
+    def retire(self, size: int) -> Segment | None:
+        """Buffers of ``size`` bytes and more travel by reference now (a parameter forked again unchanged:
+        distfork/shared.py): drop the warm spares that large, warm none until a :meth:`take` of that size
+        again, and return the best fitting one (warm, so a copy into it runs at memory speed), or None.
+
+        Kept, those spares would be copies of the weights that no fork uses any more.
+        """
+        with self._lock:
+            self._want = 0
+            self._retired = size if not self._retired else min(self._retired, size)
+            big = [s for s in self._spares if s.size >= size]
+            self._spares = [s for s in self._spares if s.size < size]
+        fit = [s for s in big if s.size <= size + size // 8 + _PAGE]  # not much bigger: it stays that size
+        keep = min(fit, key=lambda s: s.size) if fit else None
+        for seg in big:
+            if seg is not keep:
+                seg.release()
+                seg.unlink()
+        return keep
 
     def close(self) -> None:
         """Unlink every spare; segments already handed out are their owners' business."""
@@ -509,4 +533,5 @@ class SegmentPool:
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            return {"spares": len(self._spares), "spare_bytes": sum(s.size for s in self._spares)}
+            return {"spares": len(self._spares), "spare_bytes": sum(s.size for s in self._spares),
+                    "largest": max((s.size for s in self._spares), default=0)}

@@ -38,7 +38,7 @@ from typing import Any
 
 import zmq
 
-from . import codeship, output, protocol, resources, security, serialize, shm
+from . import codeship, output, protocol, resources, security, serialize, sharecache, shm
 from . import tracing as _trace
 from .config import Config
 from .errors import ProtocolError, SerializationError
@@ -234,6 +234,8 @@ class Worker:
         os.environ["DISTFORK_IN_WORKER"] = "1"  # ... and may take their queued children back
         codeship.configure_worker(self.address, self._keys, self.config.code_cache_dir,
                                   self.config.code_fetch_timeout_s)
+        sharecache.configure_worker(self.address, self._keys, self.shm_domain is not None,
+                                    self.config.code_fetch_timeout_s)
         output.install(self._wake_output)
         self.slots_ = [_Slot(self, i, ident) for i, ident in enumerate(self.slot_ids)]
         threads = [threading.Thread(target=s.run, name=f"distfork-slot-{s.index}", daemon=True) for s in self.slots_]
@@ -338,6 +340,8 @@ class Worker:
                         self._abort(control, cancelled=running)
                 elif kind is Msg.REJECT:
                     self.refused(protocol.decode_json(body))
+                elif kind is Msg.SHARE_DROP:  # share()d values released: this host's copies go
+                    sharecache.dropped(protocol.decode_share_drop(body))
                 elif kind not in (Msg.HEARTBEAT, Msg.BYE):
                     raise ProtocolError(f"unexpected {kind.name} on the control socket")
             except ProtocolError as exc:
