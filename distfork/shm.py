@@ -66,7 +66,8 @@ from .errors import ProtocolError
 from .protocol import decode_manifest
 
 __all__ = [
-    "SHM_DIR", "Segment", "SegmentPool", "ShmUnavailable", "attach", "creator", "domain", "hand_over", "parse",
+    "PARALLEL_COPY_BYTES", "SHM_DIR", "Segment", "SegmentPool", "ShmUnavailable", "attach", "copy_into", "creator",
+    "domain", "hand_over", "parse",
     "release_own", "segment_of", "sweep", "sweep_at_exit", "unlink",
 ]
 
@@ -78,6 +79,8 @@ _NAME = re.compile(
     r"^df-(?P<session>[0-9a-f]+)-(?P<pid>\d+)-(?P<start>\d+)-(?P<rand>[0-9a-f]{16})"
     r"(?:-(?P<owner>\d+)-(?P<owner_start>\d+))?$"
 )
+#: Map every page at mmap time (one call) instead of one page fault per 4 KiB page at first write.
+_SHARED_POPULATE = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 _CREATE_TRIES = 8  # names taken (planted by someone else) before we give up
 _logged_foreign: set[str] = set()  # segments of other users we said we skip (said once each)
 
@@ -203,7 +206,7 @@ class Segment:
             # Allocate now: a full /dev/shm fails here with ENOSPC instead of
             # killing us with SIGBUS when a page is first written.
             os.posix_fallocate(fd, 0, max(size, 1))
-            self.mm = mmap.mmap(fd, max(size, 1))
+            self.mm = mmap.mmap(fd, max(size, 1), flags=_SHARED_POPULATE)
         except OSError as exc:
             os.close(fd)
             os.unlink(path)
@@ -226,7 +229,9 @@ class Segment:
         fd = os.open(os.path.join(SHM_DIR, self.name), os.O_RDWR)
         try:
             self.size = os.fstat(fd).st_size
-            self.mm = mmap.mmap(fd, self.size)
+            # Populated: a new mapping of pages that exist faults on every page we
+            # write (a 100 MB copy took 45 ms instead of 18 ms, plus 2 ms here).
+            self.mm = mmap.mmap(fd, self.size, flags=_SHARED_POPULATE)
         finally:
             os.close(fd)
         self.view = memoryview(self.mm)
@@ -249,6 +254,53 @@ class Segment:
             self.mm.close()
         except BufferError:
             pass  # someone still holds a view; the mapping goes with it
+
+
+#: Copies of at least this many bytes are split across threads (one per core, up to 4): one thread
+#: copies ~7 GB/s here, two ~14 GB/s; starting a thread costs ~0.1 ms.
+PARALLEL_COPY_BYTES = 16 * 1024 * 1024
+_COPY_THREADS_MAX = 4
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def copy_into(dst: memoryview, src: Any) -> None:
+    """``dst[:] = src`` for a contiguous buffer ``src`` of ``dst.nbytes`` bytes; a large copy is split
+    across threads (numpy copies without the GIL)."""
+    n = dst.nbytes
+    parts = min(_cores(), _COPY_THREADS_MAX, n // (PARALLEL_COPY_BYTES // 2))
+    if parts < 2:
+        dst[:] = memoryview(src).cast("B")
+        return
+    import numpy as np
+
+    d = np.frombuffer(dst, np.uint8)
+    s = np.frombuffer(src, np.uint8)
+    if s.nbytes != n:
+        raise ValueError(f"cannot copy {s.nbytes} bytes into {n}")
+    step = -(-n // parts // _PAGE) * _PAGE
+    errors: list[BaseException] = []
+
+    def part(at: int) -> None:
+        try:
+            np.copyto(d[at : at + step], s[at : at + step])
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the caller below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=part, args=(at,), name="distfork-copy", daemon=True)
+               for at in range(step, n, step)]
+    for t in threads:
+        t.start()
+    part(0)
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
 
 
 def segment_of(frames: Sequence[Any]) -> str | None:
@@ -426,6 +478,7 @@ class SegmentPool:
         self._wake = threading.Condition(self._lock)
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._unmap: list[Segment] = []  # handed out: our mappings, dropped by the warmer thread
 
     def take(self, size: int, owner: int = 0) -> Segment:
         """A segment of at least ``size`` bytes: a warm spare if one fits, else a new one.
@@ -440,18 +493,41 @@ class SegmentPool:
             if size <= self.spare_bytes and not self._closed:
                 self._want = size
                 self._wake.notify()
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._warm, name="distfork-shm-warmer", daemon=True)
-                    self._thread.start()
+                self._start()
         if seg is None:
             seg = Segment(self.session, size)
         if owner:
             seg.adopt(owner)  # named after it at hand_over()
         return seg
 
+    def _start(self) -> None:
+        if self._thread is None:  # (with the lock held)
+            self._thread = threading.Thread(target=self._warm, name="distfork-shm-warmer", daemon=True)
+            self._thread.start()
+
+    def let_go(self, seg: Segment) -> None:
+        """``seg`` was handed over: drop our mapping of it soon, in the background (unmapping
+        100 MB of touched pages takes 2-5 ms, which the result's message need not wait for)."""
+        with self._lock:
+            if not self._closed:
+                self._unmap.append(seg)
+                self._wake.notify()
+                self._start()
+                return
+        seg.release()
+
     def _warm(self) -> None:
         with self._lock:
             while not self._closed:
+                if self._unmap:
+                    unmap, self._unmap = self._unmap, []
+                    self._lock.release()
+                    try:
+                        for seg in unmap:
+                            seg.release()
+                    finally:
+                        self._lock.acquire()
+                    continue
                 size = self._want
                 held = sum(s.size for s in self._spares)
                 if (
@@ -503,6 +579,9 @@ class SegmentPool:
             self._closed = True
             self._wake.notify()
             spares, self._spares = self._spares, []
+            unmap, self._unmap = self._unmap, []
+        for seg in unmap:
+            seg.release()
         for seg in spares:
             seg.release()
             seg.unlink()

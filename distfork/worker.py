@@ -107,8 +107,8 @@ def _call(
             "Return plain data (convert the object inside the task)"
         )
         return Status.RAISED, serialize.dumps_exception(err, where, oob_threshold_bytes)
-    if segment is not None:
-        segment.release()  # handed over with the frames: the receiver unlinks it
+    if segment is not None and pool is not None:
+        pool.let_go(segment)  # handed over with the frames: the receiver unlinks it; unmapped in the background
     return Status.OK, out
 
 
