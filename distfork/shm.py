@@ -523,8 +523,8 @@ class SegmentPool:
                     unmap, self._unmap = self._unmap, []
                     self._lock.release()
                     try:
-                        for seg in unmap:
-                            seg.release()
+                        for handed in unmap:
+                            handed.release()
                     finally:
                         self._lock.acquire()
                     continue
