@@ -479,6 +479,7 @@ class SegmentPool:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._unmap: list[Segment] = []  # handed out: our mappings, dropped by the warmer thread
+        self._returned: list[str] = []  # came back (RECYCLE): mapped again by the warmer thread
 
     def take(self, size: int, owner: int = 0) -> Segment:
         """A segment of at least ``size`` bytes: a warm spare if one fits, else a new one.
@@ -486,10 +487,13 @@ class SegmentPool:
         ``owner``: the pid of the process it is for (see :meth:`Segment.adopt`).
         """
         with self._lock:
-            fit = [s for s in self._spares if size <= s.size <= 2 * size + _PAGE]
-            seg = min(fit, key=lambda s: s.size) if fit else None
-            if seg is not None:
-                self._spares.remove(seg)
+            seg = self._fit(size)
+            returned, self._returned = (self._returned, []) if seg is None else ([], self._returned)
+        for name in returned:  # none fits yet: map the ones that came back now, rather than make one
+            self._reopen(name)
+        with self._lock:
+            if seg is None:
+                seg = self._fit(size)
             if size <= self.spare_bytes and not self._closed:
                 self._want = size
                 self._wake.notify()
@@ -498,6 +502,14 @@ class SegmentPool:
             seg = Segment(self.session, size)
         if owner:
             seg.adopt(owner)  # named after it at hand_over()
+        return seg
+
+    def _fit(self, size: int) -> Segment | None:
+        """The smallest spare that fits ``size``, taken out of the spares (with the lock held)."""
+        fit = [s for s in self._spares if size <= s.size <= 2 * size + _PAGE]
+        seg = min(fit, key=lambda s: s.size) if fit else None
+        if seg is not None:
+            self._spares.remove(seg)
         return seg
 
     def _start(self) -> None:
@@ -528,6 +540,15 @@ class SegmentPool:
                     finally:
                         self._lock.acquire()
                     continue
+                if self._returned:
+                    returned, self._returned = self._returned, []
+                    self._lock.release()
+                    try:
+                        for name in returned:
+                            self._reopen(name)
+                    finally:
+                        self._lock.acquire()
+                    continue
                 size = self._want
                 held = sum(s.size for s in self._spares)
                 if (
@@ -555,7 +576,21 @@ class SegmentPool:
                     self._spares.append(seg)
 
     def take_back(self, name: str) -> None:
-        """A segment we handed out as a result comes back unmapped by its receiver: keep it warm."""
+        """A segment we handed out as a result comes back unmapped by its receiver: keep it warm.
+
+        The warmer thread maps it again (populated: 2-10 ms for 100 MB), not
+        the slot thread about to run the next task; :meth:`take` does it at
+        once if it needs it first.
+        """
+        with self._lock:
+            if not self._closed:
+                self._returned.append(name)
+                self._wake.notify()
+                self._start()
+                return
+        unlink(name)
+
+    def _reopen(self, name: str) -> None:
         try:
             seg = Segment(self.session, 0, reopen=name)
         except (OSError, ValueError) as exc:
@@ -580,6 +615,9 @@ class SegmentPool:
             self._wake.notify()
             spares, self._spares = self._spares, []
             unmap, self._unmap = self._unmap, []
+            returned, self._returned = self._returned, []
+        for name in returned:
+            unlink(name)
         for seg in unmap:
             seg.release()
         for seg in spares:
