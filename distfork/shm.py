@@ -52,6 +52,7 @@ under them.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import mmap
 import os
@@ -256,10 +257,11 @@ class Segment:
             pass  # someone still holds a view; the mapping goes with it
 
 
-#: Copies of at least this many bytes are split across threads (one per core, up to 4): one thread
-#: copies ~7 GB/s here, two ~14 GB/s; starting a thread costs ~0.1 ms.
+#: Copies of at least this many bytes are shared with helper threads (one per core, up to 4): one
+#: thread copies ~7 GB/s here, two ~14 GB/s; starting a thread costs ~0.1 ms.
 PARALLEL_COPY_BYTES = 16 * 1024 * 1024
 _COPY_THREADS_MAX = 4
+_COPY_CHUNK = 4 * 1024 * 1024  # threads take chunks in turn: one descheduled thread delays one chunk, not half
 
 
 def _cores() -> int:
@@ -270,11 +272,11 @@ def _cores() -> int:
 
 
 def copy_into(dst: memoryview, src: Any) -> None:
-    """``dst[:] = src`` for a contiguous buffer ``src`` of ``dst.nbytes`` bytes; a large copy is split
-    across threads (numpy copies without the GIL)."""
+    """``dst[:] = src`` for a contiguous buffer ``src`` of ``dst.nbytes`` bytes; a large copy is shared
+    with helper threads (numpy copies without the GIL), which take chunks in turn."""
     n = dst.nbytes
-    parts = min(_cores(), _COPY_THREADS_MAX, n // (PARALLEL_COPY_BYTES // 2))
-    if parts < 2:
+    helpers = min(_cores(), _COPY_THREADS_MAX) - 1 if n >= PARALLEL_COPY_BYTES else 0
+    if helpers < 1:
         dst[:] = memoryview(src).cast("B")
         return
     import numpy as np
@@ -283,20 +285,20 @@ def copy_into(dst: memoryview, src: Any) -> None:
     s = np.frombuffer(src, np.uint8)
     if s.nbytes != n:
         raise ValueError(f"cannot copy {s.nbytes} bytes into {n}")
-    step = -(-n // parts // _PAGE) * _PAGE
+    chunks = itertools.count(0, _COPY_CHUNK)  # next() is atomic under the GIL
     errors: list[BaseException] = []
 
-    def part(at: int) -> None:
+    def work() -> None:
         try:
-            np.copyto(d[at : at + step], s[at : at + step])
+            while (at := next(chunks)) < n:
+                np.copyto(d[at : at + _COPY_CHUNK], s[at : at + _COPY_CHUNK])
         except BaseException as exc:  # noqa: BLE001 - re-raised by the caller below
             errors.append(exc)
 
-    threads = [threading.Thread(target=part, args=(at,), name="distfork-copy", daemon=True)
-               for at in range(step, n, step)]
+    threads = [threading.Thread(target=work, name="distfork-copy", daemon=True) for _ in range(helpers)]
     for t in threads:
         t.start()
-    part(0)
+    work()
     for t in threads:
         t.join()
     if errors:
