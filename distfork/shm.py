@@ -82,6 +82,7 @@ _NAME = re.compile(
 )
 #: Map every page at mmap time (one call) instead of one page fault per 4 KiB page at first write.
 _SHARED_POPULATE = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14; Python 3.11 lacks the name
 _CREATE_TRIES = 8  # names taken (planted by someone else) before we give up
 _logged_foreign: set[str] = set()  # segments of other users we said we skip (said once each)
 
@@ -363,6 +364,13 @@ def attach(name: str, size: int, private: bool) -> memoryview:
         mm = mmap.mmap(fd, max(size, 1), flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
+    if private:
+        # Task arguments, which tasks read: map every page now, read-only (copy-on-write stays),
+        # ~2 ms for 100 MB instead of ~3.5 ms of read faults. (MAP_POPULATE would copy every page.)
+        try:
+            mm.madvise(_MADV_POPULATE_READ)
+        except OSError:
+            pass  # a kernel before 5.14
     return memoryview(mm)
 
 
