@@ -40,9 +40,12 @@ tracker, which then unlinks it (or warns of a leak) when that process exits
 tracker; this module is the only place that unlinks.
 
 Copying into a segment whose pages were never touched runs at page-fault
-speed (about 1 GB/s here), into a touched one at memory bandwidth. So a
-:class:`SegmentPool` keeps warm spares: segments allocated and touched ahead
-of need by a background thread, sized after the last large transfer. A
+speed (about 1 GB/s here), into a touched one at memory bandwidth; and a new
+mapping of touched pages faults again on every page (2 GB/s). So segments
+are mapped with ``MAP_POPULATE``, and a :class:`SegmentPool` keeps warm
+spares: segments allocated and touched ahead of need by a background thread,
+sized after the last large transfer, and result segments that came back,
+mapped again by that thread (not on the way of the next result). A
 driver takes an argument segment back (:meth:`SegmentPool.recycle`) when
 the task has ended and the worker reports that nothing it kept still maps it;
 otherwise the segment is unlinked, so nobody ever sees its bytes change
