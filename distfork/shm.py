@@ -61,6 +61,7 @@ import mmap
 import os
 import re
 import signal
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -279,12 +280,11 @@ def copy_into(dst: memoryview, src: Any) -> None:
     """``dst[:] = src`` for a contiguous buffer ``src`` of ``dst.nbytes`` bytes; a large copy is shared
     with helper threads (numpy copies without the GIL), which take chunks in turn."""
     n = dst.nbytes
-    helpers = min(_cores(), _COPY_THREADS_MAX) - 1 if n >= PARALLEL_COPY_BYTES else 0
+    np: Any = sys.modules.get("numpy")  # (not imported for this: ~0.1 s in a process that never used it)
+    helpers = min(_cores(), _COPY_THREADS_MAX) - 1 if n >= PARALLEL_COPY_BYTES and np is not None else 0
     if helpers < 1:
         dst[:] = memoryview(src).cast("B")
         return
-    import numpy as np
-
     d = np.frombuffer(dst, np.uint8)
     s = np.frombuffer(src, np.uint8)
     if s.nbytes != n:
