@@ -76,11 +76,12 @@ def test_a_segment_comes_back_only_when_its_driver_is_done_and_then_carries_the_
     assert second.file != first.file
     assert bytes(first_view[:: 1 << 20]) == b"\x01" * len(first_view[:: 1 << 20])
     unmap(first_view)
-    pool.take_back(first.name)  # the driver's RECYCLE
-    wait_until(lambda: exists(first.file) and not exists(first.name))  # ours again, mapped by the warmer thread
+    handed, file = first.name, first.file
+    pool.take_back(handed)  # the driver's RECYCLE
+    wait_until(lambda: exists(file) and not exists(handed))  # ours again
     taken = [pool.take(N, owner=os.getpid()) for _ in range(2)]  # the warmer's fresh spare and the returned one
-    assert first.file in [s.file for s in taken] and second.file not in [s.file for s in taken]
-    reused = next(s for s in taken if s.file == first.file)
+    assert file in [s.file for s in taken] and second.file not in [s.file for s in taken]
+    reused = next(s for s in taken if s.file == file)
     shm.copy_into(reused.view[:N], memoryview(np.full(N, 3, np.uint8)))
     assert np.all(np.frombuffer(second_view, np.uint8) == 2)  # the live result is untouched
     unmap(second_view)
@@ -98,3 +99,33 @@ def test_close_unlinks_returned_segments_whether_mapped_again_or_not(pool: shm.S
     pool.close()
     pool.take_back(segs[0][0].name)  # a RECYCLE after close: unlinked at once
     wait_until(lambda: not any(exists(s.name) or exists(s.file) for s, _ in segs))
+
+
+def mapped_here(file: str) -> bool:
+    with open("/proc/self/maps") as f:
+        return any(file in line for line in f)
+
+
+def test_our_mapping_of_a_result_its_driver_unlinked_goes_at_the_next_prune(pool: shm.SegmentPool) -> None:
+    seg, view = hand_out(pool, 1)
+    unmap(view)
+    assert mapped_here(seg.file)  # kept for its return
+    shm.unlink(seg.name)  # the driver unlinks instead (it is closing)
+    pool.prune()
+    wait_until(lambda: not mapped_here(seg.file))  # its memory is free
+
+
+def test_a_file_planted_under_a_returned_name_is_never_handed_out(pool: shm.SegmentPool) -> None:
+    seg, view = hand_out(pool, 1)
+    unmap(view)
+    handed, file = seg.name, seg.file
+    shm.unlink(handed)
+    os.close(os.open(os.path.join(shm.SHM_DIR, handed), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600))
+    pool.take_back(handed)
+    assert not exists(handed) and not exists(file)
+    wait_until(lambda: not mapped_here(file))
+    taken = [pool.take(N, owner=os.getpid()) for _ in range(3)]
+    assert file not in [s.file for s in taken]
+    for s in taken:
+        s.release()
+        s.unlink()
