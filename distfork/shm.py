@@ -491,6 +491,10 @@ def _dying(pid: int) -> bool:
     return bool(pending & fatal & ~handled) or bool(pending & (1 << (signal.SIGKILL - 1)))
 
 
+_KEEP_MAPPED_BYTES = 1 << 20  # handed-out segments at least this large stay mapped here (see let_go) ...
+_KEEP_MAPPED_MAX = 32  # ... this many at most (each is checked at every take and let_go)
+
+
 class SegmentPool:
     """Hands out segments, keeping warm (pre-touched) spares ready in the background."""
 
@@ -551,8 +555,11 @@ class SegmentPool:
         with self._lock:
             if not self._closed:
                 self._prune()
-                self._out[seg.file] = seg
-                while sum(s.size for s in self._out.values()) > self.spare_bytes:
+                if seg.size >= _KEEP_MAPPED_BYTES:
+                    self._out[seg.file] = seg
+                else:
+                    self._unmap.append(seg)  # small: mapping it again costs little
+                while len(self._out) > _KEEP_MAPPED_MAX or sum(s.size for s in self._out.values()) > self.spare_bytes:
                     self._unmap.append(self._out.pop(next(iter(self._out))))  # the oldest
                 if self._unmap:
                     self._wake.notify()
