@@ -417,7 +417,7 @@ def route(
                 log.warning("shared memory unavailable (%s); large buffers travel as ZeroMQ frames instead", exc)
         else:
             for (off, n), b in zip(extents, bufs, strict=True):
-                seg.view[off : off + n] = b
+                shm.copy_into(seg.view[off : off + n], b)
             manifest = {"shm": seg.name, "size": seg.size, "bufs": extents}
             return [stream, json.dumps(manifest).encode()], seg
     manifest = {"bufs": [b.nbytes for b in bufs]}

@@ -107,8 +107,8 @@ def _call(
             "Return plain data (convert the object inside the task)"
         )
         return Status.RAISED, serialize.dumps_exception(err, where, oob_threshold_bytes)
-    if segment is not None:
-        segment.release()  # handed over with the frames: the receiver unlinks it
+    if segment is not None and pool is not None:
+        pool.let_go(segment)  # handed over with the frames (the receiver owns it); we keep our mapping for its return
     return Status.OK, out
 
 
@@ -303,6 +303,8 @@ class Worker:
                     return
             if now >= next_sweep and self.session is not None:
                 shm.sweep()  # garbage of any session: segments of processes that died mid-transfer
+                if self.pool is not None:
+                    self.pool.prune()  # our mappings of results their drivers unlinked
                 next_sweep = now + 5 * heartbeat_s
             # (key, deadline) of each slot read as one tuple: a slot that finishes and starts its next
             # task meanwhile must not have that one reported timed out.

@@ -368,3 +368,10 @@ def announce_wait_and_make(started: str, gate: str, n: int, timeout_s: float = 6
 
     announce_and_wait(started, gate, timeout_s)
     return np.ones(n)
+
+
+def pattern(n: int, k: float) -> Any:
+    """``arange(n) + k`` as float64, made here: a large result whose every element says where it belongs."""
+    import numpy as np
+
+    return np.arange(n, dtype=np.float64) + k

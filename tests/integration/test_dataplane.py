@@ -295,6 +295,36 @@ def test_a_returned_array_is_writable_and_its_segment_goes_back_when_dropped(clu
     wait_until(lambda: not os.path.exists(mapping), 10, what=f"{mapping} to leave this driver")
 
 
+def test_results_in_reused_segments_are_intact_and_never_share_bytes_while_alive(cluster: Cluster) -> None:
+    n = 2_500_000  # 20 MB: copied into its segment by several threads
+
+    def results(first: int) -> list[Any]:
+        return [distfork.wait(distfork.fork(tasks.pattern, n, float(k)), timeout=30) for k in range(first, first + 4)]
+
+    def segments_of(arrays: list[Any]) -> list[str]:
+        paths = [tasks.mapping_of(a.ctypes.data) for a in arrays]
+        assert all(p is not None and named_for_us(p) for p in paths), paths
+        return [shm._unowned(os.path.basename(p)) for p in paths if p is not None]
+
+    def intact(arrays: list[Any], first: int) -> bool:
+        return all(a[0] == first + i and a[-1] == n - 1 + first + i and (np.diff(a) == 1).all()
+                   for i, a in enumerate(arrays))
+
+    old = results(0)
+    before = segments_of(old)
+    assert len(set(before)) == len(before) and intact(old, 0)
+    old[0][:] = -1.0  # ours to write: no other result sees it
+    assert intact(old[1:], 1)
+    paths = [tasks.mapping_of(a.ctypes.data) for a in old]
+    del old
+    wait_until(lambda: not any(p is not None and os.path.exists(p) for p in paths), 10,
+               what="the first results to go back to their workers")
+    new = results(10)
+    after = segments_of(new)
+    assert len(set(after)) == len(after) and intact(new, 10)
+    assert set(after) & set(before), (before, after)  # the workers took their segments back and reused them
+
+
 def test_an_argument_the_worker_keeps_is_not_overwritten_by_a_later_fork(cluster: Cluster, tmp_path: Path) -> None:
     key = uuid.uuid4().hex
     first = np.full(1_000_000, 1.0)  # 8 MB: an argument segment of this size
