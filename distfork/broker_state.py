@@ -857,15 +857,28 @@ class BrokerState:
     def _steal(self, now: float) -> None:
         if not any(len(w.assigned) < w.slots for w in self.workers.values()):
             return
+        starved = not self.queue and not any(self.pinned.values())  # an idle slot has nothing else to take
         for w in self.workers.values():
-            if len(w.assigned) <= w.slots or not self._stalled(w, now):
+            if len(w.assigned) <= w.slots:
                 continue
-            waiting = list(w.assigned.values())[w.slots :]
+            if self._stalled(w, now):
+                keep = 0
+            elif starved and self._overfed(w):
+                keep = self.prefetch(w)
+            else:
+                continue
+            waiting = list(w.assigned.values())[w.slots + keep :]
             self._cancels.setdefault(w.id, []).extend(t.key for t in waiting)
             for task in reversed(waiting):
                 del w.assigned[task.key]
                 self._requeue(task)
             self.counters["tasks_stolen"] += len(waiting)
+
+    def _overfed(self, w: PeerInfo) -> bool:
+        """It holds far more work beyond its slots than its recent run times would give it now
+        (they were prefetched while its tasks looked shorter): ``rebalance_s`` more."""
+        extra = len(w.assigned) - w.slots - self.prefetch(w)
+        return extra > 0 and extra * (w.avg_run_s or 0.0) > self.config.rebalance_s
 
     def may_steal(self) -> bool:
         """Whether :meth:`dispatch` should be called again soon even without news."""

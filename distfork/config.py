@@ -69,6 +69,12 @@ class Config:
     prefetch_s: float = 0.002
     #: Most tasks prefetched to one worker slot.
     prefetch_max: int = 128
+    #: Work (seconds, by the worker's recent run times) prefetched to a worker
+    #: beyond what ``prefetch_s`` would give it now, above which, while a slot
+    #: idles and nothing is queued, the excess is taken back for that slot:
+    #: tasks prefetched while they looked short must not wait there when they
+    #: turn out longer.
+    rebalance_s: float = 0.01
     #: Buffers of at least this many bytes leave the pickle stream (pickle
     #: protocol 5 out-of-band buffers) and travel as their own frame.
     oob_threshold_bytes: int = 64 * 1024

@@ -98,6 +98,54 @@ def test_nothing_is_stolen_while_no_worker_idles_however_long_a_task_runs() -> N
     assert len(w1.assigned) == 5 and state.counters["tasks_stolen"] == 0
 
 
+def prefetched_while_short(extra_submitted: tuple[int, ...] = ()) -> tuple[BrokerState, PeerInfo, PeerInfo]:
+    """W1 took tasks 1..21 at t=1 while its tasks took 0.1 ms (1 slot + 20 prefetched); then task 1 took 0.1 s."""
+    state, d, w1 = stalled_with_prefetch()
+    for t in list(w1.assigned.values()):
+        state.results(w1, [ResultEntry(t.key, Status.OK, 1e-4, [b"v"])], now=1.0)
+    submit(state, d, range(6, 27), now=1.0)
+    state.dispatch(1.0)
+    assert sent(state.take_instructions()) == {W1: list(range(6, 27))}
+    first = next(iter(w1.assigned.values()))
+    state.results(w1, [ResultEntry(first.key, Status.OK, 0.1, [b"v"])], now=1.1)  # long after all
+    submit(state, d, list(extra_submitted), now=1.1)
+    state.dispatch(1.1)
+    state.take_instructions()
+    assert len(w1.assigned) == 20 and state.prefetch(w1) == 0
+    return state, d, w1
+
+
+def test_tasks_prefetched_while_short_go_to_an_idle_slot_once_they_turn_out_long_though_the_worker_progresses() -> None:
+    state, d, w1 = prefetched_while_short()
+    old = [t.key for t in w1.assigned.values()]
+    worker(state, W2, now=1.11, pid=1002)
+    state.dispatch(1.11)  # W1 had a result 0.01 s ago: not stalled, but it holds 19 x 30 ms it would not get now
+    out = state.take_instructions()
+
+    assert [i for i in out if isinstance(i, Cancel)] == [Cancel(W1, old[1:])]
+    assert sent(out) == {W2: [8]}
+    assert [t.task_id for t in w1.assigned.values()] == [7]
+    assert state.counters["tasks_stolen"] == 19
+
+
+def test_a_worker_keeps_the_prefetched_tasks_its_run_times_still_justify() -> None:
+    state, _, w1 = stalled_with_prefetch()  # 4 tasks of 0.1 ms prefetched: 0.4 ms of work
+    worker(state, W2, now=1.01, pid=1002)
+    state.dispatch(1.01)
+    assert sent(state.take_instructions()) == {}
+    assert len(w1.assigned) == 5 and state.counters["tasks_stolen"] == 0
+
+
+def test_an_idle_slot_takes_queued_work_before_it_takes_back_another_workers_prefetch() -> None:
+    state, _, w1 = prefetched_while_short(extra_submitted=(90, 91))
+    worker(state, W2, now=1.11, pid=1002)
+    state.dispatch(1.11)
+    out = state.take_instructions()
+    assert [i for i in out if isinstance(i, Cancel)] == []
+    assert sent(out) == {W2: [90]}
+    assert len(w1.assigned) == 20 and state.counters["tasks_stolen"] == 0
+
+
 # -- a supervisor's EXITED --------------------------------------------------------
 
 
