@@ -90,6 +90,11 @@ class TaskState(enum.Enum):
     DONE = "done"
 
 
+# Hot paths read these once: reading an enum member (TaskState.QUEUED) costs ~150 ns on Python 3.11.
+_QUEUED, _ASSIGNED, _DONE = TaskState.QUEUED, TaskState.ASSIGNED, TaskState.DONE
+_OK, _RESUBMIT = int(Status.OK), int(Status.RESUBMIT)
+
+
 @dataclasses.dataclass(eq=False, slots=True)
 class Task:
     key: int  # broker-wide id, what workers see
@@ -655,7 +660,7 @@ class BrokerState:
                 self.counters["results_stale"] += 1  # cancelled, or re-queued after a loss
                 self._discard(worker.id, e)
                 continue
-            if e.status == Status.OK:
+            if e.status == _OK:
                 worker.done += 1
             else:
                 worker.failed += 1
@@ -669,7 +674,7 @@ class BrokerState:
             self._discards.setdefault(worker, []).append(e)
 
     def _finish(self, task: Task, status: int, extra: float, frames: Sequence[Frame], flags: int = 0) -> None:
-        task.state = TaskState.DONE
+        task.state = _DONE
         if task.deps is not None:
             self._release_deps(task, flags)
         driver = self.peers.get(task.driver)
@@ -679,15 +684,15 @@ class BrokerState:
             return
         if task.dependents is not None:
             frames, flags = self._resolve(driver, task, status, extra, frames, flags)
-        if status == Status.RESUBMIT:  # not an outcome: the driver sends the task again
+        if status == _RESUBMIT:  # not an outcome: the driver sends the task again
             self._send_result(driver, ResultEntry(task.task_id, status, extra, frames, flags))
             return
         driver.done += 1
-        if status != Status.OK:
+        if status != _OK:
             self._failed(driver, task, status, frames)
         if task.note is not None:  # traced: where and when it ran goes with the result
             self._notes.setdefault(driver.id, []).append((task.task_id, task.note))
-        if status == Status.OK:
+        if status == _OK:
             self.counters["tasks_succeeded"] += 1
         else:
             driver.failed += 1
@@ -755,7 +760,7 @@ class BrokerState:
         for q in (pq, self.queue):
             while q:
                 task = q[0]
-                if task.state is not TaskState.QUEUED:
+                if task.state is not _QUEUED:
                     q.popleft()
                     self.stale_queued -= 1
                     continue
@@ -843,7 +848,7 @@ class BrokerState:
     def _give(self, w: PeerInfo, task: Task, out: dict[bytes, list[Task]]) -> None:
         if not w.assigned:
             w.progress_at = self._now
-        task.state = TaskState.ASSIGNED
+        task.state = _ASSIGNED
         task.worker = w.id
         task.dispatched = self._now
         w.assigned[task.key] = task

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import enum
 import json
+import operator
 import struct
 from collections.abc import Sequence
 from typing import Any, NamedTuple, TypeGuard, TypeVar
@@ -208,6 +209,8 @@ INLINE_MAX = 4096
 #: Inline bytes per batch message at most (the rest go as frames of their own): bounds the header frame.
 INLINE_BUDGET = 1 << 20
 _SEPARATE = 0xFFFFFFFF  # in a batch's frame table: this payload frame is a ZeroMQ frame of its own
+_U32 = struct.Struct("!I")
+_NFRAMES = operator.itemgetter(1)  # of an unpacked _ENTRY
 
 
 class TaskEntry(NamedTuple):
@@ -323,17 +326,31 @@ def _decode_batch(frames: Sequence[Frame], body: memoryview, make: type[_E]) -> 
     table = _COUNT.size + count * _ENTRY.size
     if size < table:
         raise ProtocolError(f"batch of {count} entries has a {size}-byte header")
-    raw = list(_ENTRY.iter_unpack(body[_COUNT.size : table]))
-    nframes = sum(r[1] for r in raw)
+    if count == 1:  # the common case of a lone task or result, without the list and sum
+        raw = [_ENTRY.unpack_from(body, _COUNT.size)]
+        nframes = raw[0][1]
+    else:
+        raw = list(_ENTRY.iter_unpack(body[_COUNT.size : table]))
+        nframes = sum(map(_NFRAMES, raw))
     at = table + 4 * nframes  # where the inline bytes start
     if size < at:
         raise ProtocolError(f"batch of {count} entries has a {size}-byte header")
-    sizes = struct.unpack_from(f"!{nframes}I", body, table) if nframes else ()
+    sizes = _U32.unpack_from(body, table) if nframes == 1 else struct.unpack_from(f"!{nframes}I", body, table)
     entries: list[_E] = []
+    append = entries.append
     k = 0  # the next frame-table index
     nxt = 1  # the next ZeroMQ frame
     for task_id, n, code, flags, extra, pid in raw:
-        own: list[Frame] = []
+        if n == 1 and sizes[k] != _SEPARATE:  # one inline frame: most tasks and results
+            end = at + sizes[k]
+            if end > size:
+                raise ProtocolError(f"batch of {count} entries has a {size}-byte header")
+            own: list[Frame] = [body[at:end]]
+            at = end
+            k += 1
+            append(make(task_id, code, extra, own, flags, pid))
+            continue
+        own = []
         for length in sizes[k : k + n]:
             if length == _SEPARATE:
                 if nxt >= len(frames):
@@ -347,7 +364,7 @@ def _decode_batch(frames: Sequence[Frame], body: memoryview, make: type[_E]) -> 
                 own.append(body[at:end])
                 at = end
         k += n
-        entries.append(make(task_id, code, extra, own, flags, pid))
+        append(make(task_id, code, extra, own, flags, pid))
     if at != size:
         raise ProtocolError(f"batch of {count} entries has a {size}-byte header")
     if nxt != len(frames):
