@@ -55,7 +55,7 @@ from .broker_instructions import (
     SendTasks,
     UnlinkOrphan,
 )
-from .config import STALL_S, Config
+from .config import STALL_S, STARVED_STALL_S, Config
 from .errors import ProtocolError
 from .protocol import (
     DEFAULT_RETRIES,
@@ -795,9 +795,16 @@ class BrokerState:
         self.counters["tasks_reclaimed"] += len(granted)
         return granted
 
-    def _stalled(self, w: PeerInfo, now: float) -> bool:
-        """Busy far longer than its tasks usually take: what it holds beyond its slots may wait long."""
-        return len(w.assigned) >= w.slots and now - w.progress_at > max(4 * (w.avg_run_s or 0.0), STALL_S)
+    def _stalled(self, w: PeerInfo, now: float, starved: bool = False) -> bool:
+        """Busy far longer than its tasks usually take: what it holds beyond its slots may wait long.
+
+        ``starved``: a slot idles with nothing queued, so any wait is a loss: no news for
+        ``STARVED_STALL_S`` is enough, however long its tasks usually take.
+        """
+        if len(w.assigned) < w.slots:
+            return False
+        quiet_s = now - w.progress_at
+        return quiet_s > STARVED_STALL_S if starved else quiet_s > max(4 * (w.avg_run_s or 0.0), STALL_S)
 
     def dispatch(self, now: float) -> None:
         """Hand queued tasks to workers: free slots first, then prefetch room, one task each in turn
@@ -816,7 +823,7 @@ class BrokerState:
         out = self._tasks_out
         if not self.workers:
             return
-        self._steal(now)
+        starved = self._steal(now)
         if not (self.queue or any(self.pinned.values()) or self.resource_queue):
             return
         if self.resource_queue:  # first: a slot that frees up goes to a task that needs its process's resources
@@ -827,7 +834,7 @@ class BrokerState:
         room = {
             w: w.slots + self.prefetch(w)
             for w in self.workers.values()
-            if not self._stalled(w, now)
+            if not self._stalled(w, now, starved)  # not what was just taken back from it
             # a suspect runs alone; it only ever takes a free slot, so it is among the first `slots`
             and not any(t.suspect for t in itertools.islice(w.assigned.values(), w.slots))
         }
@@ -859,14 +866,16 @@ class BrokerState:
         self.counters["tasks_unplaceable"] += 1
         self._finish(task, Status.FAILED, 0.0, [text.encode()])
 
-    def _steal(self, now: float) -> None:
+    def _steal(self, now: float) -> bool:
+        """Take back what stalled or overfed workers hold beyond their slots; returns whether a slot
+        idled with nothing queued (``starved``)."""
         if not any(len(w.assigned) < w.slots for w in self.workers.values()):
-            return
+            return False
         starved = not self.queue and not any(self.pinned.values())  # an idle slot has nothing else to take
         for w in self.workers.values():
             if len(w.assigned) <= w.slots:
                 continue
-            if self._stalled(w, now):
+            if self._stalled(w, now, starved):
                 keep = 0
             elif starved and self._overfed(w):
                 keep = self.prefetch(w)
@@ -878,6 +887,7 @@ class BrokerState:
                 del w.assigned[task.key]
                 self._requeue(task)
             self.counters["tasks_stolen"] += len(waiting)
+        return starved
 
     def _overfed(self, w: PeerInfo) -> bool:
         """It holds far more work beyond its slots than its recent run times would give it now

@@ -22,6 +22,7 @@ __all__ = [
     "RECV_BURST",
     "RESUBMITS_MAX",
     "STALL_S",
+    "STARVED_STALL_S",
     "STEAL_CHECK_S",
     "Config",
     "load",
@@ -41,10 +42,13 @@ RECV_BURST = 2000
 #: Messages the driver's I/O thread handles before it looks at its own queues again.
 DRIVER_RECV_BURST = 1000
 #: How often (seconds) the broker looks for stalled workers while another worker idles.
-STEAL_CHECK_S = 0.02
+STEAL_CHECK_S = 0.005
 #: A worker busy this long without a result (and 4x its usual task time) is stalled: no prefetch,
 #: and what it holds beyond its slots may be stolen.
 STALL_S = 0.05
+#: While a slot idles and nothing is queued: a worker busy this long without a result gives
+#: back what it holds beyond its slots, however long its tasks usually take.
+STARVED_STALL_S = 0.01
 #: A task whose future arguments keep vanishing from the broker (restarts) fails after this many tries.
 RESUBMITS_MAX = 5
 #: (slot, task) routes of task output the broker remembers for lines that come after the result.

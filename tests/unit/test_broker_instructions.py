@@ -73,12 +73,12 @@ def stalled_with_prefetch() -> tuple[BrokerState, PeerInfo, PeerInfo]:
 def test_prefetched_tasks_of_a_stalled_worker_go_to_a_worker_that_idles_under_new_keys() -> None:
     state, d, w1 = stalled_with_prefetch()
     old = {t.task_id: t.key for t in w1.assigned.values()}
-    worker(state, W2, now=1.01, pid=1002)
-    state.dispatch(1.02)  # task 1 has run 0.02 s: not stalled yet (0.05 s at least)
+    worker(state, W2, now=1.001, pid=1002)
+    state.dispatch(1.005)  # task 1 has run 5 ms: not stalled yet (10 ms at least while W2 has nothing to take)
     assert sent(state.take_instructions()) == {}
     assert state.may_steal()  # an idle worker beside one holding more than its slots
 
-    state.dispatch(1.2)  # stalled now: its prefetched tasks are recalled and handed out again
+    state.dispatch(1.02)  # stalled now: its prefetched tasks are recalled and handed out again
     out = state.take_instructions()
 
     assert [i for i in out if isinstance(i, Cancel)] == [Cancel(W1, [old[2], old[3], old[4], old[5]])]
@@ -88,6 +88,15 @@ def test_prefetched_tasks_of_a_stalled_worker_go_to_a_worker_that_idles_under_ne
     assert [t.task_id for t in state.queue if t.state is TaskState.QUEUED] == [3, 4, 5]
     assert state.counters["tasks_stolen"] == 4
     assert not state.may_steal()
+
+
+def test_while_other_tasks_are_queued_a_worker_is_stalled_only_after_4_times_its_run_time_and_50_ms() -> None:
+    state, d, w1 = stalled_with_prefetch()
+    submit(state, d, [6, 7], now=1.0)
+    worker(state, W2, now=1.001, pid=1002)
+    state.dispatch(1.02)  # W2 takes queued task 6; W1, quiet for 20 ms, keeps its prefetched tasks (and gets 7)
+    assert sent(state.take_instructions()) == {W2: [6], W1: [7]}
+    assert len(w1.assigned) == 6 and state.counters["tasks_stolen"] == 0
 
 
 def test_nothing_is_stolen_while_no_worker_idles_however_long_a_task_runs() -> None:
@@ -118,8 +127,8 @@ def prefetched_while_short(extra_submitted: tuple[int, ...] = ()) -> tuple[Broke
 def test_tasks_prefetched_while_short_go_to_an_idle_slot_once_they_turn_out_long_though_the_worker_progresses() -> None:
     state, d, w1 = prefetched_while_short()
     old = [t.key for t in w1.assigned.values()]
-    worker(state, W2, now=1.11, pid=1002)
-    state.dispatch(1.11)  # W1 had a result 0.01 s ago: not stalled, but it holds 19 x 30 ms it would not get now
+    worker(state, W2, now=1.101, pid=1002)
+    state.dispatch(1.105)  # W1 had a result 5 ms ago: not stalled, but it holds 19 x 30 ms it would not get now
     out = state.take_instructions()
 
     assert [i for i in out if isinstance(i, Cancel)] == [Cancel(W1, old[1:])]
@@ -130,8 +139,8 @@ def test_tasks_prefetched_while_short_go_to_an_idle_slot_once_they_turn_out_long
 
 def test_a_worker_keeps_the_prefetched_tasks_its_run_times_still_justify() -> None:
     state, _, w1 = stalled_with_prefetch()  # 4 tasks of 0.1 ms prefetched: 0.4 ms of work
-    worker(state, W2, now=1.01, pid=1002)
-    state.dispatch(1.01)
+    worker(state, W2, now=1.001, pid=1002)
+    state.dispatch(1.005)  # W1 is not stalled yet
     assert sent(state.take_instructions()) == {}
     assert len(w1.assigned) == 5 and state.counters["tasks_stolen"] == 0
 
