@@ -48,7 +48,7 @@ STEAL_CHECK_S = 0.005
 STALL_S = 0.05
 #: While a slot idles and nothing is queued: a worker busy this long without a result gives
 #: back what it holds beyond its slots, however long its tasks usually take.
-STARVED_STALL_S = 0.01
+STARVED_STALL_S = 0.02
 #: A task whose future arguments keep vanishing from the broker (restarts) fails after this many tries.
 RESUBMITS_MAX = 5
 #: (slot, task) routes of task output the broker remembers for lines that come after the result.
