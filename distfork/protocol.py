@@ -327,8 +327,13 @@ def _decode_batch(frames: Sequence[Frame], body: memoryview, make: type[_E]) -> 
     if size < table:
         raise ProtocolError(f"batch of {count} entries has a {size}-byte header")
     if count == 1:  # the common case of a lone task or result, without the list and sum
-        raw = [_ENTRY.unpack_from(body, _COUNT.size)]
-        nframes = raw[0][1]
+        one = _ENTRY.unpack_from(body, _COUNT.size)
+        if one[1] == 1 and len(frames) == 1 and size >= table + 4:  # with one inline frame: at once
+            (length,) = _U32.unpack_from(body, table)
+            if length != _SEPARATE and table + 4 + length == size:
+                return [make(one[0], one[2], one[4], [body[table + 4 :]], one[3], one[5])]
+        raw = [one]
+        nframes = one[1]
     else:
         raw = list(_ENTRY.iter_unpack(body[_COUNT.size : table]))
         nframes = sum(map(_NFRAMES, raw))
