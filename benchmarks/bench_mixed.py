@@ -8,8 +8,10 @@ with the same number of workers, measured in one run, in alternation:
 * ``sleep after burst``: ``--burst`` no-op tasks are forked and gathered (the
   broker learns that tasks are tiny), then 4 x ``time.sleep(0.25)``;
   makespan of the sleeps.
-* ``mixed``: ``--short`` x ``sleep(0.001)`` and ``--long`` x ``sleep(0.1)``,
-  shuffled (fixed seed), forked at once; makespan of all.
+* ``mixed after burst``: the same burst, then ``--short`` x ``sleep(0.001)``
+  and ``--long`` x ``sleep(0.1)``, shuffled (fixed seed), forked at once;
+  makespan of those. Tasks prefetched while they looked as short as the
+  burst's must not keep a long one waiting on a busy worker.
 
 Each makespan is printed with its ratio to the ideal schedule's lower bound,
 ``max(total work / workers, longest task)``, and to the pool's. The best of
@@ -31,16 +33,10 @@ from bench_tasks import noop
 Submit = Callable[..., Any]
 
 
-def sleep_after_burst(submit: Submit, burst: int) -> float:
+def sleeps_after_burst(submit: Submit, burst: int, durations: list[float]) -> float:
+    """Makespan of ``time.sleep(d)`` for each of ``durations``, forked after ``burst`` no-ops finished."""
     for f in [submit(noop) for _ in range(burst)]:
         f.result()
-    t0 = time.perf_counter()
-    for f in [submit(time.sleep, 0.25) for _ in range(4)]:
-        f.result()
-    return time.perf_counter() - t0
-
-
-def mixed(submit: Submit, durations: list[float]) -> float:
     t0 = time.perf_counter()
     for f in [submit(time.sleep, d) for d in durations]:
         f.result()
@@ -63,8 +59,9 @@ def main() -> None:
     durations = [0.001] * a.short + [0.1] * a.long
     random.Random(16).shuffle(durations)
     cases: dict[str, tuple[Callable[[Submit], float], float]] = {
-        "sleep after burst": (lambda s: sleep_after_burst(s, a.burst), ideal([0.25] * 4, a.workers)),
-        f"mixed {a.short}x1ms+{a.long}x100ms": (lambda s: mixed(s, durations), ideal(durations, a.workers)),
+        "4 x 250 ms after burst": (lambda s: sleeps_after_burst(s, a.burst, [0.25] * 4), ideal([0.25] * 4, a.workers)),
+        f"{a.short}x1ms+{a.long}x100ms after burst": (lambda s: sleeps_after_burst(s, a.burst, durations),
+                                                     ideal(durations, a.workers)),
     }
     distfork.init(workers=a.workers)
     best: dict[tuple[str, str], float] = {}
@@ -81,7 +78,7 @@ def main() -> None:
     distfork.shutdown()
     for case, (_, lower) in cases.items():
         p, d = best["ProcessPoolExecutor", case], best["distfork", case]
-        print(f"{case:<26} ideal {lower:6.3f} s   ProcessPoolExecutor {p:6.3f} s ({p / lower:5.3f}x ideal)   "
+        print(f"{case:<30} ideal {lower:6.3f} s   ProcessPoolExecutor {p:6.3f} s ({p / lower:5.3f}x ideal)   "
               f"distfork {d:6.3f} s ({d / lower:5.3f}x ideal, {d / p:5.3f}x the pool)")
 
 

@@ -55,7 +55,7 @@ from .broker_instructions import (
     SendTasks,
     UnlinkOrphan,
 )
-from .config import STALL_S, STARVED_STALL_S, Config
+from .config import REBALANCE_ANY_S, STALL_S, STARVED_STALL_S, Config
 from .errors import ProtocolError
 from .protocol import (
     DEFAULT_RETRIES,
@@ -890,10 +890,12 @@ class BrokerState:
         return starved
 
     def _overfed(self, w: PeerInfo) -> bool:
-        """It holds far more work beyond its slots than its recent run times would give it now
-        (they were prefetched while its tasks looked shorter): ``rebalance_s`` more."""
+        """It holds more beyond its slots than its recent run times would give it now: ``rebalance_s``
+        more work (they were prefetched while its tasks looked shorter), or any at all if its tasks take
+        ``REBALANCE_ANY_S`` or more (a long one may hide among them, the average cannot tell)."""
         extra = len(w.assigned) - w.slots - self.prefetch(w)
-        return extra > 0 and extra * (w.avg_run_s or 0.0) > self.config.rebalance_s
+        avg_s = w.avg_run_s or 0.0
+        return extra > 0 and (avg_s >= REBALANCE_ANY_S or extra * avg_s > self.config.rebalance_s)
 
     def may_steal(self) -> bool:
         """Whether :meth:`dispatch` should be called again soon even without news."""

@@ -19,6 +19,7 @@ __all__ = [
     "DEFAULT_PORT",
     "DRIVER_RECV_BURST",
     "OUTPUT_ROUTES_MAX",
+    "REBALANCE_ANY_S",
     "RECV_BURST",
     "RESUBMITS_MAX",
     "STALL_S",
@@ -49,6 +50,10 @@ STALL_S = 0.05
 #: While a slot idles and nothing is queued: a worker busy this long without a result gives
 #: back what it holds beyond its slots, however long its tasks usually take.
 STARVED_STALL_S = 0.02
+#: While a slot idles and nothing is queued: a worker whose tasks take this long on average gives
+#: back everything it holds beyond its slots and its prefetch room (a long task may hide among
+#: them); one with shorter tasks, only once that is more than ``rebalance_s`` of work.
+REBALANCE_ANY_S = 0.0005
 #: A task whose future arguments keep vanishing from the broker (restarts) fails after this many tries.
 RESUBMITS_MAX = 5
 #: (slot, task) routes of task output the broker remembers for lines that come after the result.
