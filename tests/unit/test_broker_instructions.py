@@ -145,6 +145,25 @@ def test_a_worker_keeps_the_prefetched_tasks_its_run_times_still_justify() -> No
     assert len(w1.assigned) == 5 and state.counters["tasks_stolen"] == 0
 
 
+def test_a_worker_of_half_millisecond_tasks_gives_a_starved_slot_all_beyond_its_prefetch_room() -> None:
+    state, d, w1 = stalled_with_prefetch()  # W1 has tasks 1..5; its tasks took 0.1 ms
+    for t in list(w1.assigned.values()):
+        state.results(w1, [ResultEntry(t.key, Status.OK, 1e-4, [b"v"])], now=1.0)
+    submit(state, d, range(6, 27), now=1.0)
+    state.dispatch(1.0)
+    assert sent(state.take_instructions()) == {W1: list(range(6, 27))}
+    for i, t in enumerate(list(w1.assigned.values())[:2]):  # then two took 1 ms: 0.56 ms on average
+        state.results(w1, [ResultEntry(t.key, Status.OK, 1e-3, [b"v"])], now=1.01 + i * 0.01)
+    assert w1.avg_run_s is not None and 5e-4 < w1.avg_run_s < 6e-4 and state.prefetch(w1) == 3
+    worker(state, W2, now=1.021, pid=1002)
+    state.dispatch(1.025)  # 15 beyond its room: 8 ms by the average, but one may be long
+    out = state.take_instructions()
+
+    assert sent(out) == {W2: [12]}
+    assert [t.task_id for t in w1.assigned.values()] == [8, 9, 10, 11]
+    assert state.counters["tasks_stolen"] == 15
+
+
 def test_an_idle_slot_takes_queued_work_before_it_takes_back_another_workers_prefetch() -> None:
     state, _, w1 = prefetched_while_short(extra_submitted=(90, 91))
     worker(state, W2, now=1.11, pid=1002)
