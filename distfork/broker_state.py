@@ -181,6 +181,9 @@ class PeerInfo:
     failed: int = 0
     # worker: moving average of its tasks' run times (None: no task done yet).
     avg_run_s: float | None = None
+    # worker: the fastest batch average lately (it may double each batch): a hiccup that lifts the
+    # average of a worker of tiny tasks does not make it look overfed (distfork/broker_state.py _overfed).
+    fast_run_s: float | None = None
     # worker: the control socket of its process (KEEPALIVE sender), told to end running tasks.
     control: bytes | None = None
     # worker: when it last showed progress (a result, or work handed to it while idle).
@@ -654,6 +657,8 @@ class BrokerState:
             prev = worker.avg_run_s
             if 0.0 <= batch_avg < float("inf"):  # a NaN from a broken peer would break prefetch() for good
                 worker.avg_run_s = batch_avg if prev is None else 0.7 * prev + 0.3 * batch_avg
+                fast = worker.fast_run_s
+                worker.fast_run_s = batch_avg if fast is None else min(batch_avg, 2 * fast)
         for e in entries:
             task = assigned.pop(e.id, None)
             if task is None:
@@ -894,7 +899,8 @@ class BrokerState:
         more work (they were prefetched while its tasks looked shorter), or any at all if its tasks take
         ``REBALANCE_ANY_S`` or more (a long one may hide among them, the average cannot tell)."""
         extra = len(w.assigned) - w.slots - self.prefetch(w)
-        avg_s = w.avg_run_s or 0.0
+        # A worker whose batches were far faster a moment ago has likely run much of it already.
+        avg_s = min(w.avg_run_s or 0.0, w.fast_run_s or 0.0)
         return extra > 0 and (avg_s >= REBALANCE_ANY_S or extra * avg_s > self.config.rebalance_s)
 
     def may_steal(self) -> bool:
