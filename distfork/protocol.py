@@ -13,11 +13,17 @@ Bodies:
   object;
 * batches (SUBMIT, TASKS, RESULTS, DISCARD): ``u32 count`` then ``count``
   entries of ``struct "!QHBHfI"`` = (id, nframes, code, flags, extra, pid),
-  followed in the message by the entries' payload frames, ``nframes`` each,
-  in order. The two middle fields mean different things in the two kinds
-  of batch, so each decodes to its own type: a :class:`TaskEntry` (SUBMIT,
-  TASKS: ``max_retries``, 255 for the cluster default, and ``timeout_s``,
-  0 for none) or a :class:`ResultEntry` (RESULTS, DISCARD: a
+  then one ``u32`` per payload frame of the entries, in order: its length
+  if it is *inline*, ``0xFFFFFFFF`` if it is its own ZeroMQ frame; then the
+  inline payload frames' bytes, back to back. Small payload frames (up to
+  ``INLINE_MAX`` bytes, ``INLINE_BUDGET`` per message) travel inline: a
+  batch of no-op tasks is one ZeroMQ frame, not one per task, which saves
+  each process a send and a receive per task. The others (large buffers)
+  follow the header as frames of their own, in order, sent without a copy.
+  The two middle fields mean different things in the two kinds of batch,
+  so each decodes to its own type: a :class:`TaskEntry` (SUBMIT, TASKS:
+  ``max_retries``, 255 for the cluster default, and ``timeout_s``, 0 for
+  none) or a :class:`ResultEntry` (RESULTS, DISCARD: a
   :class:`Status` and ``run_s``); ``flags`` are :class:`Flag` bits.
   ``pid`` is only set in TASKS with RESULT_SHM: the driver's pid, whose
   death frees the result's shared-memory segment.
@@ -47,6 +53,7 @@ from __future__ import annotations
 
 import enum
 import json
+import operator
 import struct
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, TypeGuard, TypeVar
@@ -55,6 +62,8 @@ from .errors import ProtocolError
 
 __all__ = [
     "DEFAULT_RETRIES",
+    "INLINE_BUDGET",
+    "INLINE_MAX",
     "TRACE_PATHS",
     "VERSION",
     "WORKER_NOTE_BYTES",
@@ -110,7 +119,7 @@ __all__ = [
     "split_notes",
 ]
 
-VERSION = 2  # 2: flags widened to 16 bits (TRACE = 256)
+VERSION = 3  # 2: flags widened to 16 bits (TRACE = 256); 3: small payload frames inline in a batch's header
 #: Task ``code`` meaning "use the cluster's default max_retries".
 DEFAULT_RETRIES = 255
 
@@ -204,6 +213,14 @@ _COUNT = struct.Struct("!I")
 _ENTRY = struct.Struct("!QHBHfI")
 _U64 = struct.Struct("!Q")
 _SIGNALS = {m: _HEADER.pack(VERSION, m) for m in Msg}
+_MSGS: dict[int, Msg] = {int(m): m for m in Msg}  # a dict lookup, not an enum call, per message
+#: Payload frames of at most this many bytes travel inside a batch's header frame.
+INLINE_MAX = 4096
+#: Inline bytes per batch message at most (the rest go as frames of their own): bounds the header frame.
+INLINE_BUDGET = 1 << 20
+_SEPARATE = 0xFFFFFFFF  # in a batch's frame table: this payload frame is a ZeroMQ frame of its own
+_U32 = struct.Struct("!I")
+_NFRAMES = operator.itemgetter(1)  # of an unpacked _ENTRY
 
 
 class TaskEntry(NamedTuple):
@@ -242,10 +259,10 @@ def _header(frames: Sequence[Frame]) -> tuple[Msg, memoryview]:
     version, kind = head[0], head[1]
     if version != VERSION:
         raise ProtocolError(f"protocol version {version}, this side speaks {VERSION}")
-    try:
-        return Msg(kind), head[2:]
-    except ValueError:
-        raise ProtocolError(f"unknown message type {kind}") from None
+    msg = _MSGS.get(kind)
+    if msg is None:
+        raise ProtocolError(f"unknown message type {kind}")
+    return msg, head[2:]
 
 
 def decode(frames: Sequence[Frame]) -> tuple[Msg, memoryview]:
@@ -274,12 +291,26 @@ def decode_json(body: memoryview) -> dict[str, Any]:
 
 def encode_batch(kind: Msg, entries: Sequence[Entry]) -> list[Frame]:
     """One message carrying many tasks or results (SUBMIT, TASKS, RESULTS, DISCARD)."""
-    parts = [_SIGNALS[kind], _COUNT.pack(len(entries))]
+    parts: list[Frame] = [_SIGNALS[kind], _COUNT.pack(len(entries))]
+    sizes: list[int] = []
+    inline: list[Frame] = []
     frames: list[Frame] = [b""]
     pack = _ENTRY.pack
+    budget = INLINE_BUDGET
     for entry_id, code, extra, entry_frames, flags, pid in entries:
         parts.append(pack(entry_id, len(entry_frames), code, flags, extra, pid))
-        frames.extend(entry_frames)
+        for f in entry_frames:
+            n = len(f) if type(f) is bytes else f.nbytes if isinstance(f, memoryview) else memoryview(f).nbytes
+            if n <= INLINE_MAX and n <= budget:
+                budget -= n
+                sizes.append(n)
+                inline.append(f)
+            else:
+                sizes.append(_SEPARATE)
+                frames.append(f)
+    if sizes:
+        parts.append(struct.pack(f"!{len(sizes)}I", *sizes))
+        parts += inline
     frames[0] = b"".join(parts)
     return frames
 
@@ -298,21 +329,61 @@ _E = TypeVar("_E", TaskEntry, ResultEntry)
 
 
 def _decode_batch(frames: Sequence[Frame], body: memoryview, make: type[_E]) -> list[_E]:
-    if body.nbytes < _COUNT.size:
+    size = body.nbytes
+    if size < _COUNT.size:
         raise ProtocolError("batch without a count")
     (count,) = _COUNT.unpack_from(body)
-    if body.nbytes != _COUNT.size + count * _ENTRY.size:
-        raise ProtocolError(f"batch of {count} entries has a {body.nbytes}-byte header")
+    table = _COUNT.size + count * _ENTRY.size
+    if size < table:
+        raise ProtocolError(f"batch of {count} entries has a {size}-byte header")
+    if count == 1:  # the common case of a lone task or result, without the list and sum
+        one = _ENTRY.unpack_from(body, _COUNT.size)
+        if one[1] == 1 and len(frames) == 1 and size >= table + 4:  # with one inline frame: at once
+            (length,) = _U32.unpack_from(body, table)
+            if length != _SEPARATE and table + 4 + length == size:
+                return [make(one[0], one[2], one[4], [body[table + 4 :]], one[3], one[5])]
+        raw = [one]
+        nframes = one[1]
+    else:
+        raw = list(_ENTRY.iter_unpack(body[_COUNT.size : table]))
+        nframes = sum(map(_NFRAMES, raw))
+    at = table + 4 * nframes  # where the inline bytes start
+    if size < at:
+        raise ProtocolError(f"batch of {count} entries has a {size}-byte header")
+    sizes = _U32.unpack_from(body, table) if nframes == 1 else struct.unpack_from(f"!{nframes}I", body, table)
     entries: list[_E] = []
-    at = 1
-    for task_id, nframes, code, flags, extra, pid in _ENTRY.iter_unpack(body[_COUNT.size :]):
-        end = at + nframes
-        if end > len(frames):
-            raise ProtocolError(f"batch entries name {end} frames, message has {len(frames)}")
-        entries.append(make(task_id, code, extra, frames[at:end], flags, pid))
-        at = end
-    if at != len(frames):
-        raise ProtocolError(f"batch has {len(frames) - at} frames no entry names")
+    append = entries.append
+    k = 0  # the next frame-table index
+    nxt = 1  # the next ZeroMQ frame
+    for task_id, n, code, flags, extra, pid in raw:
+        if n == 1 and sizes[k] != _SEPARATE:  # one inline frame: most tasks and results
+            end = at + sizes[k]
+            if end > size:
+                raise ProtocolError(f"batch of {count} entries has a {size}-byte header")
+            own: list[Frame] = [body[at:end]]
+            at = end
+            k += 1
+            append(make(task_id, code, extra, own, flags, pid))
+            continue
+        own = []
+        for length in sizes[k : k + n]:
+            if length == _SEPARATE:
+                if nxt >= len(frames):
+                    raise ProtocolError(f"batch entries name more frames than the message's {len(frames)}")
+                own.append(frames[nxt])
+                nxt += 1
+            else:
+                end = at + length
+                if end > size:
+                    raise ProtocolError(f"batch of {count} entries has a {size}-byte header")
+                own.append(body[at:end])
+                at = end
+        k += n
+        append(make(task_id, code, extra, own, flags, pid))
+    if at != size:
+        raise ProtocolError(f"batch of {count} entries has a {size}-byte header")
+    if nxt != len(frames):
+        raise ProtocolError(f"batch has {len(frames) - nxt} frames no entry names")
     return entries
 
 

@@ -523,6 +523,8 @@ class _Slot:
                 if not local or len(self.done) >= _FLUSH_COUNT or finished - self.first_done > _FLUSH_S:
                     self._flush()
                     self._drain(sock)
+                elif finished - started >= _QUICK_S:  # the broker may have taken the next tasks back (CANCEL)
+                    self._drain(sock)
             self._flush()
 
     def _flush(self) -> None:
