@@ -144,6 +144,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--window", type=int, default=2000, help="tasks in flight per driver")
     ap.add_argument("--batches", default="200,1", help="tasks per SUBMIT message, one run each")
+    ap.add_argument("--profile", metavar="PREFIX", help="run the broker under cProfile: PREFIX-<batch>.prof")
     a = ap.parse_args()
     print(f"one broker, {a.drivers} simulated drivers ({a.window} in flight each), {a.slots} simulated worker slots")
     pool = pool_throughput(20000)
@@ -159,8 +160,9 @@ def run_broker(a: argparse.Namespace, batch: int) -> tuple[float, float]:
     with tempfile.TemporaryDirectory(prefix="distfork-bench-") as tmp:
         os.chmod(tmp, 0o700)
         address = f"ipc://{tmp}/broker.sock"
-        broker = subprocess.Popen([sys.executable, "-m", "distfork", "broker", "--bind", address, "--insecure"],
-                                  stderr=subprocess.DEVNULL)
+        profile = ["-m", "cProfile", "-o", f"{a.profile}-{batch}.prof"] if a.profile else []
+        broker = subprocess.Popen([sys.executable, *profile, "-m", "distfork", "broker", "--bind", address,
+                                   "--insecure"], stderr=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + 30
             while not os.path.exists(address[len("ipc://"):]):

@@ -4,7 +4,9 @@
 
 Prints, for each system, the sequential fork+wait latency of a no-op (p50,
 p99) and the throughput of N no-op forks submitted then gathered, and the
-ratios distfork / ProcessPoolExecutor. Only ratios mean anything on a shared
+ratios distfork / ProcessPoolExecutor; then the CPU time (user + system) each
+distfork process spent per no-op task over the throughput runs: the driver
+(this process, all its threads), the broker, and the workers together. Only ratios mean anything on a shared
 machine; run it a few times. ``--ship-code``: every fork carries a code
 package's hash (``init(code=["bench_tasks"])``), as the forks of a driver
 connected to a remote cluster do, to see what code shipping costs per fork.
@@ -20,6 +22,8 @@ import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
+
+import psutil
 
 import distfork
 from bench_tasks import noop  # importable: every system pickles it by reference
@@ -42,6 +46,18 @@ def throughput(submit: Callable[[], Any], n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def cpu_s(procs: list[psutil.Process]) -> float:
+    """User + system CPU seconds the processes have used so far (one gone meanwhile counts 0)."""
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system
+    return total
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=2)
@@ -61,6 +77,11 @@ def main() -> None:
     distfork.wait(distfork.fork(noop))
     first = time.perf_counter() - t0
     systems: dict[str, Callable[[], Any]] = {}
+    cluster = distfork.api._runtime.cluster if distfork.api._runtime is not None else None
+    roles = {"driver": [psutil.Process()],
+             "broker": [psutil.Process(cluster.broker.pid)] if cluster is not None and cluster.broker else [],
+             "workers": [psutil.Process(pid) for pid in cluster.pids[1:]] if cluster is not None else []}
+    cpu = dict.fromkeys(roles, 0.0)
     samples: dict[str, list[float]] = {"ProcessPoolExecutor": [], "distfork": []}
     tputs: dict[str, list[float]] = {"ProcessPoolExecutor": [], "distfork": []}
     with concurrent.futures.ProcessPoolExecutor(a.workers) as pool:
@@ -72,7 +93,10 @@ def main() -> None:
         for _ in range(a.rounds):
             for name, submit in systems.items():
                 samples[name] += latency_samples(submit, a.latency_n // a.rounds)
+                before = {role: cpu_s(procs) for role, procs in roles.items()} if name == "distfork" else {}
                 tputs[name].append(throughput(submit, a.throughput_n))
+                for role, used in before.items():
+                    cpu[role] += cpu_s(roles[role]) - used
     distfork.shutdown()
     results: dict[str, dict[str, float]] = {}
     for name in systems:
@@ -85,6 +109,9 @@ def main() -> None:
     d, p = results["distfork"], results["ProcessPoolExecutor"]
     print(f"ratio distfork/ProcessPoolExecutor: latency p50 {d['p50'] / p['p50']:.2f}x (lower is better), "
           f"p99 {d['p99'] / p['p99']:.2f}x, throughput {d['tput'] / p['tput']:.2f}x (higher is better)")
+    n = a.throughput_n * a.rounds
+    print("CPU per no-op task: " + ", ".join(f"{role} {cpu[role] / n * 1e6:.0f} us" for role in roles)
+          + f" ({n} forks; driver: this process, all threads)")
     print(f"distfork embedded cluster start -> first result: {first:.3f} s")
 
 

@@ -12,10 +12,14 @@ local call timed right before it in this run:
   in flight    ``--inflight`` forks submitted, then ``wait_all`` (wall / forks)
   changed      sequential, with an in-place op on the weights before each
                fork (training in the driver: no copy can be reused)
+  held         a module built by a task (``fm = fork(build, size)``), kept in
+               the cluster as a held value, then ``fork(forward, fm, x)``
+               again and again (sequential and in flight): the weights never
+               pass through the driver
   shared       ``distfork.share(m)`` once, then the handle as the function
                (the same loop, and in flight); skipped if there is no share()
   memory       growth of this cluster's /dev/shm bytes plus the workers'
-               private dirty pages over the loops, in copies of the weights
+               anonymous pages over the loops, in copies of the weights
                (warm spare segments of the argument path count too)
 
 Targets (issue 14): sequential <= 1.3x local; in flight <= 0.75x local per
@@ -69,13 +73,34 @@ def session_shm_bytes(session: str) -> int:
     return total
 
 
+def session_shm_bytes_of(name: str) -> int:
+    try:
+        return os.stat(os.path.join("/dev/shm", name)).st_blocks * 512
+    except FileNotFoundError:
+        return 0
+
+
 def private_dirty(pid: int) -> int:
-    """Bytes of a process's private dirty pages (its own copies; shared mappings not counted)."""
+    """Bytes of a process's own copies: its anonymous pages (heap, and pages it wrote of a private
+    mapping). Not smaps' Private_Dirty, which also counts /dev/shm pages that only this process maps
+    (the segments are counted once already, from /dev/shm)."""
     with open(f"/proc/{pid}/smaps_rollup") as f:
         for line in f:
-            if line.startswith("Private_Dirty:"):
+            if line.startswith("Anonymous:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def build(size: int) -> Any:
+    """A task: the module, built in a worker (its result stays in the cluster when tasks take it)."""
+    torch.manual_seed(0)
+    m = torch.nn.Linear(size, size)
+    m.requires_grad_(False)
+    return m
+
+
+def forward(m: Any, x: Any) -> Any:
+    return m(x)
 
 
 def main() -> None:
@@ -114,6 +139,7 @@ def main() -> None:
         plain_mem = session_shm_bytes(session) - shm0 + sum(private_dirty(p) for p in pids) - dirty0
         pool = rt.driver._segments if rt.driver is not None else None
         spares = pool.stats()["spare_bytes"] if pool is not None else 0  # warm segments of the argument path
+        copied = sum(session_shm_bytes_of(n) for n in (rt.copies.names() if rt.copies is not None else ()))
 
         def changed_then_fork() -> Any:
             with torch.no_grad():
@@ -121,6 +147,18 @@ def main() -> None:
             return distfork.wait(distfork.fork(m, x))
 
         changed = paired(changed_then_fork, local, max(3, a.rounds // 2))
+
+        dirty0 = sum(private_dirty(p) for p in pids)
+        shm0 = session_shm_bytes(session)
+        fm = distfork.fork(build, a.size)
+        first = distfork.fork(forward, fm, x)  # taken before it is done: the broker holds the module
+        distfork.wait(first)
+        assert fm.held, "the module's future should be held in the cluster"
+        held = paired(lambda: distfork.wait(distfork.fork(forward, fm, x)), local, a.rounds)
+        held_fly = paired(lambda: distfork.wait_all([distfork.fork(forward, fm, x) for _ in range(a.inflight)]),
+                          local, max(3, a.rounds // 2), per=a.inflight)
+        held_mem = session_shm_bytes(session) - shm0 + sum(private_dirty(p) for p in pids) - dirty0
+        del first  # (fm: the lambdas above close over it)
         share = getattr(distfork, "share", None)
         shared = shared_fly = None
         if share is not None:
@@ -146,9 +184,16 @@ def main() -> None:
     line(f"fork(m, x): {a.inflight} in flight, per fork", fly, "(target <= 0.75x)")
     line("fork(m, x), m changed before each", changed)
     print(f"{'memory of fork(m, x) beyond the driver':<36}{plain_mem / 1e6:8.0f} MB   "
-          f"{plain_mem / weights:5.2f} copies of the weights (shm + workers' private pages; target <= 1)")
+          f"{plain_mem / weights:5.2f} copies of the weights (shm + workers' own pages; target <= 1)")
     print(f"{'  of which warm argument spares':<36}{spares / 1e6:8.0f} MB   "
           f"{spares / weights:5.2f} (the driver's pool, up to shm_spare_bytes, from the first fork's transfer)")
+    print(f"{'  of which copies of parameters':<36}{copied / 1e6:8.0f} MB   "
+          f"{copied / weights:5.2f} (segments of unchanged parameters forked again; the rest: inputs, results)")
+    line("held future of m: fork(f, fm, x)+wait", held)
+    line(f"held future of m: {a.inflight} in flight", held_fly)
+    print(f"{'memory of the held module':<36}{held_mem / 1e6:8.0f} MB   "
+          f"{held_mem / weights:5.2f} copies of the weights (its result segment, the maker's result spare, "
+          "workers' own pages)")
     if shared is not None and shared_fly is not None:
         line("share(m), fork(h, x)+wait, in a loop", shared, "(target <= 1.3x)")
         line(f"share(m), {a.inflight} in flight, per fork", shared_fly, "(target <= 0.75x)")

@@ -55,7 +55,7 @@ from .broker_instructions import (
     SendTasks,
     UnlinkOrphan,
 )
-from .config import STALL_S, Config
+from .config import REBALANCE_ANY_S, STALL_S, STARVED_STALL_S, Config
 from .errors import ProtocolError
 from .protocol import (
     DEFAULT_RETRIES,
@@ -70,7 +70,7 @@ from .protocol import (
     decode_request,
     encode_dep_counts,
     encode_devices,
-    encode_notes,
+    notes_entry,
 )
 from .shm import creator, parse, segment_of
 
@@ -88,6 +88,11 @@ class TaskState(enum.Enum):
     ASSIGNED = "assigned"
     CANCELLED = "cancelled"
     DONE = "done"
+
+
+# Hot paths read these once: reading an enum member (TaskState.QUEUED) costs ~150 ns on Python 3.11.
+_QUEUED, _ASSIGNED, _DONE = TaskState.QUEUED, TaskState.ASSIGNED, TaskState.DONE
+_OK, _RESUBMIT = int(Status.OK), int(Status.RESUBMIT)
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -122,7 +127,7 @@ class Task:
     devices: list[int] | None = None  # the GPU ids it was given where it runs
     trace: int = 0  # Flag.TRACE if forked inside distfork.trace(): passed on to the worker
     dispatched: float = 0.0  # when it was last handed to a worker (monotonic s), for traces
-    note: bytes | None = None  # traced: the trace note for its driver, sent with its result (tracing.take_notes)
+    note: bytes | None = None  # traced: its driver's trace note with its head, sent with its result (take_notes)
 
     def wire(self) -> tuple[Sequence[Frame], int]:
         """The payload to hand a worker, and the flags it needs: held dependency values first."""
@@ -176,6 +181,9 @@ class PeerInfo:
     failed: int = 0
     # worker: moving average of its tasks' run times (None: no task done yet).
     avg_run_s: float | None = None
+    # worker: the fastest batch average lately (it may double each batch): a hiccup that lifts the
+    # average of a worker of tiny tasks does not make it look overfed (distfork/broker_state.py _overfed).
+    fast_run_s: float | None = None
     # worker: the control socket of its process (KEEPALIVE sender), told to end running tasks.
     control: bytes | None = None
     # worker: when it last showed progress (a result, or work handed to it while idle).
@@ -223,7 +231,7 @@ class BrokerState:
         self._reclaimed: list[Reclaimed] = []  # those answers
         self._replies: list[Instruction] = []  # to peers we do not know: first, in the order they came
         self._results: dict[bytes, list[ResultEntry]] = {}
-        self._notes: dict[bytes, list[tuple[int, bytes]]] = {}  # trace notes per driver, sent with the results
+        self._notes: dict[bytes, list[bytes]] = {}  # trace notes per driver (with their heads), sent with the results
         self.recent_failures: collections.deque[dict[str, Any]] = collections.deque(maxlen=20)  # for the dashboard
         self._cancels: dict[bytes, list[int]] = {}
         self._discards: dict[bytes, list[ResultEntry]] = {}
@@ -649,13 +657,15 @@ class BrokerState:
             prev = worker.avg_run_s
             if 0.0 <= batch_avg < float("inf"):  # a NaN from a broken peer would break prefetch() for good
                 worker.avg_run_s = batch_avg if prev is None else 0.7 * prev + 0.3 * batch_avg
+                fast = worker.fast_run_s
+                worker.fast_run_s = batch_avg if fast is None else min(batch_avg, 2 * fast)
         for e in entries:
             task = assigned.pop(e.id, None)
             if task is None:
                 self.counters["results_stale"] += 1  # cancelled, or re-queued after a loss
                 self._discard(worker.id, e)
                 continue
-            if e.status == Status.OK:
+            if e.status == _OK:
                 worker.done += 1
             else:
                 worker.failed += 1
@@ -669,7 +679,7 @@ class BrokerState:
             self._discards.setdefault(worker, []).append(e)
 
     def _finish(self, task: Task, status: int, extra: float, frames: Sequence[Frame], flags: int = 0) -> None:
-        task.state = TaskState.DONE
+        task.state = _DONE
         if task.deps is not None:
             self._release_deps(task, flags)
         driver = self.peers.get(task.driver)
@@ -679,15 +689,15 @@ class BrokerState:
             return
         if task.dependents is not None:
             frames, flags = self._resolve(driver, task, status, extra, frames, flags)
-        if status == Status.RESUBMIT:  # not an outcome: the driver sends the task again
+        if status == _RESUBMIT:  # not an outcome: the driver sends the task again
             self._send_result(driver, ResultEntry(task.task_id, status, extra, frames, flags))
             return
         driver.done += 1
-        if status != Status.OK:
+        if status != _OK:
             self._failed(driver, task, status, frames)
         if task.note is not None:  # traced: where and when it ran goes with the result
-            self._notes.setdefault(driver.id, []).append((task.task_id, task.note))
-        if status == Status.OK:
+            self._notes.setdefault(driver.id, []).append(task.note)
+        if status == _OK:
             self.counters["tasks_succeeded"] += 1
         else:
             driver.failed += 1
@@ -757,7 +767,7 @@ class BrokerState:
         for q in (pq, self.queue):
             while q:
                 task = q[0]
-                if task.state is not TaskState.QUEUED:
+                if task.state is not _QUEUED:
                     q.popleft()
                     self.stale_queued -= 1
                     continue
@@ -792,9 +802,16 @@ class BrokerState:
         self.counters["tasks_reclaimed"] += len(granted)
         return granted
 
-    def _stalled(self, w: PeerInfo, now: float) -> bool:
-        """Busy far longer than its tasks usually take: what it holds beyond its slots may wait long."""
-        return len(w.assigned) >= w.slots and now - w.progress_at > max(4 * (w.avg_run_s or 0.0), STALL_S)
+    def _stalled(self, w: PeerInfo, now: float, starved: bool = False) -> bool:
+        """Busy far longer than its tasks usually take: what it holds beyond its slots may wait long.
+
+        ``starved``: a slot idles with nothing queued, so any wait is a loss: no news for
+        ``STARVED_STALL_S`` is enough, however long its tasks usually take.
+        """
+        if len(w.assigned) < w.slots:
+            return False
+        quiet_s = now - w.progress_at
+        return quiet_s > STARVED_STALL_S if starved else quiet_s > max(4 * (w.avg_run_s or 0.0), STALL_S)
 
     def dispatch(self, now: float) -> None:
         """Hand queued tasks to workers: free slots first, then prefetch room, one task each in turn
@@ -813,7 +830,7 @@ class BrokerState:
         out = self._tasks_out
         if not self.workers:
             return
-        self._steal(now)
+        starved = self._steal(now)
         if not (self.queue or any(self.pinned.values()) or self.resource_queue):
             return
         if self.resource_queue:  # first: a slot that frees up goes to a task that needs its process's resources
@@ -824,7 +841,7 @@ class BrokerState:
         room = {
             w: w.slots + self.prefetch(w)
             for w in self.workers.values()
-            if not self._stalled(w, now)
+            if not self._stalled(w, now, starved)  # not what was just taken back from it
             # a suspect runs alone; it only ever takes a free slot, so it is among the first `slots`
             and not any(t.suspect for t in itertools.islice(w.assigned.values(), w.slots))
         }
@@ -845,7 +862,7 @@ class BrokerState:
     def _give(self, w: PeerInfo, task: Task, out: dict[bytes, list[Task]]) -> None:
         if not w.assigned:
             w.progress_at = self._now
-        task.state = TaskState.ASSIGNED
+        task.state = _ASSIGNED
         task.worker = w.id
         task.dispatched = self._now
         w.assigned[task.key] = task
@@ -856,18 +873,37 @@ class BrokerState:
         self.counters["tasks_unplaceable"] += 1
         self._finish(task, Status.FAILED, 0.0, [text.encode()])
 
-    def _steal(self, now: float) -> None:
+    def _steal(self, now: float) -> bool:
+        """Take back what stalled or overfed workers hold beyond their slots; returns whether a slot
+        idled with nothing queued (``starved``)."""
         if not any(len(w.assigned) < w.slots for w in self.workers.values()):
-            return
+            return False
+        starved = not self.queue and not any(self.pinned.values())  # an idle slot has nothing else to take
         for w in self.workers.values():
-            if len(w.assigned) <= w.slots or not self._stalled(w, now):
+            if len(w.assigned) <= w.slots:
                 continue
-            waiting = list(w.assigned.values())[w.slots :]
+            if self._stalled(w, now, starved):
+                keep = 0
+            elif starved and self._overfed(w):
+                keep = self.prefetch(w)
+            else:
+                continue
+            waiting = list(w.assigned.values())[w.slots + keep :]
             self._cancels.setdefault(w.id, []).extend(t.key for t in waiting)
             for task in reversed(waiting):
                 del w.assigned[task.key]
                 self._requeue(task)
             self.counters["tasks_stolen"] += len(waiting)
+        return starved
+
+    def _overfed(self, w: PeerInfo) -> bool:
+        """It holds more beyond its slots than its recent run times would give it now: ``rebalance_s``
+        more work (they were prefetched while its tasks looked shorter), or any at all if its tasks take
+        ``REBALANCE_ANY_S`` or more (a long one may hide among them, the average cannot tell)."""
+        extra = len(w.assigned) - w.slots - self.prefetch(w)
+        # A worker whose batches were far faster a moment ago has likely run much of it already.
+        avg_s = min(w.avg_run_s or 0.0, w.fast_run_s or 0.0)
+        return extra > 0 and (avg_s >= REBALANCE_ANY_S or extra * avg_s > self.config.rebalance_s)
 
     def may_steal(self) -> bool:
         """Whether :meth:`dispatch` should be called again soon even without news."""
@@ -919,7 +955,7 @@ class BrokerState:
             self._tasks_out = {}
         if self._notes:  # first in the batch, so that the driver has them before it completes the futures
             for driver, notes in self._notes.items():
-                self._results.setdefault(driver, []).insert(0, encode_notes(notes))
+                self._results.setdefault(driver, []).insert(0, notes_entry(notes))
             self._notes = {}
         if self._results:
             out += [SendResults(d, entries) for d, entries in self._results.items()]

@@ -14,14 +14,17 @@ from typing import Any, get_type_hints
 
 __all__ = [
     "BATCH_MAX",
+    "BROKER_GC_THRESHOLD",
     "DEFAULT_ADDRESS",
     "DEFAULT_PORT",
     "DIRECT_NOTICE_S",
     "DRIVER_RECV_BURST",
     "OUTPUT_ROUTES_MAX",
+    "REBALANCE_ANY_S",
     "RECV_BURST",
     "RESUBMITS_MAX",
     "STALL_S",
+    "STARVED_STALL_S",
     "STEAL_CHECK_S",
     "Config",
     "load",
@@ -41,10 +44,17 @@ RECV_BURST = 2000
 #: Messages the driver's I/O thread handles before it looks at its own queues again.
 DRIVER_RECV_BURST = 1000
 #: How often (seconds) the broker looks for stalled workers while another worker idles.
-STEAL_CHECK_S = 0.02
+STEAL_CHECK_S = 0.005
 #: A worker busy this long without a result (and 4x its usual task time) is stalled: no prefetch,
 #: and what it holds beyond its slots may be stolen.
 STALL_S = 0.05
+#: While a slot idles and nothing is queued: a worker busy this long without a result gives
+#: back what it holds beyond its slots, however long its tasks usually take.
+STARVED_STALL_S = 0.02
+#: While a slot idles and nothing is queued: a worker whose tasks take this long on average gives
+#: back everything it holds beyond its slots and its prefetch room (a long task may hide among
+#: them); one with shorter tasks, only once that is more than ``rebalance_s`` of work.
+REBALANCE_ANY_S = 0.0005
 #: A task whose future arguments keep vanishing from the broker (restarts) fails after this many tries.
 RESUBMITS_MAX = 5
 #: Longest a driver holds back its DIRECT notices (distfork/direct.py) to batch them, off the
@@ -52,6 +62,9 @@ RESUBMITS_MAX = 5
 DIRECT_NOTICE_S = 0.001
 #: (slot, task) routes of task output the broker remembers for lines that come after the result.
 OUTPUT_ROUTES_MAX = 10_000
+#: The broker's first garbage-collector threshold (Python's default: 700 allocations). Its task table
+#: makes few reference cycles, and a collection every 700 objects cost it about a fifth of its CPU.
+BROKER_GC_THRESHOLD = 50_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +86,12 @@ class Config:
     prefetch_s: float = 0.002
     #: Most tasks prefetched to one worker slot.
     prefetch_max: int = 128
+    #: Work (seconds, by the worker's recent run times) prefetched to a worker
+    #: beyond what ``prefetch_s`` would give it now, above which, while a slot
+    #: idles and nothing is queued, the excess is taken back for that slot:
+    #: tasks prefetched while they looked short must not wait there when they
+    #: turn out longer.
+    rebalance_s: float = 0.01
     #: Buffers of at least this many bytes leave the pickle stream (pickle
     #: protocol 5 out-of-band buffers) and travel as their own frame.
     oob_threshold_bytes: int = 64 * 1024

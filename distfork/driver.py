@@ -47,7 +47,7 @@ from typing import Any, NamedTuple
 
 import zmq
 
-from . import direct, output, protocol, security, serialize, shm
+from . import direct, multipart, output, protocol, security, serialize, sharecache, shm
 from . import tracing as _trace
 from .config import BATCH_MAX, DRIVER_RECV_BURST, RESUBMITS_MAX, Config
 from .errors import (
@@ -62,6 +62,7 @@ from .outcome import complete
 from .outcome import outcome as _outcome
 from .protocol import Flag, Msg, ResultEntry, Role, Status, TaskEntry
 from .wakeup import Wakeup
+from .window import Window
 
 __all__ = ["Driver", "complete"]
 
@@ -140,10 +141,12 @@ class Driver:
         # Tasks whose arguments name futures of ours: their calls (see Call).
         self._calls: dict[int, Call] = {}
         # Tasks forked inside distfork.trace(): their Records, until their results arrive (distfork/tracing.py).
-        self._traced: dict[int, _trace.Record] = {}
+        self._traced: dict[int, _trace.Pending] = {}
+        _trace.DRIVERS.add(self)
         # Results the broker holds for us, and fetching their values (distfork/held.py).
         self.held = HeldValues(self._wake, lambda: self._closing)
-        self._window = threading.Semaphore(config.window)
+        self.shares = sharecache.Server(self._wake)  # share()d values, for worker hosts to fetch
+        self._window = Window(config.window)
         self._bytes_inflight = 0
         self._bytes_room = threading.Condition()
         self.shm_domain = shm.domain() if config.shm else None
@@ -158,6 +161,9 @@ class Driver:
         self._closing = False
         self._closed = threading.Event()
         self._ctx = zmq.Context()
+        # Every future of ours shares these two (bound once: one object fewer per future in flight).
+        self._canceller = self._cancel
+        self._reclaimer = self._reclaim if nested else None
         # Lone tasks go straight to a slot of the embedded cluster (distfork/direct.py), sent by submit.
         self._direct = (direct.DirectClient(self._ctx, address, self.identity, config.heartbeat_s)
                         if direct.enabled(config, address) else None)
@@ -207,7 +213,7 @@ class Driver:
     def submit(
         self, frames: list[Any], max_retries: int = protocol.DEFAULT_RETRIES, timeout_s: float = 0.0,
         call: Call | None = None, fut: Future[Any] | None = None, request: Any = None, pinned: bool = False,
-        traced: _trace.Record | None = None,
+        traced: _trace.Pending | None = None,
     ) -> Future[Any]:
         """Send a pickled call (``serialize.dumps_call`` output); its future completes with the result.
 
@@ -225,7 +231,7 @@ class Driver:
             raise DistforkError("this distfork driver was shut down; call distfork.init() to start again")
         if self._refused is not None:
             raise AuthenticationError(self._refused)
-        nbytes = serialize.oob_bytes(frames)
+        nbytes = serialize.oob_bytes(frames) if len(frames) > 1 else 0
         if nbytes:
             with self._bytes_room:
                 self._bytes_room.wait_for(
@@ -236,7 +242,7 @@ class Driver:
         frames, segment = serialize.route(frames, self._pool)
         flags = (Flag.PINNED if segment is not None or pinned else 0) | (Flag.NESTED if self.nested else 0)
         if fut is None:
-            fut = Future(self._cancel, self._reclaim if self.nested else None)
+            fut = Future(self._canceller, self._reclaimer)
             fut.driver = self
         task_id = fut.task_id = next(self._ids)
         if call is not None:
@@ -248,9 +254,11 @@ class Driver:
             flags |= Flag.RESOURCES
         if traced is not None:
             flags |= Flag.TRACE
-            traced.bind(self.name, task_id)
+            if isinstance(traced, _trace.Record):
+                traced.bind(self.name, task_id)
             self._traced[task_id] = traced
-        entry = TaskEntry(task_id, max_retries, timeout_s, frames, flags)
+        # A tuple of bytes: the garbage collector stops tracking it (one object fewer per task in flight).
+        entry = TaskEntry(task_id, max_retries, timeout_s, tuple(frames), flags)
         lone = self._direct is not None and self._direct.ready and direct.eligible(
             nbytes, segment, pinned, call, request, traced, self.nested, self.shipper, len(self._inflight))
         self._inflight[task_id] = InFlight(fut, entry, segment, nbytes)
@@ -278,7 +286,8 @@ class Driver:
     def _release(self, segment: shm.Segment | None, nbytes: int, reusable: bool = False) -> None:
         """A task ended: free its window slot, its segment (reused if nobody maps it) and its bytes."""
         self._window.release()
-        self._free_segment(segment, reusable)
+        if segment is not None:
+            self._free_segment(segment, reusable)
         if nbytes:
             with self._bytes_room:
                 self._bytes_inflight -= nbytes
@@ -367,7 +376,7 @@ class Driver:
             )
         complete(fut, code, out)
         if rec is not None:
-            rec.finish(code, 0, fut)
+            _trace.finish(rec, code, 0, fut, self.name, task_id)
         self._release(item.segment, item.nbytes, reusable=not retained)
 
     def _fetch(self, fut: Future[Any], timeout: float | None) -> Any:
@@ -457,14 +466,14 @@ class Driver:
                 if self._direct is not None:
                     self._direct_turn(sock, poller, events, now)
                 if self._outgoing or self._cancels or self._reclaims or self._recycles or self.held.fetches \
-                        or self.held.releases or self._codes:
+                        or self.held.releases or self._codes or self.shares.drops:
                     self._flush(sock)
                     last_sent = now
                 if sock in events:
                     last_heard = now
                     for _ in range(DRIVER_RECV_BURST):
                         try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                            frames = multipart.recv(sock, zmq.NOBLOCK)
                         except zmq.Again:
                             break
                         if self._handle(sock, frames, now - last_hello > heartbeat_s):
@@ -537,7 +546,9 @@ class Driver:
         while out:
             batch = [out.popleft() for _ in range(min(len(out), BATCH_MAX))]
             self._send_codes(sock)  # a package shipped just before a task of this batch was appended
-            sock.send_multipart(protocol.encode_batch(Msg.SUBMIT, batch), copy=False)
+            multipart.send(sock, protocol.encode_batch(Msg.SUBMIT, batch))
+        if self.shares.drops:
+            self.shares.flush(sock)
         if self._reclaims:
             ids = [self._reclaims.popleft() for _ in range(len(self._reclaims))]
             sock.send_multipart(protocol.encode_cancel(ids, Msg.RECLAIM))
@@ -559,7 +570,7 @@ class Driver:
                     self._calls.pop(task_id, None)
                     rec = self._traced.pop(task_id, None) if self._traced else None
                     if rec is not None:
-                        rec.finish(Status.CANCELLED, 0, item.future)
+                        _trace.finish(rec, Status.CANCELLED, 0, item.future, self.name, task_id)
                     self._release(item.segment, item.nbytes)
                     ids.append(task_id)
             if ids:
@@ -581,6 +592,8 @@ class Driver:
                 self._output(protocol.decode_json(body))
             elif kind is Msg.RECLAIMED:
                 self._reclaimed(protocol.decode_reclaimed(body))
+            elif kind is Msg.SHARE_GET:  # a worker host fetches a share()d value (distfork/sharecache.py)
+                self.shares.serve(sock, body)
             elif kind is Msg.REJECT:
                 reject = protocol.decode_json(body)
                 if reject.get("refused"):  # our key is admitted, but not as a client
@@ -644,14 +657,9 @@ class Driver:
     def _results(self, entries: Sequence[ResultEntry]) -> None:
         inflight = self._inflight
         release = self._release
+        notes = None  # traced tasks: where and when they ran, for all of this batch's
         if entries and entries[0].id == 0 and entries[0].flags & Flag.TRACE:
-            try:
-                notes, entries = protocol.decode_notes(entries)
-            except ProtocolError as exc:  # the results still count
-                log.warning("dropped the trace notes of a message from the broker: %s", exc)
-                notes, entries = [], entries[1:]
-            for task_id, note in notes:  # traced tasks: where and when they ran
-                _trace.note_received(self._traced.get(task_id), note)
+            notes, entries = _trace.notes_of(entries, self._traced)
         for e in entries:
             item = inflight.pop(e.id, None)
             if item is None:
@@ -664,7 +672,8 @@ class Driver:
             rec = self._traced.pop(e.id, None) if self._traced else None
             if e.status == Status.RESUBMIT and call is not None:
                 release(item.segment, item.nbytes)
-                self._send_again(item.future, call, item.entry.max_retries, item.entry.timeout_s, rec)
+                self._send_again(item.future, call, item.entry.max_retries, item.entry.timeout_s,
+                                 _trace.again(rec, e.id) if rec is not None else None)
                 rec = None  # sent again under a new id
             elif e.flags & Flag.HELD:
                 self._hold(item, e)
@@ -672,7 +681,7 @@ class Driver:
                 complete(item.future, e.status, e.frames, self._recycle)
                 release(item.segment, item.nbytes, not e.flags & Flag.RETAINED)
             if rec is not None:
-                rec.finish(e.status, e.flags, item.future)
+                _trace.finish(rec, e.status, e.flags, item.future, self.name, e.id, notes)
 
     def _hold(self, item: InFlight, e: ResultEntry) -> None:
         """Tasks took this result as an argument: the broker keeps it; the future is done, its value remote."""
@@ -685,7 +694,7 @@ class Driver:
         self._free_segment(self.held.fetched(e, value, error).segment)
 
     def _send_again(self, fut: Future[Any], call: Call, max_retries: int, timeout_s: float,
-                    traced: _trace.Record | None = None) -> None:
+                    traced: _trace.Pending | None = None) -> None:
         """The broker no longer has a future the call names: pickle it again, with the values we have.
 
         From the callback thread, once every future it names is done: that

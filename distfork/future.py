@@ -66,6 +66,38 @@ class _Remote:
 REMOTE: Any = _Remote()
 
 
+_DONE_STATES = frozenset(("CANCELLED", "CANCELLED_AND_NOTIFIED", "FINISHED"))  # concurrent.futures' names
+
+
+class _Condition(threading.Condition):
+    """What ``threading.Condition()`` is to a ``concurrent.futures.Future``, lighter to make.
+
+    ``Condition.__init__`` binds five methods of its RLock per instance: with
+    thousands of futures in flight, that is five objects more each for the
+    garbage collector to walk, again and again. Here the same methods are
+    looked up on the lock when called; everything else is ``Condition``'s.
+    """
+
+    def __init__(self) -> None:  # not Condition.__init__: it binds what the methods below reach
+        self._lock = threading.RLock()
+        self._waiters: collections.deque[Any] = collections.deque()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        return self._lock.acquire(blocking, timeout)
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def _release_save(self) -> Any:
+        return self._lock._release_save()  # type: ignore[attr-defined]
+
+    def _acquire_restore(self, state: Any) -> None:
+        self._lock._acquire_restore(state)  # type: ignore[attr-defined]
+
+    def _is_owned(self) -> bool:
+        return self._lock._is_owned()  # type: ignore[attr-defined,no-any-return]
+
+
 class Future(concurrent.futures.Future, Generic[T]):  # type: ignore[type-arg]
     """The result of a ``fork``, available once the task ends.
 
@@ -79,7 +111,14 @@ class Future(concurrent.futures.Future, Generic[T]):  # type: ignore[type-arg]
         canceller: Callable[[Future[Any]], None] | None = None,
         reclaimer: Callable[[Future[Any], bool], None] | None = None,
     ) -> None:
-        super().__init__()
+        # concurrent.futures.Future.__init__'s fields, with the lighter condition (see _Condition);
+        # test_future_contract checks that no field of it is missing.
+        self._condition = _Condition()
+        self._state = "PENDING"
+        self._result: Any = None
+        self._exception: BaseException | None = None
+        self._waiters: list[Any] = []
+        self._done_callbacks: list[Any] = []
         self._canceller = canceller
         # Inside a worker: before blocking, take the task back from the queue
         # and run it here, so a task waiting for its children never deadlocks.
@@ -121,14 +160,19 @@ class Future(concurrent.futures.Future, Generic[T]):  # type: ignore[type-arg]
 
     def result(self, timeout: float | None = None) -> T:
         """The task's value; raise its exception, or builtin ``TimeoutError`` after ``timeout`` s."""
-        if self._reclaimer is not None:
-            self._reclaim()
-        try:
-            value = super().result(timeout)
-        except concurrent.futures.TimeoutError as exc:
-            if isinstance(exc, TimeoutError):  # Python >= 3.11: the same class
-                raise
-            raise TimeoutError(f"the task did not finish within {timeout} s; it goes on") from None
+        have = False
+        if self._state == "FINISHED":  # done: the short way, under the lock (held.py may swap a value in)
+            with self._condition._lock:  # type: ignore[attr-defined]
+                value, have = self._result, self._exception is None
+        if not have:
+            if self._reclaimer is not None:
+                self._reclaim()
+            try:
+                value = super().result(timeout)
+            except concurrent.futures.TimeoutError as exc:
+                if isinstance(exc, TimeoutError):  # Python >= 3.11: the same class
+                    raise
+                raise TimeoutError(f"the task did not finish within {timeout} s; it goes on") from None
         if value is REMOTE:
             # Other tasks took this value as an argument, so the broker kept it; it comes here now.
             return self.driver._fetch(self, timeout)  # type: ignore[no-any-return]
@@ -164,6 +208,22 @@ class Future(concurrent.futures.Future, Generic[T]):  # type: ignore[type-arg]
                 return False
         return super().set_running_or_notify_cancel()
 
+    def set_result(self, result: T) -> None:
+        """As ``concurrent.futures.Future.set_result``, without notifying a condition nobody waits on
+        or running callbacks nobody added (the driver's I/O thread sets thousands a second)."""
+        cond = self._condition
+        with cond._lock:  # type: ignore[attr-defined]  # the RLock of _Condition, taken without its wrapper
+            if self._state in _DONE_STATES:
+                raise concurrent.futures.InvalidStateError(f"{self._state}: {self!r}")
+            self._result = result
+            self._state = "FINISHED"
+            for waiter in self._waiters:
+                waiter.add_result(self)
+            if cond._waiters:  # type: ignore[attr-defined]
+                cond.notify_all()
+        if self._done_callbacks:
+            self._invoke_callbacks()
+
     def __reduce__(self) -> Any:
         raise TypeError(
             f"a distfork.Future cannot be pickled ({self!r}): pass it as an argument of fork() (it "
@@ -171,8 +231,7 @@ class Future(concurrent.futures.Future, Generic[T]):  # type: ignore[type-arg]
         )
 
     def _invoke_callbacks(self) -> None:
-        # _done_callbacks: CPython's private list of callbacks, not in typeshed
-        if self._done_callbacks and callback_runner.on_io_thread():  # type: ignore[attr-defined]
+        if self._done_callbacks and callback_runner.on_io_thread():
             callback_runner.submit(super()._invoke_callbacks)  # type: ignore[misc]
         else:
             super()._invoke_callbacks()  # type: ignore[misc]

@@ -5,7 +5,9 @@ Status codes and payloads are described in protocol.py (:class:`~distfork.protoc
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable, Sequence
+from concurrent.futures import InvalidStateError
 from typing import Any
 
 from . import serialize
@@ -15,6 +17,8 @@ from .protocol import Status
 
 __all__ = ["complete", "failure", "outcome"]
 
+_OK = int(Status.OK)
+_CANCELLED_STATES = frozenset(("CANCELLED", "CANCELLED_AND_NOTIFIED"))  # concurrent.futures' names
 
 
 def complete(
@@ -25,6 +29,18 @@ def complete(
     ``on_free``: where a result's shared-memory segment goes once nothing
     maps it (else it is unlinked as soon as it is mapped).
     """
+    if code == _OK and len(frames) == 1 and fut._state not in _CANCELLED_STATES:
+        # The common case, the short way: a small value, inline (no segment to map or free).
+        try:
+            value = pickle.loads(frames[0])
+        except Exception as err:  # noqa: BLE001
+            settle(fut, exception=_unpickling_failed(err))
+            return
+        try:
+            fut.set_result(value)
+        except InvalidStateError:
+            pass  # a user thread cancelled it just now
+        return
     if fut.cancelled():
         serialize.free(frames)
         return
@@ -44,9 +60,11 @@ def outcome(
     try:
         return serialize.unpack(frames, private=False, on_free=on_free), None
     except Exception as err:  # noqa: BLE001
-        return None, SerializationError(
-            f"the task's result cannot be unpickled in the driver: {type(err).__name__}: {err}"
-        )
+        return None, _unpickling_failed(err)
+
+
+def _unpickling_failed(err: Exception) -> SerializationError:
+    return SerializationError(f"the task's result cannot be unpickled in the driver: {type(err).__name__}: {err}")
 
 
 def failure(code: int, frames: Sequence[Any]) -> BaseException:

@@ -13,11 +13,17 @@ Bodies:
   object;
 * batches (SUBMIT, TASKS, RESULTS, DISCARD, DIRECT): ``u32 count`` then ``count``
   entries of ``struct "!QHBHfI"`` = (id, nframes, code, flags, extra, pid),
-  followed in the message by the entries' payload frames, ``nframes`` each,
-  in order. The two middle fields mean different things in the two kinds
-  of batch, so each decodes to its own type: a :class:`TaskEntry` (SUBMIT,
-  TASKS: ``max_retries``, 255 for the cluster default, and ``timeout_s``,
-  0 for none) or a :class:`ResultEntry` (RESULTS, DISCARD: a
+  then one ``u32`` per payload frame of the entries, in order: its length
+  if it is *inline*, ``0xFFFFFFFF`` if it is its own ZeroMQ frame; then the
+  inline payload frames' bytes, back to back. Small payload frames (up to
+  ``INLINE_MAX`` bytes, ``INLINE_BUDGET`` per message) travel inline: a
+  batch of no-op tasks is one ZeroMQ frame, not one per task, which saves
+  each process a send and a receive per task. The others (large buffers)
+  follow the header as frames of their own, in order, sent without a copy.
+  The two middle fields mean different things in the two kinds of batch,
+  so each decodes to its own type: a :class:`TaskEntry` (SUBMIT, TASKS:
+  ``max_retries``, 255 for the cluster default, and ``timeout_s``, 0 for
+  none) or a :class:`ResultEntry` (RESULTS, DISCARD: a
   :class:`Status` and ``run_s``); ``flags`` are :class:`Flag` bits.
   ``pid`` is only set in TASKS with RESULT_SHM: the driver's pid, whose
   death frees the result's shared-memory segment.
@@ -47,16 +53,20 @@ from __future__ import annotations
 
 import enum
 import json
+import operator
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, TypeGuard, TypeVar
 
 from .errors import ProtocolError
 
 __all__ = [
     "DEFAULT_RETRIES",
+    "INLINE_BUDGET",
+    "INLINE_MAX",
     "TRACE_PATHS",
     "VERSION",
+    "WORKER_NOTE_BYTES",
     "Entry",
     "ResultEntry",
     "TaskEntry",
@@ -91,6 +101,7 @@ __all__ = [
     "decode_driver_note",
     "decode_notes",
     "decode_worker_note",
+    "driver_note_packer",
     "encode_dep_counts",
     "encode_deps",
     "encode_devices",
@@ -101,12 +112,16 @@ __all__ = [
     "encode_json",
     "encode_origin",
     "encode_driver_note",
+    "encode_framed_worker_note",
     "encode_notes",
     "encode_signal",
     "encode_worker_note",
+    "framed_worker_note_packer",
+    "notes_entry",
+    "split_notes",
 ]
 
-VERSION = 2  # 2: flags widened to 16 bits (TRACE = 256)
+VERSION = 3  # 2: flags widened to 16 bits (TRACE = 256); 3: small payload frames inline in a batch's header
 #: Task ``code`` meaning "use the cluster's default max_retries".
 DEFAULT_RETRIES = 255
 
@@ -140,9 +155,13 @@ class Msg(enum.IntEnum):
     CODE = 21  # D -> B: a package of the driver's code; B -> asker: the one asked for (see encode_code)
     CODE_GET = 22  # W (any peer) -> B: send me the code package of this hash (JSON: hash)
     OUTPUT = 23  # W control -> B -> D: lines a running task printed or logged (JSON, see distfork/output.py)
-    # W -> B: tasks a driver handed this slot directly (distfork/direct.py), before they run: a batch
-    # whose entries carry the slot's key and, as their first frame, encode_origin(driver, its task id).
-    DIRECT = 24
+    # distfork/sharecache.py: a share()d value's bytes, fetched once per worker host from its driver.
+    SHARE_GET = 24  # W fetch socket -> B -> D: send me this shared value (JSON: key, driver; B adds asker)
+    SHARE = 25  # D -> B -> asker: its bytes (JSON: key, asker, sha256, size; then the bytes in frames)
+    SHARE_DROP = 26  # D -> B -> W control sockets: shared values released, free their copies (JSON: keys)
+    # D -> B: tasks this driver sent straight to slots (distfork/direct.py): a batch whose entries
+    # carry the task's key and, as their first frame, encode_origin(slot, the driver's task id).
+    DIRECT = 27
 
 
 class Role(str, enum.Enum):
@@ -202,6 +221,14 @@ _COUNT = struct.Struct("!I")
 _ENTRY = struct.Struct("!QHBHfI")
 _U64 = struct.Struct("!Q")
 _SIGNALS = {m: _HEADER.pack(VERSION, m) for m in Msg}
+_MSGS: dict[int, Msg] = {int(m): m for m in Msg}  # a dict lookup, not an enum call, per message
+#: Payload frames of at most this many bytes travel inside a batch's header frame.
+INLINE_MAX = 4096
+#: Inline bytes per batch message at most (the rest go as frames of their own): bounds the header frame.
+INLINE_BUDGET = 1 << 20
+_SEPARATE = 0xFFFFFFFF  # in a batch's frame table: this payload frame is a ZeroMQ frame of its own
+_U32 = struct.Struct("!I")
+_NFRAMES = operator.itemgetter(1)  # of an unpacked _ENTRY
 
 
 class TaskEntry(NamedTuple):
@@ -240,10 +267,10 @@ def _header(frames: Sequence[Frame]) -> tuple[Msg, memoryview]:
     version, kind = head[0], head[1]
     if version != VERSION:
         raise ProtocolError(f"protocol version {version}, this side speaks {VERSION}")
-    try:
-        return Msg(kind), head[2:]
-    except ValueError:
-        raise ProtocolError(f"unknown message type {kind}") from None
+    msg = _MSGS.get(kind)
+    if msg is None:
+        raise ProtocolError(f"unknown message type {kind}")
+    return msg, head[2:]
 
 
 def decode(frames: Sequence[Frame]) -> tuple[Msg, memoryview]:
@@ -272,12 +299,26 @@ def decode_json(body: memoryview) -> dict[str, Any]:
 
 def encode_batch(kind: Msg, entries: Sequence[Entry]) -> list[Frame]:
     """One message carrying many tasks or results (SUBMIT, TASKS, RESULTS, DISCARD)."""
-    parts = [_SIGNALS[kind], _COUNT.pack(len(entries))]
+    parts: list[Frame] = [_SIGNALS[kind], _COUNT.pack(len(entries))]
+    sizes: list[int] = []
+    inline: list[Frame] = []
     frames: list[Frame] = [b""]
     pack = _ENTRY.pack
+    budget = INLINE_BUDGET
     for entry_id, code, extra, entry_frames, flags, pid in entries:
         parts.append(pack(entry_id, len(entry_frames), code, flags, extra, pid))
-        frames.extend(entry_frames)
+        for f in entry_frames:
+            n = len(f) if type(f) is bytes else f.nbytes if isinstance(f, memoryview) else memoryview(f).nbytes
+            if n <= INLINE_MAX and n <= budget:
+                budget -= n
+                sizes.append(n)
+                inline.append(f)
+            else:
+                sizes.append(_SEPARATE)
+                frames.append(f)
+    if sizes:
+        parts.append(struct.pack(f"!{len(sizes)}I", *sizes))
+        parts += inline
     frames[0] = b"".join(parts)
     return frames
 
@@ -296,21 +337,61 @@ _E = TypeVar("_E", TaskEntry, ResultEntry)
 
 
 def _decode_batch(frames: Sequence[Frame], body: memoryview, make: type[_E]) -> list[_E]:
-    if body.nbytes < _COUNT.size:
+    size = body.nbytes
+    if size < _COUNT.size:
         raise ProtocolError("batch without a count")
     (count,) = _COUNT.unpack_from(body)
-    if body.nbytes != _COUNT.size + count * _ENTRY.size:
-        raise ProtocolError(f"batch of {count} entries has a {body.nbytes}-byte header")
+    table = _COUNT.size + count * _ENTRY.size
+    if size < table:
+        raise ProtocolError(f"batch of {count} entries has a {size}-byte header")
+    if count == 1:  # the common case of a lone task or result, without the list and sum
+        one = _ENTRY.unpack_from(body, _COUNT.size)
+        if one[1] == 1 and len(frames) == 1 and size >= table + 4:  # with one inline frame: at once
+            (length,) = _U32.unpack_from(body, table)
+            if length != _SEPARATE and table + 4 + length == size:
+                return [make(one[0], one[2], one[4], [body[table + 4 :]], one[3], one[5])]
+        raw = [one]
+        nframes = one[1]
+    else:
+        raw = list(_ENTRY.iter_unpack(body[_COUNT.size : table]))
+        nframes = sum(map(_NFRAMES, raw))
+    at = table + 4 * nframes  # where the inline bytes start
+    if size < at:
+        raise ProtocolError(f"batch of {count} entries has a {size}-byte header")
+    sizes = _U32.unpack_from(body, table) if nframes == 1 else struct.unpack_from(f"!{nframes}I", body, table)
     entries: list[_E] = []
-    at = 1
-    for task_id, nframes, code, flags, extra, pid in _ENTRY.iter_unpack(body[_COUNT.size :]):
-        end = at + nframes
-        if end > len(frames):
-            raise ProtocolError(f"batch entries name {end} frames, message has {len(frames)}")
-        entries.append(make(task_id, code, extra, frames[at:end], flags, pid))
-        at = end
-    if at != len(frames):
-        raise ProtocolError(f"batch has {len(frames) - at} frames no entry names")
+    append = entries.append
+    k = 0  # the next frame-table index
+    nxt = 1  # the next ZeroMQ frame
+    for task_id, n, code, flags, extra, pid in raw:
+        if n == 1 and sizes[k] != _SEPARATE:  # one inline frame: most tasks and results
+            end = at + sizes[k]
+            if end > size:
+                raise ProtocolError(f"batch of {count} entries has a {size}-byte header")
+            own: list[Frame] = [body[at:end]]
+            at = end
+            k += 1
+            append(make(task_id, code, extra, own, flags, pid))
+            continue
+        own = []
+        for length in sizes[k : k + n]:
+            if length == _SEPARATE:
+                if nxt >= len(frames):
+                    raise ProtocolError(f"batch entries name more frames than the message's {len(frames)}")
+                own.append(frames[nxt])
+                nxt += 1
+            else:
+                end = at + length
+                if end > size:
+                    raise ProtocolError(f"batch of {count} entries has a {size}-byte header")
+                own.append(body[at:end])
+                at = end
+        k += n
+        append(make(task_id, code, extra, own, flags, pid))
+    if at != size:
+        raise ProtocolError(f"batch of {count} entries has a {size}-byte header")
+    if nxt != len(frames):
+        raise ProtocolError(f"batch has {len(frames) - nxt} frames no entry names")
     return entries
 
 
@@ -439,9 +520,10 @@ _NOTE_HEAD = struct.Struct("!QI")
 
 
 def encode_notes(notes: Sequence[tuple[int, bytes]]) -> ResultEntry:
-    """The entry that carries a batch's trace notes; it goes first in the batch."""
+    """The entry that carries a batch's trace notes; it goes first in the batch. Its ``pid`` field
+    (unused on results) says how many notes it holds."""
     pack = _NOTE_HEAD.pack
-    return ResultEntry(0, 0, 0.0, [b"".join(pack(i, len(n)) + n for i, n in notes)], Flag.TRACE)
+    return ResultEntry(0, 0, 0.0, [b"".join(pack(i, len(n)) + n for i, n in notes)], Flag.TRACE, len(notes))
 
 
 def decode_notes(entries: Sequence[ResultEntry]) -> tuple[list[tuple[int, memoryview]], Sequence[ResultEntry]]:
@@ -451,19 +533,26 @@ def decode_notes(entries: Sequence[ResultEntry]) -> tuple[list[tuple[int, memory
     head = entries[0]
     if len(head.frames) != 1:
         raise ProtocolError(f"trace notes in {len(head.frames)} frames, expected 1")
-    view = memoryview(head.frames[0])
+    return split_notes(head.frames[0]), entries[1:]
+
+
+def split_notes(frame: Frame) -> list[tuple[int, memoryview]]:
+    """The (id, note) pairs of a notes entry's frame."""
+    view = memoryview(frame)
     notes = []
     at = 0
+    size = _NOTE_HEAD.size
+    unpack = _NOTE_HEAD.unpack_from
     while at < view.nbytes:
-        if at + _NOTE_HEAD.size > view.nbytes:
+        if at + size > view.nbytes:
             raise ProtocolError("a trace note cut short")
-        i, n = _NOTE_HEAD.unpack_from(view, at)
-        at += _NOTE_HEAD.size
+        i, n = unpack(view, at)
+        at += size
         if at + n > view.nbytes:
             raise ProtocolError(f"a trace note of {n} bytes at {at} of {view.nbytes}")
         notes.append((i, view[at : at + n]))
         at += n
-    return notes, entries[1:]
+    return notes
 
 
 # Each note.
@@ -471,8 +560,9 @@ def decode_notes(entries: Sequence[ResultEntry]) -> tuple[list[tuple[int, memory
 # then the JSON list of the records of the forks the task made (or nothing).
 _WORKER_NOTE = struct.Struct("!dddQQBB")
 # Broker's, to the driver: (reached the broker, dispatched, result back: the broker's wall clock; losses;
-# the worker's seven fields; length of the JSON naming the worker), that JSON, then the worker's JSON list.
-_DRIVER_NOTE = struct.Struct("!dddHdddQQBBH")
+# length of the JSON naming the worker), that JSON, then the worker's note as it came (the broker
+# forwards it without decoding it: its fields and its JSON list).
+_DRIVER_NOTE = struct.Struct("!dddHH")
 #: How a payload travelled, as a trace note's path byte.
 TRACE_PATHS = ("none", "inline", "shm", "frames")
 
@@ -480,6 +570,31 @@ TRACE_PATHS = ("none", "inline", "shm", "frames")
 def encode_worker_note(recv: float, start: float, end: float, in_bytes: int, out_bytes: int, in_path: int,
                        out_path: int, children: bytes = b"") -> bytes:
     return _WORKER_NOTE.pack(recv, start, end, in_bytes, out_bytes, in_path, out_path) + children
+
+
+# A note with its (id, length) head, in one pack: what a worker and the broker write per task, so that
+# a batch's notes entry is one join (notes_entry), not a pack per note.
+_FRAMED_WORKER_NOTE = struct.Struct("!QIdddQQBB")
+_FRAMED_DRIVER_HEAD = struct.Struct("!QIdddHH")
+
+
+def encode_framed_worker_note(key: int, recv: float, start: float, end: float, in_bytes: int, out_bytes: int,
+                              in_path: int, out_path: int, children: bytes = b"") -> bytes:
+    """A worker's note for task ``key``, with its head, ready for :func:`notes_entry`."""
+    return _FRAMED_WORKER_NOTE.pack(key, _WORKER_NOTE.size + len(children), recv, start, end, in_bytes, out_bytes,
+                                    in_path, out_path) + children
+
+
+def framed_worker_note_packer() -> tuple[Callable[..., bytes], int]:
+    """``(pack, size)``: ``pack(key, size + len(children), recv, start, end, in_bytes, out_bytes, in_path,
+    out_path) + children`` is :func:`encode_framed_worker_note` without its call (a worker's hot path)."""
+    return _FRAMED_WORKER_NOTE.pack, _WORKER_NOTE.size
+
+
+def notes_entry(framed: Sequence[bytes]) -> ResultEntry:
+    """The notes entry of a batch from notes that carry their heads (encode_framed_worker_note,
+    driver_note_packer): the same layout as :func:`encode_notes`."""
+    return ResultEntry(0, 0, 0.0, [b"".join(framed)], Flag.TRACE, len(framed))
 
 
 def decode_worker_note(frame: Frame) -> tuple[tuple[Any, ...], memoryview]:
@@ -490,11 +605,24 @@ def decode_worker_note(frame: Frame) -> tuple[tuple[Any, ...], memoryview]:
     return _WORKER_NOTE.unpack_from(view), view[_WORKER_NOTE.size :]
 
 
-def encode_driver_note(broker: tuple[float, float, float, int], worker: tuple[Any, ...], who: bytes,
-                       children: Frame) -> bytes:
+def encode_driver_note(broker: tuple[float, float, float, int], who: bytes, worker_note: Frame) -> bytes:
+    """The broker's times and the worker's name ahead of the worker's note, which stays as it came."""
     if len(who) > 65535:
         raise ValueError("worker description too long for a trace note")
-    return _DRIVER_NOTE.pack(*broker, *worker, len(who)) + who + bytes(children)
+    if len(worker_note) < _WORKER_NOTE.size:
+        raise ProtocolError(f"trace note of {len(worker_note)} bytes, need {_WORKER_NOTE.size}")
+    return _DRIVER_NOTE.pack(*broker, len(who)) + who + worker_note
+
+
+def driver_note_packer() -> tuple[Callable[[int, int, float, float, float, int, int], bytes], int]:
+    """``(pack, size)``: ``pack(task_id, size + len(who) + len(worker_note), arrived, dispatched, back,
+    losses, len(who)) + who + worker_note`` is a driver note with its head, ready for
+    :func:`notes_entry`, for a broker that writes many (``encode_driver_note`` for one, headless)."""
+    return _FRAMED_DRIVER_HEAD.pack, _DRIVER_NOTE.size
+
+
+#: A worker's note is at least this long (the broker checks no more before it forwards one).
+WORKER_NOTE_BYTES = _WORKER_NOTE.size
 
 
 def decode_driver_note(frame: Frame) -> tuple[tuple[Any, ...], memoryview, memoryview]:
@@ -507,7 +635,8 @@ def decode_driver_note(frame: Frame) -> tuple[tuple[Any, ...], memoryview, memor
     end = _DRIVER_NOTE.size + n
     if view.nbytes < end:
         raise ProtocolError(f"trace note of {view.nbytes} bytes names {end}")
-    return tuple(fields), view[_DRIVER_NOTE.size : end], view[end:]
+    worker, kids = decode_worker_note(view[end:])
+    return (*fields, *worker), view[_DRIVER_NOTE.size : end], kids
 
 
 # -- JSON bodies, decoded and validated ---------------------------------------------
@@ -610,6 +739,60 @@ def decode_code_get(body: memoryview) -> str:
     if not isinstance(code_hash, str) or len(code_hash) != 64:
         raise ProtocolError(f"CODE_GET names package {str(code_hash)[:80]!r}")
     return code_hash
+
+
+def _hex(value: object, most: int) -> TypeGuard[str]:
+    return isinstance(value, str) and 0 < len(value) <= most and all(c in "0123456789abcdef" for c in value)
+
+
+def encode_share_get(key: str, driver: str, asker: str = "") -> list[Frame]:
+    """SHARE_GET: a worker asks (through the broker, which adds ``asker``) driver ``driver`` for value ``key``."""
+    body = {"key": key, "driver": driver, **({"asker": asker} if asker else {})}
+    return encode_json(Msg.SHARE_GET, body)
+
+
+def decode_share_get(body: memoryview) -> tuple[str, str, str]:
+    """SHARE_GET: (key, driver routing id hex, asker routing id hex or "")."""
+    raw = decode_json(body)
+    key, driver, asker = raw.get("key"), raw.get("driver"), raw.get("asker", "")
+    if not _hex(key, 64) or not _hex(driver, 64) or not (asker == "" or _hex(asker, 64)):
+        raise ProtocolError("SHARE_GET without a hex key and driver")
+    return key, driver, asker
+
+
+def encode_share(key: str, asker: str, data: Sequence[Frame] | None, sha256: str = "", size: int = 0) -> list[Frame]:
+    """SHARE: value ``key``'s bytes in ``data`` (frames of at most serialize.FRAME_BYTES), or None: gone."""
+    head = encode_json(Msg.SHARE, {"key": key, "asker": asker, "found": data is not None, "sha256": sha256,
+                                   "size": size})
+    return [*head, *(data or ())]
+
+
+class Share(NamedTuple):
+    key: str
+    asker: str  # routing id hex of the fetch socket ("" on the broker's way out)
+    data: Sequence[Frame] | None  # None: the driver has no such value (released, or gone)
+    sha256: str
+    size: int
+
+
+def decode_share(frames: Sequence[Frame], body: memoryview) -> Share:
+    raw = decode_json(body)
+    key, asker, sha, size = raw.get("key"), raw.get("asker", ""), raw.get("sha256", ""), raw.get("size", 0)
+    if not _hex(key, 64) or not (asker == "" or _hex(asker, 64)) or not (sha == "" or _hex(sha, 64)) \
+            or not _int(size) or size < 0:
+        raise ProtocolError("SHARE with a malformed key, asker, sha256 or size")
+    return Share(key, asker, list(frames[1:]) if raw.get("found") else None, sha, size)
+
+
+def encode_share_drop(keys: Sequence[str]) -> list[Frame]:
+    return encode_json(Msg.SHARE_DROP, {"keys": list(keys)})
+
+
+def decode_share_drop(body: memoryview) -> list[str]:
+    keys = decode_json(body).get("keys")
+    if not isinstance(keys, list) or not all(_hex(k, 64) for k in keys):
+        raise ProtocolError("SHARE_DROP without a list of hex keys")
+    return keys
 
 
 def decode_reclaimed(body: memoryview) -> tuple[set[int], list[int]]:

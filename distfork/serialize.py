@@ -159,9 +159,26 @@ def _value(x: Any) -> Any:
     return x
 
 
+# Modules registered with cloudpickle.register_pickle_by_value (usually none).
+_BY_VALUE: Any = getattr(cloudpickle.cloudpickle, "_PICKLE_BY_VALUE_MODULES", None)
+
+
+def _by_reference(func: types.FunctionType) -> bool:
+    """Whether cloudpickle would pickle this function by reference, answered the short way for the
+    common case (a top-level function of an imported module, nothing registered by value); False
+    means "ask cloudpickle", which decides the rest exactly as before."""
+    name = func.__module__
+    if _BY_VALUE is None or _BY_VALUE or name is None or name == "__main__":
+        return False
+    qualname = func.__qualname__
+    return "." not in qualname and getattr(sys.modules.get(name), qualname, None) is func
+
+
 # cloudpickle has no type information, so its Pickler is Any to mypy.
 class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
     def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is types.FunctionType and _by_reference(obj):
+            return NotImplemented  # the pickler saves it as a global, as cloudpickle would have it
         if type(obj) is _CodeRef:  # first in every shipped fork's pickle: the short way
             return _activate_code, (obj.hash,)
         if obj is _activate_code:
@@ -280,6 +297,28 @@ class _LargeBytes:
 
 
 _CONTAINERS = (tuple, list, dict)
+_WALKED = frozenset((bytes, bytearray, memoryview, tuple, list, dict))  # what _wrap_large looks at
+
+
+def _has_large(obj: Any, threshold: int, depth: int = 3) -> bool:
+    """Whether :func:`_wrap_large` would wrap anything in ``obj``: the same walk, building nothing.
+
+    The common call (ints, floats, strings, small bytes, arrays, objects) holds
+    no large bytes-like value; this answers that without the copies of every
+    container the wrapping walk makes. Arrays need no walk: the pickler hands
+    their buffers out of band wherever they are.
+    """
+    t = type(obj)
+    if t is bytes or t is bytearray:
+        return len(obj) >= threshold
+    if t is memoryview:
+        return bool(obj.nbytes >= threshold and obj.c_contiguous)
+    if depth == 0 or t not in _CONTAINERS:
+        return False
+    for v in (obj.values() if t is dict else obj):
+        if type(v) in _WALKED and _has_large(v, threshold, depth - 1):
+            return True
+    return False
 
 
 def _wrap_large(obj: Any, threshold: int, depth: int = 3) -> Any:
@@ -300,9 +339,29 @@ def _wrap_large(obj: Any, threshold: int, depth: int = 3) -> Any:
     return tuple(seq) if t is tuple else seq
 
 
+def _call_has_large(call: tuple[Any, ...], args: Any, kwargs: Any, threshold: int) -> bool:
+    """:func:`_has_large` of a call ``([code,] func, args, kwargs)``, unrolled: where the walk can
+    find large bytes is in the arguments' values (the function, a code reference: not walked)."""
+    if type(args) is not tuple or type(kwargs) is not dict or type(call[-3]) in _WALKED \
+            or type(call[0]) in _WALKED:
+        return _has_large(call, threshold)
+    for v in args:
+        if type(v) in _WALKED and _has_large(v, threshold, 1):
+            return True
+    for v in kwargs.values():
+        if type(v) in _WALKED and _has_large(v, threshold, 1):
+            return True
+    return False
+
+
 def dumps(obj: Any, oob_threshold_bytes: int) -> list[Any]:
     """Pickle ``obj``; buffers of at least ``oob_threshold_bytes`` become frames of their own."""
-    obj = _wrap_large(obj, oob_threshold_bytes)
+    if _has_large(obj, oob_threshold_bytes):
+        obj = _wrap_large(obj, oob_threshold_bytes)
+    return _pickled(obj, oob_threshold_bytes)
+
+
+def _pickled(obj: Any, oob_threshold_bytes: int) -> list[Any]:
     p = _local.pickler
     if p is None or p.in_use:  # first use in this thread, or pickling re-entered
         p = _ReusablePickler()
@@ -358,7 +417,7 @@ def route(
                 log.warning("shared memory unavailable (%s); large buffers travel as ZeroMQ frames instead", exc)
         else:
             for (off, n), b in zip(extents, bufs, strict=True):
-                seg.view[off : off + n] = b
+                shm.copy_into(seg.view[off : off + n], b)
             manifest = {"shm": seg.name, "size": seg.size, "bufs": extents}
             return [stream, json.dumps(manifest).encode()], seg
     manifest = {"bufs": [b.nbytes for b in bufs]}
@@ -505,8 +564,11 @@ def dumps_call(
     the driver's modules in place before it resolves anything else.
     """
     _local.refer = refer
+    call = (func, args, kwargs) if code is None else (code, func, args, kwargs)
     try:
-        return dumps((func, args, kwargs) if code is None else (code, func, args, kwargs), oob_threshold_bytes)
+        if _call_has_large(call, args, kwargs, oob_threshold_bytes):  # what dumps does, the short way
+            call = _wrap_large(call, oob_threshold_bytes)
+        return _pickled(call, oob_threshold_bytes)
     except FutureArgument:
         raise
     except Exception as exc:  # noqa: BLE001 - any pickling failure is the user's object
@@ -529,7 +591,9 @@ def unpack_call(
     dependency values belong to the broker's hold, which may hand them to
     other tasks too.
     """
-    values = [unpack(d, private=True, leases=leases) for d in deps]
+    if deps:
+        from .shared import dep_value  # a held torch module: built once per worker (shared.py)
+    values = [dep_value(d, leases) for d in deps]
     _local.deps = values
     try:
         call = unpack(frames, private=True, leases=leases)

@@ -2,19 +2,21 @@
 
 ::
 
-    driver                                   worker (any on the driver's host)
+    driver                                   worker on the driver's host
     share(m); first fork ─ pickle once ─▶ segment df-<session>-<driver pid>-<n>  (read-only by contract)
-    fork(h, x) ─ pickles h as (name, layout, small pickle stream) ─▶ _attach(...)
+    fork(h, x) ─ pickles h as (name, layout, small pickle stream, key) ─▶ _attach(...)
                                                 ├─ cached? same object, if unchanged
                                                 └─ else map (private), unpickle, cache
-    h.release() ─ unlink ─▶ workers drop their copy at their next share lookup
+                                             worker on another host: the same, on the host's copy,
+                                             fetched once per host by key (distfork/sharecache.py)
+    h.release() ─ unlink; SHARE_DROP ─▶ workers drop their copy (other hosts: told by the broker)
 
 A fork whose arguments (or function) hold a :class:`Shared` handle sends a
 few hundred bytes instead of the object's buffers: its bytes were copied
-into one segment by the first such fork, and every worker on that host
-maps that segment and unpickles it once, then keeps the object in a cache
-for the next tasks. What a task gets is the same object each time on a
-worker, so the value is read-only by contract:
+into one segment by the first such fork, and every worker maps that
+segment (or its host's copy) and unpickles it once, then keeps the object
+in a cache for the next tasks. What a task gets is the same object each
+time on a worker, so the value is read-only by contract:
 
 - numpy arrays in it are built read-only (writes raise ``ValueError``);
 - torch tensors carry a version counter that every in-place op bumps: a
@@ -26,16 +28,18 @@ Ownership (see shm.py): the driver creates the segment and is its one
 owner: it unlinks it on ``release()``, when the handle is garbage-collected,
 or at exit; a driver killed leaves it to the sweepers (its pid is in the
 name). Workers only map it (private, copy-on-write); a worker's mapping of a
-released segment goes at its next share lookup, or with the worker.
+released segment goes at its next share lookup, or with the worker. A host
+copy on another host belongs to the worker process that fetched it
+(sharecache.py).
 
-Without shared memory to the workers (inline mode, a cluster on other
-hosts, ``DISTFORK_SHM=0``) a handle pickles its object by value, as if it
-were passed directly: correct, without the saving. A fork that pickled a
-reference is pinned to the workers of the driver's host (:func:`pins`).
+In inline mode (or pickled outside a fork) a handle pickles its object by
+value. Handles are not pinned to the driver's host.
 
 The same machinery serves forks of plain modules: :class:`ParamCache`
 sends a large ``nn.Parameter`` (or read-only array) forked again unchanged
-as a reference to a copy of its bytes.
+as a reference to a copy of its bytes (such forks are pinned to the
+driver's host: :func:`pins`); and :func:`dep_value` reuses a torch module a
+held future stands for.
 """
 
 from __future__ import annotations
@@ -49,10 +53,10 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
-from . import serialize, shm
+from . import serialize, sharecache, shm
 from .errors import DistforkError
 
 __all__ = ["Shared", "share"]
@@ -77,32 +81,45 @@ def pins() -> int:
     return _pins.count
 
 
+class _Forking(threading.local):
+    driver: Any = None  # the Driver a fork in this thread pickles for (set by api._fork)
+
+
+_forking = _Forking()
+
+
 class Shared(Generic[T]):
     """A handle to an object copied into shared memory once (see :func:`share`).
 
     Pass it to ``fork`` wherever the object would go (as the function, an
     argument, inside a list...): the task gets the object. Calling the
     handle calls the object here. ``release()`` (or ``with``) frees the
-    segment; a released handle cannot be forked.
+    segment here and the copies on other hosts; a released handle cannot be
+    forked.
 
-    The copy is made by the first fork that goes to workers sharing our
-    /dev/shm (a fork elsewhere pickles the object by value).
+    The copy is made by the first fork through a cluster (a fork in inline
+    mode pickles the object by value).
     """
 
     def __init__(self, obj: T, oob_threshold_bytes: int) -> None:
         self.value = obj
-        self.name: str | None = None
+        self.name: str | None = None  # the segment on the driver's host (None: bytes in this process)
+        self.key: str | None = None  # what worker hosts fetch it by (distfork/sharecache.py)
         self.nbytes = 0
         self._threshold = oob_threshold_bytes
         self._extents: tuple[tuple[int, int], ...] = ()
         self._stream = b""
         self._domain = shm.domain()
+        self._session = ""
+        self._blob: bytearray | None = None  # the bytes, when this driver has no /dev/shm
+        self._digest: sharecache.Digest | None = None
+        self._servers: list[weakref.ref[sharecache.Server]] = []  # drivers it was forked through
         self._lock = threading.Lock()
         self._copied = False
         self._released = False
         self._finalizer: weakref.finalize | None = None  # type: ignore[type-arg]
 
-    def _copy(self, session: str) -> None:
+    def _copy(self, session: str, use_shm: bool) -> None:
         """Pickle the object once; its large buffers go to a segment of ours (caller holds ``_lock``)."""
         self._copied = True
         copier, serialize._local.share_copy = serialize._local.share_copy, None  # all bytes in our segment
@@ -111,31 +128,58 @@ class Shared(Generic[T]):
         finally:
             serialize._local.share_copy = copier
         bufs = [memoryview(b).cast("B") for b in frames[1:]]
-        if not bufs or self._domain is None:
+        if not bufs:
             return  # nothing large: by value is as cheap
         extents, total = [], 0
         for b in bufs:
             total = -(-total // _ALIGN) * _ALIGN
             extents.append((total, b.nbytes))
             total += b.nbytes
-        seg = shm.Segment(session, total)
-        try:
+        read: Callable[[], memoryview]
+        if self._domain is not None and use_shm:
+            seg = shm.Segment(session, total)
+            try:
+                for (off, n), b in zip(extents, bufs, strict=True):
+                    seg.view[off : off + n] = b
+            except BaseException:
+                seg.release()
+                seg.unlink()
+                raise
+            seg.release()  # we own it, but need no mapping of it: the object itself stays ours
+            name = self.name = seg.name
+            read = lambda: shm.attach(name, total, private=True)  # noqa: E731
+        else:
+            blob = self._blob = bytearray(total)
             for (off, n), b in zip(extents, bufs, strict=True):
-                seg.view[off : off + n] = b
-        except BaseException:
-            seg.release()
-            seg.unlink()
-            raise
-        seg.release()  # we own it, but need no mapping of it: the object itself stays ours
-        self.name, self.nbytes, self._extents, self._stream = seg.name, total, tuple(extents), bytes(frames[0])
-        self._finalizer = weakref.finalize(self, shm.unlink, seg.name)
-        log.debug("shared %s as %s (%d bytes)", serialize.describe(self.value), seg.name, total)
+                blob[off : off + n] = b
+            self._domain = None
+            read = lambda: memoryview(blob)  # noqa: E731
+        self.nbytes, self._extents, self._stream, self._session = total, tuple(extents), bytes(frames[0]), session
+        self.key = sharecache.new_key()
+        self._digest = sharecache.Digest(read)  # for hosts that fetch it: in the background
+        self._finalizer = weakref.finalize(self, _free, self.name, self.key, self._servers)
+        log.debug("shared %s as %s (%d bytes)", serialize.describe(self.value), self.name or "bytes", total)
+
+    def source(self) -> tuple[memoryview, str] | None:
+        """Its bytes and their sha256, for a worker host that fetches them (the driver's I/O thread)."""
+        with self._lock:
+            if self._released or self.key is None or self._digest is None:
+                return None
+            if self.name is not None:
+                try:
+                    view = shm.attach(self.name, self.nbytes, private=True)
+                except FileNotFoundError:
+                    return None
+            else:
+                assert self._blob is not None
+                view = memoryview(self._blob)
+        return view[: self.nbytes], self._digest.wait()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.value(*args, **kwargs)  # type: ignore[operator]
 
     def release(self) -> None:
-        """Unlink the segment; workers drop their copies at their next share lookup."""
+        """Unlink the segment; workers drop their copies (on other hosts: told by the broker)."""
         with self._lock:
             self._released = True
         if self._finalizer is not None:
@@ -149,20 +193,37 @@ class Shared(Generic[T]):
 
     def __repr__(self) -> str:
         where = f"segment {self.name}, {self.nbytes} bytes" if self.name else (
-            "by value" if self._copied else "not copied yet")
+            f"{self.nbytes} bytes in this process" if self.key else "by value" if self._copied else "not copied yet")
         return f"<distfork.Shared {serialize.describe(self.value)}: {where}{', released' if self._released else ''}>"
 
     def __reduce__(self) -> Any:
+        driver = _forking.driver
         with self._lock:
             if self._released:
                 raise DistforkError(f"{self!r} was released; fork with the object itself, or share it again")
-            cache = getattr(serialize._local.share_copy, "__self__", None)  # set while forking to our host
-            if isinstance(cache, ParamCache) and not self._copied:
-                self._copy(cache.session)
-            if self.name is None or not isinstance(cache, ParamCache):
+            session = getattr(driver, "_session", None)
+            if driver is None or not isinstance(session, str):
+                return _by_value, (self.value,)  # inline mode, or pickled outside a fork
+            if not self._copied:
+                self._copy(session, driver.shm_domain is not None)
+            if self.key is None:
                 return _by_value, (self.value,)
-        _pins.count += 1
-        return _attach, (self.name, self.nbytes, self._extents, self._stream, self._domain)
+            server: sharecache.Server = driver.shares
+            if not any(r() is server for r in self._servers):
+                server.register(self.key, self)
+                self._servers.append(weakref.ref(server))
+        return _attach, (self.name, self.nbytes, self._extents, self._stream, self._domain, self.key,
+                         driver.identity.hex(), self._session)
+
+
+def _free(name: str | None, key: str, servers: list[weakref.ref[sharecache.Server]]) -> None:
+    """A handle released (or collected): its segment goes, and hosts that fetched it drop their copies."""
+    if name is not None:
+        shm.unlink(name)
+    for ref in servers:
+        server = ref()
+        if server is not None:
+            server.forget(key)
 
 
 def share(obj: T) -> Shared[T]:
@@ -171,13 +232,14 @@ def share(obj: T) -> Shared[T]:
     >>> h = distfork.share(model)              # 100 MB of weights: copied once
     >>> futs = [distfork.fork(h, x) for x in batches]   # each sends ~1 KB
 
-    The first fork to the driver's host copies the buffers into shared
-    memory; each worker there maps the segment and unpickles the object
-    once, then reuses it for later tasks while it is unchanged (see the
-    module docstring: the value is read-only by contract). Release the
-    handle with ``h.release()`` or a ``with`` block; it is also released
-    when garbage-collected and at exit. Forks that cannot use shared memory
-    pickle ``obj`` by value.
+    The first fork copies the buffers into shared memory on the driver's
+    host; each worker there maps the segment, and each other host fetches
+    the bytes once into a copy of its own; every worker process unpickles
+    the object once, then reuses it for later tasks while it is unchanged
+    (see the module docstring: the value is read-only by contract). Release
+    the handle with ``h.release()`` or a ``with`` block (it frees the copies
+    on every host); it is also released when garbage-collected and at exit.
+    In inline mode a handle pickles ``obj`` by value.
     """
     from . import api
 
@@ -223,9 +285,10 @@ class ParamCache:
     cluster's session.
     """
 
-    def __init__(self, session: str, min_bytes: int) -> None:
+    def __init__(self, session: str, min_bytes: int, pool: shm.SegmentPool | None = None) -> None:
         self.session = session
         self.min_bytes = min_bytes
+        self.pool = pool  # the driver's argument segments: its warm spares that large retire (shm.py)
         self._lock = threading.RLock()  # a finalizer (forget) may run under it: a change, or the GC
         self._copies: dict[int, _Copy] = {}
 
@@ -268,7 +331,11 @@ class ParamCache:
         self._copies[key] = copy
 
     def _fill(self, copy: _Copy, obj: Any, raw: Any) -> None:
-        seg = shm.Segment(self.session, raw.nbytes)
+        # The argument path's warm spares this large held the bytes of earlier forks of it; from
+        # now on they travel by reference: one of them holds the copy, the others go.
+        seg = self.pool.retire(raw.nbytes) if self.pool is not None else None
+        if seg is None:
+            seg = shm.Segment(self.session, raw.nbytes)
         try:
             seg.view[: raw.nbytes] = memoryview(raw).cast("B")
         except BaseException:
@@ -342,19 +409,32 @@ def _rebuild(rebuild: bytes, buf: Any) -> Any:
 class _Entry:
     """A shared object unpickled in this process, and what tells whether a task changed it."""
 
-    __slots__ = ("obj", "tensors", "versions")
+    __slots__ = ("obj", "path", "tensors", "versions", "shape")
 
-    def __init__(self, obj: Any) -> None:
+    def __init__(self, obj: Any, path: str | None) -> None:
         self.obj = obj
+        self.path = path  # the segment it was built on (gone: released), or None (bytes of ours)
         self.tensors = list(_tensors_in(obj))
         self.versions = [t._version for t in self.tensors]
+        self.shape = _module_shape(obj)
 
     def unchanged(self) -> bool:
-        """No task changed a tensor in place, gave it a gradient or hooked it: the next may have it."""
+        """No task changed a tensor in place, gave it a gradient or hooked it, swapped a module's
+        tensors or flipped its train/eval mode: the next task may have it."""
         return all(
             t._version == v and t.grad is None and not t._backward_hooks
             for t, v in zip(self.tensors, self.versions, strict=True)
-        )
+        ) and _module_shape(self.obj) == self.shape
+
+
+def _module_shape(obj: Any) -> tuple[Any, ...] | None:
+    """What a task could change in a torch module besides its tensors' values: which tensors it holds
+    and its submodules' modes (None: not a module)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(obj, torch.nn.Module):
+        return None
+    return (tuple(id(t) for t in (*obj.parameters(), *obj.buffers())),
+            tuple(m.training for m in obj.modules()))
 
 
 _lock = threading.RLock()  # a value's unpickling may look up another (re-entrant)
@@ -362,15 +442,24 @@ _cache: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
 _CACHE_MAX = 4096  # shared objects (or parameters) a process keeps; the least recently used goes first
 _SWEEP_S = 0.5  # how often a lookup checks which cached segments their drivers unlinked
 _last_sweep = 0.0
+_drops: collections.deque[str] = collections.deque()  # keys released (SHARE_DROP), applied under _lock
 
 
-def _attach(name: str, size: int, extents: tuple[tuple[int, int], ...], stream: bytes, domain: str | None) -> Any:
-    """Unpickling a :class:`Shared` handle: the object, from this process's cache or from the segment."""
+def _attach(
+    name: str | None, size: int, extents: tuple[tuple[int, int], ...], stream: bytes, domain: str | None,
+    key: str | None = None, driver: str = "", session: str = "",
+) -> Any:
+    """Unpickling a :class:`Shared` handle: the object, from this process's cache, from the driver's
+    segment (on its host) or from this host's copy (fetched once per host: distfork/sharecache.py)."""
 
     def load(bufs: list[memoryview]) -> Any:
         return pickle.loads(stream, buffers=bufs)
 
-    return _cached(name, size, extents, domain, load)
+    if key is None or (name is not None and domain is not None and domain == shm.domain()):
+        assert name is not None
+        return _cached(name, size, extents, domain, load)
+    return _cached(f"k:{key}", size, extents, domain, load,
+                   lambda: sharecache.host_copy(session, key, size, driver))
 
 
 def _attach_one(name: str, size: int, rebuild: bytes, domain: str | None) -> Any:
@@ -381,31 +470,81 @@ def _attach_one(name: str, size: int, rebuild: bytes, domain: str | None) -> Any
 def _cached(
     name: str, size: int, extents: tuple[tuple[int, int], ...], domain: str | None,
     load: Callable[[list[memoryview]], Any],
+    fetch: Callable[[], tuple[str | None, memoryview]] | None = None,
 ) -> Any:
     with _lock:
+        _apply_drops()
         _drop_released(time.monotonic())
         entry = _cache.get(name)
         if entry is not None and entry.unchanged():
             _cache.move_to_end(name)
             return entry.obj
-        if domain is None or domain != shm.domain():
-            raise DistforkError(
-                f"a shared-memory reference ({name}) reached a process on another host; tasks that take "
-                "shared values run on the driver's host only (the broker pins them there)"
-            )
-        try:
-            view = shm.attach(name, size, private=True)
-        except FileNotFoundError:
-            raise DistforkError(f"the shared value {name} was released before this task started") from None
+        path: str | None = name
+        if fetch is not None:
+            path, view = fetch()
+        else:
+            if domain is None or domain != shm.domain():
+                raise DistforkError(
+                    f"a shared-memory reference ({name}) reached a process on another host; tasks that take "
+                    "these run on the driver's host only (the broker pins them there)"
+                )
+            try:
+                view = shm.attach(name, size, private=True)
+            except FileNotFoundError:
+                raise DistforkError(f"the shared value {name} was released before this task started") from None
         bufs = [view[off : off + n].toreadonly() for off, n in extents]
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*not writable.*")  # torch on read-only arrays
             obj = load(bufs)
-        _cache[name] = _Entry(obj)
+        _cache[name] = _Entry(obj, path)
         _cache.move_to_end(name)
         while len(_cache) > _CACHE_MAX:
             _cache.popitem(last=False)
         return obj
+
+
+def dep_value(frames: Sequence[Any], leases: list[serialize.Lease]) -> Any:
+    """A held value a task takes as an argument (``serialize.unpack_call``): a torch module or tensor
+    in a segment is built once per worker process and reused while unchanged, as a shared value is.
+
+    Other values (numpy arrays arrive writable) are unpickled for each task.
+    The first task's lease reports the mapping kept (``Flag.RETAINED``), so
+    the broker unlinks the segment when the hold ends instead of recycling it
+    under our mapping; the object goes at the next lookup after that.
+    """
+    name = shm.segment_of(frames)
+    if name is None:
+        return serialize.unpack(frames, private=True, leases=leases)
+    key = f"h:{name}"
+    with _lock:
+        _drop_released(time.monotonic())
+        entry = _cache.get(key)
+        if entry is not None and entry.unchanged():
+            _cache.move_to_end(key)
+            return entry.obj
+        value = serialize.unpack(frames, private=True, leases=leases)
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(value, (torch.nn.Module, torch.Tensor)):
+            _cache[key] = _Entry(value, name)
+            while len(_cache) > _CACHE_MAX:
+                _cache.popitem(last=False)
+        return value
+
+
+def forget(keys: Sequence[str]) -> None:
+    """Shared values released (SHARE_DROP, from a worker's control thread): drop their objects, now if
+    no task is looking a value up, else at the next lookup."""
+    _drops.extend(keys)
+    if _lock.acquire(blocking=False):
+        try:
+            _apply_drops()
+        finally:
+            _lock.release()
+
+
+def _apply_drops() -> None:
+    while _drops:
+        _cache.pop(f"k:{_drops.popleft()}", None)
 
 
 def _drop_released(now: float | None = None) -> None:
@@ -416,7 +555,8 @@ def _drop_released(now: float | None = None) -> None:
         if now - _last_sweep < _SWEEP_S:
             return
         _last_sweep = now
-    for name in [n for n in _cache if not os.path.exists(os.path.join(shm.SHM_DIR, n))]:
+    for name in [n for n, e in _cache.items()
+                 if e.path is not None and not os.path.exists(os.path.join(shm.SHM_DIR, e.path))]:
         del _cache[name]
 
 

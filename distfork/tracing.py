@@ -3,14 +3,15 @@
 ::
 
     driver process                     broker                            worker process
-    fork() ─ Record(submit) ─ SUBMIT+TRACE ─▶ Task(submitted,   ─ TASKS+TRACE ─▶ slot: received, started,
-      │                                          dispatched)                     finished, bytes in/out,
-      │                                                                          the forks it made (JSON)
-      │                                       take_notes: + its  ◀── RESULTS ─── [notes entry, results...]
-      │                                       times, the worker
-      ▼   ◀── RESULTS [notes entry (id 0, Flag.TRACE), results...] ──
-    note_received (kept as bytes), finish ─▶ Trace: a ring of frozen records ─▶ tasks(), graph,
-                                                                              save() (Chrome), report()
+    fork() ─ (name, deps, submit) ─ SUBMIT+TRACE ─▶ Task(submitted, ─ TASKS+TRACE ─▶ slot: received,
+      │      a tuple of plain values              dispatched)              started, finished, bytes
+      │                                                                    in/out, forks made (JSON)
+      │                                    take_notes: its head  ◀── RESULTS ─── [notes entry, results...]
+      │                                    + the worker's note,
+      ▼                                    not decoded
+          ◀── RESULTS [notes entry (id 0, Flag.TRACE), results...] ──
+    notes_of (the batch's notes: one bytes), finish ─▶ Trace: a ring of tuples ─▶ tasks() (splits the
+                                                                     notes), graph, save() (Chrome), report()
 
 Only tasks forked inside a ``with distfork.trace()`` block (or inside a task
 that was) carry ``Flag.TRACE``: the broker and the worker add timings to
@@ -37,12 +38,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import json
 import logging
 import os
 import threading
 import time
 import traceback
+import weakref
 from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -50,21 +53,22 @@ from typing import TYPE_CHECKING, Any
 from .errors import ProtocolError, RemoteTraceback
 from .protocol import (
     TRACE_PATHS,
+    WORKER_NOTE_BYTES,
     Flag,
     ResultEntry,
     Status,
     TaskEntry,
     decode_driver_note,
-    decode_notes,
-    decode_worker_note,
-    encode_driver_note,
-    encode_worker_note,
+    driver_note_packer,
+    encode_framed_worker_note,
+    framed_worker_note_packer,
+    split_notes,
 )
 
 if TYPE_CHECKING:
     from .broker_state import PeerInfo
 
-__all__ = ["ACTIVE", "Record", "TaskInfo", "Trace", "trace"]
+__all__ = ["ACTIVE", "DRIVERS", "Pending", "Record", "TaskInfo", "Trace", "trace"]
 
 #: True while this process has an open trace or runs a traced task: the only check an untraced fork pays.
 ACTIVE = False
@@ -76,6 +80,15 @@ _tracers: list[Trace] = []
 _tracers_now: tuple[Trace, ...] = ()  # the same, as begin() reads it (no copy per fork)
 _scoped = False  # a traced task ran in this process (a worker): its forks may be traced from now on
 _entered = 0  # scopes open now elsewhere (a task reclaimed or run inline, a fork from a callback)
+_records = False  # a fork in a scope made a Record in this process: its note is parsed when it arrives
+# The traces open at each moment, as weak references, under a number a driver's fork carries
+# (``_group``: the traces open now). A number, not the traces: a tuple of plain values is left
+# alone by the garbage collector, which an unfinished fork's record should be (see begin).
+_groups: dict[int, tuple[weakref.ref[Trace], ...]] = {}
+_group = 0
+_group_numbers = itertools.count(1)
+#: The drivers of this process: a trace finds its unfinished forks in their ``_traced``.
+DRIVERS: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 class _Local(threading.local):
@@ -99,8 +112,16 @@ _NO_DEPS: list[str] = []  # shared: never appended to
 
 
 def _refresh() -> None:
-    global ACTIVE, _tracers_now
-    _tracers_now = tuple(_tracers)
+    global ACTIVE, _tracers_now, _group
+    now = tuple(_tracers)
+    if now != _tracers_now:
+        _tracers_now = now
+        for k in [k for k, refs in _groups.items() if all(r() is None for r in refs)]:
+            del _groups[k]  # every trace of it is gone: nobody can read what it would get
+        _group = 0
+        if now:
+            _group = next(_group_numbers)
+            _groups[_group] = tuple(weakref.ref(t) for t in now)
     ACTIVE = bool(_tracers) or _scoped or _entered > 0
 
 
@@ -272,13 +293,29 @@ def _deps_of(args: Sequence[Any], kwargs: dict[str, Any]) -> list[str]:
 # -- hooks called by api.py, driver.py, worker.py and broker.py --------------------------------------------
 
 
-def begin(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Record | None:
-    """A fork is about to be submitted: its Record, if a trace wants it (call only when ``ACTIVE``)."""
+#: What a driver keeps of a traced fork until its result arrives: a :class:`Record`, or, for a fork of
+#: an open trace (not of a task's scope) that a driver sends, the tuple ``(function name, dependency
+#: gids, submit time, group, earlier task ids)``: plain values, which the garbage collector stops
+#: scanning, made in a tenth of a Record's time; :func:`finish` turns it into a ring entry.
+Pending = Record | tuple[Any, ...]
+
+
+def begin(func: Any, args: Sequence[Any], kwargs: dict[str, Any], light: bool = False) -> Pending | None:
+    """A fork is about to be submitted: its Record, if a trace wants it (call only when ``ACTIVE``).
+
+    ``light`` (a driver will send it): a fork of the open traces gets a :data:`Pending` tuple instead.
+    """
+    global _records
     scope = _local.scope
-    if scope is None and not _tracers:
-        return None
+    if scope is None:
+        if not _tracers:
+            return None
+        if light:
+            deps = _deps_of(args, kwargs) if args or kwargs else _NO_DEPS
+            return (_name_of(func), tuple(deps) if deps else (), time.time(), _group, ())
     rec = Record(_name_of(func), _deps_of(args, kwargs), time.time())
     if scope is not None:
+        _records = True
         scope.append(rec)
     elif len(_tracers_now) == 1:  # the usual case, without a call per trace (Trace._add inlined)
         t = _tracers_now[0]
@@ -337,9 +374,12 @@ def scoped(scope: list[Record] | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def run_here(rec: Record | None, where: str) -> Iterator[None]:
-    """A traced task runs in this thread (inline mode, or reclaimed by a waiting task)."""
-    if rec is None:
+def run_here(rec: Pending | None, where: str) -> Iterator[None]:
+    """A traced task runs in this thread (inline mode, or reclaimed by a waiting task).
+
+    A :data:`Pending` tuple (a worker's own trace: rare) records no run times.
+    """
+    if rec is None or isinstance(rec, tuple):
         yield
         return
     rec.where = where
@@ -363,13 +403,20 @@ def payload(frames: Sequence[Any]) -> tuple[int, int]:
     return sum(map(len, frames)), 3 if n else 0
 
 
-def worker_note(recv: float, start: float, end: float, frames_in: Sequence[Any], frames_out: Sequence[Any],
-                children: list[Record]) -> bytes:
-    """What a worker reports of a traced task it ran: the first frame of its RESULTS entry."""
+def worker_note(key: int, recv: float, start: float, end: float, frames_in: Sequence[Any],
+                frames_out: Sequence[Any], children: list[Record]) -> bytes:
+    """What a worker reports of traced task ``key`` it ran, with its head: one of the notes that go
+    first in its next RESULTS (``protocol.notes_entry``)."""
+    if not children and len(frames_in) == 1 and len(frames_out) == 1:  # mostly: one pack, no more calls
+        pack, size = _WORKER_NOTE
+        return pack(key, size, recv, start, end, len(frames_in[0]), len(frames_out[0]), 1, 1)
     in_b, in_path = payload(frames_in)
     out_b, out_path = payload(frames_out)
     kids = json.dumps([c.to_json() for c in children], separators=(",", ":")).encode() if children else b""
-    return encode_worker_note(recv, start, end, in_b, out_b, in_path, out_path, kids)
+    return encode_framed_worker_note(key, recv, start, end, in_b, out_b, in_path, out_path, kids)
+
+
+_WORKER_NOTE = framed_worker_note_packer()
 
 
 def take_notes(worker: PeerInfo, entries: list[ResultEntry], now: float) -> list[ResultEntry]:
@@ -382,37 +429,100 @@ def take_notes(worker: PeerInfo, entries: list[ResultEntry], now: float) -> list
     """
     if not entries or entries[0].id != 0 or not entries[0].flags & Flag.TRACE:
         return entries
+    head = entries[0]
     try:
-        notes, rest = decode_notes(entries)
+        if len(head.frames) != 1:
+            raise ProtocolError(f"trace notes in {len(head.frames)} frames, expected 1")
+        notes = split_notes(head.frames[0])
     except ProtocolError as exc:
         log.warning("dropped the trace notes of a RESULTS batch from %s: %s", worker.info.get("name"), exc)
         return entries[1:]
     info = worker.info
     who = _who_json(str(info.get("name")), str(info.get("host")), info.get("pid"))
     wall = time.time() - time.monotonic()
+    back = now + wall  # the broker's stamps of the batch: once, not once per note
+    n_who = len(who)
+    pack, size = _DRIVER_NOTE
+    size += n_who
+    assigned = worker.assigned
     for key, note in notes:
-        try:
-            fields, kids = decode_worker_note(note)
-        except ProtocolError as exc:
-            log.warning("dropped a trace note from %s: %s", worker.info.get("name"), exc)
-            continue
-        task = worker.assigned.get(key)
+        task = assigned.get(key)
         if task is not None and task.trace:
-            broker = (task.submitted + wall, task.dispatched + wall, now + wall, min(task.losses, 65535))
-            task.note = encode_driver_note(broker, fields, who, kids)
-    return list(rest)
+            if note.nbytes < WORKER_NOTE_BYTES:  # the rest of the worker's note is the driver's to check
+                log.warning("dropped a trace note of %d bytes from %s", note.nbytes, info.get("name"))
+                continue
+            # The worker's note goes on as it came (no unpacking and packing it again), behind a head
+            # that names the driver's task: the broker's notes entry for the driver is then one join.
+            task.note = pack(task.task_id, size + note.nbytes, task.submitted + wall, task.dispatched + wall, back,
+                             min(task.losses, 65535), n_who) + who + note
+    return entries[1:]
+
+
+_DRIVER_NOTE = driver_note_packer()
 
 
 @functools.lru_cache(maxsize=1024)
 def _who_json(name: str, host: str, pid: Any) -> bytes:
     """The JSON naming a worker in its tasks' notes: made once per worker, not once per RESULTS batch."""
-    return json.dumps({"name": name, "host": host, "pid": pid}).encode()
+    return json.dumps({"name": name[:1000], "host": host[:1000], "pid": pid}).encode()[:65535]
 
 
 def note_received(rec: Record | None, frame: Any) -> None:
     """The driver's part: what the broker and worker said of one of our traced tasks (parsed later)."""
     if rec is not None:
         rec.note = bytes(frame)
+
+
+def notes_of(entries: Sequence[ResultEntry], traced: dict[int, Pending]) -> tuple[bytes | None, Sequence[ResultEntry]]:
+    """The driver's I/O thread, on RESULTS that start with trace notes: (the notes, as one bytes
+    object, the results).
+
+    The notes stay as they came, one bytes object per batch, which each of the batch's forks keeps
+    (:func:`finish`); a trace splits them when it is read. Only Records (forks made in a traced
+    task's scope, in a worker process) take their own note now.
+    """
+    frames = entries[0].frames
+    blob = bytes(frames[0]) if len(frames) == 1 else None
+    if _records and traced and blob is not None:
+        try:
+            notes = split_notes(blob)
+        except ProtocolError as exc:  # the results still count
+            log.warning("dropped the trace notes of a message from the broker: %s", exc)
+            notes = []
+        for task_id, note in notes:
+            rec = traced.get(task_id)
+            if isinstance(rec, Record):
+                rec.note = bytes(note)
+    return blob, entries[1:]
+
+
+def again(rec: Pending, task_id: int) -> Pending:
+    """A traced fork the driver sends again (RESUBMIT): it keeps ``task_id`` as an earlier id."""
+    if isinstance(rec, tuple):
+        return (*rec[:4], (*rec[4], task_id))
+    return rec  # Record.bind keeps its earlier gid
+
+
+def finish(rec: Pending, code: int, flags: int, fut: Any, driver: str, task_id: int,
+           notes: bytes | None = None) -> None:
+    """A traced fork's result (or cancel) arrived (the driver's I/O thread, after its future completed):
+    into the ring of each trace open when it was forked, as one tuple of plain values.
+
+    ``notes``: the trace notes of the message its result came with (:func:`notes_of`).
+    """
+    if not isinstance(rec, tuple):
+        rec.finish(code, flags, fut)
+        return
+    func, deps, submit, group, aliases = rec
+    frozen = (driver, task_id, aliases, func, deps, submit, time.time(), code, flags,
+              "" if code in _NO_ERROR else _error_text(fut), notes)
+    for ref in _groups.get(group, ()):
+        t = ref()
+        if t is not None:
+            done = t._done
+            if len(done) == t.capacity:
+                t.dropped += 1
+            done.append(frozen)
 
 
 def _parse_note(rec: Record, note: bytes) -> None:
@@ -532,7 +642,8 @@ class Trace:
         out: list[TaskInfo] = []
         ids: dict[str, int] = {}
         pending_deps: list[tuple[TaskInfo, list[str]]] = []
-        records = [Record.thaw(t) for t in list(self._done)] + list(self._pending.copy())
+        split: dict[int, dict[int, memoryview]] = {}
+        records = [self._thaw(t, split) for t in list(self._done)] + list(self._pending.copy()) + self._unfinished()
         records.sort(key=lambda r: r.submit)
         for rec in records:
             self._flatten(rec, 0.0, None, None, out, ids, pending_deps)
@@ -540,6 +651,43 @@ class Trace:
             log.warning("%d trace notes were malformed and left out", self.bad_notes)
         for info, gids in pending_deps:
             info.deps = [ids[g] for g in gids if g in ids]
+        return out
+
+    def _thaw(self, t: tuple[Any, ...], split: dict[int, dict[int, memoryview]]) -> Record:
+        """A ring entry as a Record: from :meth:`Record.freeze`, or from :func:`finish` (whose trace
+        note is found in its batch's notes, split once per batch, in ``split``)."""
+        if len(t) != 11:
+            return Record.thaw(t)
+        driver, task_id, aliases, func, deps, submit, done, code, flags, error, notes = t
+        rec = Record(func, list(deps), submit)
+        rec.gid = f"{driver}#{task_id}"
+        if aliases:
+            rec.aliases = tuple(f"{driver}#{a}" for a in aliases)
+        rec.done, rec.status, rec.held, rec.error = done, _STATUS.get(code) or str(code), bool(flags & _HELD), error
+        if notes is not None:
+            found = split.get(id(notes))
+            if found is None:
+                try:
+                    found = dict(split_notes(notes))
+                except ProtocolError:
+                    self.bad_notes += 1
+                    found = {}
+                split[id(notes)] = found  # the bytes live on in ``t`` meanwhile: their id is theirs
+            note = found.get(task_id)
+            if note is not None:
+                rec.note = bytes(note)
+        return rec
+
+    def _unfinished(self) -> list[Record]:
+        """Our forks whose results have not arrived, from the drivers that hold them (:func:`begin`)."""
+        out = []
+        for d in list(DRIVERS):
+            for task_id, p in d._traced.copy().items():
+                if isinstance(p, tuple) and any(r() is self for r in _groups.get(p[3], ())):
+                    rec = Record(p[0], list(p[1]), p[2])
+                    rec.gid = f"{d.name}#{task_id}"
+                    rec.aliases = tuple(f"{d.name}#{a}" for a in p[4])
+                    out.append(rec)
         return out
 
     def _flatten(self, rec: Record, offset: float, parent: TaskInfo | None, enclosing: tuple[str, str, int] | None,

@@ -38,7 +38,7 @@ from typing import Any
 
 import zmq
 
-from . import codeship, direct, output, protocol, resources, security, serialize, shm
+from . import codeship, direct, output, protocol, resources, security, serialize, sharecache, shm
 from . import tracing as _trace
 from .config import Config
 from .errors import ProtocolError, SerializationError
@@ -107,8 +107,8 @@ def _call(
             "Return plain data (convert the object inside the task)"
         )
         return Status.RAISED, serialize.dumps_exception(err, where, oob_threshold_bytes)
-    if segment is not None:
-        segment.release()  # handed over with the frames: the receiver unlinks it
+    if segment is not None and pool is not None:
+        pool.let_go(segment)  # handed over with the frames (the receiver owns it); we keep our mapping for its return
     return Status.OK, out
 
 
@@ -234,6 +234,8 @@ class Worker:
         os.environ["DISTFORK_IN_WORKER"] = "1"  # ... and may take their queued children back
         codeship.configure_worker(self.address, self._keys, self.config.code_cache_dir,
                                   self.config.code_fetch_timeout_s)
+        sharecache.configure_worker(self.address, self._keys, self.shm_domain is not None,
+                                    self.config.code_fetch_timeout_s)
         output.install(self._wake_output)
         self.slots_ = [_Slot(self, i, ident) for i, ident in enumerate(self.slot_ids)]
         threads = [threading.Thread(target=s.run, name=f"distfork-slot-{s.index}", daemon=True) for s in self.slots_]
@@ -301,6 +303,8 @@ class Worker:
                     return
             if now >= next_sweep and self.session is not None:
                 shm.sweep()  # garbage of any session: segments of processes that died mid-transfer
+                if self.pool is not None:
+                    self.pool.prune()  # our mappings of results their drivers unlinked
                 next_sweep = now + 5 * heartbeat_s
             # (key, deadline) of each slot read as one tuple: a slot that finishes and starts its next
             # task meanwhile must not have that one reported timed out.
@@ -338,6 +342,8 @@ class Worker:
                         self._abort(control, cancelled=running)
                 elif kind is Msg.REJECT:
                     self.refused(protocol.decode_json(body))
+                elif kind is Msg.SHARE_DROP:  # share()d values released: this host's copies go
+                    sharecache.dropped(protocol.decode_share_drop(body))
                 elif kind not in (Msg.HEARTBEAT, Msg.BYE):
                     raise ProtocolError(f"unexpected {kind.name} on the control socket")
             except ProtocolError as exc:
@@ -414,7 +420,7 @@ class _Slot:
         self.key: tuple[Any, Any] | None = None
         # Traced tasks (Flag.TRACE): when each arrived; the notes to send with the next RESULTS.
         self.received: dict[int, float] = {}
-        self.notes: list[tuple[int, bytes]] = []
+        self.notes: list[bytes] = []
         self.direct: direct.SlotServer | None = None  # lone tasks drivers send us straight (distfork/direct.py)
 
     def _hello(self, sock: zmq.Socket[Any]) -> None:
@@ -511,8 +517,8 @@ class _Slot:
                 if scope is not None:  # its trace note: where and when it ran, what it forked
                     _trace.leave(outer)
                     try:
-                        self.notes.append((e.id, _trace.worker_note(self.received.pop(e.id, wall), wall, time.time(),
-                                                                    frames, out, scope)))
+                        self.notes.append(_trace.worker_note(e.id, self.received.pop(e.id, wall), wall, time.time(),
+                                                             frames, out, scope))
                     except Exception:  # noqa: BLE001 - a trace must never cost a result
                         log.exception("%s: could not write the trace note of task %d", w.where, e.id)
                 finished = time.perf_counter()
@@ -523,6 +529,8 @@ class _Slot:
                 self.done.append(ResultEntry(e.id, status, finished - started, out, flags))
                 if not local or len(self.done) >= _FLUSH_COUNT or finished - self.first_done > _FLUSH_S:
                     self._flush()
+                    self._drain(sock)
+                elif finished - started >= _QUICK_S:  # the broker may have taken the next tasks back (CANCEL)
                     self._drain(sock)
             self._flush()
 
@@ -538,7 +546,7 @@ class _Slot:
                     if name is not None:
                         shm.hand_over(name)
             if self.notes:
-                self.done.insert(0, protocol.encode_notes(self.notes))
+                self.done.insert(0, protocol.notes_entry(self.notes))
                 self.notes = []
             self.sock.send_multipart(protocol.encode_batch(Msg.RESULTS, self.done), copy=False)
             self.done = []

@@ -138,6 +138,13 @@ def describe_data(x: Any) -> dict[str, Any]:
     return out
 
 
+def describe_at(x: Any, *path: Any) -> dict[str, Any]:
+    """:func:`describe_data` of ``x[path[0]][path[1]]...``: a value nested in containers."""
+    for key in path:
+        x = x[key]
+    return describe_data(x)
+
+
 def fill_and_sum(a: Any, value: float) -> float:
     """Overwrite the argument array in place (the driver's copy must not change); return its new sum."""
     a[...] = value
@@ -361,3 +368,10 @@ def announce_wait_and_make(started: str, gate: str, n: int, timeout_s: float = 6
 
     announce_and_wait(started, gate, timeout_s)
     return np.ones(n)
+
+
+def pattern(n: int, k: float) -> Any:
+    """``arange(n) + k`` as float64, made here: a large result whose every element says where it belongs."""
+    import numpy as np
+
+    return np.arange(n, dtype=np.float64) + k

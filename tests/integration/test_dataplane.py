@@ -200,6 +200,18 @@ def test_large_bytes_like_arguments_round_trip(cluster: Cluster, kind: str) -> N
     assert type(back) is (bytearray if kind == "bytearray" else bytes)  # a memoryview comes back as bytes
 
 
+def test_large_buffers_nested_in_small_looking_containers_travel_through_shared_memory(cluster: Cluster) -> None:
+    # The driver skips its walk for large bytes when a call looks small: this one does not.
+    arr = np.arange(1 << 17, dtype=np.float64)  # 1 MiB
+    raw = np.random.default_rng(3).bytes(1 << 20)
+    got = distfork.wait(distfork.fork(tasks.describe_at, {"k": (1, "x", arr), "n": None}, "k", 2))
+    assert got["sha256"] == tasks.describe_data(arr)["sha256"]
+    assert got["backing"].startswith(cluster.driver_prefix), got["backing"]
+    # bytes are rebuilt as a copy, off the segment: their trip through it is test_serialize's to see
+    got = distfork.wait(distfork.fork(tasks.describe_at, {"b": (2, raw)}, "b", 1))
+    assert got["type"] == "bytes" and got["sha256"] == tasks.describe_data(raw)["sha256"]
+
+
 # -- torch ---------------------------------------------------------------------
 
 TORCH_DTYPES = ["float32", "float64", "int64", "bool", "bfloat16", "float16"]
@@ -281,6 +293,36 @@ def test_a_returned_array_is_writable_and_its_segment_goes_back_when_dropped(clu
     del view
     # Nothing maps it here any more: it goes back to its worker (a warm spare) or is unlinked.
     wait_until(lambda: not os.path.exists(mapping), 10, what=f"{mapping} to leave this driver")
+
+
+def test_results_in_reused_segments_are_intact_and_never_share_bytes_while_alive(cluster: Cluster) -> None:
+    n = 2_500_000  # 20 MB: copied into its segment by several threads
+
+    def results(first: int) -> list[Any]:
+        return [distfork.wait(distfork.fork(tasks.pattern, n, float(k)), timeout=30) for k in range(first, first + 4)]
+
+    def segments_of(arrays: list[Any]) -> list[str]:
+        paths = [tasks.mapping_of(a.ctypes.data) for a in arrays]
+        assert all(p is not None and named_for_us(p) for p in paths), paths
+        return [shm._unowned(os.path.basename(p)) for p in paths if p is not None]
+
+    def intact(arrays: list[Any], first: int) -> bool:
+        return all(a[0] == first + i and a[-1] == n - 1 + first + i and (np.diff(a) == 1).all()
+                   for i, a in enumerate(arrays))
+
+    old = results(0)
+    before = segments_of(old)
+    assert len(set(before)) == len(before) and intact(old, 0)
+    old[0][:] = -1.0  # ours to write: no other result sees it
+    assert intact(old[1:], 1)
+    paths = [tasks.mapping_of(a.ctypes.data) for a in old]
+    del old
+    wait_until(lambda: not any(p is not None and os.path.exists(p) for p in paths), 10,
+               what="the first results to go back to their workers")
+    new = results(10)
+    after = segments_of(new)
+    assert len(set(after)) == len(after) and intact(new, 10)
+    assert set(after) & set(before), (before, after)  # the workers took their segments back and reused them
 
 
 def test_an_argument_the_worker_keeps_is_not_overwritten_by_a_later_fork(cluster: Cluster, tmp_path: Path) -> None:

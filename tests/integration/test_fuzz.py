@@ -109,7 +109,8 @@ def header(kind: int, version: int = protocol.VERSION) -> bytes:
 
 def lying_batch(rng: random.Random, kind: Msg) -> Frames:
     """A batch whose count, entry table or frame count disagree."""
-    valid = protocol.encode_batch(kind, [TaskEntry(rng.getrandbits(64), 1, 0.0, [b"x"] * rng.randrange(1, 3))
+    big = b"x" * (protocol.INLINE_MAX + 1)  # payload frames of their own, not inline in the header
+    valid = protocol.encode_batch(kind, [TaskEntry(rng.getrandbits(64), 1, 0.0, [big] * rng.randrange(1, 3))
                                          for _ in range(rng.randrange(1, 4))])
     head, payload = bytes(valid[0]), [bytes(f) for f in valid[1:]]
     (count,) = struct.unpack_from("!I", head, 2)

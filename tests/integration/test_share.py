@@ -69,10 +69,12 @@ def pickled_call(func: Any, *args: Any) -> list[Any]:
     assert rt is not None
     serialize._local.share_copy = rt.share_copy()
     assert serialize._local.share_copy is not None, "the shared cluster's workers share our /dev/shm"
+    share_mod._forking.driver = rt.driver
     try:
         return serialize.dumps_call(func, args, {}, THRESHOLD)
     finally:
         serialize._local.share_copy = None
+        share_mod._forking.driver = None
 
 
 def test_forks_of_a_shared_value_send_a_reference_not_its_bytes() -> None:
@@ -275,3 +277,71 @@ def test_sharing_a_model_forked_before_puts_all_its_bytes_in_the_handles_segment
         outs = [distfork.wait(distfork.fork(h, x), T) for _ in range(3)]
         assert h.name is not None and h.nbytes >= 800 * 800 * 4  # not references to the other copy
     assert all(torch.allclose(o, m(x)) for o in outs)
+
+
+def test_once_a_parameter_is_copied_no_warm_spare_of_its_size_is_kept() -> None:
+    torch = pytest.importorskip("torch")
+    m = torch.nn.Linear(800, 800, bias=False)  # 2.56 MB: above share_min_bytes
+    x = torch.ones(1, 800)
+    rt = distfork.api._runtime
+    assert rt is not None and rt.driver is not None
+    pool = rt.driver._segments
+    assert pool is not None
+    weight = 800 * 800 * 4
+    distfork.wait(distfork.fork(m, x), T)  # first sight: the weight travels in an argument segment
+    wait_until(lambda: pool.stats()["largest"] >= weight, 10.0, what="a warm spare the size of the weight")
+    before = copies()
+    out = distfork.wait(distfork.fork(m, x), T)  # second sight: a copy, and the spares that large retire
+    assert torch.allclose(out, m(x))
+    assert len(copies() - before) == 1
+    wait_until(lambda: pool.stats()["largest"] < weight, 10.0, what="the spares of the weight's size to go")
+    distfork.wait(distfork.fork(m, x), T)
+    assert pool.stats()["largest"] < weight  # and none comes back while the model goes by reference
+    with torch.no_grad():
+        m.weight.add_(1.0)  # changed: the argument path again, its spares warm again
+    assert torch.allclose(distfork.wait(distfork.fork(m, x), T), m(x))
+    wait_until(lambda: pool.stats()["largest"] >= weight, 10.0, what="spares for the changed weight")
+
+
+# -- a module returned by a task, held in the cluster, taken by many forks ----------------
+
+
+def build_linear(n: int) -> Any:
+    import torch
+
+    torch.manual_seed(0)
+    return torch.nn.Linear(n, n)
+
+
+def forward_ident(m: Any, x: Any) -> tuple[Any, int, int, bool]:
+    return m(x), os.getpid(), id(m), m.training
+
+
+def change_it(m: Any, how: str) -> int:
+    import torch
+
+    if how == "weight":
+        with torch.no_grad():
+            m.weight.add_(1.0)
+    else:
+        m.eval()
+    return os.getpid()
+
+
+def test_a_held_module_is_built_once_per_worker_and_a_tasks_change_never_reaches_the_next() -> None:
+    torch = pytest.importorskip("torch")
+    x = torch.ones(2, 600)
+    fm = distfork.fork(build_linear, 600)  # 1.4 MB of weights: its result stays in a segment
+    outs = distfork.wait_all([distfork.fork(forward_ident, fm, x) for _ in range(4)], timeout=T)
+    assert fm.held
+    outs += [distfork.wait(distfork.fork(forward_ident, fm, x), T) for _ in range(6)]
+    expected = build_linear(600)(x)
+    assert all(torch.allclose(o[0], expected) for o in outs)
+    ids: dict[int, set[int]] = {}
+    for _, pid, obj_id, _ in outs:
+        ids.setdefault(pid, set()).add(obj_id)
+    assert all(len(s) == 1 for s in ids.values()), ids  # each worker built it once
+    for how in ("weight", "mode"):
+        distfork.wait(distfork.fork(change_it, fm, how), T)
+        later = [distfork.wait(distfork.fork(forward_ident, fm, x), T) for _ in range(4)]
+        assert all(torch.allclose(o[0], expected) and o[3] for o in later)  # unchanged, in training mode

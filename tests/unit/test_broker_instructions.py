@@ -73,12 +73,12 @@ def stalled_with_prefetch() -> tuple[BrokerState, PeerInfo, PeerInfo]:
 def test_prefetched_tasks_of_a_stalled_worker_go_to_a_worker_that_idles_under_new_keys() -> None:
     state, d, w1 = stalled_with_prefetch()
     old = {t.task_id: t.key for t in w1.assigned.values()}
-    worker(state, W2, now=1.01, pid=1002)
-    state.dispatch(1.02)  # task 1 has run 0.02 s: not stalled yet (0.05 s at least)
+    worker(state, W2, now=1.001, pid=1002)
+    state.dispatch(1.005)  # task 1 has run 5 ms: not stalled yet (10 ms at least while W2 has nothing to take)
     assert sent(state.take_instructions()) == {}
     assert state.may_steal()  # an idle worker beside one holding more than its slots
 
-    state.dispatch(1.2)  # stalled now: its prefetched tasks are recalled and handed out again
+    state.dispatch(1.02)  # stalled now: its prefetched tasks are recalled and handed out again
     out = state.take_instructions()
 
     assert [i for i in out if isinstance(i, Cancel)] == [Cancel(W1, [old[2], old[3], old[4], old[5]])]
@@ -90,12 +90,111 @@ def test_prefetched_tasks_of_a_stalled_worker_go_to_a_worker_that_idles_under_ne
     assert not state.may_steal()
 
 
+def test_while_other_tasks_are_queued_a_worker_is_stalled_only_after_4_times_its_run_time_and_50_ms() -> None:
+    state, d, w1 = stalled_with_prefetch()
+    submit(state, d, [6, 7], now=1.0)
+    worker(state, W2, now=1.001, pid=1002)
+    state.dispatch(1.02)  # W2 takes queued task 6; W1, quiet for 20 ms, keeps its prefetched tasks (and gets 7)
+    assert sent(state.take_instructions()) == {W2: [6], W1: [7]}
+    assert len(w1.assigned) == 6 and state.counters["tasks_stolen"] == 0
+
+
 def test_nothing_is_stolen_while_no_worker_idles_however_long_a_task_runs() -> None:
     state, _, w1 = stalled_with_prefetch()
     assert not state.may_steal()
     state.dispatch(100.0)
     assert state.take_instructions() == []
     assert len(w1.assigned) == 5 and state.counters["tasks_stolen"] == 0
+
+
+def slow_down(state: BrokerState, w: PeerInfo, run_s: float, n: int, start: float) -> float:
+    """``w`` reports its next ``n`` tasks as taking ``run_s``, one batch each, ``run_s`` apart; returns the time."""
+    now = start
+    for _ in range(n):
+        now += run_s
+        first = next(iter(w.assigned.values()))
+        state.results(w, [ResultEntry(first.key, Status.OK, run_s, [b"v"])], now=now)
+    return now
+
+
+def prefetched_while_short(extra_submitted: tuple[int, ...] = ()) -> tuple[BrokerState, PeerInfo, PeerInfo]:
+    """W1 took tasks 6..26 at t=1 while its tasks took 0.1 ms (1 slot + 20 prefetched); then 6 took 5 ms each."""
+    state, d, w1 = stalled_with_prefetch()
+    for t in list(w1.assigned.values()):
+        state.results(w1, [ResultEntry(t.key, Status.OK, 1e-4, [b"v"])], now=1.0)
+    submit(state, d, range(6, 27), now=1.0)
+    state.dispatch(1.0)
+    assert sent(state.take_instructions()) == {W1: list(range(6, 27))}
+    now = slow_down(state, w1, 0.005, 6, start=1.0)  # slower after all, batch after batch
+    submit(state, d, list(extra_submitted), now=now)
+    state.dispatch(now)
+    state.take_instructions()
+    assert len(w1.assigned) == 15 and state.prefetch(w1) == 0
+    return state, d, w1
+
+
+def test_tasks_prefetched_while_short_go_to_an_idle_slot_once_they_turn_out_long_though_the_worker_progresses() -> None:
+    state, d, w1 = prefetched_while_short()
+    old = [t.key for t in w1.assigned.values()]
+    worker(state, W2, now=1.031, pid=1002)
+    state.dispatch(1.035)  # W1 had a result 5 ms ago: not stalled, but it holds 14 x 5 ms it would not get now
+    out = state.take_instructions()
+
+    assert [i for i in out if isinstance(i, Cancel)] == [Cancel(W1, old[1:])]
+    assert sent(out) == {W2: [13]}
+    assert [t.task_id for t in w1.assigned.values()] == [12]
+    assert state.counters["tasks_stolen"] == 14
+
+
+def test_a_worker_keeps_the_prefetched_tasks_its_run_times_still_justify() -> None:
+    state, _, w1 = stalled_with_prefetch()  # 4 tasks of 0.1 ms prefetched: 0.4 ms of work
+    worker(state, W2, now=1.001, pid=1002)
+    state.dispatch(1.005)  # W1 is not stalled yet
+    assert sent(state.take_instructions()) == {}
+    assert len(w1.assigned) == 5 and state.counters["tasks_stolen"] == 0
+
+
+def test_a_worker_of_half_millisecond_tasks_gives_a_starved_slot_all_beyond_its_prefetch_room() -> None:
+    state, d, w1 = stalled_with_prefetch()  # W1 has tasks 1..5; its tasks took 0.1 ms
+    for t in list(w1.assigned.values()):
+        state.results(w1, [ResultEntry(t.key, Status.OK, 1e-4, [b"v"])], now=1.0)
+    submit(state, d, range(6, 20), now=1.0)
+    state.dispatch(1.0)
+    assert sent(state.take_instructions()) == {W1: list(range(6, 20))}
+    now = slow_down(state, w1, 0.001, 5, start=1.0)  # then 1 ms each: 0.85 ms on average
+    assert w1.avg_run_s is not None and 8e-4 < w1.avg_run_s < 9e-4 and state.prefetch(w1) == 2
+    worker(state, W2, now=now + 0.001, pid=1002)
+    state.dispatch(now + 0.004)  # 6 beyond its room: 5 ms by the average, but one may be long
+    out = state.take_instructions()
+
+    assert sent(out) == {W2: [14]}
+    assert [t.task_id for t in w1.assigned.values()] == [11, 12, 13]
+    assert state.counters["tasks_stolen"] == 6
+
+
+def test_a_worker_of_tiny_tasks_keeps_its_prefetch_through_one_slow_batch() -> None:
+    state, d, w1 = stalled_with_prefetch()  # its tasks took 0.1 ms
+    for t in list(w1.assigned.values()):
+        state.results(w1, [ResultEntry(t.key, Status.OK, 1e-4, [b"v"])], now=1.0)
+    submit(state, d, range(6, 27), now=1.0)
+    state.dispatch(1.0)
+    state.take_instructions()
+    first = next(iter(w1.assigned.values()))
+    state.results(w1, [ResultEntry(first.key, Status.OK, 0.1, [b"v"])], now=1.01)  # a pause (GC, the OS)
+    worker(state, W2, now=1.011, pid=1002)
+    state.dispatch(1.015)  # by the average it holds 19 x 30 ms; by its speed a moment ago, 2 ms
+    assert sent(state.take_instructions()) == {}
+    assert len(w1.assigned) == 20 and state.counters["tasks_stolen"] == 0
+
+
+def test_an_idle_slot_takes_queued_work_before_it_takes_back_another_workers_prefetch() -> None:
+    state, _, w1 = prefetched_while_short(extra_submitted=(90, 91))
+    worker(state, W2, now=1.031, pid=1002)
+    state.dispatch(1.035)
+    out = state.take_instructions()
+    assert [i for i in out if isinstance(i, Cancel)] == []
+    assert sent(out) == {W2: [90]}
+    assert len(w1.assigned) == 15 and state.counters["tasks_stolen"] == 0
 
 
 # -- a supervisor's EXITED --------------------------------------------------------

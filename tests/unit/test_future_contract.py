@@ -66,6 +66,35 @@ def test_cancel_runs_each_done_callback_once() -> None:
     assert calls == [fut]
 
 
+# -- the fields concurrent.futures relies on ------------------------------------------
+
+
+def test_a_future_has_every_field_of_a_concurrent_futures_future() -> None:
+    # Future.__init__ sets concurrent.futures.Future's fields itself (with a lighter condition).
+    assert set(vars(concurrent.futures.Future())) <= set(vars(Future()))
+
+
+def test_waiting_on_a_future_in_several_threads_with_and_without_timeouts() -> None:
+    fut: Future[int] = Future()
+    with pytest.raises(TimeoutError):
+        fut.result(timeout=0.01)
+    other: Future[int] = Future()
+    got: list[Any] = []
+    waiters = [threading.Thread(target=lambda: got.append(fut.result())) for _ in range(3)]
+    waiters.append(threading.Thread(target=lambda: got.append(
+        concurrent.futures.wait([fut, other], return_when=concurrent.futures.FIRST_COMPLETED).done)))
+    for t in waiters:
+        t.start()
+    with fut._condition:  # re-entrant, as concurrent.futures needs (cancel() takes it twice)
+        with fut._condition:
+            pass
+    fut.set_result(7)
+    for t in waiters:
+        t.join(10)
+    assert sorted(map(str, got)) == sorted(["7", "7", "7", str({fut})])
+    assert other.cancel() and concurrent.futures.wait([other], timeout=0).done == {other}
+
+
 # -- as_completed leaves nothing behind ------------------------------------------
 
 

@@ -41,12 +41,12 @@ def test_a_result_reads_as_status_and_run_time_a_task_as_retries_and_timeout() -
 def test_batch_round_trip_keeps_ids_codes_extras_and_frames_in_order(kind: Msg) -> None:
     entries = [
         TaskEntry(1, DEFAULT_RETRIES, 0.0, [b"stream-1"]),
-        TaskEntry(2**64 - 1, 0, 2.5, [b"stream-2", b"buf-a", b"buf-b"]),
+        TaskEntry(2**64 - 1, 0, 2.5, [b"stream-2", b"buf-a" * protocol.INLINE_MAX, b"buf-b"]),
         ResultEntry(7, Status.LOST, 0.125, []),
         TaskEntry(8, 3, 1e-3, [b""]),
     ]
     frames = protocol.encode_batch(kind, entries)
-    assert len(frames) == 1 + sum(len(e.frames) for e in entries)
+    assert len(frames) == 2  # small payload frames inline in the header, the large one its own frame
 
     decoded_kind, body = protocol.decode(frames)
     assert decoded_kind is kind
@@ -57,6 +57,24 @@ def test_batch_round_trip_keeps_ids_codes_extras_and_frames_in_order(kind: Msg) 
     # timeout_s / run_s travels as a 32-bit float
     assert [e[2] for e in got] == pytest.approx([e[2] for e in entries], rel=1e-6)
     assert [_bytes(list(e.frames)) for e in got] == [list(e.frames) for e in entries]
+
+
+def test_small_payload_frames_travel_inline_up_to_a_budget_and_large_ones_as_their_own_frames() -> None:
+    small, large = b"s" * protocol.INLINE_MAX, b"L" * (protocol.INLINE_MAX + 1)
+    frames = protocol.encode_batch(Msg.TASKS, [TaskEntry(i, 1, 0.0, [small, large]) for i in range(3)])
+    assert len(frames) == 4 and all(f is large for f in frames[1:])  # sent as they are: no copy
+    many = protocol.INLINE_BUDGET // protocol.INLINE_MAX + 5
+    frames = protocol.encode_batch(Msg.TASKS, [TaskEntry(i, 1, 0.0, [small]) for i in range(many)])
+    assert len(frames[0]) < protocol.INLINE_BUDGET + 30 * many and len(frames) == 1 + 5
+    got = protocol.decode_tasks(frames, protocol.decode(frames)[1])
+    assert [bytes(e.frames[0]) for e in got] == [small] * many
+
+
+def test_a_frame_table_naming_more_inline_bytes_than_there_are_is_a_protocol_error() -> None:
+    frames = _bytes(protocol.encode_batch(Msg.RESULTS, [ResultEntry(1, Status.OK, 0.0, [b"abc"])]))
+    cut = [frames[0][:-1]]
+    with pytest.raises(ProtocolError, match="batch of 1 entries"):
+        protocol.decode_results(cut, protocol.decode(cut)[1])
 
 
 def test_empty_batch_round_trip() -> None:
@@ -125,8 +143,9 @@ def test_decode_rejects_bad_headers(frames: list[bytes], match: str) -> None:
 
 
 def _results(*frame_counts: int) -> list[bytes]:
-    """A well-formed RESULTS message whose entries carry ``frame_counts`` frames."""
-    entries = [ResultEntry(i, Status.OK, 0.0, [b"f%d" % j for j in range(n)]) for i, n in enumerate(frame_counts)]
+    """A well-formed RESULTS message whose entries carry ``frame_counts`` frames (too large to go inline)."""
+    big = b"f" * (protocol.INLINE_MAX + 1)
+    entries = [ResultEntry(i, Status.OK, 0.0, [big + b"%d" % j for j in range(n)]) for i, n in enumerate(frame_counts)]
     return _bytes(protocol.encode_batch(Msg.RESULTS, entries))
 
 
@@ -149,8 +168,8 @@ def _with_head(frames: list[bytes], head: bytes) -> list[bytes]:
         (_with_count(_results(0, 0), 1), "batch of 1 entries"),  # count says 1, 2 entries follow
         (_with_count(_results(0), 3), "batch of 3 entries"),  # count says 3, 1 entry follows
         (_with_head(_results(0), _results(0)[0] + b"x"), "batch of 1 entries"),  # a trailing byte
-        (_results(2)[:-1], "name 3 frames, message has 2"),  # entry names 2 frames, 1 is there
-        (_results(1, 1)[:-1], "name 3 frames, message has 2"),
+        (_results(2)[:-1], "more frames than the message's 2"),  # entry names 2 frames, 1 is there
+        (_results(1, 1)[:-1], "more frames than the message's 2"),
         ([*_results(1), b"stray"], "1 frames no entry names"),
         ([*_results(), b"a", b"b"], "2 frames no entry names"),
     ],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import sys
 import threading
 import types
@@ -9,9 +10,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import distfork
-from distfork import serialize
+from distfork import serialize, shm
 
 THRESHOLD = 64 * 1024
 
@@ -192,6 +195,101 @@ def test_large_bytes_and_bytearrays_leave_the_pickle_stream_and_keep_their_type(
 
 def test_small_bytes_stay_in_band() -> None:
     assert len(serialize.dumps((b"x" * 100, bytearray(100)), 65536)) == 1
+
+
+def _module_function(name: str) -> Any:
+    module = types.ModuleType(name)
+    exec("def f(x):\n    return x + 1\n", module.__dict__)
+    module.f.__module__ = name
+    sys.modules[name] = module
+    return module
+
+
+def test_functions_go_by_reference_exactly_when_cloudpickle_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    # reducer_override answers "by reference" the short way for plain top-level functions; every
+    # other case must still come out as cloudpickle decides.
+    import cloudpickle
+
+    def local(x: int) -> int:
+        return x
+
+    module = _module_function("distfork_test_by_reference")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    def check(func: Any, by_reference: bool) -> None:
+        assert cloudpickle.cloudpickle._should_pickle_by_reference(func) is by_reference, func
+        assert (serialize.loads(serialize.dumps(func, THRESHOLD)) is func) is by_reference, func
+
+    for func, by_reference in [(distfork.fork, True), (serialize._value, True), (local, False),
+                               (lambda x: x, False), (module.f, True)]:
+        check(func, by_reference)
+    rebound = module.f
+    module.f = lambda x: x  # the module's name now means another function: by value
+    check(rebound, False)
+    module.f = rebound
+    cloudpickle.register_pickle_by_value(module)
+    try:
+        back = serialize.loads(serialize.dumps(module.f, THRESHOLD))
+        assert back is not module.f and back(1) == 2  # registered by value: a copy
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
+    assert serialize.loads(serialize.dumps(module.f, THRESHOLD)) is module.f
+
+
+SMALL = 16  # bytes: a threshold the drawn bytes-like values straddle
+_leaves = st.one_of(
+    st.none(), st.integers(), st.floats(allow_nan=False), st.text(max_size=4),
+    st.binary(max_size=2 * SMALL), st.binary(max_size=2 * SMALL).map(bytearray),
+    st.binary(max_size=2 * SMALL).map(memoryview),
+    st.binary(min_size=2 * SMALL, max_size=4 * SMALL).map(lambda b: memoryview(b)[::2]),  # not contiguous
+)
+_nested = st.recursive(
+    _leaves,
+    lambda inner: st.one_of(st.tuples(inner, inner), st.lists(inner, max_size=3),
+                            st.dictionaries(st.text(max_size=2), inner, max_size=3)),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(obj=_nested)
+def test_the_quick_look_for_large_bytes_agrees_with_the_wrapping_walk(obj: Any) -> None:
+    # dumps skips the wrapping walk when _has_large says there is nothing to wrap: it must
+    # never say so when the walk would wrap something (a large buffer left in the stream).
+    for depth in range(5):
+        assert serialize._has_large(obj, SMALL, depth) == (serialize._wrap_large(obj, SMALL, depth) is not obj)
+
+
+@settings(max_examples=150, deadline=None)
+@given(head=st.lists(st.one_of(st.just(print), _nested), min_size=1, max_size=2),
+       args=st.one_of(st.lists(_nested, max_size=3).map(tuple), _nested),
+       kwargs=st.one_of(st.dictionaries(st.text(max_size=2), _nested, max_size=3), _nested))
+def test_the_quick_look_at_a_call_agrees_with_the_look_at_the_whole_call(head: list[Any], args: Any,
+                                                                          kwargs: Any) -> None:
+    call = (*head, args, kwargs)  # ([code,] func, args, kwargs), whatever a caller passed
+    assert serialize._call_has_large(call, args, kwargs, SMALL) == serialize._has_large(call, SMALL)
+
+
+def test_large_buffers_in_small_looking_containers_still_leave_the_stream_for_shared_memory() -> None:
+    arr = np.arange(1 << 17, dtype=np.float64)  # 1 MiB
+    raw = bytes(1 << 20)
+    # The array at any depth (the pickler hands its buffer out); bytes within the walk's three levels.
+    kwargs = {"opts": {"k": (1, {"deep": [arr]})}, "blob": ("x", raw)}
+    frames = serialize.dumps_call(print, (1, 2.0, "s", None), kwargs, THRESHOLD)
+    assert len(frames) == 3 and len(frames[0]) < 1024  # both out of band, in the order pickled
+    assert sorted(memoryview(b).nbytes for b in frames[1:]) == [arr.nbytes, len(raw)]
+    pool = shm.SegmentPool(secrets.token_hex(4), 0)
+    try:
+        wire, seg = serialize.route(frames, pool)
+        assert seg is not None and len(wire) == 2  # [stream, manifest]: the buffers are in the segment
+        func, args, back = serialize.unpack_call(wire, [], [])
+        assert func is print and args == (1, 2.0, "s", None)
+        np.testing.assert_array_equal(back["opts"]["k"][1]["deep"][0], arr)
+        assert type(back["blob"][1]) is bytes and back["blob"][1] == raw
+    finally:
+        if seg is not None:
+            seg.release()
+            seg.unlink()
+        pool.close()
 
 
 @pytest.mark.parametrize("module", ["numpy", "torch"])

@@ -104,14 +104,14 @@ _WHO = b'{"name":"w/0","host":"h","pid":9}'
     (_WHO, b"[[[[]]]]"), (_WHO, b"not json"), (_WHO, b"{}"), (b"\xff", b""),
 ])
 def test_a_malformed_trace_note_is_a_protocol_error_for_the_driver(who: bytes, kids: bytes) -> None:
-    note = protocol.encode_driver_note(_BROKER, _WORKER, who, kids)
+    note = protocol.encode_driver_note(_BROKER, who, protocol.encode_worker_note(*_WORKER, kids))
     with pytest.raises(ProtocolError):
         _receive(note)
 
 
 @pytest.mark.parametrize("cut", [1, 10, 40])
 def test_a_truncated_trace_note_is_a_protocol_error(cut: int) -> None:
-    note = protocol.encode_driver_note(_BROKER, _WORKER, _WHO, b"")
+    note = protocol.encode_driver_note(_BROKER, _WHO, protocol.encode_worker_note(*_WORKER))
     with pytest.raises(ProtocolError):
         _receive(note[:-cut])
     with pytest.raises(ProtocolError):
@@ -123,7 +123,7 @@ def test_a_deeply_nested_record_is_refused_not_a_recursion_error() -> None:
                          "x": "", "r": None, "c": []}
     for _ in range(300):
         d = {**d, "c": [d]}
-    note = protocol.encode_driver_note(_BROKER, _WORKER, _WHO, json.dumps([d]).encode())
+    note = protocol.encode_driver_note(_BROKER, _WHO, protocol.encode_worker_note(*_WORKER, json.dumps([d]).encode()))
     with pytest.raises(ProtocolError):
         _receive(note)
 
@@ -270,3 +270,73 @@ def test_finish_reads_status_held_and_failure_from_the_wire_codes() -> None:
     recs[2].finish(250, 0, fine)  # a code this version does not know: named by its number
     got = {x.func: (x.status, x.path_out, x.error) for x in t.tasks()}
     assert got == {"f0": ("ok", "held", ""), "f1": ("raised", "", "ValueError: no good"), "f2": ("250", "", "")}
+
+
+class _Driver:
+    """What a trace reads of a driver: its name and its traced forks awaiting results."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._traced: dict[int, tracing.Pending] = {}
+
+
+def _open_trace_fork(capacity: int = 10) -> tuple[tracing.Trace, tracing.Pending]:
+    t = tracing.Trace(capacity=capacity).__enter__()
+    try:
+        pending = tracing.begin(len, ("d#1",), {}, light=True)
+    finally:
+        t.close()  # closed before the result arrives: the fork is still reported
+    assert pending is not None
+    return t, pending
+
+
+def test_a_drivers_fork_is_plain_values_the_collector_skips_until_one_ring_entry_with_its_batchs_notes() -> None:
+    import gc
+
+    driver = _Driver("drv")
+    tracing.DRIVERS.add(driver)
+    t, pending = _open_trace_fork()
+    assert isinstance(pending, tuple)
+    driver._traced[7] = pending
+    gc.collect()
+    assert not gc.is_tracked(pending)  # thousands in flight cost the garbage collector nothing
+    (info,) = t.tasks()
+    assert (info.func, info.status, info.worker) == ("len", "pending", "")
+    note = protocol.encode_driver_note(_BROKER, _WHO, protocol.encode_worker_note(*_WORKER))
+    batch = protocol.encode_notes([(6, b"another task's"), (7, note)]).frames[0]
+    tracing.finish(driver._traced.pop(7), 0, int(Flag.HELD), None, "drv", 7, batch)
+    gc.collect()
+    assert not gc.is_tracked(t._done[0])
+    (info,) = t.tasks()
+    assert (info.func, info.status, info.worker, info.host, info.pid) == ("len", "ok", "w/0", "h", 9)
+    assert info.started is not None and info.finished is not None
+    assert info.run_s == pytest.approx(0.7) and (info.bytes_in, info.path_in, info.path_out) == (10, "inline", "held")
+
+
+def test_a_fork_sent_again_keeps_its_first_id_for_the_forks_that_took_it_and_a_bad_batch_is_counted() -> None:
+    t, first = _open_trace_fork()
+    tracing.finish(tracing.again(first, 1), 0, 0, None, "d", 2, b"\0\0\0")  # RESUBMIT: task 1 went again as 2
+    taker = tracing.Record("sum", ["d#1"], first[2] + 1)  # took the future of task 1
+    taker.gid = "d#3"
+    t._add(taker)
+    taker.finish(0, 0, None)
+    a, b = t.tasks()
+    assert (a.func, b.func, b.deps) == ("len", "sum", [a.id])
+    assert a.worker == "" and t.bad_notes == 1  # its batch's notes were cut short: left out, counted
+
+
+def test_the_ring_of_driver_forks_keeps_the_latest_and_counts_the_rest() -> None:
+    t, pending = _open_trace_fork(capacity=2)
+    for i in range(5):
+        tracing.finish(pending, 0, 0, None, "d", i + 1)
+    assert [x.func for x in t.tasks()] == ["len", "len"] and t.dropped == 3
+
+
+def test_a_workers_note_has_one_layout_on_its_quick_path_and_with_forks_or_many_frames() -> None:
+    quick = tracing.worker_note(5, 1.0, 2.0, 3.0, [b"x" * 40], [b"y" * 4], [])
+    assert quick == protocol.encode_framed_worker_note(5, 1.0, 2.0, 3.0, 40, 4, 1, 1)
+    kid = tracing.Record("g", [], 1.5)
+    full = tracing.worker_note(5, 1.0, 2.0, 3.0, [b"x" * 40], [b"a", b"b", b"c"], [kid])
+    ((key, note),) = protocol.split_notes(full)
+    fields, kids = protocol.decode_worker_note(note)
+    assert key == 5 and fields == (1.0, 2.0, 3.0, 40, 3, 1, 3) and json.loads(bytes(kids))[0]["f"] == "g"
