@@ -48,7 +48,11 @@ from __future__ import annotations
 import logging
 import os
 import random
+import select
+import socket
+import struct
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -106,108 +110,174 @@ def _alive(pid: int) -> bool:
     return True
 
 
+# -- the channel: one SOCK_SEQPACKET Unix socket per (driver, slot) -----------------
+
+#: A packet: ``u32 count``, ``count`` x ``u32`` frame lengths, then the frames' bytes. A packet
+#: is sent whole or not at all (SEQPACKET); a task or result above this goes by the broker.
+PACKET_MAX = 1 << 16
+_U32 = struct.Struct("!I")
+_CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def _packet(frames: Sequence[Any]) -> list[Any] | None:
+    """The buffers of one packet carrying ``frames`` (a protocol message), None if over PACKET_MAX."""
+    sizes = [len(f) if type(f) is bytes else memoryview(f).nbytes for f in frames]
+    if sum(sizes) + 4 * (len(sizes) + 1) > PACKET_MAX:
+        return None
+    return [struct.pack(f"!{len(sizes) + 1}I", len(sizes), *sizes), *frames]
+
+
+def _frames(data: bytes) -> list[memoryview]:
+    """The frames of one packet (ProtocolError if it does not add up)."""
+    view = memoryview(data)
+    if len(data) < 4:
+        raise ProtocolError(f"direct packet of {len(data)} bytes")
+    (count,) = _U32.unpack_from(data)
+    at = 4 + 4 * count
+    if count > PACKET_MAX // 4 or at > len(data):
+        raise ProtocolError(f"direct packet of {len(data)} bytes names {count} frames")
+    out = []
+    for (n,) in struct.iter_unpack("!I", view[4:at]):
+        out.append(view[at:at + n])
+        at += n
+    if at != len(data):
+        raise ProtocolError(f"direct packet of {len(data)} bytes, frames of {at}")
+    return out
+
+
+def _peer(sock: socket.socket) -> tuple[int, int]:
+    """(pid, uid) of the process at the other end (SO_PEERCRED)."""
+    pid, uid, _ = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
+    return pid, uid
+
+
+class _Conn:
+    """The driver's connection to one slot. ``reading``: held by whichever thread reads it (a user
+    thread waiting on its direct task, or the I/O thread); ``watched``: in the I/O thread's poller."""
+
+    def __init__(self, name: str, sock: socket.socket) -> None:
+        self.name = name
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.reading = threading.Lock()
+        self.buf = bytearray(PACKET_MAX + 1)
+        self.watched = False
+        self.dead = False
+
+
 # -- the driver side ------------------------------------------------------------
 
 
 class DirectClient:
-    """The driver's sockets to the slots of its embedded cluster.
+    """The driver's connections to the slots of its embedded cluster (one SEQPACKET socket each).
 
-    Per slot, two DEALERs: the I/O thread's (routing id: the driver's
-    identity), which the slot answers on, and a sender that user threads use
-    under ``_lock`` (``submit`` sends a lone task itself: no wake-up of the
-    I/O thread, no turn of it on the task's way). **Chosen differently** from
-    house rule 2 (a socket is one thread's): a sender is used by whichever
-    user thread holds the lock, which ZeroMQ allows (the lock is the memory
-    barrier it asks for); the I/O thread creates and closes them under it.
-    ``busy``, ``notices`` and the senders are guarded by ``_lock``; the
-    receiving sockets and the scan are the I/O thread's.
+    ``send`` (a user thread in ``fork()``) writes a lone task straight on a
+    slot's connection: no wake-up of the I/O thread on its way. The reply
+    comes back on the same connection and is read by the user thread that
+    waits for it (``wait``, from ``Future.result``), so the round trip is user
+    thread -> slot thread -> user thread. When nobody waits (callbacks,
+    ``as_completed``, asyncio), the I/O thread polls the connection and reads
+    it (``receive``). Whoever reads holds the connection's ``reading`` lock;
+    the I/O thread leaves a connection out of its poller while a user thread
+    reads it, so it is not woken by a reply it would not take.
+    ``busy``, ``notices`` and the connection table are guarded by ``_lock``.
     """
 
-    def __init__(self, ctx: zmq.Context[Any], address: str, identity: bytes, scan_s: float) -> None:
-        self._ctx = ctx
+    def __init__(self, ctx: Any, address: str, identity: bytes, scan_s: float) -> None:
         self._scan_s = scan_s
         self.next_scan = 0.0
         self._dir = _directory(address)
         self._identity = identity
-        self.socks: dict[str, zmq.Socket[Any]] = {}  # socket file -> the I/O thread's DEALER
-        self._by_sock: dict[zmq.Socket[Any], str] = {}
         self._lock = threading.Lock()
-        self._senders: dict[str, zmq.Socket[Any]] = {}  # socket file -> the user threads' DEALER
+        self.conns: dict[str, _Conn] = {}  # socket file -> the connection to that slot
         self._closed = False
-        self.busy: dict[int, str] = {}  # task id -> the slot it was sent to, no result from there yet
+        self.busy: dict[int, _Conn] = {}  # task id -> the slot it was sent to, no result from there yet
         self.ready = False
         self.rescan = True
         # DIRECT notices not sent yet, and when the oldest was made (see config.DIRECT_NOTICE_S).
         self.notices: list[TaskEntry] = []
         self.notices_at = 0.0
         self.urgent = False  # a task with timeout_s: its slot may end it any moment, by its key
+        self.wake: Any = None  # the driver's wake-up of its I/O thread (set by the driver)
 
-    def _dealer(self, name: str, identity: bytes) -> zmq.Socket[Any]:
-        sock: zmq.Socket[Any] = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.ROUTING_ID, identity)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.IMMEDIATE, 1)  # a send to a slot not connected (yet, or any more) fails at once
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.connect(f"ipc://{os.path.join(self._dir, name)}")
-        return sock
+    def _connect(self, name: str) -> _Conn | None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            sock.settimeout(1.0)
+            sock.connect(os.path.join(self._dir, name))
+            sock.settimeout(None)
+            pid, uid = _peer(sock)
+        except OSError:
+            sock.close()
+            return None
+        if uid != os.getuid() or pid != _pid_of(name):  # docs/SECURITY.md: the same user, the slot named
+            log.warning("direct socket %s: peer pid %d uid %d, not ours; not used", name, pid, uid)
+            sock.close()
+            return None
+        return _Conn(name, sock)
 
-    def scan(self, poller: zmq.Poller, now: float) -> None:
-        """Connect to new slot sockets, drop those of dead processes (the broker handles their tasks)."""
+    def scan(self, poller: Any, now: float) -> None:
+        """Connect to new slot sockets, drop dead ones (the broker handles their tasks). I/O thread."""
         self.rescan = False
         self.next_scan = now + self._scan_s
         try:
             names = {n for n in os.listdir(self._dir) if n.startswith(_PREFIX)}
         except OSError:
             names = set()
-        for name in list(self.socks):
-            if name not in names or not _alive(_pid_of(name)):
-                self._drop(name, poller)
-        for name in sorted(names - set(self.socks)):
+        for name, conn in list(self.conns.items()):
+            if conn.dead or name not in names or not _alive(_pid_of(name)):
+                self._drop(conn, poller)
+        for name in sorted(names - set(self.conns)):
             if not _alive(_pid_of(name)):
                 continue
-            sock = self._dealer(name, self._identity)
-            poller.register(sock, zmq.POLLIN)
-            self.socks[name] = sock
-            self._by_sock[sock] = name
-            sender = self._dealer(name, self._identity + b"s")
-            with self._lock:
-                self._senders[name] = sender
-        self.ready = bool(self.socks)
+            new = self._connect(name)
+            if new is not None:
+                with self._lock:
+                    self.conns[name] = new
+        self.ready = bool(self.conns)
 
-    def _drop(self, name: str, poller: zmq.Poller) -> None:
-        sock = self.socks.pop(name)
-        del self._by_sock[sock]
-        poller.unregister(sock)
-        sock.close(linger=0)
+    def _drop(self, conn: _Conn, poller: Any) -> None:
+        if conn.watched:
+            poller.unregister(conn.fd)
+            conn.watched = False
         with self._lock:
-            self._senders.pop(name).close(linger=0)
-            for task_id in [i for i, where in self.busy.items() if where == name]:
+            self.conns.pop(conn.name, None)
+            for task_id in [i for i, c in self.busy.items() if c is conn]:
                 del self.busy[task_id]
+        with conn.reading:  # a user thread reading it lets go first (it sees ``dead``)
+            conn.dead = True
+            conn.sock.close()
 
     def send(self, e: TaskEntry, now: float) -> bool:
         """From a user thread: send a task to a slot with none of ours (its DIRECT notice waits in
         :attr:`notices` for the I/O thread); False if no slot takes it now (the broker path then)."""
+        key = _KEY_BASE + random.getrandbits(61)
+        task = TaskEntry(key, e.max_retries, e.timeout_s, [protocol.encode_origin(self._identity, e.id), *e.frames], 0)
+        packet = _packet(protocol.encode_batch(Msg.TASKS, [task]))
+        if packet is None:
+            return False
         with self._lock:
             if self._closed:
                 return False
             taken = set(self.busy.values())
-            for name, sender in self._senders.items():
-                if name in taken:
+            for conn in self.conns.values():
+                if conn in taken or conn.dead:
                     continue
-                key = _KEY_BASE + random.getrandbits(61)
-                origin = protocol.encode_origin(self._identity, e.id)
-                task = TaskEntry(key, e.max_retries, e.timeout_s, [origin, *e.frames], 0)
                 try:
-                    sender.send_multipart(protocol.encode_batch(Msg.TASKS, [task]), zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    self.rescan = True  # not connected: a slot starting, or gone
+                    conn.sock.sendmsg(packet, [], socket.MSG_DONTWAIT)
+                except OSError:
+                    conn.dead = True  # the slot is gone (or stuck): the I/O thread drops it
+                    self.rescan = True
                     continue
-                self.busy[e.id] = name
-                if not self.notices:
+                self.busy[e.id] = conn
+                woke = not self.notices
+                if woke:
                     self.notices_at = now
                 self.notices.append(TaskEntry(key, e.max_retries, e.timeout_s,
-                                              [protocol.encode_origin(_slot_of(name), e.id), *e.frames], 0))
+                                              [protocol.encode_origin(_slot_of(conn.name), e.id), *e.frames], 0))
                 self.urgent = self.urgent or e.timeout_s > 0
+                if (woke or self.urgent) and self.wake is not None:
+                    self.wake()  # the I/O thread sets its clock for the notices (already set otherwise)
                 return True
             return False
 
@@ -222,41 +292,92 @@ class DirectClient:
             notices, self.notices, self.urgent = self.notices, [], False
         return notices
 
-    def receive(self, sock: zmq.Socket[Any]) -> list[ResultEntry]:
-        """Results a slot sent us straight."""
+    def _read(self, conn: _Conn, block: bool) -> list[ResultEntry]:
+        """Packets waiting on ``conn`` (with ``reading`` held); ``block``: wait for one first."""
         out: list[ResultEntry] = []
-        while True:
+        flags = 0 if block else socket.MSG_DONTWAIT
+        while not conn.dead:
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+                n = conn.sock.recv_into(conn.buf, PACKET_MAX + 1, flags)
+            except (BlockingIOError, InterruptedError):
                 break
+            except OSError:
+                n = 0
+            if n == 0:  # the slot's process is gone: the broker re-runs its task
+                conn.dead = True
+                self.rescan = True
+                break
+            flags = socket.MSG_DONTWAIT
             try:
+                frames = _frames(bytes(conn.buf[:n]))
                 kind, body = protocol.decode(frames)
                 if kind is not Msg.RESULTS:
                     raise ProtocolError(f"unexpected {kind.name} from a direct slot")
-                entries = protocol.decode_results(frames, body)
+                out.extend(protocol.decode_results(frames, body))
             except ProtocolError as exc:
                 log.warning("dropped a message from a direct slot: %s", exc)
-                continue
-            out.extend(entries)
         with self._lock:
             for e in out:
-                self.busy.pop(e.id, None)
+                if self.busy.get(e.id) is conn:
+                    del self.busy[e.id]
+        # A header only (Flag.DIRECT): the result was too large for the channel and comes by the broker.
+        return [e for e in out if not e.flags & Flag.DIRECT]
+
+    def wait(self, task_id: int, done: Any, timeout: float | None) -> list[ResultEntry]:
+        """A user thread waits for its direct task: read its slot's connection itself, unless another
+        thread reads it. Returns what it read (the driver completes those futures); [] if it did not
+        read, or the time ran out, or ``done()`` became true (a cancel, a result by the broker)."""
+        conn = self.busy.get(task_id)
+        if conn is None or not conn.reading.acquire(blocking=False):
+            return []
+        out: list[ResultEntry] = []
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while not conn.dead and self.busy.get(task_id) is conn and not done():
+                # In slices: a result that takes the broker path (the slot died, a cancel) ends our wait.
+                slice_s = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
+                if slice_s <= 0:
+                    break
+                r, _, _ = select.select([conn.fd], [], [], slice_s)
+                if r:
+                    out += self._read(conn, block=False)
+        finally:
+            conn.reading.release()
+            if (conn.dead or self.busy.get(task_id) is conn) and self.wake is not None:
+                self.wake()  # the I/O thread reads it (or drops it) from here on
         return out
 
-    def sockets(self) -> Sequence[zmq.Socket[Any]]:
-        return list(self._by_sock)
+    def watch(self, poller: Any) -> None:
+        """I/O thread: poll the connections no user thread is reading."""
+        for conn in list(self.conns.values()):
+            if not conn.watched and not conn.reading.locked() and not conn.dead:
+                poller.register(conn.fd, zmq.POLLIN)
+                conn.watched = True
+
+    def receive(self, poller: Any, events: dict[Any, int]) -> list[ResultEntry]:
+        """I/O thread: results on the watched connections that are readable."""
+        out: list[ResultEntry] = []
+        for conn in list(self.conns.values()):
+            if not conn.watched or conn.fd not in events:
+                continue
+            if conn.reading.acquire(blocking=False):
+                try:
+                    out += self._read(conn, block=False)
+                finally:
+                    conn.reading.release()
+            else:  # a user thread reads it: leave it to that thread, do not spin on it
+                poller.unregister(conn.fd)
+                conn.watched = False
+        return out
 
     def close(self) -> None:
-        for sock in self.socks.values():
-            sock.close(linger=0)
-        self.socks.clear()
-        self._by_sock.clear()
         with self._lock:
             self._closed = True
-            for sender in self._senders.values():
-                sender.close(linger=0)
-            self._senders.clear()
+            conns = list(self.conns.values())
+            self.conns.clear()
+        for conn in conns:
+            conn.dead = True
+            conn.sock.close()
         self.ready = False
 
 
@@ -271,53 +392,100 @@ def eligible(nbytes: int, segment: Any, pinned: bool, call: Any, request: Any, t
 
 
 class SlotServer:
-    """A worker slot's ROUTER that drivers send lone tasks to (owned by the slot thread)."""
+    """A worker slot's listening socket that drivers send lone tasks to (owned by the slot thread).
 
-    def __init__(self, ctx: zmq.Context[Any], address: str, identity: bytes) -> None:
+    Its connections sit in an epoll set whose fd the slot thread polls next to its ZeroMQ socket.
+    """
+
+    def __init__(self, address: str, identity: bytes) -> None:
         self.path = os.path.join(_directory(address), f"{_PREFIX}{os.getpid()}-{identity.hex()}")
-        self.sock = ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SNDHWM, 0)
-        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a driver not connected: its result goes by the broker
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         old = os.umask(0o177)  # the socket file: 0600 (its directory is 0700 already)
         try:
-            self.sock.bind(f"ipc://{self.path}")
+            self.listener.bind(self.path)
         finally:
             os.umask(old)
-        # Direct tasks queued or running here: key -> (driver routing id, the driver's task id).
-        self.routes: dict[int, tuple[bytes, int]] = {}
+        self.listener.listen(64)
+        self.listener.setblocking(False)
+        self.epoll = select.epoll()
+        self.epoll.register(self.listener.fileno(), select.EPOLLIN)
+        self.fd = self.epoll.fileno()
+        self.conns: dict[int, socket.socket] = {}
+        self._buf = bytearray(PACKET_MAX + 1)
+        # Direct tasks queued or running here: key -> (the connection it came on, the driver's task id).
+        self.routes: dict[int, tuple[socket.socket, int]] = {}
 
     @classmethod
-    def open(cls, ctx: zmq.Context[Any], config: Any, address: str, identity: bytes) -> SlotServer | None:
+    def open(cls, config: Any, address: str, identity: bytes) -> SlotServer | None:
         if not enabled(config, address):
             return None
         try:
-            return cls(ctx, address, identity)
-        except (OSError, zmq.ZMQError) as exc:
+            return cls(address, identity)
+        except OSError as exc:
             log.warning("no direct path for slot %s: %s", identity.hex(), exc)
             return None
 
-    def drain(self, local: Any) -> None:
-        """Queue the tasks drivers sent us (their driver told the broker of them)."""
+    def _accept(self) -> None:
         while True:
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+                conn, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("direct socket: accept failed: %s", exc)
                 return
             try:
-                kind, body = protocol.decode(frames[1:])
-                if kind is not Msg.TASKS:
-                    raise ProtocolError(f"unexpected {kind.name} on a direct socket")
-                entries = protocol.decode_tasks(frames[1:], body)
-                origins = [protocol.decode_origin(e.frames[0]) if e.frames else None for e in entries]
-            except ProtocolError as exc:
-                log.warning("dropped a message on a direct socket: %s", exc)
+                _, uid = _peer(conn)
+            except OSError:
+                uid = -1
+            if uid != os.getuid():  # docs/SECURITY.md: only the same user (the directory is 0700 too)
+                log.warning("direct socket: refused a peer of uid %d", uid)
+                conn.close()
                 continue
-            for e, origin in zip(entries, origins, strict=True):
-                if origin is None:
+            self.conns[conn.fileno()] = conn
+            self.epoll.register(conn.fileno(), select.EPOLLIN)
+
+    def _close(self, conn: socket.socket) -> None:
+        fd = conn.fileno()
+        self.conns.pop(fd, None)
+        try:
+            self.epoll.unregister(fd)
+        except OSError:
+            pass
+        conn.close()
+
+    def drain(self, local: Any) -> None:
+        """Queue the tasks drivers sent us (their driver tells the broker of them)."""
+        for fd, _ in self.epoll.poll(0):
+            if fd == self.listener.fileno():
+                self._accept()
+                continue
+            conn = self.conns.get(fd)
+            while conn is not None:
+                try:
+                    n = conn.recv_into(self._buf, PACKET_MAX + 1, socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    n = 0
+                if n == 0:  # the driver left
+                    self._close(conn)
+                    break
+                try:
+                    frames = _frames(bytes(self._buf[:n]))
+                    kind, body = protocol.decode(frames)
+                    if kind is not Msg.TASKS:
+                        raise ProtocolError(f"unexpected {kind.name} on a direct socket")
+                    entries = protocol.decode_tasks(frames, body)
+                    origins = [protocol.decode_origin(e.frames[0]) if e.frames else None for e in entries]
+                except ProtocolError as exc:
+                    log.warning("dropped a message on a direct socket: %s", exc)
                     continue
-                self.routes[e.id] = origin  # answered on the driver's I/O socket, not the sender's
-                local.append(TaskEntry(e.id, e.max_retries, e.timeout_s, e.frames[1:], 0))
+                for e, origin in zip(entries, origins, strict=True):
+                    if origin is None:
+                        continue
+                    self.routes[e.id] = (conn, origin[1])
+                    local.append(TaskEntry(e.id, e.max_retries, e.timeout_s, e.frames[1:], 0))
 
     def deliver(self, done: list[ResultEntry]) -> list[ResultEntry]:
         """Results of direct tasks go to their drivers; the broker gets header-only entries for them."""
@@ -329,22 +497,29 @@ class SlotServer:
             if route is None:
                 to_broker.append(e)
                 continue
-            driver, task_id = route
+            conn, task_id = route
+            packet = _packet(protocol.encode_batch(Msg.RESULTS, [ResultEntry(task_id, e.status, e.run_s, e.frames,
+                                                                             e.flags)]))
             try:
-                self.sock.send_multipart(
-                    [driver, *protocol.encode_batch(Msg.RESULTS, [ResultEntry(task_id, e.status, e.run_s, e.frames,
-                                                                              e.flags)])],
-                    zmq.NOBLOCK, copy=False,
-                )
+                if packet is None:  # too large: by the broker; the driver's reader stops waiting on us
+                    conn.sendmsg(_packet(protocol.encode_batch(Msg.RESULTS, [ResultEntry(
+                        task_id, e.status, e.run_s, [], e.flags | Flag.DIRECT)])) or [], [], socket.MSG_DONTWAIT)
+                    to_broker.append(e)
+                    continue
+                conn.sendmsg(packet, [], socket.MSG_DONTWAIT)
                 to_broker.append(ResultEntry(e.id, e.status, e.run_s, [], e.flags | Flag.DIRECT))
-            except zmq.ZMQError:  # the driver is gone (or not reachable): the broker routes it the usual way
+            except OSError:  # the driver is gone (or not reading): the broker routes it the usual way
                 to_broker.append(e)
         if len(self.routes) > 10_000:  # keys of direct tasks cancelled before they ran
             self.routes.clear()
         return to_broker
 
     def close(self) -> None:
-        self.sock.close(linger=0)
+        for conn in list(self.conns.values()):
+            conn.close()
+        self.conns.clear()
+        self.listener.close()
+        self.epoll.close()
         try:
             os.unlink(self.path)
         except OSError:

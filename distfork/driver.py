@@ -167,6 +167,8 @@ class Driver:
         # Lone tasks go straight to a slot of the embedded cluster (distfork/direct.py), sent by submit.
         self._direct = (direct.DirectClient(self._ctx, address, self.identity, config.heartbeat_s)
                         if direct.enabled(config, address) else None)
+        if self._direct is not None:
+            self._direct.wake = self._wake
         self._thread = threading.Thread(target=self._run, name="distfork-driver-io", daemon=True)
         callback_runner.io_threads.add(self._thread)
         self._thread.start()
@@ -274,10 +276,7 @@ class Driver:
             raise DistforkError("this distfork driver was shut down while fork() waited; "
                                 "call distfork.init() to start again")
         if lone and self._direct is not None and self._direct.send(entry, time.monotonic()):
-            fut.direct = True
-            # Once the task is on its way: the I/O thread sends its notice within DIRECT_NOTICE_S (if
-            # the slot dies before the broker hears of the task, it would be run again, not failed).
-            self._wake()
+            fut.direct = True  # its DIRECT notice goes within DIRECT_NOTICE_S (send() woke the I/O thread if need be)
             return fut
         self._outgoing.append(entry)
         self._wake()
@@ -511,11 +510,19 @@ class Driver:
             return
         if d.rescan or now >= d.next_scan:
             d.scan(poller, now)
-        for s in d.sockets():
-            if s in events:
-                self._results(d.receive(s))
+        results = d.receive(poller, events)
+        if results:
+            self._results(results)
+        d.watch(poller)
         if d.notices_due(now) == 0:
             self._send_notices(sock)
+
+    def direct_wait(self, fut: Future[Any], timeout: float | None) -> None:
+        """A user thread waits for a direct task: it reads the slot's reply itself (distfork/direct.py)."""
+        if self._direct is not None:
+            results = self._direct.wait(fut.task_id, fut.done, timeout)
+            if results:
+                self._results(results)
 
     def _send_notices(self, sock: zmq.Socket[Any]) -> None:
         """The broker hears of direct tasks in batches, off their round trip, but before anything else

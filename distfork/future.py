@@ -167,6 +167,11 @@ class Future(concurrent.futures.Future, Generic[T]):  # type: ignore[type-arg]
         if not have:
             if self._reclaimer is not None:
                 self._reclaim()
+            elif self.direct:  # sent straight to a slot: this thread reads the reply itself
+                began = time.monotonic()
+                self.driver.direct_wait(self, timeout)
+                if timeout is not None:
+                    timeout = max(0.0, timeout - (time.monotonic() - began))
             try:
                 value = super().result(timeout)
             except concurrent.futures.TimeoutError as exc:

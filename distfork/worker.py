@@ -458,9 +458,9 @@ class _Slot:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(w._stop.fd, zmq.POLLIN)
-        self.direct = direct.SlotServer.open(w._ctx, w.config, w.address, self.identity)
+        self.direct = direct.SlotServer.open(w.config, w.address, self.identity)
         if self.direct is not None:
-            poller.register(self.direct.sock, zmq.POLLIN)
+            poller.register(self.direct.fd, zmq.POLLIN)
         heartbeat_ms = w.config.heartbeat_s * 1000
         threshold = w.config.oob_threshold_bytes
         self._hello(sock)
