@@ -398,6 +398,7 @@ class SlotServer:
     """
 
     def __init__(self, address: str, identity: bytes) -> None:
+        self.identity = identity
         self.path = os.path.join(_directory(address), f"{_PREFIX}{os.getpid()}-{identity.hex()}")
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         old = os.umask(0o177)  # the socket file: 0600 (its directory is 0700 already)
@@ -414,6 +415,8 @@ class SlotServer:
         self._buf = bytearray(PACKET_MAX + 1)
         # Direct tasks queued or running here: key -> (the connection it came on, the driver's task id).
         self.routes: dict[int, tuple[socket.socket, int]] = {}
+        # Their DIRECT notices, relayed by this process's nested driver if the task forks (see relay()).
+        self.relays: dict[int, TaskEntry] = {}
 
     @classmethod
     def open(cls, config: Any, address: str, identity: bytes) -> SlotServer | None:
@@ -485,6 +488,9 @@ class SlotServer:
                     if origin is None:
                         continue
                     self.routes[e.id] = (conn, origin[1])
+                    self.relays[e.id] = TaskEntry(e.id, e.max_retries, e.timeout_s,
+                                                  [protocol.encode_origin(self.identity, origin[1]), origin[0],
+                                                   *e.frames[1:]], Flag.NESTED)
                     local.append(TaskEntry(e.id, e.max_retries, e.timeout_s, e.frames[1:], 0))
 
     def deliver(self, done: list[ResultEntry]) -> list[ResultEntry]:
@@ -512,7 +518,16 @@ class SlotServer:
                 to_broker.append(e)
         if len(self.routes) > 10_000:  # keys of direct tasks cancelled before they ran
             self.routes.clear()
+            self.relays.clear()
         return to_broker
+
+    def begin(self, key: int) -> None:
+        """The slot thread starts task ``key``: if it is a direct task, a fork it makes relays its notice."""
+        _running.notice = self.relays.pop(key, None)
+
+    @staticmethod
+    def end() -> None:
+        _running.notice = None
 
     def close(self) -> None:
         for conn in list(self.conns.values()):
@@ -524,6 +539,27 @@ class SlotServer:
             os.unlink(self.path)
         except OSError:
             pass
+
+
+#: The DIRECT notice of the direct task this slot thread runs, until a fork of it takes it.
+_running = threading.local()
+
+
+def relay() -> TaskEntry | None:
+    """From ``fork()`` inside a task: the notice of the direct task running in this thread, once.
+
+    Its driver holds its notice back (``DIRECT_NOTICE_S``); children the task
+    forks would reach the broker first, and the broker, thinking the slot free,
+    could queue them behind their own parent. The nested driver sends this
+    notice on its own socket ahead of the children (the same socket: in order).
+    Its first frame names the slot and the driver's task id, its second the
+    driver; ``Flag.NESTED`` says it is relayed. The broker adopts whichever
+    notice of the task comes first and ignores the other (``Adopter.seen``).
+    """
+    notice: TaskEntry | None = getattr(_running, "notice", None)
+    if notice is not None:
+        _running.notice = None
+    return notice
 
 
 def unlink(paths: Iterable[str]) -> None:
@@ -554,6 +590,9 @@ class Adopter:
         # Results of direct tasks that came before their driver's notice: key -> (status, run_s, frames,
         # flags). Only a header (Flag.DIRECT), unless the slot could not reach the driver.
         self.early: dict[int, tuple[int, float, Sequence[Any], int]] = {}
+        # Keys of the tasks adopted lately: a task that forked has two notices, its driver's and the one
+        # its slot's process relayed (see relay()); the second is ignored.
+        self.seen: dict[int, None] = {}
 
     def results(self, worker: PeerInfo, entries: list[ResultEntry]) -> list[ResultEntry]:
         """Before ``BrokerState.results``: keep the direct results whose notice has not come yet
@@ -579,9 +618,23 @@ class Adopter:
             if not e.frames:
                 raise ProtocolError("a direct task without its origin")
             slot_id, task_id = protocol.decode_origin(e.frames[0])
-            if task_id in driver.tasks:
+            payload = e.frames[1:]
+            owner: PeerInfo | None = driver
+            if e.flags & Flag.NESTED:  # relayed by the slot's process: the driver is named next
+                if len(e.frames) < 2:
+                    raise ProtocolError("a relayed direct task without its driver")
+                owner, payload = state.peers.get(bytes(e.frames[1])), e.frames[2:]
+            if e.id in self.seen:
+                del self.seen[e.id]
                 continue
-            task = Task(e.id, driver.id, task_id, e.max_retries, e.timeout_s, e.frames[1:], driver.domain,
+            if owner is None or task_id in owner.tasks:
+                continue
+            self.seen[e.id] = None
+            if len(self.seen) > 10_000:  # the other notice of most never comes: forget the oldest
+                for key in list(self.seen)[:5_000]:
+                    del self.seen[key]
+            driver = owner
+            task = Task(e.id, driver.id, task_id, e.max_retries, e.timeout_s, payload, driver.domain,
                         submitted=now)
             driver.tasks[task_id] = task
             state.counters["tasks_submitted"] += 1

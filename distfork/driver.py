@@ -166,7 +166,9 @@ class Driver:
         self._reclaimer = self._reclaim if nested else None
         # Lone tasks go straight to a slot of the embedded cluster (distfork/direct.py), sent by submit.
         self._direct = (direct.DirectClient(self._ctx, address, self.identity, config.heartbeat_s)
-                        if direct.enabled(config, address) else None)
+                        if direct.enabled(config, address) and not nested else None)
+        # Notices of the direct task this process runs, relayed ahead of its children (direct.relay).
+        self._relays: collections.deque[TaskEntry] = collections.deque()
         if self._direct is not None:
             self._direct.wake = self._wake
         self._thread = threading.Thread(target=self._run, name="distfork-driver-io", daemon=True)
@@ -278,6 +280,10 @@ class Driver:
         if lone and self._direct is not None and self._direct.send(entry, time.monotonic()):
             fut.direct = True  # its DIRECT notice goes within DIRECT_NOTICE_S (send() woke the I/O thread if need be)
             return fut
+        if self.nested:
+            notice = direct.relay()
+            if notice is not None:
+                self._relays.append(notice)  # before the child: _flush sends it first
         self._outgoing.append(entry)
         self._wake()
         return fut
@@ -529,6 +535,9 @@ class Driver:
         we send it: then it never hands their slots another task of ours, and a cancel finds the task."""
         if self._direct is not None and self._direct.notices:
             sock.send_multipart(protocol.encode_batch(Msg.DIRECT, self._direct.take_notices()), copy=False)
+        if self._relays:
+            relays = [self._relays.popleft() for _ in range(len(self._relays))]
+            sock.send_multipart(protocol.encode_batch(Msg.DIRECT, relays), copy=False)
 
     def _handshake(self, watch: security.HandshakeWatch) -> None:
         text = watch.check()
@@ -553,6 +562,7 @@ class Driver:
         while out:
             batch = [out.popleft() for _ in range(min(len(out), BATCH_MAX))]
             self._send_codes(sock)  # a package shipped just before a task of this batch was appended
+            self._send_notices(sock)  # a notice relayed just before a task of this batch was appended
             multipart.send(sock, protocol.encode_batch(Msg.SUBMIT, batch))
         if self.shares.drops:
             self.shares.flush(sock)

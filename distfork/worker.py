@@ -482,6 +482,8 @@ class _Slot:
                 started = time.perf_counter()
                 pool = w.pool if e.flags & Flag.RESULT_SHM else None
                 self.running = (e.id, time.monotonic() + e.timeout_s if e.timeout_s > 0 else None)
+                if self.direct is not None:
+                    self.direct.begin(e.id)
                 self.sock = sock
                 frames: Sequence[Any] = e.frames
                 deps: Sequence[Sequence[Any]] = ()
@@ -514,6 +516,7 @@ class _Slot:
                         else:
                             os.environ["CUDA_VISIBLE_DEVICES"] = visible
                     self.running = None
+                    direct.SlotServer.end()
                 if scope is not None:  # its trace note: where and when it ran, what it forked
                     _trace.leave(outer)
                     try:
