@@ -279,7 +279,7 @@ class Broker:
             elif kind is _RESULTS and p.role is _WORKER:
                 results = _trace.take_notes(p, protocol.decode_results(frames, body), now)
                 self.metrics.results_in(p, results, now)
-                results = self.direct.results(p, results)
+                results = self.direct.results(self.state, p, results)
                 for e in results:
                     if e.flags & Flag.OUTPUT:  # its last lines may come after it, by another socket
                         self._route_output(p, e.id)

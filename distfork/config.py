@@ -183,7 +183,7 @@ class Config:
     #: The direct path (distfork/direct.py): a lone fork of a driver of the embedded cluster goes
     #: straight to an idle worker slot over a private ipc:// socket, not through the broker (which is
     #: still told of it). ``DISTFORK_DIRECT=0``: every task goes through the broker.
-    direct: bool = False
+    direct: bool = True
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Config:

@@ -61,7 +61,7 @@ import zmq
 from . import protocol, security
 from .config import DIRECT_NOTICE_S
 from .errors import ProtocolError
-from .protocol import Flag, Msg, ResultEntry, TaskEntry
+from .protocol import Flag, Msg, ResultEntry, Status, TaskEntry
 
 if TYPE_CHECKING:
     from .broker_state import BrokerState, PeerInfo
@@ -192,6 +192,7 @@ class DirectClient:
         self.conns: dict[str, _Conn] = {}  # socket file -> the connection to that slot
         self._closed = False
         self.busy: dict[int, _Conn] = {}  # task id -> the slot it was sent to, no result from there yet
+        self.keys: dict[int, int] = {}  # task id -> its key (while busy)
         self.ready = False
         self.rescan = True
         # DIRECT notices not sent yet, and when the oldest was made (see config.DIRECT_NOTICE_S).
@@ -244,6 +245,7 @@ class DirectClient:
             self.conns.pop(conn.name, None)
             for task_id in [i for i, c in self.busy.items() if c is conn]:
                 del self.busy[task_id]
+                self.keys.pop(task_id, None)
         with conn.reading:  # a user thread reading it lets go first (it sees ``dead``)
             conn.dead = True
             conn.sock.close()
@@ -270,6 +272,7 @@ class DirectClient:
                     self.rescan = True
                     continue
                 self.busy[e.id] = conn
+                self.keys[e.id] = key
                 woke = not self.notices
                 if woke:
                     self.notices_at = now
@@ -280,6 +283,23 @@ class DirectClient:
                     self.wake()  # the I/O thread sets its clock for the notices (already set otherwise)
                 return True
             return False
+
+    def route(self, task_id: int) -> bool:
+        """From a user thread: a call names this direct task's future, so its value must reach the
+        broker (which holds it for the call, as on the broker path): ask its slot to send the result
+        there. False if it is not running here any more. If the slot answered us first, the broker
+        asks the driver to send the call again with the value (RESUBMIT, as in that race on the
+        broker path)."""
+        with self._lock:
+            conn, key = self.busy.get(task_id), self.keys.get(task_id)
+            if conn is None or key is None or conn.dead:
+                return False
+            packet = _packet(protocol.encode_cancel([key], Msg.DIRECT))
+            try:
+                conn.sock.sendmsg(packet or [], [], socket.MSG_DONTWAIT)
+            except OSError:
+                return False
+            return True
 
     def notices_due(self, now: float) -> float | None:
         """Seconds until the notices must go (0: now), None if there are none."""
@@ -320,6 +340,7 @@ class DirectClient:
             for e in out:
                 if self.busy.get(e.id) is conn:
                     del self.busy[e.id]
+                    self.keys.pop(e.id, None)
         # A header only (Flag.DIRECT): the result was too large for the channel and comes by the broker.
         return [e for e in out if not e.flags & Flag.DIRECT]
 
@@ -338,7 +359,10 @@ class DirectClient:
                 slice_s = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
                 if slice_s <= 0:
                     break
-                r, _, _ = select.select([conn.fd], [], [], slice_s)
+                try:
+                    r, _, _ = select.select([conn.fd], [], [], slice_s)
+                except (OSError, ValueError):  # closed meanwhile (the driver shuts down)
+                    break
                 if r:
                     out += self._read(conn, block=False)
         finally:
@@ -415,6 +439,8 @@ class SlotServer:
         self._buf = bytearray(PACKET_MAX + 1)
         # Direct tasks queued or running here: key -> (the connection it came on, the driver's task id).
         self.routes: dict[int, tuple[socket.socket, int]] = {}
+        self._local: Any = None  # the slot's task queue (drain)
+        self.via_broker: set[int] = set()  # keys of those whose result goes by the broker all the same
         # Their DIRECT notices, relayed by this process's nested driver if the task forks (see relay()).
         self.relays: dict[int, TaskEntry] = {}
 
@@ -459,6 +485,7 @@ class SlotServer:
 
     def drain(self, local: Any) -> None:
         """Queue the tasks drivers sent us (their driver tells the broker of them)."""
+        self._local = local
         for fd, _ in self.epoll.poll(0):
             if fd == self.listener.fileno():
                 self._accept()
@@ -477,6 +504,9 @@ class SlotServer:
                 try:
                     frames = _frames(bytes(self._buf[:n]))
                     kind, body = protocol.decode(frames)
+                    if kind is Msg.DIRECT:  # their results go by the broker: a call takes them (route())
+                        self.via_broker.update(protocol.decode_cancel(body))
+                        continue
                     if kind is not Msg.TASKS:
                         raise ProtocolError(f"unexpected {kind.name} on a direct socket")
                     entries = protocol.decode_tasks(frames, body)
@@ -497,6 +527,8 @@ class SlotServer:
         """Results of direct tasks go to their drivers; the broker gets header-only entries for them."""
         if not self.routes:
             return done
+        if self._local is not None:  # a driver may have asked meanwhile for results by the broker (route())
+            self.drain(self._local)
         to_broker: list[ResultEntry] = []
         for e in done:
             route = self.routes.pop(e.id, None)
@@ -507,18 +539,21 @@ class SlotServer:
             packet = _packet(protocol.encode_batch(Msg.RESULTS, [ResultEntry(task_id, e.status, e.run_s, e.frames,
                                                                              e.flags)]))
             try:
-                if packet is None:  # too large: by the broker; the driver's reader stops waiting on us
+                if packet is None or e.id in self.via_broker:  # by the broker; the driver's reader stops waiting
+                    self.via_broker.discard(e.id)
                     conn.sendmsg(_packet(protocol.encode_batch(Msg.RESULTS, [ResultEntry(
                         task_id, e.status, e.run_s, [], e.flags | Flag.DIRECT)])) or [], [], socket.MSG_DONTWAIT)
                     to_broker.append(e)
                     continue
                 conn.sendmsg(packet, [], socket.MSG_DONTWAIT)
                 to_broker.append(ResultEntry(e.id, e.status, e.run_s, [], e.flags | Flag.DIRECT))
-            except OSError:  # the driver is gone (or not reading): the broker routes it the usual way
+            except OSError as exc:  # the driver is gone (or not reading): the broker routes it the usual way
+                log.info("direct result of task %d goes by the broker: %s", task_id, exc)
                 to_broker.append(e)
         if len(self.routes) > 10_000:  # keys of direct tasks cancelled before they ran
             self.routes.clear()
             self.relays.clear()
+            self.via_broker.clear()
         return to_broker
 
     def begin(self, key: int) -> None:
@@ -594,13 +629,19 @@ class Adopter:
         # its slot's process relayed (see relay()); the second is ignored.
         self.seen: dict[int, None] = {}
 
-    def results(self, worker: PeerInfo, entries: list[ResultEntry]) -> list[ResultEntry]:
+    def results(self, state: BrokerState, worker: PeerInfo, entries: list[ResultEntry]) -> list[ResultEntry]:
         """Before ``BrokerState.results``: keep the direct results whose notice has not come yet
         (the driver batches its notices: usually the result comes first); the others go on."""
         if not any(e.id >= _KEY_BASE for e in entries):
             return entries
         rest = []
         for e in entries:
+            task = worker.assigned.get(e.id) if e.flags & Flag.DIRECT else None
+            if task is not None and task.dependents:
+                # Calls name it, but its value went straight to the driver (it answered before its
+                # slot heard of them, see DirectClient.route): the driver sends them again with it.
+                self._resubmit(state, task.dependents)
+                task.dependents = None
             if e.id >= _KEY_BASE and e.id not in worker.assigned:
                 if len(self.early) > 100_000:  # notices that never came (their driver left)
                     self.early.clear()
@@ -608,6 +649,15 @@ class Adopter:
             else:
                 rest.append(e)
         return rest
+
+    @staticmethod
+    def _resubmit(state: BrokerState, dependents: Sequence[Any]) -> None:
+        from .broker_state import TaskState
+
+        for d in dependents:
+            if d.state is TaskState.WAITING:
+                state.counters["tasks_resubmitted"] += 1
+                state._finish(d, Status.RESUBMIT, 0.0, [])
 
     def adopt(self, state: BrokerState, driver: PeerInfo, entries: Sequence[TaskEntry], now: float) -> None:
         """A driver sent these tasks straight to slots: they are its tasks, assigned to those slots."""
@@ -645,10 +695,11 @@ class Adopter:
                 status, run_s, frames, flags = early
                 state._finish(task, status, run_s, frames, flags)
             elif worker is not None:
-                if worker.assigned:
-                    # Handed to the slot before we heard of this task (children it forked, typically):
-                    # they wait behind it there, and it may wait for them. Take them back.
-                    waiting = list(worker.assigned.values())
+                # Handed to the slot before we heard of this task (children it forked from a thread of
+                # its own, not relayed): they wait behind it there, and it may wait for them. Take them
+                # back. Not direct tasks: the slot has those already (their results are on the way).
+                waiting = [t for t in worker.assigned.values() if t.key < _KEY_BASE]
+                if waiting:
                     state._cancels.setdefault(worker.id, []).extend(t.key for t in waiting)
                     for t in reversed(waiting):
                         del worker.assigned[t.key]

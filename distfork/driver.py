@@ -196,11 +196,11 @@ class Driver:
     def reference(self, fut: Future[Any]) -> bool:
         """Whether a future among a call's arguments can go as a reference the broker resolves:
         one of our tasks, unfinished or held there."""
-        if fut.driver is not self or self.nested or fut.direct:
-            # A task that forks resolves its futures itself: it may run them (see _reclaim). A direct
-            # task's value never stays in the broker: the call waits for it here.
-            return False
+        if fut.driver is not self or self.nested:
+            return False  # a task that forks resolves its futures itself: it may run them (see _reclaim)
         task_id = fut.task_id
+        if fut.direct and self._direct is not None and not fut.done():
+            return bool(self._direct.route(task_id))  # its slot sends its value to the broker, which holds it
         return (task_id in self._inflight and not fut.done()) or (task_id in self.held and fut.held)
 
     def referrer(self, deps: list[Future[Any]]) -> Callable[[Any], int | None]:

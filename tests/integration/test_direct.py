@@ -29,12 +29,14 @@ pytestmark = pytest.mark.timeout(60)
 T = 30.0
 
 
-def settled() -> dict[str, Any]:
+def settled(direct: int = 0) -> dict[str, Any]:
     """The broker's status once it has heard every result of ours (a direct result reaches the driver
-    before its header reaches the broker)."""
+    before its header reaches the broker) and of at least ``direct`` direct tasks (the driver's
+    notices come within DIRECT_NOTICE_S)."""
     def status() -> dict[str, Any] | None:
         s = query_status(embedded_cluster().address)
-        return s if all(d["unfinished"] == 0 for d in s["drivers"]) else None
+        heard = s["counters"].get("tasks_direct", 0) >= direct
+        return s if heard and all(d["unfinished"] == 0 for d in s["drivers"]) else None
     return wait_until(status, 10, what="the broker to hear of every result")  # type: ignore[no-any-return]
 
 
@@ -73,7 +75,7 @@ def test_lone_forks_take_the_direct_path_and_the_broker_counts_them(direct_clust
         assert distfork.wait(distfork.fork(tasks.add, i, 1), timeout=T) == i + 1
     with pytest.raises(ValueError, match="boom"):  # a raising task: its exception comes back the same way
         distfork.wait(distfork.fork(tasks.raise_value_error, "boom"), timeout=T)
-    after = settled()
+    after = settled(before["counters"]["tasks_direct"] + 21)
     c0, c1 = before["counters"], after["counters"]
     assert c1["tasks_direct"] - c0["tasks_direct"] == 21
     assert c1["tasks_submitted"] - c0["tasks_submitted"] == 21
@@ -127,22 +129,25 @@ def test_cancel_of_a_running_direct_task_ends_its_worker(direct_cluster: list[in
     assert distfork.wait(distfork.fork(tasks.getpid), timeout=T) != pid
 
 
-def test_future_arguments_work_and_a_task_naming_a_future_takes_the_broker_path(
+def test_a_call_naming_a_running_direct_task_gets_its_value_from_the_broker_which_holds_it(
     direct_cluster: list[int], tmp_path: Path
 ) -> None:
+    """As on the broker path: the value goes from task to task and the driver gets a notice (held)."""
     c0 = counters()
     started, gate = tmp_path / "started", tmp_path / "gate"
     first = distfork.fork(tasks.announce_and_wait, str(started), str(gate))  # lone: direct
-    second = distfork.fork(tasks.add, first, 10)  # names a direct task: forked once it is done
     pid = started_pid(started)
+    second = distfork.fork(tasks.add, first, 10)  # names it while it runs: its slot sends the value to the broker
     producer = distfork.fork(tasks.add, 2, 3)  # not lone: by the broker
     dependent = distfork.fork(tasks.add, producer, 1)  # a reference the broker resolves
     assert distfork.wait(dependent, timeout=T) == 6
-    c1 = counters()
-    assert c1["tasks_direct"] - c0["tasks_direct"] == 1  # only `first`
-    assert c1["tasks_submitted"] - c0["tasks_submitted"] == 3
     gate.touch()
     assert distfork.wait(second, timeout=T) == pid + 10
+    assert first.held and distfork.wait(first) == pid
+    c1 = settled(c0["tasks_direct"] + 1)["counters"]
+    assert c1["tasks_direct"] - c0["tasks_direct"] == 1  # only `first`
+    assert c1["tasks_submitted"] - c0["tasks_submitted"] == 4
+    assert c1.get("results_held", 0) - c0.get("results_held", 0) >= 2  # `first` and `producer`
 
 
 def test_timeout_s_of_a_direct_task_fails_it_and_replaces_its_worker(

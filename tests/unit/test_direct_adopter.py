@@ -6,7 +6,7 @@ from state_outbox import dispatch, outbox
 from test_broker_state import W1, W2, driver, make_state, submit, worker
 
 from distfork.direct import _KEY_BASE, Adopter
-from distfork.protocol import DEFAULT_RETRIES, Flag, ResultEntry, Status, TaskEntry, encode_origin
+from distfork.protocol import DEFAULT_RETRIES, Flag, ResultEntry, Status, TaskEntry, encode_deps, encode_origin
 
 KEY = _KEY_BASE + 12345
 
@@ -25,7 +25,7 @@ def test_a_noticed_task_is_assigned_to_its_slot_and_its_header_completes_it_with
     adopter.adopt(state, d, [notice(W1, 1)], now=0.1)
     assert list(w.assigned) == [KEY] and 1 in d.tasks
     assert dispatch(state) == {}  # nothing sent to the slot: it has the task already
-    state.results(w, adopter.results(w, [header()]), now=0.2)
+    state.results(w, adopter.results(state, w, [header()]), now=0.2)
     results, _ = outbox(state)
     assert results == {}  # the driver has its result already
     assert d.done == 1 and not d.tasks and state.counters["tasks_direct"] == 1
@@ -35,7 +35,7 @@ def test_a_noticed_task_is_assigned_to_its_slot_and_its_header_completes_it_with
 def test_a_header_before_its_notice_is_kept_and_completes_the_task_when_the_notice_comes() -> None:
     state, adopter = make_state(), Adopter()
     d, w = driver(state), worker(state)
-    assert adopter.results(w, [header()]) == []
+    assert adopter.results(state, w, [header()]) == []
     adopter.adopt(state, d, [notice(W1, 1)], now=0.1)
     assert not w.assigned and not d.tasks and d.done == 1
     assert state.counters["tasks_succeeded"] == 1 and outbox(state)[0] == {}
@@ -63,3 +63,29 @@ def test_tasks_handed_to_a_slot_before_its_notice_are_taken_back() -> None:
     assert len(cancels[W1]) == 1  # the slot drops the child ...
     w2 = worker(state, W2, n=2)
     assert [t.task_id for t in dispatch(state)[w2.id]] == [7]  # ... which runs elsewhere
+
+
+def test_a_call_naming_a_direct_task_whose_value_went_to_the_driver_is_sent_again() -> None:
+    """The driver asked the slot for the value by the broker (a call names the task), but the slot
+    had answered the driver already: the broker, with only a header, asks for the call again."""
+    state, adopter = make_state(), Adopter()
+    d, w = driver(state), worker(state)
+    adopter.adopt(state, d, [notice(W1, 1)], now=0.1)
+    state.submit(d, [TaskEntry(2, DEFAULT_RETRIES, 0.0, [encode_deps([1]), b"call-2"], Flag.DEPS)], now=0.1)
+    state.results(w, adopter.results(state, w, [header()]), now=0.2)
+    results, _ = outbox(state)
+    assert [(e.id, e.status) for e in results[d.id]] == [(2, Status.RESUBMIT)]  # the header is not routed
+    assert not d.tasks and state.counters["tasks_resubmitted"] == 1
+
+
+def test_a_relayed_notice_and_its_drivers_notice_adopt_the_task_once() -> None:
+    """A direct task that forks: its slot's process relays its notice ahead of its children."""
+    state, adopter = make_state(), Adopter()
+    d, w = driver(state), worker(state)
+    relayed = TaskEntry(KEY, DEFAULT_RETRIES, 0.0, [encode_origin(W1, 1), d.id, b"call"], Flag.NESTED)
+    adopter.adopt(state, driver(state, b"nested-driver"), [relayed], now=0.1)
+    assert list(w.assigned) == [KEY] and 1 in d.tasks
+    adopter.adopt(state, d, [notice(W1, 1)], now=0.2)  # the second: ignored
+    assert list(w.assigned) == [KEY]
+    state.results(w, adopter.results(state, w, [header()]), now=0.3)
+    assert state.counters["tasks_direct"] == 1 and d.done == 1 and not d.tasks and not w.assigned
