@@ -1,46 +1,49 @@
-"""The direct path: a lone fork goes from the driver straight to an idle worker slot.
+"""The direct path: a lone fork goes from the calling thread straight to an idle worker slot.
 
 ::
 
-     driver                                 worker slot thread                 broker
-     ┌──────────────────────┐ TASKS (ipc, ┌─────────────────────────────┐     ┌──────────────────────┐
-     │ fork(): a sender     │ private dir)│ SlotServer: queue it like   │     │                      │
-     │ DEALER per slot, lock│ ──────────▶ │ any task; its result goes   │     │                      │
-     │ I/O thread: a DEALER │ ◀────────── │ to the driver, a header     │ ──▶ │ Flag.DIRECT result:  │
-     │ per slot, receives   │   RESULTS   │ (Flag.DIRECT) to the broker │     │ counted, not routed  │
-     │ I/O thread: notices  │ ─────────── DIRECT notices (≤ 1 ms) ────────────▶│ adopt(): the task is │
-     └──────────────────────┘                                                  │ ASSIGNED to the slot │
-                                                                               └──────────────────────┘
+     driver                                   worker slot thread                 broker
+     ┌────────────────────────┐ TASKS packet ┌────────────────────────────┐     ┌──────────────────────┐
+     │ fork(): user thread    │ ───────────▶ │ SlotServer: an epoll fd in │     │                      │
+     │ result(): the waiting  │ ◀─────────── │ its zmq.Poller; queue it   │     │                      │
+     │ user thread reads it   │ RESULTS, same│ like any task; a header    │ ──▶ │ Flag.DIRECT result:  │
+     │ (else the I/O thread)  │ connection   │ (Flag.DIRECT) to the broker│     │ counted, not routed  │
+     │ I/O thread: notices    │ ─────────── DIRECT notices (≤ 1 ms) ────────────▶│ adopt(): the task is │
+     └────────────────────────┘  AF_UNIX SOCK_SEQPACKET, cluster's 0700 dir,      │ ASSIGNED to the slot │
+                                 file 0600, SO_PEERCRED checked on both ends      └──────────────────────┘
 
 ``wait(fork(f, x))`` crosses the broker twice on the broker path (driver ->
 broker -> worker -> broker -> driver: four ZeroMQ messages, two broker
-turns). Here it is one message each way, sent by ``fork()`` itself. The
+turns, about ten thread wake-ups). Here the user thread writes one packet
+and the slot thread answers on the same connection to the thread that
+waits: user thread -> slot thread -> user thread, no libzmq I/O thread. The
 broker still knows every task: within ``DIRECT_NOTICE_S`` (1 ms, batched),
 and always before anything else the driver sends it, the I/O thread sends a
 ``DIRECT`` notice (the task's key, the slot, its own task id and the
 payload), so the notice is ahead of anything the driver submits later (the
-broker never hands that slot another task of ours meanwhile). From there the
+broker never hands that slot another task of ours meanwhile). A task that
+forks relays its notice ahead of its children (``relay``). From there the
 task is an ordinary task assigned to that slot:
 
-- the slot's process dies mid-task: the broker re-queues it (it has the
-  payload) or fails it with ``WorkerLostError``, and the result reaches the
-  driver by the broker path, exactly as for a task the broker dispatched; a
-  notice that comes after the slot's loss queues the task as a retry;
+- the slot's process dies mid-task: the connection hangs up, the broker
+  re-queues the task (it has the payload) or fails it with
+  ``WorkerLostError``, and the result reaches the driver by the broker path;
+  a notice that comes after the slot's loss queues the task as a retry;
 - ``fut.cancel()`` and ``timeout_s``: the broker aborts the slot's task by
   its key, as always; ``distfork status`` counts it;
 - the slot's result header may reach the broker before the notice: it is
   kept (``Adopter.early``) and the notice then completes the task at once;
+- a call naming a running direct task: its slot sends the value to the
+  broker, which holds it for the call (``DirectClient.route``);
 - broker restart: the driver re-submits every unfinished task, direct ones
   too; the driver completes a future once, whichever result comes first.
 
 Which tasks: only when the driver has nothing else in flight (so every slot
 of its embedded cluster is idle and none is held back from other work: there
-is no lease to revoke), and only plain calls: no future arguments, resources,
-trace, shared-memory arguments, shipped code, not forked inside a task.
-Everything else takes the broker path. Results come back as frames (never a
-shared-memory segment). Only for a driver of the embedded cluster: the
-slots bind ``ipc://`` sockets in the cluster's private 0700 directory (the
-broker's, see ``security.private_ipc``), files 0600, no TCP port.
+is no lease to revoke), only plain calls (no future arguments, resources,
+trace, shared-memory arguments, shipped code, not forked inside a task) and
+at most ``PACKET_MAX`` bytes. Everything else takes the broker path. Only for
+a driver of the embedded cluster (``security.private_ipc``): no TCP port.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 import distfork
+import distfork.direct
 import tasks
 from conftest import wait_until
 from distfork.status import query_status
@@ -162,3 +163,24 @@ def test_timeout_s_of_a_direct_task_fails_it_and_replaces_its_worker(
                what=f"worker {pid} to end itself")
     c = counters()
     assert c["tasks_timed_out"] == 1 and c.get("tasks_retried", 0) == 0
+
+
+def test_the_slot_sockets_are_private_files_of_the_clusters_directory_and_check_their_peer(
+    direct_cluster: list[int]
+) -> None:
+    """docs/SECURITY.md: 0600 files in the cluster's 0700 directory, no TCP port, a same-uid peer."""
+    import socket
+    import stat
+
+    address = embedded_cluster().address
+    directory = Path(address[len("ipc://"):]).parent
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    files = sorted(directory.glob("direct-*"))
+    assert len(files) == 2 and {int(f.name.split("-")[1]) for f in files} == set(direct_cluster)
+    assert all(stat.S_ISSOCK(f.stat().st_mode) and stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files)
+    for pid in direct_cluster:
+        assert not [c for c in psutil.Process(pid).net_connections("tcp")]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+        s.connect(str(files[0]))
+        pid, uid = distfork.direct._peer(s)
+        assert uid == os.getuid() and pid == int(files[0].name.split("-")[1])
