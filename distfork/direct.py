@@ -49,6 +49,7 @@ a driver of the embedded cluster (``security.private_ipc``): no TCP port.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import select
@@ -443,6 +444,12 @@ class SlotServer:
         # Direct tasks queued or running here: key -> (the connection it came on, the driver's task id).
         self.routes: dict[int, tuple[socket.socket, int]] = {}
         self._local: Any = None  # the slot's task queue (drain)
+        # Result headers (Flag.DIRECT) of direct tasks answered, held back up to DIRECT_NOTICE_S: sent
+        # with the next message to the broker, off the round trip (the broker's turn would compete with
+        # the waiting driver thread for the cores). If the process dies meanwhile, the broker runs the
+        # task again (its driver drops the second result): at least once, as any task of a lost worker.
+        self.headers: list[ResultEntry] = []
+        self.headers_at = 0.0
         self.via_broker: set[int] = set()  # keys of those whose result goes by the broker all the same
         # Their DIRECT notices, relayed by this process's nested driver if the task forks (see relay()).
         self.relays: dict[int, TaskEntry] = {}
@@ -549,7 +556,9 @@ class SlotServer:
                     to_broker.append(e)
                     continue
                 conn.sendmsg(packet, [], socket.MSG_DONTWAIT)
-                to_broker.append(ResultEntry(e.id, e.status, e.run_s, [], e.flags | Flag.DIRECT))
+                if not self.headers:
+                    self.headers_at = time.monotonic()
+                self.headers.append(ResultEntry(e.id, e.status, e.run_s, [], e.flags | Flag.DIRECT))
             except OSError as exc:  # the driver is gone (or not reading): the broker routes it the usual way
                 log.info("direct result of task %d goes by the broker: %s", task_id, exc)
                 to_broker.append(e)
@@ -557,7 +566,19 @@ class SlotServer:
             self.routes.clear()
             self.relays.clear()
             self.via_broker.clear()
+        if to_broker:  # a message goes to the broker anyway: the headers ride along
+            to_broker += self.take_headers()
         return to_broker
+
+    def take_headers(self) -> list[ResultEntry]:
+        headers, self.headers = self.headers, []
+        return headers
+
+    def poll_ms(self, heartbeat_ms: float) -> int:
+        """How long the slot thread may sleep: until its held-back headers are due, at most a heartbeat."""
+        if not self.headers:
+            return int(heartbeat_ms)
+        return max(0, math.ceil((self.headers_at + DIRECT_NOTICE_S - time.monotonic()) * 1000))
 
     def begin(self, key: int) -> None:
         """The slot thread starts task ``key``: if it is a direct task, a fork it makes relays its notice."""

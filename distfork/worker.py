@@ -450,6 +450,11 @@ class _Slot:
             w.stop()
         finally:
             if self.direct is not None:
+                if self.direct.headers:
+                    try:
+                        sock.send_multipart(protocol.encode_batch(Msg.RESULTS, self.direct.take_headers()), zmq.NOBLOCK)
+                    except zmq.ZMQError:
+                        pass
                 self.direct.close()
             sock.close(linger=_LINGER_MS)
 
@@ -468,7 +473,10 @@ class _Slot:
         local = self.local
         while not w._stopping:
             if not local:
-                if not poller.poll(int(heartbeat_ms)):
+                if not poller.poll(int(heartbeat_ms) if self.direct is None else self.direct.poll_ms(heartbeat_ms)):
+                    if self.direct is not None and self.direct.headers:  # direct results' headers, due
+                        sock.send_multipart(protocol.encode_batch(Msg.RESULTS, self.direct.take_headers()), copy=False)
+                        continue
                     sock.send_multipart(protocol.encode_signal(Msg.HEARTBEAT))
                     continue
             self._drain(sock)
@@ -479,6 +487,8 @@ class _Slot:
                 if e.id in w.cancelled:
                     w.cancelled.discard(e.id)
                     continue
+                if self.direct is not None and self.direct.headers:  # before a task that may run long
+                    sock.send_multipart(protocol.encode_batch(Msg.RESULTS, self.direct.take_headers()), copy=False)
                 started = time.perf_counter()
                 pool = w.pool if e.flags & Flag.RESULT_SHM else None
                 self.running = (e.id, time.monotonic() + e.timeout_s if e.timeout_s > 0 else None)
@@ -543,6 +553,9 @@ class _Slot:
                 raise RuntimeError("results to send but no task socket: _flush before _serve ran a task")
             if self.direct is not None:  # direct tasks' results go to their drivers, a header to the broker
                 self.done = self.direct.deliver(self.done)
+                if not self.done and not self.notes:  # headers only: held back (SlotServer.poll_ms)
+                    self.worker.finished_a_task()
+                    return
             for e in self.done:
                 if len(e.frames) == 2:  # [stream, manifest]: its segment becomes the driver's now
                     name = shm.segment_of(e.frames)
