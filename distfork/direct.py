@@ -204,6 +204,7 @@ class DirectClient:
         self.notices_at = 0.0
         self.urgent = False  # a task with timeout_s: its slot may end it any moment, by its key
         self.wake: Any = None  # the driver's wake-up of its I/O thread (set by the driver)
+        self.shm = False  # the driver uses shared memory (set by the driver)
 
     def _connect(self, name: str) -> _Conn | None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -258,7 +259,9 @@ class DirectClient:
         """From a user thread: send a task to a slot with none of ours (its DIRECT notice waits in
         :attr:`notices` for the I/O thread); False if no slot takes it now (the broker path then)."""
         key = _KEY_BASE + random.getrandbits(61)
-        task = TaskEntry(key, e.max_retries, e.timeout_s, [protocol.encode_origin(self._identity, e.id), *e.frames], 0)
+        # The slot is on our host: large results come back in shared memory, if we use it.
+        task = TaskEntry(key, e.max_retries, e.timeout_s, [protocol.encode_origin(self._identity, e.id), *e.frames],
+                         Flag.RESULT_SHM if self.shm else 0, os.getpid() if self.shm else 0)
         packet = _packet(protocol.encode_batch(Msg.TASKS, [task]))
         if packet is None:
             return False
@@ -531,7 +534,8 @@ class SlotServer:
                     self.relays[e.id] = TaskEntry(e.id, e.max_retries, e.timeout_s,
                                                   [protocol.encode_origin(self.identity, origin[1]), origin[0],
                                                    *e.frames[1:]], Flag.NESTED)
-                    local.append(TaskEntry(e.id, e.max_retries, e.timeout_s, e.frames[1:], 0))
+                    local.append(TaskEntry(e.id, e.max_retries, e.timeout_s, e.frames[1:], e.flags & Flag.RESULT_SHM,
+                                           e.pid))
 
     def deliver(self, done: list[ResultEntry]) -> list[ResultEntry]:
         """Results of direct tasks go to their drivers; the broker gets header-only entries for them."""

@@ -171,6 +171,7 @@ class Driver:
         self._relays: collections.deque[TaskEntry] = collections.deque()
         if self._direct is not None:
             self._direct.wake = self._wake
+            self._direct.shm = self.shm_domain is not None
         self._thread = threading.Thread(target=self._run, name="distfork-driver-io", daemon=True)
         callback_runner.io_threads.add(self._thread)
         self._thread.start()

@@ -551,16 +551,16 @@ class _Slot:
         if self.done:
             if self.sock is None:  # set before the first task runs, so before any result
                 raise RuntimeError("results to send but no task socket: _flush before _serve ran a task")
-            if self.direct is not None:  # direct tasks' results go to their drivers, a header to the broker
-                self.done = self.direct.deliver(self.done)
-                if not self.done and not self.notes:  # headers only: held back (SlotServer.poll_ms)
-                    self.worker.finished_a_task()
-                    return
             for e in self.done:
                 if len(e.frames) == 2:  # [stream, manifest]: its segment becomes the driver's now
                     name = shm.segment_of(e.frames)
                     if name is not None:
                         shm.hand_over(name)
+            if self.direct is not None:  # direct tasks' results go to their drivers, a header to the broker
+                self.done = self.direct.deliver(self.done)
+                if not self.done and not self.notes:  # headers only: held back (SlotServer.poll_ms)
+                    self.worker.finished_a_task()
+                    return
             if self.notes:
                 self.done.insert(0, protocol.notes_entry(self.notes))
                 self.notes = []
