@@ -422,6 +422,7 @@ class _Slot:
         self.received: dict[int, float] = {}
         self.notes: list[bytes] = []
         self.direct: direct.SlotServer | None = None  # lone tasks drivers send us straight (distfork/direct.py)
+        self._poller: zmq.Poller | None = None
 
     def _hello(self, sock: zmq.Socket[Any]) -> None:
         w = self.worker
@@ -463,9 +464,7 @@ class _Slot:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(w._stop.fd, zmq.POLLIN)
-        self.direct = direct.SlotServer.open(w.config, w.address, self.identity)
-        if self.direct is not None:
-            poller.register(self.direct.fd, zmq.POLLIN)
+        self._poller = poller  # the direct socket joins it once the broker knows us (WELCOME)
         heartbeat_ms = w.config.heartbeat_s * 1000
         threshold = w.config.oob_threshold_bytes
         self._hello(sock)
@@ -624,6 +623,10 @@ class _Slot:
                         self._last_hello = now
                 elif kind is Msg.WELCOME:
                     self.worker.welcomed(protocol.decode_json(body))
+                    if self.direct is None and self._poller is not None:  # only now: a notice must find us
+                        self.direct = direct.SlotServer.open(self.worker.config, self.worker.address, self.identity)
+                        if self.direct is not None:
+                            self._poller.register(self.direct.fd, zmq.POLLIN)
                 elif kind is Msg.RECYCLE:
                     names = protocol.decode_json(body).get("names") or []
                     self.worker.take_back([n for n in names if isinstance(n, str)])
