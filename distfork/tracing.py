@@ -61,9 +61,12 @@ from .protocol import (
     decode_driver_note,
     driver_note_packer,
     encode_framed_worker_note,
+    fixed_driver_note_packer,
+    fixed_worker_notes,
     framed_worker_note_packer,
     split_notes,
 )
+from .protocol import notes_entry as protocol_notes_entry
 
 if TYPE_CHECKING:
     from .broker_state import PeerInfo
@@ -100,6 +103,7 @@ class _Local(threading.local):
     """
 
     scope: list[Record] | None = None
+    lazy = False  # a worker's traced task runs in this thread: its first fork makes its scope (open_task)
 
 
 _local = _Local()
@@ -307,6 +311,8 @@ def begin(func: Any, args: Sequence[Any], kwargs: dict[str, Any], light: bool = 
     """
     global _records
     scope = _local.scope
+    if scope is None and _local.lazy:  # the first fork of a worker's traced task: its scope, now
+        scope = _local.scope = []
     if scope is None:
         if not _tracers:
             return None
@@ -329,7 +335,51 @@ def begin(func: Any, args: Sequence[Any], kwargs: dict[str, Any], light: bool = 
 
 def capture() -> list[Record] | None:
     """The scope of the running traced task in this thread (to fork into it from a callback later)."""
-    return _local.scope if ACTIVE else None
+    if not ACTIVE:
+        return None
+    scope = _local.scope
+    if scope is None and _local.lazy:
+        scope = _local.scope = []
+    return scope
+
+
+def open_task() -> None:
+    """A worker's traced task starts in this thread: the forks it makes are its children (recorded
+    from its first fork on: most tasks fork nothing, and pay no scope). The process keeps ``ACTIVE``
+    on from then on, which costs its untraced forks one lookup. :func:`close_task` when it returns."""
+    global ACTIVE, _scoped
+    _local.lazy = True
+    _scoped = ACTIVE = True
+
+
+def close_task(key: int, started: float, finished: float, frames_in: Sequence[Any],
+               frames_out: Sequence[Any]) -> bytes:
+    """The traced task ``key`` that :func:`open_task` began returned: its trace note, with its head.
+
+    ``started``, ``finished``: the worker's ``time.perf_counter()`` stamps
+    of its run (turned into wall-clock time here, with an offset that
+    :func:`notes_entry` refreshes once a batch)."""
+    _local.lazy = False
+    kids = _local.scope
+    wall = _wall
+    if kids is None:
+        if len(frames_in) == 1 and len(frames_out) == 1:  # mostly: one pack, no more calls
+            return _PACK_NOTE(key, _NOTE_SIZE, started + wall, finished + wall, len(frames_in[0]),
+                              len(frames_out[0]), 1, 1)
+        kids = _NO_CHILDREN
+    else:
+        _local.scope = None
+    return worker_note(key, started + wall, finished + wall, frames_in, frames_out, kids)
+
+
+def notes_entry(notes: Sequence[bytes]) -> ResultEntry:
+    """A worker's notes, joined into the entry that goes first in its RESULTS batch."""
+    global _wall
+    _wall = time.time() - time.perf_counter()  # for the next notes: the wall clock may have been set
+    return protocol_notes_entry(notes)
+
+
+_wall = time.time() - time.perf_counter()  # what to add to a worker's perf_counter() stamps: wall-clock
 
 
 def enter(scope: list[Record], sticky: bool = True) -> list[Record] | None:
@@ -403,20 +453,19 @@ def payload(frames: Sequence[Any]) -> tuple[int, int]:
     return sum(map(len, frames)), 3 if n else 0
 
 
-def worker_note(key: int, recv: float, start: float, end: float, frames_in: Sequence[Any],
-                frames_out: Sequence[Any], children: list[Record]) -> bytes:
-    """What a worker reports of traced task ``key`` it ran, with its head: one of the notes that go
-    first in its next RESULTS (``protocol.notes_entry``)."""
+def worker_note(key: int, start: float, end: float, frames_in: Sequence[Any], frames_out: Sequence[Any],
+                children: list[Record]) -> bytes:
+    """What a worker reports of traced task ``key`` it ran (wall-clock times), with its head: one of
+    the notes that go first in its next RESULTS (:func:`notes_entry`)."""
     if not children and len(frames_in) == 1 and len(frames_out) == 1:  # mostly: one pack, no more calls
-        pack, size = _WORKER_NOTE
-        return pack(key, size, recv, start, end, len(frames_in[0]), len(frames_out[0]), 1, 1)
+        return _PACK_NOTE(key, _NOTE_SIZE, start, end, len(frames_in[0]), len(frames_out[0]), 1, 1)
     in_b, in_path = payload(frames_in)
     out_b, out_path = payload(frames_out)
     kids = json.dumps([c.to_json() for c in children], separators=(",", ":")).encode() if children else b""
-    return encode_framed_worker_note(key, recv, start, end, in_b, out_b, in_path, out_path, kids)
+    return encode_framed_worker_note(key, start, end, in_b, out_b, in_path, out_path, kids)
 
 
-_WORKER_NOTE = framed_worker_note_packer()
+_PACK_NOTE, _NOTE_SIZE = framed_worker_note_packer()
 
 
 def take_notes(worker: PeerInfo, entries: list[ResultEntry], now: float) -> list[ResultEntry]:
@@ -433,7 +482,8 @@ def take_notes(worker: PeerInfo, entries: list[ResultEntry], now: float) -> list
     try:
         if len(head.frames) != 1:
             raise ProtocolError(f"trace notes in {len(head.frames)} frames, expected 1")
-        notes = split_notes(head.frames[0])
+        fixed = fixed_worker_notes(head.frames[0], head.pid)
+        notes = split_notes(head.frames[0]) if fixed is None else []
     except ProtocolError as exc:
         log.warning("dropped the trace notes of a RESULTS batch from %s: %s", worker.info.get("name"), exc)
         return entries[1:]
@@ -442,9 +492,19 @@ def take_notes(worker: PeerInfo, entries: list[ResultEntry], now: float) -> list
     wall = time.time() - time.monotonic()
     back = now + wall  # the broker's stamps of the batch: once, not once per note
     n_who = len(who)
+    assigned = worker.assigned
+    if fixed is not None:  # no note carries nested records: each driver note is one pack, from one C loop
+        fpack, fsize = fixed_driver_note_packer(n_who)
+        for key, _, start, end, in_b, out_b, in_p, out_p in fixed:
+            task = assigned.get(key)
+            if task is not None and task.trace:
+                losses = task.losses
+                task.note = fpack(task.task_id, fsize, task.submitted + wall, task.dispatched + wall, back,
+                                  losses if losses < 65535 else 65535, n_who, who, start, end, in_b, out_b, in_p,
+                                  out_p)
+        return entries[1:]
     pack, size = _DRIVER_NOTE
     size += n_who
-    assigned = worker.assigned
     for key, note in notes:
         task = assigned.get(key)
         if task is not None and task.trace:
@@ -529,8 +589,9 @@ def _parse_note(rec: Record, note: bytes) -> None:
     fields, who_json, kids = decode_driver_note(note)
     try:
         who = _who(bytes(who_json))
-        b_recv, b_disp, b_ret, losses, w_recv, w_start, w_end, in_b, out_b, in_p, out_p = fields
-        rec.remote = (*who, b_recv, b_disp, b_ret, losses, w_recv, w_start, w_end, in_b, _path(in_p), out_b,
+        b_recv, b_disp, b_ret, losses, w_start, w_end, in_b, out_b, in_p, out_p = fields
+        # (the row's worker-received field, kept for saved traces, is its start: the worker stamps no more)
+        rec.remote = (*who, b_recv, b_disp, b_ret, losses, w_start, w_start, w_end, in_b, _path(in_p), out_b,
                       _path(out_p))
         if kids:
             children = json.loads(bytes(kids))
