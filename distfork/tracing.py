@@ -311,7 +311,7 @@ def begin(func: Any, args: Sequence[Any], kwargs: dict[str, Any], light: bool = 
     """
     global _records
     scope = _local.scope
-    if scope is None and _local.lazy:  # the first fork of a worker's traced task: its scope, now
+    if scope is None and _scoped and _local.lazy:  # the first fork of a worker's traced task: its scope, now
         scope = _local.scope = []
     if scope is None:
         if not _tracers:
@@ -533,11 +533,52 @@ def note_received(rec: Record | None, frame: Any) -> None:
         rec.note = bytes(frame)
 
 
-def notes_of(entries: Sequence[ResultEntry], traced: dict[int, Pending]) -> tuple[bytes | None, Sequence[ResultEntry]]:
-    """The driver's I/O thread, on RESULTS that start with trace notes: (the notes, as one bytes
-    object, the results).
+class _Batch:
+    """The traced results of one RESULTS message, as a driver's I/O thread finishes them: their notes
+    as one bytes object, when they arrived, and, for each fork of one group of traces that ended
+    well, its task id and its :data:`Pending` tuple (two appends per fork: :func:`finish`). The
+    traces of that group keep it as one ring entry (``Trace._batch``) and split it when read."""
 
-    The notes stay as they came, one bytes object per batch, which each of the batch's forks keeps
+    __slots__ = ("blob", "done", "driver", "flags", "group", "ids", "recs")
+
+    def __init__(self, blob: bytes, done: float) -> None:
+        self.blob = blob
+        self.done = done
+        self.driver = ""
+        self.group = -1  # not yet handed to the traces of a group (open)
+        self.ids: list[int] = []
+        self.recs: list[tuple[Any, ...]] = []
+        self.flags: dict[int, int] | None = None  # nonzero result flags (HELD), by task id
+
+    def open(self, group: int, driver: str) -> bool:
+        """Its first fork, of traces ``group``: into their rings. False if it went to another group."""
+        if self.group != -1:
+            return False
+        self.group, self.driver = group, driver
+        for ref in _groups.get(group, ()):
+            t = ref()
+            if t is not None:
+                t._batch(self)
+        return True
+
+    def sliced(self, cut: int) -> _Batch:
+        """A copy without its first ``cut`` forks (a ring that is full drops them)."""
+        b = _Batch(self.blob, self.done)
+        b.driver, b.group, b.flags, b.ids, b.recs = self.driver, self.group, self.flags, self.ids[cut:], self.recs[cut:]
+        return b
+
+    def entries(self) -> list[tuple[Any, ...]]:
+        """Its forks as :func:`finish`'s per-fork ring tuples."""
+        flags = self.flags or {}
+        return [(self.driver, task_id, p[4], p[0], p[1], p[2], self.done, 0, flags.get(task_id, 0), "", self.blob)
+                for task_id, p in zip(list(self.ids), list(self.recs), strict=False)]  # one half added: left
+
+
+def notes_of(entries: Sequence[ResultEntry], traced: dict[int, Pending]) -> tuple[_Batch | None, Sequence[ResultEntry]]:
+    """The driver's I/O thread, on RESULTS that start with trace notes: (the notes, as a
+    :class:`_Batch` that collects the batch's traced forks, the results).
+
+    The notes stay as they came, one bytes object per batch, which the batch's forks share
     (:func:`finish`); a trace splits them when it is read. Only Records (forks made in a traced
     task's scope, in a worker process) take their own note now.
     """
@@ -553,7 +594,7 @@ def notes_of(entries: Sequence[ResultEntry], traced: dict[int, Pending]) -> tupl
             rec = traced.get(task_id)
             if isinstance(rec, Record):
                 rec.note = bytes(note)
-    return blob, entries[1:]
+    return (None if blob is None else _Batch(blob, time.time())), entries[1:]
 
 
 def again(rec: Pending, task_id: int) -> Pending:
@@ -564,12 +605,23 @@ def again(rec: Pending, task_id: int) -> Pending:
 
 
 def finish(rec: Pending, code: int, flags: int, fut: Any, driver: str, task_id: int,
-           notes: bytes | None = None) -> None:
+           notes: _Batch | bytes | None = None) -> None:
     """A traced fork's result (or cancel) arrived (the driver's I/O thread, after its future completed):
-    into the ring of each trace open when it was forked, as one tuple of plain values.
+    into the ring of each trace open when it was forked, as one tuple of plain values, or, mostly,
+    as two appends to the batch it came with.
 
     ``notes``: the trace notes of the message its result came with (:func:`notes_of`).
     """
+    if isinstance(notes, _Batch):
+        if code == 0 and isinstance(rec, tuple) and (rec[3] == notes.group or notes.open(rec[3], driver)):
+            notes.ids.append(task_id)
+            notes.recs.append(rec)
+            if flags:
+                if notes.flags is None:
+                    notes.flags = {}
+                notes.flags[task_id] = flags
+            return
+        notes = notes.blob
     if not isinstance(rec, tuple):
         rec.finish(code, flags, fut)
         return
@@ -579,10 +631,7 @@ def finish(rec: Pending, code: int, flags: int, fut: Any, driver: str, task_id: 
     for ref in _groups.get(group, ()):
         t = ref()
         if t is not None:
-            done = t._done
-            if len(done) == t.capacity:
-                t.dropped += 1
-            done.append(frozen)
+            t._keep(frozen)
 
 
 def _parse_note(rec: Record, note: bytes) -> None:
@@ -658,8 +707,12 @@ class Trace:
         if capacity < 1:
             raise ValueError(f"capacity={capacity}: a trace keeps at least one fork")
         self.capacity = capacity
-        # Finished forks, frozen (Record.freeze), in the order they finished; unfinished ones apart.
-        self._done: deque[tuple[Any, ...]] = deque(maxlen=capacity)
+        # Finished forks, frozen (Record.freeze, finish's tuples) or a batch of them (_Batch), in the
+        # order they finished, ``_kept`` forks in all (and those of ``_open``, the batch that may still
+        # grow); unfinished ones apart.
+        self._done: deque[tuple[Any, ...] | _Batch] = deque()
+        self._kept = 0
+        self._open: _Batch | None = None
         self._pending: set[Record] = set()
         self._me = (self,)
         self.dropped = 0
@@ -673,9 +726,42 @@ class Trace:
 
     def _finished(self, rec: Record, frozen: tuple[Any, ...]) -> None:
         self._pending.discard(rec)
-        if len(self._done) == self.capacity:
-            self.dropped += 1
-        self._done.append(frozen)
+        self._keep(frozen)
+
+    def _keep(self, entry: tuple[Any, ...]) -> None:
+        """One finished fork into the ring."""
+        self._settle()
+        self._done.append(entry)
+        self._kept += 1
+        self._trim()
+
+    def _batch(self, batch: _Batch) -> None:
+        """A batch of finished forks into the ring: it grows until the next entry comes."""
+        self._settle()
+        self._done.append(batch)
+        self._open = batch
+
+    def _settle(self) -> None:
+        batch = self._open
+        if batch is not None:
+            self._open = None
+            self._kept += len(batch.ids)
+            self._trim()
+
+    def _trim(self) -> None:
+        """The oldest forks drop out (counted) while more than ``capacity`` are kept."""
+        done = self._done
+        while self._kept > self.capacity:
+            first = done[0]
+            over = self._kept - self.capacity
+            if isinstance(first, _Batch) and len(first.ids) > over:  # a batch, partly
+                done[0] = first.sliced(over)
+                n = over
+            else:
+                done.popleft()
+                n = len(first.ids) if isinstance(first, _Batch) else 1
+            self._kept -= n
+            self.dropped += n
 
     def __enter__(self) -> Trace:
         self.started = time.time()
@@ -704,7 +790,9 @@ class Trace:
         ids: dict[str, int] = {}
         pending_deps: list[tuple[TaskInfo, list[str]]] = []
         split: dict[int, dict[int, memoryview]] = {}
-        records = [self._thaw(t, split) for t in list(self._done)] + list(self._pending.copy()) + self._unfinished()
+        records = [self._thaw(e, split) for t in list(self._done)
+                   for e in (t.entries() if isinstance(t, _Batch) else (t,))]
+        records += list(self._pending.copy()) + self._unfinished()
         records.sort(key=lambda r: r.submit)
         for rec in records:
             self._flatten(rec, 0.0, None, None, out, ids, pending_deps)

@@ -12,7 +12,7 @@ from distfork import protocol, tracing
 from distfork.broker_state import BrokerState, PeerInfo
 from distfork.config import Config
 from distfork.errors import ProtocolError
-from distfork.protocol import Flag, ResultEntry, TaskEntry
+from distfork.protocol import Flag, ResultEntry, Status, TaskEntry
 
 
 def _remote(b: tuple[float, float, float], w: tuple[float, float, float], worker: str = "w/0") -> tuple[Any, ...]:
@@ -367,6 +367,29 @@ def test_a_fork_sent_again_keeps_its_first_id_for_the_forks_that_took_it_and_a_b
     a, b = t.tasks()
     assert (a.func, b.func, b.deps) == ("len", "sum", [a.id])
     assert a.worker == "" and t.bad_notes == 1  # its batch's notes were cut short: left out, counted
+
+
+def test_a_batchs_forks_are_two_appends_each_and_one_ring_entry_that_drops_its_oldest_when_full() -> None:
+    driver = _Driver("drv")
+    t = tracing.Trace(capacity=5).__enter__()
+    try:
+        forks = {i: tracing.begin(len, (), {}, light=True) for i in range(1, 9)}
+    finally:
+        t.close()
+    note = protocol.encode_driver_note(_BROKER, _WHO, protocol.encode_worker_note(*_WORKER))
+    blob = protocol.encode_notes([(i, note) for i in range(1, 9)])
+    for ids in ((1, 2, 3), (4, 5, 6, 7, 8)):
+        batch, rest = tracing.notes_of([blob, *(ResultEntry(i, 0, 0.0, [b""]) for i in ids)], driver._traced)
+        assert isinstance(batch, tracing._Batch) and [e.id for e in rest] == list(ids)
+        for i in ids:
+            pending = forks[i]
+            assert pending is not None
+            tracing.finish(pending, 0, int(Flag.HELD) if i == 8 else 0, None, "drv", i, batch)
+        assert batch.ids == list(ids)
+    tracing.finish(forks[1], int(Status.CANCELLED), 0, None, "drv", 9)  # one more, alone: the batches settle
+    got = [(x.func, x.worker, x.path_out, x.status) for x in t.tasks()]
+    assert got == [("len", "", "", "cancelled")] + [("len", "w/0", "shm", "ok")] * 3 + [("len", "w/0", "held", "ok")]
+    assert t.dropped == 4 and len(t._done) == 2  # batch 1 dropped whole, batch 2 cut to its last 4
 
 
 def test_the_ring_of_driver_forks_keeps_the_latest_and_counts_the_rest() -> None:
