@@ -310,15 +310,19 @@ def begin(func: Any, args: Sequence[Any], kwargs: dict[str, Any], light: bool = 
     ``light`` (a driver will send it): a fork of the open traces gets a :data:`Pending` tuple instead.
     """
     global _records
-    scope = _local.scope
+    # A thread has a scope only in a process that ran a traced task or entered one: not a driver's.
+    scope = _local.scope if _scoped or _entered else None
     if scope is None and _scoped and _local.lazy:  # the first fork of a worker's traced task: its scope, now
         scope = _local.scope = []
     if scope is None:
         if not _tracers:
             return None
-        if light:
-            deps = _deps_of(args, kwargs) if args or kwargs else _NO_DEPS
-            return (_name_of(func), tuple(deps) if deps else (), time.time(), _group, ())
+        if light:  # (_name_of inlined: a call is a tenth of this path)
+            name = getattr(func, "__qualname__", None) or type(func).__qualname__
+            if args or kwargs:
+                deps = _deps_of(args, kwargs)
+                return (str(name), tuple(deps) if deps else (), time.time(), _group, ())
+            return (str(name), (), time.time(), _group, ())
     rec = Record(_name_of(func), _deps_of(args, kwargs), time.time())
     if scope is not None:
         _records = True
