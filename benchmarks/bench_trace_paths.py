@@ -71,7 +71,6 @@ def main() -> None:
             head = tracing.notes_entry(notes)
         return bytes(head.frames[0])
 
-    tracing._local.lazy = False
     tasks = {k: types.SimpleNamespace(trace=256, submitted=1.0, dispatched=2.0, losses=0, task_id=k, note=None)
              for k in range(1, size + 1)}
     peer: Any = types.SimpleNamespace(info={"name": "w/0", "host": "h", "pid": 9}, assigned=tasks)

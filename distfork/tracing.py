@@ -103,10 +103,12 @@ class _Local(threading.local):
     """
 
     scope: list[Record] | None = None
-    lazy = False  # a worker's traced task runs in this thread: its first fork makes its scope (open_task)
 
 
 _local = _Local()
+# ``_local.scope`` while a worker's traced task runs and has forked nothing yet (open_task): its
+# first fork makes its own list (most tasks fork nothing, and pay for no list). Never appended to.
+_LAZY: list[Record] = []
 
 _STATUS = {int(s): s.name.lower() for s in Status}
 _HELD = int(Flag.HELD)
@@ -344,7 +346,7 @@ def begin(func: Any, args: Sequence[Any], kwargs: dict[str, Any], light: bool = 
     global _records
     # A thread has a scope only in a process that ran a traced task or entered one: not a driver's.
     scope = _local.scope if _scoped or _entered else None
-    if scope is None and _scoped and _local.lazy:  # the first fork of a worker's traced task: its scope, now
+    if scope is _LAZY:  # the first fork of a worker's traced task: its scope, now
         scope = _local.scope = []
     if scope is None:
         if not _tracers:
@@ -376,7 +378,7 @@ def capture() -> list[Record] | None:
     if not ACTIVE:
         return None
     scope = _local.scope
-    if scope is None and _local.lazy:
+    if scope is _LAZY:
         scope = _local.scope = []
     return scope
 
@@ -386,7 +388,7 @@ def open_task() -> None:
     from its first fork on: most tasks fork nothing, and pay no scope). The process keeps ``ACTIVE``
     on from then on, which costs its untraced forks one lookup. :func:`close_task` when it returns."""
     global ACTIVE, _scoped
-    _local.lazy = True
+    _local.scope = _LAZY
     _scoped = ACTIVE = True
 
 
@@ -397,16 +399,14 @@ def close_task(key: int, started: float, finished: float, frames_in: Sequence[An
     ``started``, ``finished``: the worker's ``time.perf_counter()`` stamps
     of its run (turned into wall-clock time here, with an offset that
     :func:`notes_entry` refreshes once a batch)."""
-    _local.lazy = False
     kids = _local.scope
+    _local.scope = None
     wall = _wall
-    if kids is None:
+    if kids is _LAZY or kids is None:
         if len(frames_in) == 1 and len(frames_out) == 1:  # mostly: one pack, no more calls
             return _PACK_NOTE(key, _NOTE_SIZE, started + wall, finished + wall, len(frames_in[0]),
                               len(frames_out[0]), 1, 1)
         kids = _NO_CHILDREN
-    else:
-        _local.scope = None
     return worker_note(key, started + wall, finished + wall, frames_in, frames_out, kids)
 
 
@@ -577,13 +577,14 @@ class _Batch:
     well, its task id and its :data:`Pending` tuple (two appends per fork: :func:`finish`). The
     traces of that group keep it as one ring entry (``Trace._batch``) and split it when read."""
 
-    __slots__ = ("blob", "done", "driver", "flags", "group", "ids", "recs")
+    __slots__ = ("blob", "done", "driver", "flags", "group", "ids", "kind", "recs")
 
     def __init__(self, blob: bytes, done: float) -> None:
         self.blob = blob
         self.done = done
         self.driver = ""
         self.group = -1  # not yet handed to the traces of a group (open)
+        self.kind = -1.0  # the kind number (imaginary part) of a complex Pending of that group
         self.ids: list[int] = []
         self.recs: list[tuple[Any, ...] | complex] = []
         self.flags: dict[int, int] | None = None  # nonzero result flags (HELD), by task id
@@ -657,10 +658,20 @@ def finish(rec: Pending, code: int, flags: int, fut: Any, driver: str, task_id: 
     ``notes``: the trace notes of the message its result came with (:func:`notes_of`).
     """
     if isinstance(notes, _Batch):
+        if code == 0 and isinstance(rec, complex) and rec.imag == notes.kind:  # mostly: as the one before
+            notes.ids.append(task_id)
+            notes.recs.append(rec)
+            if flags:
+                if notes.flags is None:
+                    notes.flags = {}
+                notes.flags[task_id] = flags
+            return
         if code == 0 and not isinstance(rec, Record):
             if isinstance(rec, complex):
                 kind = _kinds.get(int(rec.imag))
                 group = -2 if kind is None else kind[1]  # -2: its traces are all gone
+                if group >= 0 and (group == notes.group or notes.group == -1):
+                    notes.kind = rec.imag
             else:
                 group = rec[3]
             if group == notes.group or (group >= 0 and notes.open(group, driver)):

@@ -188,20 +188,19 @@ def test_the_broker_forwards_notes_without_nested_forks_in_one_pack_each_the_sam
 def test_a_workers_traced_task_pays_for_a_scope_only_when_it_forks() -> None:
     tracing.open_task()
     try:
-        assert tracing._local.scope is None  # nothing made until it forks
+        assert tracing._local.scope is tracing._LAZY  # nothing made until it forks
         note = tracing.close_task(5, 1.0, 2.0, [b"x"], [b"y"])
         assert len(note) == protocol.fixed_driver_note_packer(0)[1] - protocol.driver_note_packer()[1] + 12
         tracing.open_task()
         rec = tracing.begin(len, ([],), {})
         assert isinstance(rec, tracing.Record) and tracing._local.scope == [rec]
         note = tracing.close_task(6, 1.0, 2.0, [b"x"], [b"y"])
-        assert tracing._local.scope is None and not tracing._local.lazy
+        assert tracing._local.scope is None
         ((key, body),) = protocol.split_notes(note)
         fields, kids = protocol.decode_worker_note(body)
         assert key == 6 and fields[2:] == (1, 1, 1, 1) and json.loads(bytes(kids))[0]["f"] == "len"
         assert fields[1] - fields[0] == pytest.approx(1.0)  # perf_counter stamps, now wall-clock
     finally:
-        tracing._local.lazy = False
         tracing._local.scope = None
         tracing._scoped = False  # as a process that never ran a traced task
         tracing._refresh()
