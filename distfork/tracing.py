@@ -3,15 +3,15 @@
 ::
 
     driver process                     broker                            worker process
-    fork() ─ (name, deps, submit) ─ SUBMIT+TRACE ─▶ Task(submitted, ─ TASKS+TRACE ─▶ slot: received,
-      │      a tuple of plain values              dispatched)              started, finished, bytes
-      │                                                                    in/out, forks made (JSON)
+    fork() ─ (name, submit): ─ SUBMIT+TRACE ─▶ Task(submitted, ─ TASKS+TRACE ─▶ slot: started,
+      │      one number (Pending)               dispatched)                finished, bytes in/out,
+      │                                                                    forks made (JSON)
       │                                    take_notes: its head  ◀── RESULTS ─── [notes entry, results...]
-      │                                    + the worker's note,
-      ▼                                    not decoded
+      │                                    + the worker's fields
+      ▼                                    (one pack each)
           ◀── RESULTS [notes entry (id 0, Flag.TRACE), results...] ──
-    notes_of (the batch's notes: one bytes), finish ─▶ Trace: a ring of tuples ─▶ tasks() (splits the
-                                                                     notes), graph, save() (Chrome), report()
+    notes_of (a _Batch: the notes, one bytes), finish (two appends) ─▶ Trace: a ring of batches ─▶
+                                                  tasks() (splits the notes), graph, save() (Chrome), report()
 
 Only tasks forked inside a ``with distfork.trace()`` block (or inside a task
 that was) carry ``Flag.TRACE``: the broker and the worker add timings to
