@@ -408,3 +408,21 @@ def test_a_workers_note_has_one_layout_on_its_quick_path_and_with_forks_or_many_
     ((key, note),) = protocol.split_notes(full)
     fields, kids = protocol.decode_worker_note(note)
     assert key == 5 and fields == (2.0, 3.0, 40, 3, 1, 3) and json.loads(bytes(kids))[0]["f"] == "g"
+
+
+def test_the_names_behind_pending_numbers_go_with_the_last_trace_that_could_read_them() -> None:
+    import gc
+
+    t = tracing.Trace(capacity=10).__enter__()
+    try:
+        a, b = tracing.begin(len, (), {}, light=True), tracing.begin(len, (), {}, light=True)
+    finally:
+        t.close()
+    assert isinstance(a, complex) and isinstance(b, complex) and a.imag == b.imag  # one number per name
+    kid = int(a.imag)
+    assert tracing._expand(a) == ("len", (), a.real, tracing._kinds[kid][1], ())
+    del t
+    gc.collect()
+    with tracing.Trace(capacity=10):  # the next change of traces prunes what nobody can read
+        pass
+    assert kid not in tracing._kinds and tracing._expand(a) is None
