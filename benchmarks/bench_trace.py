@@ -1,10 +1,13 @@
 """What tracing costs: no-op fork throughput untraced and inside ``distfork.trace()``, same run.
 
-    python benchmarks/bench_trace.py [--workers 2] [--throughput-n 20000] [--rounds 3]
+    python benchmarks/bench_trace.py [--workers 2] [--throughput-n 20000] [--rounds 5]
 
-Untraced and traced rounds alternate (this machine's speed drifts); the best
-round of each is kept, and the median ratio of the back-to-back pairs (steadier
-when other work shares the machine) is printed too. ProcessPoolExecutor runs alongside as the usual
+Untraced and traced rounds alternate in pairs, which of the two goes first
+alternating too (this machine's speed drifts); each round starts after a full
+garbage collection, with nothing left of the last. The best round of each is
+kept, and the median ratio of the back-to-back pairs (steadier when other work
+shares the machine) is printed too, and the median of each pair's traced
+minus untraced CPU per fork, by process. ProcessPoolExecutor runs alongside as the usual
 yardstick. The goal: traced >= 0.9x untraced; untraced unchanged (one flag
 check per fork: the line "flag check" says what it costs per fork).
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import gc
 import os
 import threading
 import time
@@ -68,6 +72,7 @@ def cpu_now() -> dict[str, float]:
 
 def measured(submit: Callable[[], Any], n: int, cpu: dict[str, list[float]]) -> float:
     """Throughput of ``n`` forks; adds each process's CPU per fork (µs) to ``cpu``."""
+    gc.collect()  # each round from the same heap: a full collection costs per object the driver holds
     before = cpu_now()
     rate = throughput(submit, n)
     after = cpu_now()
@@ -80,7 +85,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--throughput-n", type=int, default=20000)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     a = ap.parse_args()
     distfork.init(workers=a.workers)
     tputs: dict[str, list[float]] = {"ProcessPoolExecutor": [], "untraced": [], "traced": []}
@@ -92,14 +97,18 @@ def main() -> None:
         for submit in (ppe, fork):
             for _ in range(200):
                 submit().result()
-        for _ in range(a.rounds):
+        for i in range(a.rounds):
             tputs["ProcessPoolExecutor"].append(throughput(ppe, a.throughput_n))
-            tputs["untraced"].append(measured(fork, a.throughput_n, cpus["untraced"]))
-            with distfork.trace() as t:
-                tputs["traced"].append(measured(fork, a.throughput_n, cpus["traced"]))
-            tasks = t.tasks()
-            recorded = len(tasks)
-            assert all(x.status == "ok" and x.worker for x in tasks), "a traced task without its worker report"
+            for traced in (False, True) if i % 2 == 0 else (True, False):
+                if not traced:
+                    tputs["untraced"].append(measured(fork, a.throughput_n, cpus["untraced"]))
+                    continue
+                with distfork.trace() as t:
+                    tputs["traced"].append(measured(fork, a.throughput_n, cpus["traced"]))
+                tasks = t.tasks()
+                recorded = len(tasks)
+                assert all(x.status == "ok" and x.worker for x in tasks), "a traced task without its worker report"
+                del t, tasks
     distfork.shutdown()
     best = {k: max(v) for k, v in tputs.items()}
     for name, v in best.items():
@@ -116,6 +125,12 @@ def main() -> None:
         med = {k: sorted(v)[len(v) // 2] for k, v in cpu.items()}
         parts = "  ".join(f"{k} {v:5.1f}" for k, v in med.items())
         print(f"{name:<9} CPU us/fork: {parts}  total {sum(med.values()):5.1f}")
+    # What tracing adds, pair by pair (the two rounds of a pair ran back to back), then the median.
+    untraced, traced = cpus["untraced"], cpus["traced"]
+    extra = {k: sorted(t - u for u, t in zip(untraced[k], traced[k], strict=True)) for k in untraced}
+    totals = sorted(sum(traced[k][i] - untraced[k][i] for k in untraced) for i in range(len(tputs["traced"])))
+    parts = "  ".join(f"{k} {v[len(v) // 2]:+5.1f}" for k, v in extra.items())
+    print(f"traced extra (median of pairs) CPU us/fork: {parts}  total {totals[len(totals) // 2]:+5.1f}")
     check_s = min(timeit.repeat("tracing.ACTIVE", globals={"tracing": tracing}, number=1_000_000, repeat=3)) / 1e6
     print(f"flag check of an untraced fork: {check_s * 1e9:.0f} ns = {check_s * best['untraced'] * 100:.3f}% "
           f"of an untraced fork's share of the throughput; last traced round recorded {recorded} tasks")

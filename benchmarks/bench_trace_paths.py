@@ -61,12 +61,14 @@ def main() -> None:
         for _ in range(rounds):
             notes = []
             for key in range(1, size + 1):
-                scope: list[tracing.Record] = []
-                outer = tracing.enter(scope)
-                wall = time.time()
-                tracing.leave(outer)
-                notes.append(tracing.worker_note(key, wall, wall, time.time(), frames_in, frames_out, scope))
-            head = protocol.notes_entry(notes)
+                started = time.perf_counter()  # the worker stamps these anyway
+                traced = 256 & 256
+                if traced:
+                    tracing.open_task()
+                finished = time.perf_counter()
+                if traced:
+                    notes.append(tracing.close_task(key, started, finished, frames_in, frames_out))
+            head = tracing.notes_entry(notes)
         return bytes(head.frames[0])
 
     tasks = {k: types.SimpleNamespace(trace=256, submitted=1.0, dispatched=2.0, losses=0, task_id=k, note=None)
@@ -74,7 +76,7 @@ def main() -> None:
     peer: Any = types.SimpleNamespace(info={"name": "w/0", "host": "h", "pid": 9}, assigned=tasks)
 
     def broker() -> ResultEntry:
-        results = [ResultEntry(0, 0, 0.0, [worker_notes], protocol.Flag.TRACE)]
+        results = [ResultEntry(0, 0, 0.0, [worker_notes], protocol.Flag.TRACE, size)]
         results += [ResultEntry(k, 0, 0.1, [b"v"]) for k in range(1, size + 1)]
         for _ in range(rounds):
             rest = tracing.take_notes(peer, results, 5.0)

@@ -52,10 +52,11 @@ see serialize.py) is parsed by :func:`decode_manifest` only.
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import operator
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple, TypeGuard, TypeVar
 
 from .errors import ProtocolError
@@ -116,6 +117,8 @@ __all__ = [
     "encode_notes",
     "encode_signal",
     "encode_worker_note",
+    "fixed_driver_note_packer",
+    "fixed_worker_notes",
     "framed_worker_note_packer",
     "notes_entry",
     "split_notes",
@@ -556,9 +559,9 @@ def split_notes(frame: Frame) -> list[tuple[int, memoryview]]:
 
 
 # Each note.
-# Worker's: (received, started, finished, bytes in, bytes out, path in, path out), its wall-clock seconds,
-# then the JSON list of the records of the forks the task made (or nothing).
-_WORKER_NOTE = struct.Struct("!dddQQBB")
+# Worker's: (started, finished, bytes in, bytes out, path in, path out), its wall-clock seconds, then
+# the JSON list of the records of the forks the task made (or nothing).
+_WORKER_NOTE = struct.Struct("!ddQQBB")
 # Broker's, to the driver: (reached the broker, dispatched, result back: the broker's wall clock; losses;
 # length of the JSON naming the worker), that JSON, then the worker's note as it came (the broker
 # forwards it without decoding it: its fields and its JSON list).
@@ -567,26 +570,26 @@ _DRIVER_NOTE = struct.Struct("!dddHH")
 TRACE_PATHS = ("none", "inline", "shm", "frames")
 
 
-def encode_worker_note(recv: float, start: float, end: float, in_bytes: int, out_bytes: int, in_path: int,
-                       out_path: int, children: bytes = b"") -> bytes:
-    return _WORKER_NOTE.pack(recv, start, end, in_bytes, out_bytes, in_path, out_path) + children
+def encode_worker_note(start: float, end: float, in_bytes: int, out_bytes: int, in_path: int, out_path: int,
+                       children: bytes = b"") -> bytes:
+    return _WORKER_NOTE.pack(start, end, in_bytes, out_bytes, in_path, out_path) + children
 
 
 # A note with its (id, length) head, in one pack: what a worker and the broker write per task, so that
 # a batch's notes entry is one join (notes_entry), not a pack per note.
-_FRAMED_WORKER_NOTE = struct.Struct("!QIdddQQBB")
+_FRAMED_WORKER_NOTE = struct.Struct("!QIddQQBB")
 _FRAMED_DRIVER_HEAD = struct.Struct("!QIdddHH")
 
 
-def encode_framed_worker_note(key: int, recv: float, start: float, end: float, in_bytes: int, out_bytes: int,
-                              in_path: int, out_path: int, children: bytes = b"") -> bytes:
+def encode_framed_worker_note(key: int, start: float, end: float, in_bytes: int, out_bytes: int, in_path: int,
+                              out_path: int, children: bytes = b"") -> bytes:
     """A worker's note for task ``key``, with its head, ready for :func:`notes_entry`."""
-    return _FRAMED_WORKER_NOTE.pack(key, _WORKER_NOTE.size + len(children), recv, start, end, in_bytes, out_bytes,
+    return _FRAMED_WORKER_NOTE.pack(key, _WORKER_NOTE.size + len(children), start, end, in_bytes, out_bytes,
                                     in_path, out_path) + children
 
 
 def framed_worker_note_packer() -> tuple[Callable[..., bytes], int]:
-    """``(pack, size)``: ``pack(key, size + len(children), recv, start, end, in_bytes, out_bytes, in_path,
+    """``(pack, size)``: ``pack(key, size + len(children), start, end, in_bytes, out_bytes, in_path,
     out_path) + children`` is :func:`encode_framed_worker_note` without its call (a worker's hot path)."""
     return _FRAMED_WORKER_NOTE.pack, _WORKER_NOTE.size
 
@@ -598,7 +601,7 @@ def notes_entry(framed: Sequence[bytes]) -> ResultEntry:
 
 
 def decode_worker_note(frame: Frame) -> tuple[tuple[Any, ...], memoryview]:
-    """(the worker's seven fields, the JSON bytes of its nested records, maybe empty)."""
+    """(the worker's six fields, the JSON bytes of its nested records, maybe empty)."""
     view = memoryview(frame)
     if view.nbytes < _WORKER_NOTE.size:
         raise ProtocolError(f"trace note of {view.nbytes} bytes, need {_WORKER_NOTE.size}")
@@ -621,12 +624,31 @@ def driver_note_packer() -> tuple[Callable[[int, int, float, float, float, int, 
     return _FRAMED_DRIVER_HEAD.pack, _DRIVER_NOTE.size
 
 
+def fixed_worker_notes(frame: Frame, count: int) -> Iterator[tuple[Any, ...]] | None:
+    """A batch's ``count`` worker notes as tuples ``(key, length, *the six fields)``, in one C loop,
+    when none carries nested records (each of the fixed size); else None (:func:`split_notes` them)."""
+    view = memoryview(frame)
+    if count * _FRAMED_WORKER_NOTE.size != view.nbytes or not count:
+        return None
+    return _FRAMED_WORKER_NOTE.iter_unpack(view)
+
+
+@functools.lru_cache(maxsize=256)
+def fixed_driver_note_packer(who_bytes: int) -> tuple[Callable[..., bytes], int]:
+    """``(pack, size)`` for a broker forwarding a worker note of the fixed size (no nested records):
+    ``pack(task_id, size, arrived, dispatched, back, losses, who_bytes, who, *the worker's six fields)``
+    is the driver note with its head, the same bytes as :func:`driver_note_packer`'s and the note
+    joined, in one call."""
+    s = struct.Struct(f"!QIdddHH{who_bytes}s{_WORKER_NOTE.format[1:]}")
+    return s.pack, s.size - _NOTE_HEAD.size
+
+
 #: A worker's note is at least this long (the broker checks no more before it forwards one).
 WORKER_NOTE_BYTES = _WORKER_NOTE.size
 
 
 def decode_driver_note(frame: Frame) -> tuple[tuple[Any, ...], memoryview, memoryview]:
-    """(the broker's four and the worker's seven fields, the JSON naming the worker, the JSON of nested
+    """(the broker's four and the worker's six fields, the JSON naming the worker, the JSON of nested
     records or nothing); the JSON is the caller's to parse."""
     view = memoryview(frame)
     if view.nbytes < _DRIVER_NOTE.size:

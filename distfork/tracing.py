@@ -3,15 +3,15 @@
 ::
 
     driver process                     broker                            worker process
-    fork() ─ (name, deps, submit) ─ SUBMIT+TRACE ─▶ Task(submitted, ─ TASKS+TRACE ─▶ slot: received,
-      │      a tuple of plain values              dispatched)              started, finished, bytes
-      │                                                                    in/out, forks made (JSON)
+    fork() ─ (name, submit): ─ SUBMIT+TRACE ─▶ Task(submitted, ─ TASKS+TRACE ─▶ slot: started,
+      │      one number (Pending)               dispatched)                finished, bytes in/out,
+      │                                                                    forks made (JSON)
       │                                    take_notes: its head  ◀── RESULTS ─── [notes entry, results...]
-      │                                    + the worker's note,
-      ▼                                    not decoded
+      │                                    + the worker's fields
+      ▼                                    (one pack each)
           ◀── RESULTS [notes entry (id 0, Flag.TRACE), results...] ──
-    notes_of (the batch's notes: one bytes), finish ─▶ Trace: a ring of tuples ─▶ tasks() (splits the
-                                                                     notes), graph, save() (Chrome), report()
+    notes_of (a _Batch: the notes, one bytes), finish (two appends) ─▶ Trace: a ring of batches ─▶
+                                                  tasks() (splits the notes), graph, save() (Chrome), report()
 
 Only tasks forked inside a ``with distfork.trace()`` block (or inside a task
 that was) carry ``Flag.TRACE``: the broker and the worker add timings to
@@ -61,9 +61,12 @@ from .protocol import (
     decode_driver_note,
     driver_note_packer,
     encode_framed_worker_note,
+    fixed_driver_note_packer,
+    fixed_worker_notes,
     framed_worker_note_packer,
     split_notes,
 )
+from .protocol import notes_entry as protocol_notes_entry
 
 if TYPE_CHECKING:
     from .broker_state import PeerInfo
@@ -103,6 +106,9 @@ class _Local(threading.local):
 
 
 _local = _Local()
+# ``_local.scope`` while a worker's traced task runs and has forked nothing yet (open_task): its
+# first fork makes its own list (most tasks fork nothing, and pay for no list). Never appended to.
+_LAZY: list[Record] = []
 
 _STATUS = {int(s): s.name.lower() for s in Status}
 _HELD = int(Flag.HELD)
@@ -118,6 +124,9 @@ def _refresh() -> None:
         _tracers_now = now
         for k in [k for k, refs in _groups.items() if all(r() is None for r in refs)]:
             del _groups[k]  # every trace of it is gone: nobody can read what it would get
+        for k in [k for k, (_, g) in _kinds.items() if g not in _groups]:
+            del _kinds[k]
+        _kind_ids.clear()
         _group = 0
         if now:
             _group = next(_group_numbers)
@@ -296,8 +305,37 @@ def _deps_of(args: Sequence[Any], kwargs: dict[str, Any]) -> list[str]:
 #: What a driver keeps of a traced fork until its result arrives: a :class:`Record`, or, for a fork of
 #: an open trace (not of a task's scope) that a driver sends, the tuple ``(function name, dependency
 #: gids, submit time, group, earlier task ids)``: plain values, which the garbage collector stops
-#: scanning, made in a tenth of a Record's time; :func:`finish` turns it into a ring entry.
-Pending = Record | tuple[Any, ...]
+#: scanning, made in a tenth of a Record's time; :func:`finish` turns it into a ring entry. Mostly
+#: (no futures among its arguments, not sent again) not even a tuple but one ``complex``: its submit
+#: time and, as its imaginary part, the number of its (function name, group) in ``_kinds``. A tuple
+#: is a container the collector tracks until its next collection: one more per fork in flight made
+#: the driver's collections cost ~1.4 µs more per traced fork; a number is never tracked.
+Pending = Record | tuple[Any, ...] | complex
+
+# (function name, group) of the forks that a complex Pending stands for, by number; ``_kind_ids``:
+# the numbers of the current group's, by name (emptied when the group changes). Pruned with _groups.
+_kinds: dict[int, tuple[str, int]] = {}
+_kind_ids: dict[str, int] = {}
+_kind_numbers = itertools.count(1)
+
+
+def _kind(name: str) -> int:
+    """The number of ``name`` forked under the traces open now (made once per name and group)."""
+    with _lock:
+        kid = _kind_ids.get(name)
+        if kid is None:
+            kid = next(_kind_numbers)
+            _kinds[kid] = (name, _group)
+            _kind_ids[name] = kid
+    return kid
+
+
+def _expand(p: tuple[Any, ...] | complex) -> tuple[Any, ...] | None:
+    """A driver's Pending as its tuple (None: a number whose traces are all gone)."""
+    if isinstance(p, complex):
+        kind = _kinds.get(int(p.imag))
+        return None if kind is None else (kind[0], (), p.real, kind[1], ())
+    return p
 
 
 def begin(func: Any, args: Sequence[Any], kwargs: dict[str, Any], light: bool = False) -> Pending | None:
@@ -306,13 +344,21 @@ def begin(func: Any, args: Sequence[Any], kwargs: dict[str, Any], light: bool = 
     ``light`` (a driver will send it): a fork of the open traces gets a :data:`Pending` tuple instead.
     """
     global _records
-    scope = _local.scope
+    # A thread has a scope only in a process that ran a traced task or entered one: not a driver's.
+    scope = _local.scope if _scoped or _entered else None
+    if scope is _LAZY:  # the first fork of a worker's traced task: its scope, now
+        scope = _local.scope = []
     if scope is None:
         if not _tracers:
             return None
-        if light:
-            deps = _deps_of(args, kwargs) if args or kwargs else _NO_DEPS
-            return (_name_of(func), tuple(deps) if deps else (), time.time(), _group, ())
+        if light:  # (_name_of inlined: a call is a tenth of this path)
+            name = str(getattr(func, "__qualname__", None) or type(func).__qualname__)
+            if args or kwargs:
+                deps = _deps_of(args, kwargs)
+                if deps:
+                    return (name, tuple(deps), time.time(), _group, ())
+            kid = _kind_ids.get(name)
+            return complex(time.time(), _kind(name) if kid is None else kid)
     rec = Record(_name_of(func), _deps_of(args, kwargs), time.time())
     if scope is not None:
         _records = True
@@ -329,7 +375,49 @@ def begin(func: Any, args: Sequence[Any], kwargs: dict[str, Any], light: bool = 
 
 def capture() -> list[Record] | None:
     """The scope of the running traced task in this thread (to fork into it from a callback later)."""
-    return _local.scope if ACTIVE else None
+    if not ACTIVE:
+        return None
+    scope = _local.scope
+    if scope is _LAZY:
+        scope = _local.scope = []
+    return scope
+
+
+def open_task() -> None:
+    """A worker's traced task starts in this thread: the forks it makes are its children (recorded
+    from its first fork on: most tasks fork nothing, and pay no scope). The process keeps ``ACTIVE``
+    on from then on, which costs its untraced forks one lookup. :func:`close_task` when it returns."""
+    global ACTIVE, _scoped
+    _local.scope = _LAZY
+    _scoped = ACTIVE = True
+
+
+def close_task(key: int, started: float, finished: float, frames_in: Sequence[Any],
+               frames_out: Sequence[Any]) -> bytes:
+    """The traced task ``key`` that :func:`open_task` began returned: its trace note, with its head.
+
+    ``started``, ``finished``: the worker's ``time.perf_counter()`` stamps
+    of its run (turned into wall-clock time here, with an offset that
+    :func:`notes_entry` refreshes once a batch)."""
+    kids = _local.scope
+    _local.scope = None
+    wall = _wall
+    if kids is _LAZY or kids is None:
+        if len(frames_in) == 1 and len(frames_out) == 1:  # mostly: one pack, no more calls
+            return _PACK_NOTE(key, _NOTE_SIZE, started + wall, finished + wall, len(frames_in[0]),
+                              len(frames_out[0]), 1, 1)
+        kids = _NO_CHILDREN
+    return worker_note(key, started + wall, finished + wall, frames_in, frames_out, kids)
+
+
+def notes_entry(notes: Sequence[bytes]) -> ResultEntry:
+    """A worker's notes, joined into the entry that goes first in its RESULTS batch."""
+    global _wall
+    _wall = time.time() - time.perf_counter()  # for the next notes: the wall clock may have been set
+    return protocol_notes_entry(notes)
+
+
+_wall = time.time() - time.perf_counter()  # what to add to a worker's perf_counter() stamps: wall-clock
 
 
 def enter(scope: list[Record], sticky: bool = True) -> list[Record] | None:
@@ -377,9 +465,9 @@ def scoped(scope: list[Record] | None) -> Iterator[None]:
 def run_here(rec: Pending | None, where: str) -> Iterator[None]:
     """A traced task runs in this thread (inline mode, or reclaimed by a waiting task).
 
-    A :data:`Pending` tuple (a worker's own trace: rare) records no run times.
+    A :data:`Pending` tuple or number (a worker's own trace: rare) records no run times.
     """
-    if rec is None or isinstance(rec, tuple):
+    if rec is None or not isinstance(rec, Record):
         yield
         return
     rec.where = where
@@ -403,20 +491,19 @@ def payload(frames: Sequence[Any]) -> tuple[int, int]:
     return sum(map(len, frames)), 3 if n else 0
 
 
-def worker_note(key: int, recv: float, start: float, end: float, frames_in: Sequence[Any],
-                frames_out: Sequence[Any], children: list[Record]) -> bytes:
-    """What a worker reports of traced task ``key`` it ran, with its head: one of the notes that go
-    first in its next RESULTS (``protocol.notes_entry``)."""
+def worker_note(key: int, start: float, end: float, frames_in: Sequence[Any], frames_out: Sequence[Any],
+                children: list[Record]) -> bytes:
+    """What a worker reports of traced task ``key`` it ran (wall-clock times), with its head: one of
+    the notes that go first in its next RESULTS (:func:`notes_entry`)."""
     if not children and len(frames_in) == 1 and len(frames_out) == 1:  # mostly: one pack, no more calls
-        pack, size = _WORKER_NOTE
-        return pack(key, size, recv, start, end, len(frames_in[0]), len(frames_out[0]), 1, 1)
+        return _PACK_NOTE(key, _NOTE_SIZE, start, end, len(frames_in[0]), len(frames_out[0]), 1, 1)
     in_b, in_path = payload(frames_in)
     out_b, out_path = payload(frames_out)
     kids = json.dumps([c.to_json() for c in children], separators=(",", ":")).encode() if children else b""
-    return encode_framed_worker_note(key, recv, start, end, in_b, out_b, in_path, out_path, kids)
+    return encode_framed_worker_note(key, start, end, in_b, out_b, in_path, out_path, kids)
 
 
-_WORKER_NOTE = framed_worker_note_packer()
+_PACK_NOTE, _NOTE_SIZE = framed_worker_note_packer()
 
 
 def take_notes(worker: PeerInfo, entries: list[ResultEntry], now: float) -> list[ResultEntry]:
@@ -433,7 +520,8 @@ def take_notes(worker: PeerInfo, entries: list[ResultEntry], now: float) -> list
     try:
         if len(head.frames) != 1:
             raise ProtocolError(f"trace notes in {len(head.frames)} frames, expected 1")
-        notes = split_notes(head.frames[0])
+        fixed = fixed_worker_notes(head.frames[0], head.pid)
+        notes = split_notes(head.frames[0]) if fixed is None else []
     except ProtocolError as exc:
         log.warning("dropped the trace notes of a RESULTS batch from %s: %s", worker.info.get("name"), exc)
         return entries[1:]
@@ -442,9 +530,19 @@ def take_notes(worker: PeerInfo, entries: list[ResultEntry], now: float) -> list
     wall = time.time() - time.monotonic()
     back = now + wall  # the broker's stamps of the batch: once, not once per note
     n_who = len(who)
+    assigned = worker.assigned
+    if fixed is not None:  # no note carries nested records: each driver note is one pack, from one C loop
+        fpack, fsize = fixed_driver_note_packer(n_who)
+        for key, _, start, end, in_b, out_b, in_p, out_p in fixed:
+            task = assigned.get(key)
+            if task is not None and task.trace:
+                losses = task.losses
+                task.note = fpack(task.task_id, fsize, task.submitted + wall, task.dispatched + wall, back,
+                                  losses if losses < 65535 else 65535, n_who, who, start, end, in_b, out_b, in_p,
+                                  out_p)
+        return entries[1:]
     pack, size = _DRIVER_NOTE
     size += n_who
-    assigned = worker.assigned
     for key, note in notes:
         task = assigned.get(key)
         if task is not None and task.trace:
@@ -473,11 +571,58 @@ def note_received(rec: Record | None, frame: Any) -> None:
         rec.note = bytes(frame)
 
 
-def notes_of(entries: Sequence[ResultEntry], traced: dict[int, Pending]) -> tuple[bytes | None, Sequence[ResultEntry]]:
-    """The driver's I/O thread, on RESULTS that start with trace notes: (the notes, as one bytes
-    object, the results).
+class _Batch:
+    """The traced results of one RESULTS message, as a driver's I/O thread finishes them: their notes
+    as one bytes object, when they arrived, and, for each fork of one group of traces that ended
+    well, its task id and its :data:`Pending` tuple (two appends per fork: :func:`finish`). The
+    traces of that group keep it as one ring entry (``Trace._batch``) and split it when read."""
 
-    The notes stay as they came, one bytes object per batch, which each of the batch's forks keeps
+    __slots__ = ("blob", "done", "driver", "flags", "group", "ids", "kind", "recs")
+
+    def __init__(self, blob: bytes, done: float) -> None:
+        self.blob = blob
+        self.done = done
+        self.driver = ""
+        self.group = -1  # not yet handed to the traces of a group (open)
+        self.kind = -1.0  # the kind number (imaginary part) of a complex Pending of that group
+        self.ids: list[int] = []
+        self.recs: list[tuple[Any, ...] | complex] = []
+        self.flags: dict[int, int] | None = None  # nonzero result flags (HELD), by task id
+
+    def open(self, group: int, driver: str) -> bool:
+        """Its first fork, of traces ``group``: into their rings. False if it went to another group."""
+        if self.group != -1:
+            return False
+        self.group, self.driver = group, driver
+        for ref in _groups.get(group, ()):
+            t = ref()
+            if t is not None:
+                t._batch(self)
+        return True
+
+    def sliced(self, cut: int) -> _Batch:
+        """A copy without its first ``cut`` forks (a ring that is full drops them)."""
+        b = _Batch(self.blob, self.done)
+        b.driver, b.group, b.flags, b.ids, b.recs = self.driver, self.group, self.flags, self.ids[cut:], self.recs[cut:]
+        return b
+
+    def entries(self) -> list[tuple[Any, ...]]:
+        """Its forks as :func:`finish`'s per-fork ring tuples."""
+        flags = self.flags or {}
+        out = []
+        for task_id, pending in zip(list(self.ids), list(self.recs), strict=False):  # one half added: left
+            p = _expand(pending)
+            if p is not None:
+                out.append((self.driver, task_id, p[4], p[0], p[1], p[2], self.done, 0, flags.get(task_id, 0), "",
+                            self.blob))
+        return out
+
+
+def notes_of(entries: Sequence[ResultEntry], traced: dict[int, Pending]) -> tuple[_Batch | None, Sequence[ResultEntry]]:
+    """The driver's I/O thread, on RESULTS that start with trace notes: (the notes, as a
+    :class:`_Batch` that collects the batch's traced forks, the results).
+
+    The notes stay as they came, one bytes object per batch, which the batch's forks share
     (:func:`finish`); a trace splits them when it is read. Only Records (forks made in a traced
     task's scope, in a worker process) take their own note now.
     """
@@ -493,44 +638,73 @@ def notes_of(entries: Sequence[ResultEntry], traced: dict[int, Pending]) -> tupl
             rec = traced.get(task_id)
             if isinstance(rec, Record):
                 rec.note = bytes(note)
-    return blob, entries[1:]
+    return (None if blob is None else _Batch(blob, time.time())), entries[1:]
 
 
 def again(rec: Pending, task_id: int) -> Pending:
     """A traced fork the driver sends again (RESUBMIT): it keeps ``task_id`` as an earlier id."""
-    if isinstance(rec, tuple):
-        return (*rec[:4], (*rec[4], task_id))
-    return rec  # Record.bind keeps its earlier gid
+    if isinstance(rec, Record):
+        return rec  # Record.bind keeps its earlier gid
+    p = _expand(rec)
+    return rec if p is None else (*p[:4], (*p[4], task_id))
 
 
 def finish(rec: Pending, code: int, flags: int, fut: Any, driver: str, task_id: int,
-           notes: bytes | None = None) -> None:
+           notes: _Batch | bytes | None = None) -> None:
     """A traced fork's result (or cancel) arrived (the driver's I/O thread, after its future completed):
-    into the ring of each trace open when it was forked, as one tuple of plain values.
+    into the ring of each trace open when it was forked, as one tuple of plain values, or, mostly,
+    as two appends to the batch it came with.
 
     ``notes``: the trace notes of the message its result came with (:func:`notes_of`).
     """
-    if not isinstance(rec, tuple):
+    if isinstance(notes, _Batch):
+        if code == 0 and isinstance(rec, complex) and rec.imag == notes.kind:  # mostly: as the one before
+            notes.ids.append(task_id)
+            notes.recs.append(rec)
+            if flags:
+                if notes.flags is None:
+                    notes.flags = {}
+                notes.flags[task_id] = flags
+            return
+        if code == 0 and not isinstance(rec, Record):
+            if isinstance(rec, complex):
+                kind = _kinds.get(int(rec.imag))
+                group = -2 if kind is None else kind[1]  # -2: its traces are all gone
+                if group >= 0 and (group == notes.group or notes.group == -1):
+                    notes.kind = rec.imag
+            else:
+                group = rec[3]
+            if group == notes.group or (group >= 0 and notes.open(group, driver)):
+                notes.ids.append(task_id)
+                notes.recs.append(rec)
+                if flags:
+                    if notes.flags is None:
+                        notes.flags = {}
+                    notes.flags[task_id] = flags
+                return
+        notes = notes.blob
+    if isinstance(rec, Record):
         rec.finish(code, flags, fut)
         return
-    func, deps, submit, group, aliases = rec
+    p = _expand(rec)
+    if p is None:
+        return
+    func, deps, submit, group, aliases = p
     frozen = (driver, task_id, aliases, func, deps, submit, time.time(), code, flags,
               "" if code in _NO_ERROR else _error_text(fut), notes)
     for ref in _groups.get(group, ()):
         t = ref()
         if t is not None:
-            done = t._done
-            if len(done) == t.capacity:
-                t.dropped += 1
-            done.append(frozen)
+            t._keep(frozen)
 
 
 def _parse_note(rec: Record, note: bytes) -> None:
     fields, who_json, kids = decode_driver_note(note)
     try:
         who = _who(bytes(who_json))
-        b_recv, b_disp, b_ret, losses, w_recv, w_start, w_end, in_b, out_b, in_p, out_p = fields
-        rec.remote = (*who, b_recv, b_disp, b_ret, losses, w_recv, w_start, w_end, in_b, _path(in_p), out_b,
+        b_recv, b_disp, b_ret, losses, w_start, w_end, in_b, out_b, in_p, out_p = fields
+        # (the row's worker-received field, kept for saved traces, is its start: the worker stamps no more)
+        rec.remote = (*who, b_recv, b_disp, b_ret, losses, w_start, w_start, w_end, in_b, _path(in_p), out_b,
                       _path(out_p))
         if kids:
             children = json.loads(bytes(kids))
@@ -597,8 +771,12 @@ class Trace:
         if capacity < 1:
             raise ValueError(f"capacity={capacity}: a trace keeps at least one fork")
         self.capacity = capacity
-        # Finished forks, frozen (Record.freeze), in the order they finished; unfinished ones apart.
-        self._done: deque[tuple[Any, ...]] = deque(maxlen=capacity)
+        # Finished forks, frozen (Record.freeze, finish's tuples) or a batch of them (_Batch), in the
+        # order they finished, ``_kept`` forks in all (and those of ``_open``, the batch that may still
+        # grow); unfinished ones apart.
+        self._done: deque[tuple[Any, ...] | _Batch] = deque()
+        self._kept = 0
+        self._open: _Batch | None = None
         self._pending: set[Record] = set()
         self._me = (self,)
         self.dropped = 0
@@ -612,9 +790,42 @@ class Trace:
 
     def _finished(self, rec: Record, frozen: tuple[Any, ...]) -> None:
         self._pending.discard(rec)
-        if len(self._done) == self.capacity:
-            self.dropped += 1
-        self._done.append(frozen)
+        self._keep(frozen)
+
+    def _keep(self, entry: tuple[Any, ...]) -> None:
+        """One finished fork into the ring."""
+        self._settle()
+        self._done.append(entry)
+        self._kept += 1
+        self._trim()
+
+    def _batch(self, batch: _Batch) -> None:
+        """A batch of finished forks into the ring: it grows until the next entry comes."""
+        self._settle()
+        self._done.append(batch)
+        self._open = batch
+
+    def _settle(self) -> None:
+        batch = self._open
+        if batch is not None:
+            self._open = None
+            self._kept += len(batch.ids)
+            self._trim()
+
+    def _trim(self) -> None:
+        """The oldest forks drop out (counted) while more than ``capacity`` are kept."""
+        done = self._done
+        while self._kept > self.capacity:
+            first = done[0]
+            over = self._kept - self.capacity
+            if isinstance(first, _Batch) and len(first.ids) > over:  # a batch, partly
+                done[0] = first.sliced(over)
+                n = over
+            else:
+                done.popleft()
+                n = len(first.ids) if isinstance(first, _Batch) else 1
+            self._kept -= n
+            self.dropped += n
 
     def __enter__(self) -> Trace:
         self.started = time.time()
@@ -643,7 +854,9 @@ class Trace:
         ids: dict[str, int] = {}
         pending_deps: list[tuple[TaskInfo, list[str]]] = []
         split: dict[int, dict[int, memoryview]] = {}
-        records = [self._thaw(t, split) for t in list(self._done)] + list(self._pending.copy()) + self._unfinished()
+        records = [self._thaw(e, split) for t in list(self._done)
+                   for e in (t.entries() if isinstance(t, _Batch) else (t,))]
+        records += list(self._pending.copy()) + self._unfinished()
         records.sort(key=lambda r: r.submit)
         for rec in records:
             self._flatten(rec, 0.0, None, None, out, ids, pending_deps)
@@ -682,8 +895,9 @@ class Trace:
         """Our forks whose results have not arrived, from the drivers that hold them (:func:`begin`)."""
         out = []
         for d in list(DRIVERS):
-            for task_id, p in d._traced.copy().items():
-                if isinstance(p, tuple) and any(r() is self for r in _groups.get(p[3], ())):
+            for task_id, pending in d._traced.copy().items():
+                p = None if isinstance(pending, Record) else _expand(pending)
+                if p is not None and any(r() is self for r in _groups.get(p[3], ())):
                     rec = Record(p[0], list(p[1]), p[2])
                     rec.gid = f"{d.name}#{task_id}"
                     rec.aliases = tuple(f"{d.name}#{a}" for a in p[4])

@@ -418,8 +418,7 @@ class _Slot:
         # the next task is quick enough to keep holding finished results for.
         self.run_s: dict[tuple[Any, Any], float] = {}
         self.key: tuple[Any, Any] | None = None
-        # Traced tasks (Flag.TRACE): when each arrived; the notes to send with the next RESULTS.
-        self.received: dict[int, float] = {}
+        # Traced tasks (Flag.TRACE): the notes to send with the next RESULTS.
         self.notes: list[bytes] = []
         self.direct: direct.SlotServer | None = None  # lone tasks drivers send us straight (distfork/direct.py)
         self._poller: zmq.Poller | None = None
@@ -499,11 +498,9 @@ class _Slot:
                 output.begin(e.id, self.identity.hex(), w.config.output_task_bytes)
                 printed = False
                 visible = None
-                scope: list[_trace.Record] | None = None
-                if e.flags & Flag.TRACE:
-                    scope = []
-                    outer = _trace.enter(scope)  # forks the task makes are its children
-                    wall = time.time()
+                traced = e.flags & Flag.TRACE
+                if traced:
+                    _trace.open_task()  # forks the task makes are its children
                 try:
                     if e.flags & Flag.RESOURCES:  # the GPUs the broker gave it: the only ones it sees
                         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -526,14 +523,12 @@ class _Slot:
                             os.environ["CUDA_VISIBLE_DEVICES"] = visible
                     self.running = None
                     direct.SlotServer.end()
-                if scope is not None:  # its trace note: where and when it ran, what it forked
-                    _trace.leave(outer)
+                finished = time.perf_counter()
+                if traced:  # its trace note: when it ran, its bytes, what it forked
                     try:
-                        self.notes.append(_trace.worker_note(e.id, self.received.pop(e.id, wall), wall, time.time(),
-                                                             frames, out, scope))
+                        self.notes.append(_trace.close_task(e.id, started, finished, frames, out))
                     except Exception:  # noqa: BLE001 - a trace must never cost a result
                         log.exception("%s: could not write the trace note of task %d", w.where, e.id)
-                finished = time.perf_counter()
                 self._learn(finished - started)
                 if not self.done:
                     self.first_done = finished
@@ -561,7 +556,7 @@ class _Slot:
                     self.worker.finished_a_task()
                     return
             if self.notes:
-                self.done.insert(0, protocol.notes_entry(self.notes))
+                self.done.insert(0, _trace.notes_entry(self.notes))
                 self.notes = []
             self.sock.send_multipart(protocol.encode_batch(Msg.RESULTS, self.done), copy=False)
             self.done = []
@@ -603,11 +598,6 @@ class _Slot:
                 if kind is Msg.TASKS:
                     batch = protocol.decode_tasks(frames, body)
                     self.local.extend(batch)
-                    if batch and batch[0].flags & Flag.TRACE:  # a batch is traced or not as a whole, mostly
-                        if len(self.received) > 100_000:  # cancelled before they ran: forget them
-                            self.received.clear()
-                        now_wall = time.time()
-                        self.received.update((e.id, now_wall) for e in batch if e.flags & Flag.TRACE)
                 elif kind is Msg.CANCEL:
                     gone = set(protocol.decode_cancel(body))
                     self.worker.remember_cancelled(gone)

@@ -12,7 +12,7 @@ from distfork import protocol, tracing
 from distfork.broker_state import BrokerState, PeerInfo
 from distfork.config import Config
 from distfork.errors import ProtocolError
-from distfork.protocol import Flag, ResultEntry, TaskEntry
+from distfork.protocol import Flag, ResultEntry, Status, TaskEntry
 
 
 def _remote(b: tuple[float, float, float], w: tuple[float, float, float], worker: str = "w/0") -> tuple[Any, ...]:
@@ -94,7 +94,7 @@ def test_a_malformed_note_is_left_out_of_the_export_with_a_warning(caplog: pytes
 
 
 _BROKER = (1.0, 2.0, 3.0, 0)
-_WORKER = (2.1, 2.2, 2.9, 10, 20, 1, 2)
+_WORKER = (2.2, 2.9, 10, 20, 1, 2)
 _WHO = b'{"name":"w/0","host":"h","pid":9}'
 
 
@@ -157,10 +157,53 @@ def test_the_broker_passes_a_traced_tasks_note_to_its_driver_with_its_own_times(
     tracing.note_received(rec, notes[0][1])
     rec.resolve()
     assert rec.remote is not None
-    assert rec.remote[:3] == ("w/0", "h", 9) and rec.remote[7:] == (2.1, 2.2, 2.9, 10, "inline", 20, "shm")
+    assert rec.remote[:3] == ("w/0", "h", 9) and rec.remote[7:] == (2.2, 2.2, 2.9, 10, "inline", 20, "shm")
     assert rec.remote[4] - rec.remote[3] == pytest.approx(1.0)  # dispatched 1 s after it arrived (monotonic -> wall)
     assert rec.remote[5] - rec.remote[4] == pytest.approx(1.0)  # its result came back 1 s later
     assert [c.func for c in rec.children] == ["g"]
+
+
+def test_the_broker_forwards_notes_without_nested_forks_in_one_pack_each_the_same_bytes() -> None:
+    quick, slow = (_broker_with_a_traced_task() for _ in range(2))
+    sent = []
+    for (state, _, worker), fast in ((quick, True), (slow, False)):
+        k5, k6 = list(worker.assigned)
+        note = tracing.worker_note(k5, 2.2, 2.9, [b"x" * 10], [b"y" * 20], [])
+        head = protocol.notes_entry([note])
+        if not fast:  # the same note, the batch's length not a multiple of the fixed size: the general path
+            head = head._replace(pid=2)
+        assert (protocol.fixed_worker_notes(head.frames[0], head.pid) is not None) is fast
+        entries = tracing.take_notes(worker, [head, ResultEntry(k5, 0, 0.1, [b"v5"])], 3.0)
+        state.results(worker, entries, now=state.last_now)
+        sent.append(outbox(state)[0][b"D1"][0])
+    fast_bytes, slow_bytes = (bytes(e.frames[0]) for e in sent)  # alike but for the broker's wall-clock stamps
+    assert (fast_bytes[:12], fast_bytes[36:]) == (slow_bytes[:12], slow_bytes[36:])
+    ((task_id, note),) = protocol.split_notes(sent[0].frames[0])
+    rec = tracing.Record("f", [], 0.0)
+    tracing.note_received(rec, note)
+    rec.resolve()
+    assert task_id == 5 and rec.remote is not None and rec.remote[7:] == (2.2, 2.2, 2.9, 10, "inline", 20, "inline")
+
+
+def test_a_workers_traced_task_pays_for_a_scope_only_when_it_forks() -> None:
+    tracing.open_task()
+    try:
+        assert tracing._local.scope is tracing._LAZY  # nothing made until it forks
+        note = tracing.close_task(5, 1.0, 2.0, [b"x"], [b"y"])
+        assert len(note) == protocol.fixed_driver_note_packer(0)[1] - protocol.driver_note_packer()[1] + 12
+        tracing.open_task()
+        rec = tracing.begin(len, ([],), {})
+        assert isinstance(rec, tracing.Record) and tracing._local.scope == [rec]
+        note = tracing.close_task(6, 1.0, 2.0, [b"x"], [b"y"])
+        assert tracing._local.scope is None
+        ((key, body),) = protocol.split_notes(note)
+        fields, kids = protocol.decode_worker_note(body)
+        assert key == 6 and fields[2:] == (1, 1, 1, 1) and json.loads(bytes(kids))[0]["f"] == "len"
+        assert fields[1] - fields[0] == pytest.approx(1.0)  # perf_counter stamps, now wall-clock
+    finally:
+        tracing._local.scope = None
+        tracing._scoped = False  # as a process that never ran a traced task
+        tracing._refresh()
 
 
 def test_results_without_trace_notes_pass_the_broker_untouched() -> None:
@@ -296,7 +339,7 @@ def test_a_drivers_fork_is_plain_values_the_collector_skips_until_one_ring_entry
     driver = _Driver("drv")
     tracing.DRIVERS.add(driver)
     t, pending = _open_trace_fork()
-    assert isinstance(pending, tuple)
+    assert isinstance(pending, complex)  # no futures among its arguments: one number, not even a tuple
     driver._traced[7] = pending
     gc.collect()
     assert not gc.is_tracked(pending)  # thousands in flight cost the garbage collector nothing
@@ -316,13 +359,38 @@ def test_a_drivers_fork_is_plain_values_the_collector_skips_until_one_ring_entry
 def test_a_fork_sent_again_keeps_its_first_id_for_the_forks_that_took_it_and_a_bad_batch_is_counted() -> None:
     t, first = _open_trace_fork()
     tracing.finish(tracing.again(first, 1), 0, 0, None, "d", 2, b"\0\0\0")  # RESUBMIT: task 1 went again as 2
-    taker = tracing.Record("sum", ["d#1"], first[2] + 1)  # took the future of task 1
+    expanded = tracing._expand(first) if isinstance(first, (tuple, complex)) else None
+    assert expanded is not None and expanded[:2] == ("len", ())
+    taker = tracing.Record("sum", ["d#1"], expanded[2] + 1)  # took the future of task 1
     taker.gid = "d#3"
     t._add(taker)
     taker.finish(0, 0, None)
     a, b = t.tasks()
     assert (a.func, b.func, b.deps) == ("len", "sum", [a.id])
     assert a.worker == "" and t.bad_notes == 1  # its batch's notes were cut short: left out, counted
+
+
+def test_a_batchs_forks_are_two_appends_each_and_one_ring_entry_that_drops_its_oldest_when_full() -> None:
+    driver = _Driver("drv")
+    t = tracing.Trace(capacity=5).__enter__()
+    try:
+        forks = {i: tracing.begin(len, (), {}, light=True) for i in range(1, 9)}
+    finally:
+        t.close()
+    note = protocol.encode_driver_note(_BROKER, _WHO, protocol.encode_worker_note(*_WORKER))
+    blob = protocol.encode_notes([(i, note) for i in range(1, 9)])
+    for ids in ((1, 2, 3), (4, 5, 6, 7, 8)):
+        batch, rest = tracing.notes_of([blob, *(ResultEntry(i, 0, 0.0, [b""]) for i in ids)], driver._traced)
+        assert isinstance(batch, tracing._Batch) and [e.id for e in rest] == list(ids)
+        for i in ids:
+            pending = forks[i]
+            assert pending is not None
+            tracing.finish(pending, 0, int(Flag.HELD) if i == 8 else 0, None, "drv", i, batch)
+        assert batch.ids == list(ids)
+    tracing.finish(forks[1], int(Status.CANCELLED), 0, None, "drv", 9)  # one more, alone: the batches settle
+    got = [(x.func, x.worker, x.path_out, x.status) for x in t.tasks()]
+    assert got == [("len", "", "", "cancelled")] + [("len", "w/0", "shm", "ok")] * 3 + [("len", "w/0", "held", "ok")]
+    assert t.dropped == 4 and len(t._done) == 2  # batch 1 dropped whole, batch 2 cut to its last 4
 
 
 def test_the_ring_of_driver_forks_keeps_the_latest_and_counts_the_rest() -> None:
@@ -333,10 +401,28 @@ def test_the_ring_of_driver_forks_keeps_the_latest_and_counts_the_rest() -> None
 
 
 def test_a_workers_note_has_one_layout_on_its_quick_path_and_with_forks_or_many_frames() -> None:
-    quick = tracing.worker_note(5, 1.0, 2.0, 3.0, [b"x" * 40], [b"y" * 4], [])
-    assert quick == protocol.encode_framed_worker_note(5, 1.0, 2.0, 3.0, 40, 4, 1, 1)
+    quick = tracing.worker_note(5, 2.0, 3.0, [b"x" * 40], [b"y" * 4], [])
+    assert quick == protocol.encode_framed_worker_note(5, 2.0, 3.0, 40, 4, 1, 1)
     kid = tracing.Record("g", [], 1.5)
-    full = tracing.worker_note(5, 1.0, 2.0, 3.0, [b"x" * 40], [b"a", b"b", b"c"], [kid])
+    full = tracing.worker_note(5, 2.0, 3.0, [b"x" * 40], [b"a", b"b", b"c"], [kid])
     ((key, note),) = protocol.split_notes(full)
     fields, kids = protocol.decode_worker_note(note)
-    assert key == 5 and fields == (1.0, 2.0, 3.0, 40, 3, 1, 3) and json.loads(bytes(kids))[0]["f"] == "g"
+    assert key == 5 and fields == (2.0, 3.0, 40, 3, 1, 3) and json.loads(bytes(kids))[0]["f"] == "g"
+
+
+def test_the_names_behind_pending_numbers_go_with_the_last_trace_that_could_read_them() -> None:
+    import gc
+
+    t = tracing.Trace(capacity=10).__enter__()
+    try:
+        a, b = tracing.begin(len, (), {}, light=True), tracing.begin(len, (), {}, light=True)
+    finally:
+        t.close()
+    assert isinstance(a, complex) and isinstance(b, complex) and a.imag == b.imag  # one number per name
+    kid = int(a.imag)
+    assert tracing._expand(a) == ("len", (), a.real, tracing._kinds[kid][1], ())
+    del t
+    gc.collect()
+    with tracing.Trace(capacity=10):  # the next change of traces prunes what nobody can read
+        pass
+    assert kid not in tracing._kinds and tracing._expand(a) is None
