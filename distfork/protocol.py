@@ -124,7 +124,9 @@ __all__ = [
     "split_notes",
 ]
 
-VERSION = 3  # 2: flags widened to 16 bits (TRACE = 256); 3: small payload frames inline in a batch's header
+# 2: flags widened to 16 bits (TRACE = 256); 3: small payload frames inline in a batch's header;
+# 4: trace notes carry their (id, length) head and no receive time; DIRECT (27), SHARE_GET/SHARE/SHARE_DROP
+VERSION = 4
 #: Task ``code`` meaning "use the cluster's default max_retries".
 DEFAULT_RETRIES = 255
 
