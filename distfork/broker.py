@@ -41,7 +41,7 @@ from typing import Any
 
 import zmq
 
-from . import codeship, direct, endpoint, protocol, security, sharecache, shm
+from . import codeship, direct, direct_broker, endpoint, protocol, security, sharecache, shm
 from . import tracing as _trace
 from .broker_instructions import (
     Abort,
@@ -115,7 +115,7 @@ class Broker:
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.state = BrokerState(config, time.monotonic(), shm.domain())
         self.metrics = BrokerMetrics(self.state)
-        self.direct = direct.Adopter()  # tasks drivers sent straight to slots (distfork/direct.py)
+        self.direct = direct_broker.Adopter()  # tasks drivers sent straight to slots (distfork/direct.py)
         self.shares = sharecache.Relay(self.state.counters)  # share()d values fetched by worker hosts
         # Prometheus /metrics, from prometheus_client's own thread (it reads numbers, never the socket).
         self.metrics_server = self.metrics.serve(metrics_port, metrics_host) if metrics_port is not None else None

@@ -44,12 +44,15 @@ is no lease to revoke), only plain calls (no future arguments, resources,
 trace, shared-memory arguments, shipped code, not forked inside a task) and
 at most ``PACKET_MAX`` bytes. Everything else takes the broker path. Only for
 a driver of the embedded cluster (``security.private_ipc``): no TCP port.
+
+This module: the channel and the driver's side (:class:`DirectClient`); the
+slot's side is ``direct_slot.py`` (``SlotServer``, ``relay``), the broker's
+``direct_broker.py`` (``Adopter``).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 import select
@@ -65,12 +68,12 @@ import zmq
 from . import protocol, security
 from .config import DIRECT_NOTICE_S
 from .errors import ProtocolError
-from .protocol import Flag, Msg, ResultEntry, Status, TaskEntry
+from .protocol import Flag, Msg, ResultEntry, TaskEntry
 
 if TYPE_CHECKING:
-    from .broker_state import BrokerState, PeerInfo
+    pass
 
-__all__ = ["Adopter", "DirectClient", "SlotServer", "eligible", "enabled", "remove_sockets", "unlink"]
+__all__ = ["DirectClient", "PACKET_MAX", "eligible", "enabled", "remove_sockets", "unlink"]
 
 log = logging.getLogger(__name__)
 
@@ -419,212 +422,6 @@ def eligible(nbytes: int, segment: Any, pinned: bool, call: Any, request: Any, t
             and request is None and traced is None and not nested and shipper is None)
 
 
-# -- the worker side ------------------------------------------------------------
-
-
-class SlotServer:
-    """A worker slot's listening socket that drivers send lone tasks to (owned by the slot thread).
-
-    Its connections sit in an epoll set whose fd the slot thread polls next to its ZeroMQ socket.
-    """
-
-    def __init__(self, address: str, identity: bytes) -> None:
-        self.identity = identity
-        self.path = os.path.join(_directory(address), f"{_PREFIX}{os.getpid()}-{identity.hex()}")
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        old = os.umask(0o177)  # the socket file: 0600 (its directory is 0700 already)
-        try:
-            self.listener.bind(self.path)
-        finally:
-            os.umask(old)
-        self.listener.listen(64)
-        self.listener.setblocking(False)
-        self.epoll = select.epoll()
-        self.epoll.register(self.listener.fileno(), select.EPOLLIN)
-        self.fd = self.epoll.fileno()
-        self.conns: dict[int, socket.socket] = {}
-        self._buf = bytearray(PACKET_MAX + 1)
-        # Direct tasks queued or running here: key -> (the connection it came on, the driver's task id).
-        self.routes: dict[int, tuple[socket.socket, int]] = {}
-        self._local: Any = None  # the slot's task queue (drain)
-        # Result headers (Flag.DIRECT) of direct tasks answered, held back up to DIRECT_NOTICE_S: sent
-        # with the next message to the broker, off the round trip (the broker's turn would compete with
-        # the waiting driver thread for the cores). If the process dies meanwhile, the broker runs the
-        # task again (its driver drops the second result): at least once, as any task of a lost worker.
-        self.headers: list[ResultEntry] = []
-        self.headers_at = 0.0
-        self.via_broker: set[int] = set()  # keys of those whose result goes by the broker all the same
-        # Their DIRECT notices, relayed by this process's nested driver if the task forks (see relay()).
-        self.relays: dict[int, TaskEntry] = {}
-
-    @classmethod
-    def open(cls, config: Any, address: str, identity: bytes) -> SlotServer | None:
-        if not enabled(config, address):
-            return None
-        try:
-            return cls(address, identity)
-        except OSError as exc:
-            log.warning("no direct path for slot %s: %s", identity.hex(), exc)
-            return None
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.warning("direct socket: accept failed: %s", exc)
-                return
-            try:
-                _, uid = _peer(conn)
-            except OSError:
-                uid = -1
-            if uid != os.getuid():  # docs/SECURITY.md: only the same user (the directory is 0700 too)
-                log.warning("direct socket: refused a peer of uid %d", uid)
-                conn.close()
-                continue
-            self.conns[conn.fileno()] = conn
-            self.epoll.register(conn.fileno(), select.EPOLLIN)
-
-    def _close(self, conn: socket.socket) -> None:
-        fd = conn.fileno()
-        self.conns.pop(fd, None)
-        try:
-            self.epoll.unregister(fd)
-        except OSError:
-            pass
-        conn.close()
-
-    def drain(self, local: Any) -> None:
-        """Queue the tasks drivers sent us (their driver tells the broker of them)."""
-        self._local = local
-        for fd, _ in self.epoll.poll(0):
-            if fd == self.listener.fileno():
-                self._accept()
-                continue
-            conn = self.conns.get(fd)
-            while conn is not None:
-                try:
-                    n = conn.recv_into(self._buf, PACKET_MAX + 1, socket.MSG_DONTWAIT)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError:
-                    n = 0
-                if n == 0:  # the driver left
-                    self._close(conn)
-                    break
-                try:
-                    frames = _frames(bytes(self._buf[:n]))
-                    kind, body = protocol.decode(frames)
-                    if kind is Msg.DIRECT:  # their results go by the broker: a call takes them (route())
-                        self.via_broker.update(protocol.decode_cancel(body))
-                        continue
-                    if kind is not Msg.TASKS:
-                        raise ProtocolError(f"unexpected {kind.name} on a direct socket")
-                    entries = protocol.decode_tasks(frames, body)
-                    origins = [protocol.decode_origin(e.frames[0]) if e.frames else None for e in entries]
-                except ProtocolError as exc:
-                    log.warning("dropped a message on a direct socket: %s", exc)
-                    continue
-                for e, origin in zip(entries, origins, strict=True):
-                    if origin is None:
-                        continue
-                    self.routes[e.id] = (conn, origin[1])
-                    self.relays[e.id] = TaskEntry(e.id, e.max_retries, e.timeout_s,
-                                                  [protocol.encode_origin(self.identity, origin[1]), origin[0],
-                                                   *e.frames[1:]], Flag.NESTED)
-                    local.append(TaskEntry(e.id, e.max_retries, e.timeout_s, e.frames[1:], e.flags & Flag.RESULT_SHM,
-                                           e.pid))
-
-    def deliver(self, done: list[ResultEntry]) -> list[ResultEntry]:
-        """Results of direct tasks go to their drivers; the broker gets header-only entries for them."""
-        if not self.routes:
-            return done
-        if self._local is not None:  # a driver may have asked meanwhile for results by the broker (route())
-            self.drain(self._local)
-        to_broker: list[ResultEntry] = []
-        for e in done:
-            route = self.routes.pop(e.id, None)
-            if route is None:
-                to_broker.append(e)
-                continue
-            conn, task_id = route
-            packet = _packet(protocol.encode_batch(Msg.RESULTS, [ResultEntry(task_id, e.status, e.run_s, e.frames,
-                                                                             e.flags)]))
-            try:
-                if packet is None or e.id in self.via_broker:  # by the broker; the driver's reader stops waiting
-                    self.via_broker.discard(e.id)
-                    conn.sendmsg(_packet(protocol.encode_batch(Msg.RESULTS, [ResultEntry(
-                        task_id, e.status, e.run_s, [], e.flags | Flag.DIRECT)])) or [], [], socket.MSG_DONTWAIT)
-                    to_broker.append(e)
-                    continue
-                conn.sendmsg(packet, [], socket.MSG_DONTWAIT)
-                if not self.headers:
-                    self.headers_at = time.monotonic()
-                self.headers.append(ResultEntry(e.id, e.status, e.run_s, [], e.flags | Flag.DIRECT))
-            except OSError as exc:  # the driver is gone (or not reading): the broker routes it the usual way
-                log.info("direct result of task %d goes by the broker: %s", task_id, exc)
-                to_broker.append(e)
-        if len(self.routes) > 10_000:  # keys of direct tasks cancelled before they ran
-            self.routes.clear()
-            self.relays.clear()
-            self.via_broker.clear()
-        if to_broker:  # a message goes to the broker anyway: the headers ride along
-            to_broker += self.take_headers()
-        return to_broker
-
-    def take_headers(self) -> list[ResultEntry]:
-        headers, self.headers = self.headers, []
-        return headers
-
-    def poll_ms(self, heartbeat_ms: float) -> int:
-        """How long the slot thread may sleep: until its held-back headers are due, at most a heartbeat."""
-        if not self.headers:
-            return int(heartbeat_ms)
-        return max(0, math.ceil((self.headers_at + DIRECT_NOTICE_S - time.monotonic()) * 1000))
-
-    def begin(self, key: int) -> None:
-        """The slot thread starts task ``key``: if it is a direct task, a fork it makes relays its notice."""
-        _running.notice = self.relays.pop(key, None)
-
-    @staticmethod
-    def end() -> None:
-        _running.notice = None
-
-    def close(self) -> None:
-        for conn in list(self.conns.values()):
-            conn.close()
-        self.conns.clear()
-        self.listener.close()
-        self.epoll.close()
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
-
-
-#: The DIRECT notice of the direct task this slot thread runs, until a fork of it takes it.
-_running = threading.local()
-
-
-def relay() -> TaskEntry | None:
-    """From ``fork()`` inside a task: the notice of the direct task running in this thread, once.
-
-    Its driver holds its notice back (``DIRECT_NOTICE_S``); children the task
-    forks would reach the broker first, and the broker, thinking the slot free,
-    could queue them behind their own parent. The nested driver sends this
-    notice on its own socket ahead of the children (the same socket: in order).
-    Its first frame names the slot and the driver's task id, its second the
-    driver; ``Flag.NESTED`` says it is relayed. The broker adopts whichever
-    notice of the task comes first and ignores the other (``Adopter.seen``).
-    """
-    notice: TaskEntry | None = getattr(_running, "notice", None)
-    if notice is not None:
-        _running.notice = None
-    return notice
-
-
 def unlink(paths: Iterable[str]) -> None:
     """Remove slot socket files (a worker leaving at once, without closing its sockets)."""
     for path in paths:
@@ -641,98 +438,3 @@ def remove_sockets(directory: str) -> None:
     except OSError:
         return
     unlink(os.path.join(directory, n) for n in names)
-
-
-# -- the broker side ------------------------------------------------------------
-
-
-class Adopter:
-    """The broker's part (its loop thread): DIRECT notices from drivers, Flag.DIRECT results from slots."""
-
-    def __init__(self) -> None:
-        # Results of direct tasks that came before their driver's notice: key -> (status, run_s, frames,
-        # flags). Only a header (Flag.DIRECT), unless the slot could not reach the driver.
-        self.early: dict[int, tuple[int, float, Sequence[Any], int]] = {}
-        # Keys of the tasks adopted lately: a task that forked has two notices, its driver's and the one
-        # its slot's process relayed (see relay()); the second is ignored.
-        self.seen: dict[int, None] = {}
-
-    def results(self, state: BrokerState, worker: PeerInfo, entries: list[ResultEntry]) -> list[ResultEntry]:
-        """Before ``BrokerState.results``: keep the direct results whose notice has not come yet
-        (the driver batches its notices: usually the result comes first); the others go on."""
-        if not any(e.id >= _KEY_BASE for e in entries):
-            return entries
-        rest = []
-        for e in entries:
-            task = worker.assigned.get(e.id) if e.flags & Flag.DIRECT else None
-            if task is not None and task.dependents:
-                # Calls name it, but its value went straight to the driver (it answered before its
-                # slot heard of them, see DirectClient.route): the driver sends them again with it.
-                self._resubmit(state, task.dependents)
-                task.dependents = None
-            if e.id >= _KEY_BASE and e.id not in worker.assigned:
-                if len(self.early) > 100_000:  # notices that never came (their driver left)
-                    self.early.clear()
-                self.early[e.id] = (e.status, e.run_s, e.frames, e.flags)
-            else:
-                rest.append(e)
-        return rest
-
-    @staticmethod
-    def _resubmit(state: BrokerState, dependents: Sequence[Any]) -> None:
-        from .broker_state import TaskState
-
-        for d in dependents:
-            if d.state is TaskState.WAITING:
-                state.counters["tasks_resubmitted"] += 1
-                state._finish(d, Status.RESUBMIT, 0.0, [])
-
-    def adopt(self, state: BrokerState, driver: PeerInfo, entries: Sequence[TaskEntry], now: float) -> None:
-        """A driver sent these tasks straight to slots: they are its tasks, assigned to those slots."""
-        from .broker_state import Task  # here: broker_state does not import us
-
-        state._now = now
-        for e in entries:
-            if not e.frames:
-                raise ProtocolError("a direct task without its origin")
-            slot_id, task_id = protocol.decode_origin(e.frames[0])
-            payload = e.frames[1:]
-            owner: PeerInfo | None = driver
-            if e.flags & Flag.NESTED:  # relayed by the slot's process: the driver is named next
-                if len(e.frames) < 2:
-                    raise ProtocolError("a relayed direct task without its driver")
-                owner, payload = state.peers.get(bytes(e.frames[1])), e.frames[2:]
-            if e.id in self.seen:
-                del self.seen[e.id]
-                continue
-            if owner is None or task_id in owner.tasks:
-                continue
-            self.seen[e.id] = None
-            if len(self.seen) > 10_000:  # the other notice of most never comes: forget the oldest
-                for key in list(self.seen)[:5_000]:
-                    del self.seen[key]
-            driver = owner
-            task = Task(e.id, driver.id, task_id, e.max_retries, e.timeout_s, payload, driver.domain,
-                        submitted=now)
-            driver.tasks[task_id] = task
-            state.counters["tasks_submitted"] += 1
-            state.counters["tasks_direct"] += 1
-            early = self.early.pop(e.id, None)
-            worker = state.workers.get(slot_id)
-            if early is not None:  # it ran already
-                status, run_s, frames, flags = early
-                state._finish(task, status, run_s, frames, flags)
-            elif worker is not None:
-                # Handed to the slot before we heard of this task (children it forked from a thread of
-                # its own, not relayed): they wait behind it there, and it may wait for them. Take them
-                # back. Not direct tasks: the slot has those already (their results are on the way).
-                waiting = [t for t in worker.assigned.values() if t.key < _KEY_BASE]
-                if waiting:
-                    state._cancels.setdefault(worker.id, []).extend(t.key for t in waiting)
-                    for t in reversed(waiting):
-                        del worker.assigned[t.key]
-                        state._requeue(t)
-                    state.counters["tasks_stolen"] += len(waiting)
-                state._give(worker, task, {})
-            else:  # the slot was lost before we heard of this task: run it again elsewhere
-                state._requeue(task)

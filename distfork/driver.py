@@ -47,7 +47,7 @@ from typing import Any, NamedTuple
 
 import zmq
 
-from . import direct, multipart, output, protocol, security, serialize, sharecache, shm
+from . import direct, direct_slot, multipart, output, protocol, security, serialize, sharecache, shm
 from . import tracing as _trace
 from .config import BATCH_MAX, DRIVER_RECV_BURST, RESUBMITS_MAX, Config
 from .errors import (
@@ -167,7 +167,7 @@ class Driver:
         # Lone tasks go straight to a slot of the embedded cluster (distfork/direct.py), sent by submit.
         self._direct = (direct.DirectClient(self._ctx, address, self.identity, config.heartbeat_s)
                         if direct.enabled(config, address) and not nested else None)
-        # Notices of the direct task this process runs, relayed ahead of its children (direct.relay).
+        # Notices of the direct task this process runs, relayed ahead of its children (direct_slot.relay).
         self._relays: collections.deque[TaskEntry] = collections.deque()
         if self._direct is not None:
             self._direct.wake = self._wake
@@ -282,7 +282,7 @@ class Driver:
             fut.direct = True  # its DIRECT notice goes within DIRECT_NOTICE_S (send() woke the I/O thread if need be)
             return fut
         if self.nested:
-            notice = direct.relay()
+            notice = direct_slot.relay()
             if notice is not None:
                 self._relays.append(notice)  # before the child: _flush sends it first
         self._outgoing.append(entry)

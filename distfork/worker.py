@@ -38,7 +38,7 @@ from typing import Any
 
 import zmq
 
-from . import codeship, direct, output, protocol, resources, security, serialize, sharecache, shm
+from . import codeship, direct, direct_slot, output, protocol, resources, security, serialize, sharecache, shm
 from . import tracing as _trace
 from .config import Config
 from .errors import ProtocolError, SerializationError
@@ -420,7 +420,7 @@ class _Slot:
         self.key: tuple[Any, Any] | None = None
         # Traced tasks (Flag.TRACE): the notes to send with the next RESULTS.
         self.notes: list[bytes] = []
-        self.direct: direct.SlotServer | None = None  # lone tasks drivers send us straight (distfork/direct.py)
+        self.direct: direct_slot.SlotServer | None = None  # lone tasks drivers send us straight (distfork/direct.py)
         self._poller: zmq.Poller | None = None
 
     def _hello(self, sock: zmq.Socket[Any]) -> None:
@@ -522,7 +522,7 @@ class _Slot:
                         else:
                             os.environ["CUDA_VISIBLE_DEVICES"] = visible
                     self.running = None
-                    direct.SlotServer.end()
+                    direct_slot.SlotServer.end()
                 finished = time.perf_counter()
                 if traced:  # its trace note: when it ran, its bytes, what it forked
                     try:
@@ -614,7 +614,8 @@ class _Slot:
                 elif kind is Msg.WELCOME:
                     self.worker.welcomed(protocol.decode_json(body))
                     if self.direct is None and self._poller is not None:  # only now: a notice must find us
-                        self.direct = direct.SlotServer.open(self.worker.config, self.worker.address, self.identity)
+                        w = self.worker
+                        self.direct = direct_slot.SlotServer.open(w.config, w.address, self.identity)
                         if self.direct is not None:
                             self._poller.register(self.direct.fd, zmq.POLLIN)
                 elif kind is Msg.RECYCLE:

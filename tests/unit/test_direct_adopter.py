@@ -5,7 +5,8 @@ from __future__ import annotations
 from state_outbox import dispatch, outbox
 from test_broker_state import W1, W2, driver, make_state, submit, worker
 
-from distfork.direct import _KEY_BASE, Adopter
+from distfork.direct import _KEY_BASE
+from distfork.direct_broker import Adopter
 from distfork.protocol import DEFAULT_RETRIES, Flag, ResultEntry, Status, TaskEntry, encode_deps, encode_origin
 
 KEY = _KEY_BASE + 12345
