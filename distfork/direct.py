@@ -65,7 +65,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from . import protocol, security
+from . import protocol, security, shm
 from .config import DIRECT_NOTICE_S
 from .errors import ProtocolError
 from .protocol import Flag, Msg, ResultEntry, TaskEntry
@@ -105,16 +105,6 @@ def _pid_of(name: str) -> int:
         return int(name[len(_PREFIX):].split("-")[0])
     except ValueError:
         return 0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # -- the channel: one SOCK_SEQPACKET Unix socket per (driver, slot) -----------------
@@ -234,10 +224,10 @@ class DirectClient:
         except OSError:
             names = set()
         for name, conn in list(self.conns.items()):
-            if conn.dead or name not in names or not _alive(_pid_of(name)):
+            if conn.dead or name not in names or not shm.pid_exists(_pid_of(name)):
                 self._drop(conn, poller)
         for name in sorted(names - set(self.conns)):
-            if not _alive(_pid_of(name)):
+            if not shm.pid_exists(_pid_of(name)):
                 continue
             new = self._connect(name)
             if new is not None:

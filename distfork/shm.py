@@ -74,7 +74,7 @@ from .protocol import decode_manifest
 
 __all__ = [
     "PARALLEL_COPY_BYTES", "SHM_DIR", "Segment", "SegmentPool", "ShmUnavailable", "attach", "copy_into", "creator",
-    "domain", "hand_over", "parse",
+    "domain", "hand_over", "parse", "pid_exists",
     "release_own", "segment_of", "sweep", "sweep_at_exit", "unlink",
 ]
 
@@ -122,7 +122,7 @@ def _start_of(pid: int) -> int | None:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except (FileNotFoundError, ProcessLookupError):
-        return None if os.path.isdir("/proc/self") else (0 if _pid_exists(pid) else None)
+        return None if os.path.isdir("/proc/self") else (0 if pid_exists(pid) else None)
     except OSError:
         return 0
     fields = stat.rsplit(b")", 1)[-1].split()
@@ -134,7 +134,8 @@ def _start_of(pid: int) -> int | None:
         return 0
 
 
-def _pid_exists(pid: int) -> bool:
+def pid_exists(pid: int) -> bool:
+    """A process of this pid exists (ours or another user's)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
