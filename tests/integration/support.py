@@ -41,6 +41,17 @@ def embedded_ready(n: int = 2) -> list[int]:
     return sorted(w["pid"] for w in status["workers"])
 
 
+def started_pid(path: Path, other_than: int | None = None, timeout_s: float = 20.0) -> int:
+    """The pid an ``announce_and_wait`` task wrote to ``path`` (a new one if ``other_than``)."""
+    def read() -> int | None:
+        try:
+            pid = int(path.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return pid if pid != other_than else None
+    return wait_until(read, timeout_s, what=f"a task to start and write its pid to {path.name}")  # type: ignore[no-any-return]
+
+
 def is_gone(p: psutil.Process) -> bool:
     try:
         return not p.is_running() or p.status() == psutil.STATUS_ZOMBIE

@@ -23,7 +23,7 @@ import tasks
 from conftest import wait_until
 from distfork.status import query_status
 
-from .support import embedded_cluster, embedded_ready, is_gone
+from .support import embedded_cluster, embedded_ready, is_gone, started_pid
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -43,17 +43,6 @@ def settled(direct: int = 0) -> dict[str, Any]:
 
 def counters() -> dict[str, Any]:
     return query_status(embedded_cluster().address)["counters"]  # type: ignore[no-any-return]
-
-
-def started_pid(path: Path, other_than: int | None = None) -> int:
-    """The pid an ``announce_and_wait`` task wrote to ``path`` (a new one if ``other_than``)."""
-    def read() -> int | None:
-        try:
-            pid = int(path.read_text())
-        except (FileNotFoundError, ValueError):
-            return None
-        return pid if pid != other_than else None
-    return wait_until(read, 20, what=f"a task to start and write its pid to {path.name}")  # type: ignore[no-any-return]
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from conftest import wait_until
 from distfork.errors import DistforkError, RemoteError, RemoteTraceback, WorkerLostError
 from distfork.status import query_status
 
-from .support import embedded_cluster, embedded_ready
+from .support import embedded_cluster, embedded_ready, started_pid
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -34,11 +34,6 @@ def test_an_exception_class_the_driver_cannot_import_keeps_its_name_message_and_
     assert isinstance(err, DistforkError)
 
 
-def _started_pid(path: Path) -> int:
-    return wait_until(lambda: int(path.read_text()) if path.exists() else None, 20,  # type: ignore[no-any-return]
-                      what="the task to start")
-
-
 def test_a_sigkilled_worker_is_reported_as_possibly_out_of_memory_with_its_last_rss(tmp_path: Path) -> None:
     distfork.init(workers=1, heartbeat_s=0.2)
     [pid] = embedded_ready(1)
@@ -49,7 +44,7 @@ def test_a_sigkilled_worker_is_reported_as_possibly_out_of_memory_with_its_last_
                what="the worker's progress mark")
     started = tmp_path / "started"
     fut = distfork.options(max_retries=0).fork(tasks.announce_and_wait, str(started), str(tmp_path / "never"))
-    assert _started_pid(started) == pid
+    assert started_pid(started) == pid
     wait_until(lambda: any(w["pid"] == pid and w.get("rss_bytes") for w in query_status(cluster.address)["workers"]),
                10, what="the worker's RSS in a keepalive")
     os.kill(pid, signal.SIGKILL)  # a process of the cluster this test started

@@ -33,22 +33,20 @@ from conftest import CliCluster, free_port, wait_until
 from distfork.status import query_status
 from distfork.worker import ABORT_EXIT_CODE
 
-from .support import LineReader, all_gone, embedded_cluster, embedded_ready, is_gone, start_script, write_script
+from .support import (
+    LineReader,
+    all_gone,
+    embedded_cluster,
+    embedded_ready,
+    is_gone,
+    start_script,
+    started_pid,
+    write_script,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
 T = 30.0
-
-
-def started_pid(path: Path, other_than: int | None = None, timeout_s: float = 20.0) -> int:
-    """The pid an ``announce_and_wait`` task wrote to ``path`` (a new one if ``other_than``)."""
-    def read() -> int | None:
-        try:
-            pid = int(path.read_text())
-        except (FileNotFoundError, ValueError):
-            return None
-        return pid if pid != other_than else None
-    return wait_until(read, timeout_s, what=f"a task to start and write its pid to {path.name}")  # type: ignore[no-any-return]
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import tasks
 from conftest import CliCluster, _made_by, _shm_segments, cli_env, free_port, stop_processes, wait_until
 from distfork import shm
 
-from .support import LineReader, all_gone, start_script, wait_for_workers, write_script
+from .support import LineReader, all_gone, start_script, started_pid, wait_for_workers, write_script
 
 pytestmark = pytest.mark.timeout(120)
 np = pytest.importorskip("numpy")
@@ -178,16 +178,6 @@ def test_a_new_distfork_process_sweeps_garbage_of_other_sessions_and_skips_other
         assert f"skipping shared-memory segment /dev/shm/{foreign[0]}" in stderr
 
 
-def _started_pid(path: Path, other_than: int | None = None) -> int:
-    def read() -> int | None:
-        try:
-            pid = int(path.read_text())
-        except (FileNotFoundError, ValueError):
-            return None
-        return pid if pid != other_than else None
-    return wait_until(read, 20, what=f"a task to write its pid to {path.name}")  # type: ignore[no-any-return]
-
-
 def test_a_late_result_of_a_sigstopped_worker_is_freed_while_its_driver_lives(cli_cluster: CliCluster,
                                                                              tmp_path: Path) -> None:
     from distfork.status import query_status
@@ -195,12 +185,12 @@ def test_a_late_result_of_a_sigstopped_worker_is_freed_while_its_driver_lives(cl
     distfork.init(cli_cluster.address, heartbeat_s=0.2)
     started, gate = tmp_path / "started", tmp_path / "gate"
     fut = distfork.fork(tasks.announce_wait_and_make, str(started), str(gate), N)
-    stopped = _started_pid(started)
+    stopped = started_pid(started)
     os.kill(stopped, signal.SIGSTOP)  # a worker this test started
     try:
         wait_until(lambda: stopped not in [w["pid"] for w in query_status(cli_cluster.address)["workers"]], 20,
                    what="the broker to give up on the stopped worker")
-        _started_pid(started, other_than=stopped)  # the task runs again on the other worker
+        started_pid(started, other_than=stopped)  # the task runs again on the other worker
         gate.touch()
         value = distfork.wait(fut, timeout=30)
         assert value.sum() == N
