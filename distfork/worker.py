@@ -450,13 +450,19 @@ class _Slot:
             w.stop()
         finally:
             if self.direct is not None:
-                if self.direct.headers:
-                    try:
-                        sock.send_multipart(protocol.encode_batch(Msg.RESULTS, self.direct.take_headers()), zmq.NOBLOCK)
-                    except zmq.ZMQError:
-                        pass
+                try:
+                    self._send_headers(sock, zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
                 self.direct.close()
             sock.close(linger=_LINGER_MS)
+
+    def _send_headers(self, sock: zmq.Socket[Any], flags: int = 0) -> bool:
+        """Send the broker the held-back result headers of our direct tasks, if any (SlotServer.headers)."""
+        if self.direct is None or not self.direct.headers:
+            return False
+        sock.send_multipart(protocol.encode_batch(Msg.RESULTS, self.direct.take_headers()), flags, copy=False)
+        return True
 
     def _serve(self, sock: zmq.Socket[Any]) -> None:
         w = self.worker
@@ -472,8 +478,7 @@ class _Slot:
         while not w._stopping:
             if not local:
                 if not poller.poll(int(heartbeat_ms) if self.direct is None else self.direct.poll_ms(heartbeat_ms)):
-                    if self.direct is not None and self.direct.headers:  # direct results' headers, due
-                        sock.send_multipart(protocol.encode_batch(Msg.RESULTS, self.direct.take_headers()), copy=False)
+                    if self._send_headers(sock):  # direct results' headers, due
                         continue
                     sock.send_multipart(protocol.encode_signal(Msg.HEARTBEAT))
                     continue
@@ -485,8 +490,7 @@ class _Slot:
                 if e.id in w.cancelled:
                     w.cancelled.discard(e.id)
                     continue
-                if self.direct is not None and self.direct.headers:  # before a task that may run long
-                    sock.send_multipart(protocol.encode_batch(Msg.RESULTS, self.direct.take_headers()), copy=False)
+                self._send_headers(sock)  # before a task that may run long
                 started = time.perf_counter()
                 pool = w.pool if e.flags & Flag.RESULT_SHM else None
                 self.running = (e.id, time.monotonic() + e.timeout_s if e.timeout_s > 0 else None)
