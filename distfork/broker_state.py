@@ -59,6 +59,7 @@ from .config import REBALANCE_ANY_S, STALL_S, STARVED_STALL_S, Config
 from .errors import ProtocolError
 from .protocol import (
     DEFAULT_RETRIES,
+    DIRECT_KEY_BASE,
     Flag,
     Frame,
     Keepalive,
@@ -888,7 +889,11 @@ class BrokerState:
                 keep = self.prefetch(w)
             else:
                 continue
-            waiting = list(w.assigned.values())[w.slots + keep :]
+            # Never a direct task (distfork/direct.py): its slot has it over its own socket and runs it
+            # anyway; its notice can come before the header of the slot's previous one.
+            waiting = [t for t in list(w.assigned.values())[w.slots + keep :] if t.key < DIRECT_KEY_BASE]
+            if not waiting:
+                continue
             self._cancels.setdefault(w.id, []).extend(t.key for t in waiting)
             for task in reversed(waiting):
                 del w.assigned[task.key]

@@ -78,9 +78,6 @@ __all__ = ["DirectClient", "PACKET_MAX", "eligible", "enabled", "remove_sockets"
 log = logging.getLogger(__name__)
 
 _PREFIX = "direct-"
-#: Keys a slot gives its direct tasks: above any key the broker hands out (it counts up from
-#: below 2**49), random so that two slots never pick the same one.
-_KEY_BASE = 1 << 62
 
 
 def enabled(config: Any, address: str) -> bool:
@@ -251,7 +248,7 @@ class DirectClient:
     def send(self, e: TaskEntry, now: float) -> bool:
         """From a user thread: send a task to a slot with none of ours (its DIRECT notice waits in
         :attr:`notices` for the I/O thread); False if no slot takes it now (the broker path then)."""
-        key = _KEY_BASE + random.getrandbits(61)
+        key = protocol.DIRECT_KEY_BASE + random.getrandbits(61)
         # The slot is on our host: large results come back in shared memory, if we use it.
         task = TaskEntry(key, e.max_retries, e.timeout_s, [protocol.encode_origin(self._identity, e.id), *e.frames],
                          Flag.RESULT_SHM if self.shm else 0, os.getpid() if self.shm else 0)

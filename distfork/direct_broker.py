@@ -11,9 +11,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import protocol
-from .direct import _KEY_BASE
 from .errors import ProtocolError
-from .protocol import Flag, ResultEntry, Status, TaskEntry
+from .protocol import DIRECT_KEY_BASE, Flag, ResultEntry, Status, TaskEntry
 
 if TYPE_CHECKING:
     from .broker_state import BrokerState, PeerInfo
@@ -35,7 +34,7 @@ class Adopter:
     def results(self, state: BrokerState, worker: PeerInfo, entries: list[ResultEntry]) -> list[ResultEntry]:
         """Before ``BrokerState.results``: keep the direct results whose notice has not come yet
         (the driver batches its notices: usually the result comes first); the others go on."""
-        if not any(e.id >= _KEY_BASE for e in entries):
+        if not any(e.id >= DIRECT_KEY_BASE for e in entries):
             return entries
         rest = []
         for e in entries:
@@ -45,7 +44,7 @@ class Adopter:
                 # slot heard of them, see DirectClient.route): the driver sends them again with it.
                 self._resubmit(state, task.dependents)
                 task.dependents = None
-            if e.id >= _KEY_BASE and e.id not in worker.assigned:
+            if e.id >= DIRECT_KEY_BASE and e.id not in worker.assigned:
                 if len(self.early) > 100_000:  # notices that never came (their driver left)
                     self.early.clear()
                 self.early[e.id] = (e.status, e.run_s, e.frames, e.flags)
@@ -101,7 +100,7 @@ class Adopter:
                 # Handed to the slot before we heard of this task (children it forked from a thread of
                 # its own, not relayed): they wait behind it there, and it may wait for them. Take them
                 # back. Not direct tasks: the slot has those already (their results are on the way).
-                waiting = [t for t in worker.assigned.values() if t.key < _KEY_BASE]
+                waiting = [t for t in worker.assigned.values() if t.key < DIRECT_KEY_BASE]
                 if waiting:
                     state._cancels.setdefault(worker.id, []).extend(t.key for t in waiting)
                     for t in reversed(waiting):

@@ -63,6 +63,7 @@ from .errors import ProtocolError
 
 __all__ = [
     "DEFAULT_RETRIES",
+    "DIRECT_KEY_BASE",
     "INLINE_BUDGET",
     "INLINE_MAX",
     "TRACE_PATHS",
@@ -129,6 +130,9 @@ __all__ = [
 VERSION = 4
 #: Task ``code`` meaning "use the cluster's default max_retries".
 DEFAULT_RETRIES = 255
+#: Keys of direct tasks (distfork/direct.py) start here: above any key the broker hands out (it
+#: counts up from below 2**49); a driver picks them at random, so two never pick the same one.
+DIRECT_KEY_BASE = 1 << 62
 
 # A frame as it travels: bytes we built, or a zmq.Frame / memoryview received.
 Frame = bytes | memoryview | Any

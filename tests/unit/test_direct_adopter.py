@@ -5,11 +5,19 @@ from __future__ import annotations
 from state_outbox import dispatch, outbox
 from test_broker_state import W1, W2, driver, make_state, submit, worker
 
-from distfork.direct import _KEY_BASE
 from distfork.direct_broker import Adopter
-from distfork.protocol import DEFAULT_RETRIES, Flag, ResultEntry, Status, TaskEntry, encode_deps, encode_origin
+from distfork.protocol import (
+    DEFAULT_RETRIES,
+    DIRECT_KEY_BASE,
+    Flag,
+    ResultEntry,
+    Status,
+    TaskEntry,
+    encode_deps,
+    encode_origin,
+)
 
-KEY = _KEY_BASE + 12345
+KEY = DIRECT_KEY_BASE + 12345
 
 
 def notice(slot: bytes, task_id: int, key: int = KEY) -> TaskEntry:
@@ -90,3 +98,17 @@ def test_a_relayed_notice_and_its_drivers_notice_adopt_the_task_once() -> None:
     assert list(w.assigned) == [KEY]
     state.results(w, adopter.results(state, w, [header()]), now=0.3)
     assert state.counters["tasks_direct"] == 1 and d.done == 1 and not d.tasks and not w.assigned
+
+
+def test_a_direct_task_noticed_before_the_header_of_the_one_before_is_never_taken_back() -> None:
+    """The slot's header of its last direct task is held back while the next lone fork's notice arrives:
+    the slot holds two tasks, another idles. The slot has both over its socket: taking one back would
+    run it twice (it did under load: tasks_stolen 1, its result by the broker)."""
+    state, adopter = make_state(), Adopter()
+    d, w = driver(state), worker(state)
+    w2 = worker(state, W2, n=2)
+    adopter.adopt(state, d, [notice(W1, 1), notice(W1, 2, KEY + 1)], now=0.1)
+    assert list(w.assigned) == [KEY, KEY + 1]
+    assert dispatch(state, now=5.0) == {}  # long past any stall: the idle slot gets nothing of theirs
+    _, cancels = outbox(state)
+    assert W1 not in cancels and not w2.assigned and "tasks_stolen" not in state.counters
